@@ -1,0 +1,150 @@
+"""NormSoftmax attention vs stock softmax SDPA: time (forward + backward) and peak memory, as ratios.
+
+Each configuration measures stock ``F.scaled_dot_product_attention`` (same mask), the fast NormSoftmax path and the
+plain materialising reference in the same run, interleaved, and reports medians over repetitions and their ratios
+to SDPA (the machines are shared and noisy: ratios, never bare times). Peak memory is measured in a fresh
+subprocess per path with the allocator's high-water mark (RSS) on CPU, or ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/bench_attention.py                # the issue's settings: B=4, H=12, d=64, fp32
+    python benchmarks/bench_attention.py --quick        # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hf_normsoftmax.attention import normsoftmax_attention, normsoftmax_attention_reference
+
+PATHS = {
+    "sdpa": lambda q, k, v, mask, causal: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None
+    ),
+    "normsoftmax_fast": lambda q, k, v, mask, causal: normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal)[0],
+    "normsoftmax_reference": lambda q, k, v, mask, causal: normsoftmax_attention_reference(
+        q, k, v, attn_mask=mask, is_causal=causal
+    )[0],
+}
+
+
+def make_inputs(batch, heads, length, dim, padded, causal, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    mask = None
+    if padded:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        valid[batch // 2 :, : length // 4] = False  # half the batch left-padded by a quarter
+        mask = valid[:, None, None, :]
+        if causal:  # stock SDPA cannot combine a mask with is_causal: give both paths the full 4D mask
+            mask = mask & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return q, k, v, mask
+
+
+def step(path, q, k, v, mask, causal, grad_out):
+    for t in (q, k, v):
+        t.grad = None
+    out = PATHS[path](q, k, v, mask, causal)
+    out.backward(grad_out)
+
+
+def time_paths(paths, args, causal, padded, reps):
+    q, k, v, mask = make_inputs(args.batch, args.heads, args.length, args.dim, padded, causal, args.device, torch.float32)
+    grad_out = torch.randn_like(q)
+    times = {p: [] for p in paths}
+    for p in paths:  # warm-up
+        step(p, q, k, v, mask, causal, grad_out)
+    for _ in range(reps):
+        for p in paths:  # interleaved so load changes hit every path alike
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(p, q, k, v, mask, causal, grad_out)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[p].append(time.perf_counter() - t0)
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
+def peak_memory_child(path, batch, heads, length, dim, causal, padded, device):
+    """Run one forward+backward in this (fresh) process and print the peak memory above the inputs, in bytes."""
+    import resource
+
+    q, k, v, mask = make_inputs(batch, heads, length, dim, padded, causal, device, torch.float32)
+    grad_out = torch.randn_like(q)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step(path, q, k, v, mask, causal, grad_out)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps({"peak": peak}))
+
+
+def peak_memory(path, args, causal, padded):
+    cmd = [
+        sys.executable, __file__, "--memory-child", path, "--batch", str(args.batch), "--heads", str(args.heads),
+        "--length", str(args.mem_length), "--dim", str(args.dim), "--device", args.device,
+    ]
+    cmd += ["--causal"] if causal else []
+    cmd += ["--padded"] if padded else []
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--mem-length", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-reference", action="store_true", help="skip the slow materialising reference")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--causal", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        return peak_memory_child(
+            args.memory_child, args.batch, args.heads, args.length, args.dim, args.causal, args.padded, args.device
+        )
+    if args.quick:
+        args.batch, args.heads, args.length, args.mem_length, args.reps = 2, 2, 64, 256, 3
+
+    paths = ["sdpa", "normsoftmax_fast"] + ([] if args.no_reference else ["normsoftmax_reference"])
+    print(f"# NormSoftmax attention, forward+backward, B={args.batch} H={args.heads} d={args.dim} fp32 {args.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.reps}")
+    print()
+    print(f"| N | mask | path | time vs SDPA | peak memory vs SDPA (N={args.mem_length}) |")
+    print("|---|---|---|---|---|")
+    for causal, padded in [(False, False), (False, True), (True, False), (True, True)]:
+        times = time_paths(paths, args, causal, padded, args.reps)
+        mems = {}
+        if not args.no_memory:
+            for p in paths:
+                if p == "normsoftmax_reference" and args.mem_length > 1024:
+                    continue  # materialises B*H*N*N floats several times: many GB at N=4096
+                mems[p] = peak_memory(p, args, causal, padded)
+        name = ("causal" if causal else "bidirectional") + (" + padding" if padded else "")
+        for p in paths:
+            mem = f"{mems[p] / mems['sdpa']:.2f}x" if p in mems and mems.get("sdpa") else "-"
+            print(f"| {args.length} | {name} | {p} | {times[p] / times['sdpa']:.2f}x | {mem} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
