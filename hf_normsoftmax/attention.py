@@ -277,92 +277,180 @@ def _temperature(var: torch.Tensor, gamma, max_temperature, eps: float, statisti
     return temperature
 
 
-def _row_variance_padding(q: torch.Tensor, k: torch.Tensor, key_weight: torch.Tensor | None):
-    """Variance of q_i . k_j over the valid keys j, and the number of those keys: (B, H, L, 1), (B, 1, 1, 1)."""
-    if key_weight is None:
-        count = torch.tensor(float(k.shape[-2]), dtype=k.dtype, device=k.device)
-        mean = k.mean(dim=-2, keepdim=True)
-        centred = k - mean
-    else:
-        w = key_weight[:, None, :, None]  # (B, 1, S, 1)
-        count = w.sum(dim=-2, keepdim=True).clamp(min=1.0)
-        mean = (k * w).sum(dim=-2, keepdim=True) / count
-        centred = (k - mean) * w
-    cov = torch.matmul(centred.transpose(-1, -2), centred) / count  # (B, H, D, D)
-    return (torch.matmul(q, cov) * q).sum(dim=-1, keepdim=True).clamp(min=0.0), count
+def _chunk_variance(q, kc, w, sum_before, outer_before, count_before):
+    """Variance of the logits of a block of c query rows whose keys are: every key before the block (given by
+    its moments) plus the keys of the block itself up to the row (causal). Chan et al.'s pairwise merge of the
+    two groups; the in-block group uses two passes, exact for the first rows of a sequence where few keys make
+    the variance small next to the squared mean.
 
-
-def _row_variance_causal(
-    q: torch.Tensor, k: torch.Tensor, key_weight: torch.Tensor | None, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Variance of q_i . k_j over valid keys j <= i + S - L, and their count: (B, H, L, 1), (B, 1, L, 1).
-
-    No L x S tensor is built.
-
-    Keys are centred by their (detached) overall mean first: the variance does not depend on that shift, and it
-    keeps sum-of-squares minus squared-sum from cancelling catastrophically.
+    q, kc: (B, H, c, D) (kc centred and zeroed at invalid keys); w: (B, 1, c) key weights; sum_before (B, H, D),
+    outer_before (B, H, D, D), count_before (B, 1, 1). Returns var (B, H, c), count (B, 1, c).
     """
-    B, H, L, D = q.shape
-    S = k.shape[-2]
-    offset = S - L
-    if key_weight is None:
-        key_weight = torch.ones(B, S, dtype=k.dtype, device=k.device)
-    w = key_weight[:, None, :, None]  # (B, 1, S, 1)
-    total = w.sum(dim=-2, keepdim=True).clamp(min=1.0)
-    shift = ((k * w).sum(dim=-2, keepdim=True) / total).detach()
-    kc = (k - shift) * w
-
-    # keys before the first query (KV cache) are seen by every query
-    prefix_kc, kc = kc[:, :, :offset], kc[:, :, offset:]
-    prefix_w, w = w[:, :, :offset], w[:, :, offset:]
-
-    c = min(chunk_size, L)
-    n_chunks = -(-L // c)
-    pad = n_chunks * c - L
-    if pad:
-        q = F.pad(q, (0, 0, 0, pad))
-        kc = F.pad(kc, (0, 0, 0, pad))
-        w = F.pad(w, (0, 0, 0, pad))
-    qc = q.view(B, H, n_chunks, c, D)
-    kc = kc.reshape(B, H, n_chunks, c, D)
-    wc = w.reshape(B, 1, n_chunks, c)
-
-    # moments of all keys before each chunk (exclusive prefix sums over chunks)
-    chunk_sum = kc.sum(dim=-2)  # (B, H, n, D)
-    chunk_outer = torch.matmul(kc.transpose(-1, -2), kc)  # (B, H, n, D, D)
-    chunk_count = wc.sum(dim=-1)  # (B, 1, n)
-    before_sum = chunk_sum.cumsum(dim=2) - chunk_sum
-    before_outer = chunk_outer.cumsum(dim=2) - chunk_outer
-    before_count = chunk_count.cumsum(dim=2) - chunk_count
-    if offset:
-        before_sum = before_sum + prefix_kc.sum(dim=-2)[:, :, None]
-        before_outer = before_outer + torch.matmul(prefix_kc.transpose(-1, -2), prefix_kc)[:, :, None]
-        before_count = before_count + prefix_w.sum(dim=(-2, -1))[:, :, None]
-
-    # within a chunk: query a sees keys b <= a (keys are aligned with queries after the offset)
+    c = q.shape[-2]
     lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    inner_weight = wc[:, :, :, None, :] * lower  # (B, 1, n, c, c): 1 where key b is valid and b <= a
-    inner = torch.matmul(qc, kc.transpose(-1, -2)) * inner_weight  # (B, H, n, c, c); padded keys are zero rows
-    inner_count = inner_weight.sum(dim=-1)  # (B, 1, n, c)
+    inner_weight = w[:, :, None, :] * lower  # (B, 1, c, c): key b valid and b <= a
+    inner = torch.matmul(q, kc.transpose(-1, -2)) * inner_weight
+    inner_count = inner_weight.sum(dim=-1)
     inner_mean = inner.sum(dim=-1) / inner_count.clamp(min=1.0)
-    # two passes inside the chunk: exact for the first rows of a sequence, where few keys make the variance
-    # small next to the squared mean and sum-of-squares minus squared-sum would cancel
     inner_m2 = ((inner - inner_mean[..., None]) * inner_weight).square().sum(dim=-1)
-
-    # keys before the chunk: moments from the prefix sums
-    count_before = before_count[..., None]  # (B, 1, n, 1)
-    mean_before = (qc * before_sum[:, :, :, None, :]).sum(dim=-1) / count_before.clamp(min=1.0)
-    m2_before = ((torch.matmul(qc, before_outer) * qc).sum(dim=-1) - count_before * mean_before.square()).clamp(
-        min=0.0
-    )
-
-    # merge the two groups (Chan et al.'s pairwise update)
+    mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before.clamp(min=1.0)
+    m2_before = ((torch.matmul(q, outer_before) * q).sum(dim=-1) - count_before * mean_before.square()).clamp(min=0.0)
     count = count_before + inner_count
     delta = inner_mean - mean_before
     m2 = m2_before + inner_m2 + delta.square() * count_before * inner_count / count.clamp(min=1.0)
-    var = m2 / count.clamp(min=1.0)
-    count = count.clamp(min=1.0)
-    return var.reshape(B, H, n_chunks * c)[:, :, :L, None], count.reshape(B, 1, n_chunks * c)[:, :, :L, None]
+    return m2 / count.clamp(min=1.0), count
+
+
+def _chunk_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count_before):
+    """Hand-written backward of :func:`_chunk_variance` (recomputes its forward quantities).
+
+    Returns the gradients w.r.t. q, kc (through the in-block logits only), sum_before and outer_before.
+    """
+    c = q.shape[-2]
+    lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    inner_weight = w[:, :, None, :] * lower
+    inner = torch.matmul(q, kc.transpose(-1, -2)) * inner_weight
+    inner_count = inner_weight.sum(dim=-1)
+    inner_count_c = inner_count.clamp(min=1.0)
+    inner_mean = inner.sum(dim=-1) / inner_count_c
+    count_before_c = count_before.clamp(min=1.0)
+    q_outer = torch.matmul(q, outer_before)
+    mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before_c
+    m2_before_raw = (q_outer * q).sum(dim=-1) - count_before * mean_before.square()
+    count_c = (count_before + inner_count).clamp(min=1.0)
+    delta = inner_mean - mean_before
+
+    grad_m2 = grad_var / count_c
+    grad_m2_before = grad_m2 * (m2_before_raw > 0)  # clamp(min=0) passes no gradient where it clipped
+    grad_delta = grad_m2 * 2.0 * delta * count_before * inner_count / count_c
+    grad_mean_before = -grad_delta - grad_m2_before * 2.0 * count_before * mean_before
+    # d m2_inner / d mean_inner = -2 sum_b W (I - mean) = 0, so the in-block mean only carries delta's gradient
+    grad_inner = (
+        grad_m2[..., None] * 2.0 * (inner - inner_mean[..., None]) + (grad_delta / inner_count_c)[..., None]
+    ) * inner_weight
+    grad_mean_before = grad_mean_before / count_before_c
+    grad_q = (
+        q_outer * (2.0 * grad_m2_before)[..., None]
+        + grad_mean_before[..., None] * sum_before[:, :, None, :]
+        + torch.matmul(grad_inner, kc)
+    )
+    grad_kc = torch.matmul(grad_inner.transpose(-1, -2), q)
+    grad_outer = torch.matmul((q * grad_m2_before[..., None]).transpose(-1, -2), q)
+    grad_sum = (q * grad_mean_before[..., None]).sum(dim=-2)
+    return grad_q, grad_kc, grad_sum, grad_outer
+
+
+def _centred_keys(k, key_weight):
+    """Keys minus the mean of the valid keys, zeroed at invalid keys; (B, 1, S, 1) weights; (B, 1, 1, 1) count.
+
+    The variance of q . k_j does not depend on the shift; centring keeps the moment formulas from cancelling.
+    """
+    if key_weight is None:
+        w = torch.ones(k.shape[0], 1, k.shape[-2], 1, dtype=k.dtype, device=k.device)
+    else:
+        w = key_weight[:, None, :, None]
+    count = w.sum(dim=-2, keepdim=True)
+    mean = torch.matmul(w.transpose(-1, -2), k) / count.clamp(min=1.0)  # no weighted copy of k
+    kc = k - mean
+    return kc.mul_(w), w, count
+
+
+# Row block for the non-causal backward: bounds its temporaries to a few (B, H, block, D) tensors.
+_BACKWARD_BLOCK = 512
+def _key_blocks(kc, w, L: int, chunk_size: int):
+    """Walk the query blocks of a causal pass: yield (start, stop, kc_block, w_block, moments before the block).
+
+    Keys before the first query (a KV cache of S - L entries) are seen by every query and start the moments.
+    """
+    offset = kc.shape[-2] - L
+    run_sum = kc[:, :, :offset].sum(dim=-2)
+    run_outer = torch.matmul(kc[:, :, :offset].transpose(-1, -2), kc[:, :, :offset])
+    run_count = w[:, :, :offset].sum(dim=-1, keepdim=True)
+    for start in range(0, L, chunk_size):
+        stop = min(start + chunk_size, L)
+        kc_block, w_block = kc[:, :, offset + start : offset + stop], w[:, :, offset + start : offset + stop]
+        yield start, stop, kc_block, w_block, (run_sum, run_outer, run_count)
+        run_sum = run_sum + kc_block.sum(dim=-2)
+        run_outer = run_outer + torch.matmul(kc_block.transpose(-1, -2), kc_block)
+        run_count = run_count + w_block.sum(dim=-1, keepdim=True)
+
+
+class _RowVariance(torch.autograd.Function):
+    """Per query row, the variance of ``q_i . k_j`` over the row's valid keys, and their number.
+
+    A custom autograd function so that nothing of size L x D beyond q and k themselves is kept for backward
+    (the price of NormSoftmax attention over SDPA is then one rescaled copy of the queries). Non-causal rows
+    share the key covariance C: var_i = q_i^T C q_i, with a closed-form backward. Causal rows go block by block
+    over the queries with running key moments; the backward walks the blocks in reverse with a hand-written
+    block backward, carrying the gradient of the running moments.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, key_weight, causal: bool, chunk_size: int):
+        B, H, L, D = q.shape
+        kc, w, total = _centred_keys(k, key_weight)
+        ctx.causal, ctx.chunk_size = causal, chunk_size
+        ctx.save_for_backward(q, k, key_weight)
+        if not causal:
+            cov = torch.matmul(kc.transpose(-1, -2), kc) / total.clamp(min=1.0)
+            var = (torch.matmul(q, cov) * q).sum(dim=-1, keepdim=True).clamp(min=0.0)
+            return var, total.expand(B, 1, L, 1)
+        var = q.new_empty(B, H, L)
+        count = q.new_empty(B, 1, L)
+        for start, stop, kc_block, w_block, before in _key_blocks(kc, w[..., 0], L, chunk_size):
+            var[:, :, start:stop], count[:, :, start:stop] = _chunk_variance(
+                q[:, :, start:stop], kc_block, w_block, *before
+            )
+        return var[..., None], count[..., None]
+
+    @staticmethod
+    def backward(ctx, grad_var, grad_count):
+        q, k, key_weight = ctx.saved_tensors
+        kc, w, total = _centred_keys(k, key_weight)
+        grad_var = grad_var[..., 0]  # (B, H, L)
+        if not ctx.causal:
+            cov = torch.matmul(kc.transpose(-1, -2), kc) / total.clamp(min=1.0)
+            grad_q = torch.empty_like(q)
+            grad_cov = torch.zeros_like(cov)
+            for start in range(0, q.shape[-2], _BACKWARD_BLOCK):
+                q_block = q[:, :, start : start + _BACKWARD_BLOCK]
+                g_block = grad_var[:, :, start : start + _BACKWARD_BLOCK, None]
+                torch.mul(torch.matmul(q_block, cov), g_block * 2.0, out=grad_q[:, :, start : start + _BACKWARD_BLOCK])
+                grad_cov += torch.matmul((q_block * g_block).transpose(-1, -2), q_block)  # symmetric
+            # kc = (k - mean) * w and sum_j w_j (k_j - mean) = 0, so the mean's own gradient term vanishes
+            grad_cov *= 2.0 / total.clamp(min=1.0)
+            for start in range(0, kc.shape[-2], _BACKWARD_BLOCK):  # in place, block by block: kc becomes grad_k
+                block = kc[:, :, start : start + _BACKWARD_BLOCK]
+                block.copy_(torch.matmul(block, grad_cov))
+            return grad_q, kc, None, None, None
+
+        L = q.shape[-2]
+        offset = k.shape[-2] - L
+        w = w[..., 0]
+        blocks = list(_key_blocks(kc, w, L, ctx.chunk_size))  # keeps only the small per-block moments
+        grad_q = torch.empty_like(q)
+        grad_kc = torch.empty_like(kc)
+        # gradient w.r.t. the running moments, summed over all blocks after the current one (the outer-product
+        # gradient is symmetric, so d(sum_j kc_j kc_j^T)/d kc_j contributes 2 * carry_outer @ kc_j)
+        carry_sum = torch.zeros_like(blocks[0][4][0])
+        carry_outer = torch.zeros_like(blocks[0][4][1])
+        for start, stop, kc_block, w_block, before in reversed(blocks):
+            g_q, g_kc, g_sum, g_outer = _chunk_variance_backward(
+                grad_var[:, :, start:stop], q[:, :, start:stop], kc_block, w_block, *before
+            )
+            grad_q[:, :, start:stop] = g_q
+            # this block's keys enter the running moments of every later block
+            grad_kc[:, :, offset + start : offset + stop] = (
+                g_kc + carry_sum[:, :, None, :] + 2.0 * torch.matmul(kc_block, carry_outer)
+            )
+            carry_sum = carry_sum + g_sum
+            carry_outer = carry_outer + g_outer
+        if offset:
+            prefix = kc[:, :, :offset]
+            grad_kc[:, :, :offset] = carry_sum[:, :, None, :] + 2.0 * torch.matmul(prefix, carry_outer)
+        # kc = (k - mean) * w: the variance ignores the shift, so the mean's gradient is zero analytically and
+        # the mean is treated as a constant
+        return grad_q, grad_kc.mul_(w[..., None]), None, None, None
 
 
 def rescaled_queries(
@@ -374,7 +462,7 @@ def rescaled_queries(
     max_temperature: float | None = None,
     eps: float = 1e-6,
     statistic: str = "std",
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Queries ``q_i * scale / T_i`` such that plain softmax attention on them (scale 1) is NormSoftmax attention.
 
@@ -385,10 +473,11 @@ def rescaled_queries(
     q = query.to(compute_dtype)
     k = key.to(compute_dtype)
     key_weight = None if structure.key_valid is None else structure.key_valid.to(compute_dtype)
-    if structure.is_causal and query.shape[-2] > 1:
-        var, count = _row_variance_causal(q, k, key_weight, chunk_size)
-    else:
-        var, count = _row_variance_padding(q, k, key_weight)
+    causal = structure.is_causal and query.shape[-2] > 1
+    if chunk_size is None:
+        # block size trades the in-block c x c logits against per-block D x D key moments
+        chunk_size = 64 if query.shape[-2] <= 1024 else 128
+    var, count = _RowVariance.apply(q, k, key_weight, causal, chunk_size)
     temperature = _temperature(var * scale**2, gamma, max_temperature, eps, statistic)
     # A row with a single valid key attends to it with probability 1 whatever q is, so its gradient is exactly
     # zero; dividing by T = sqrt(eps) / gamma would instead amplify SDPA's rounding into a spurious gradient.
