@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .normsoftmax import norm_softmax
+from .normsoftmax import _check_options, _check_positive_finite, _is_number, norm_softmax
 
 __all__ = [
     "MaskStructure",
@@ -85,24 +85,15 @@ def _check_inputs(query, key, value, scale, max_temperature, eps, statistic, dro
             f"the number of query heads ({query.shape[1]}) must be a multiple of the number of key/value heads "
             f"({key.shape[1]})"
         )
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be None or a positive finite number, got {scale!r}")
-    if max_temperature is not None and not (
-        isinstance(max_temperature, (int, float)) and math.isfinite(max_temperature) and max_temperature > 0
-    ):
-        raise ValueError(f"max_temperature must be None or a positive finite number, got {max_temperature!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    if statistic not in ("std", "var"):
-        raise ValueError(f"statistic must be 'std' or 'var', got {statistic!r}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+    if scale is not None:
+        _check_positive_finite("scale (None for 1/sqrt(head_dim))", scale)
+    _check_options(max_temperature, eps, statistic)
+    if not (_is_number(dropout_p) and 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
 
 def _check_gamma(gamma, query):
     """gamma: positive float, or a positive tensor broadcastable to the row statistics (B, H, L, 1)."""
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float, torch.Tensor)):
-        raise TypeError(f"gamma must be a positive float or a tensor, got {type(gamma).__name__}")
     if isinstance(gamma, torch.Tensor):
         row_shape = (*query.shape[:-1], 1)
         try:
@@ -115,11 +106,16 @@ def _check_gamma(gamma, query):
             ) from None
         if torch.broadcast_shapes(gamma.shape, row_shape) != row_shape:
             raise ValueError(f"gamma of shape {tuple(gamma.shape)} would enlarge the attention rows {row_shape}")
-        if not torch.is_grad_enabled() or not gamma.requires_grad:
-            if bool((gamma <= 0).any()) or not bool(torch.isfinite(gamma).all()):
-                raise ValueError("gamma must be positive and finite everywhere")
-    elif not (math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
+        # a data-dependent check would break torch.compile graphs; eager calls get it
+        if not torch.compiler.is_compiling() and gamma.numel() > 0:
+            g = gamma.detach()
+            if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
+                raise ValueError(
+                    f"gamma must be positive and finite everywhere, got values in [{g.min().item():.4g}, "
+                    f"{g.max().item():.4g}]"
+                )
+    else:
+        _check_positive_finite("gamma", gamma)
 
 
 # ----------------------------------------------------------------------------------------------------------------
