@@ -273,6 +273,12 @@ def _temperature(var: torch.Tensor, gamma, max_temperature, eps: float, statisti
     return temperature
 
 
+def _inner_weight(w, c: int):
+    """(B, 1, c, c) weights of a block's own keys: key b is valid and b <= a."""
+    lower = torch.ones(c, c, dtype=torch.bool, device=w.device).tril()
+    return w[:, :, None, :] * lower
+
+
 def _chunk_variance(q, kc, w, sum_before, outer_before, count_before):
     """Variance of the logits of a block of c query rows whose keys are: every key before the block (given by
     its moments) plus the keys of the block itself up to the row (causal). Chan et al.'s pairwise merge of the
@@ -282,13 +288,11 @@ def _chunk_variance(q, kc, w, sum_before, outer_before, count_before):
     q, kc: (B, H, c, D) (kc centred and zeroed at invalid keys); w: (B, 1, c) key weights; sum_before (B, H, D),
     outer_before (B, H, D, D), count_before (B, 1, 1). Returns var (B, H, c), count (B, 1, c).
     """
-    c = q.shape[-2]
-    lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    inner_weight = w[:, :, None, :] * lower  # (B, 1, c, c): key b valid and b <= a
-    inner = torch.matmul(q, kc.transpose(-1, -2)) * inner_weight
+    inner_weight = _inner_weight(w, q.shape[-2])
+    inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)  # (in-place: runs without autograd)
     inner_count = inner_weight.sum(dim=-1)
     inner_mean = inner.sum(dim=-1) / inner_count.clamp(min=1.0)
-    inner_m2 = ((inner - inner_mean[..., None]) * inner_weight).square().sum(dim=-1)
+    inner_m2 = inner.sub_(inner_mean[..., None]).mul_(inner_weight).square_().sum(dim=-1)
     mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before.clamp(min=1.0)
     m2_before = ((torch.matmul(q, outer_before) * q).sum(dim=-1) - count_before * mean_before.square()).clamp(min=0.0)
     count = count_before + inner_count
@@ -302,10 +306,8 @@ def _chunk_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count
 
     Returns the gradients w.r.t. q, kc (through the in-block logits only), sum_before and outer_before.
     """
-    c = q.shape[-2]
-    lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    inner_weight = w[:, :, None, :] * lower
-    inner = torch.matmul(q, kc.transpose(-1, -2)) * inner_weight
+    inner_weight = _inner_weight(w, q.shape[-2])
+    inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)
     inner_count = inner_weight.sum(dim=-1)
     inner_count_c = inner_count.clamp(min=1.0)
     inner_mean = inner.sum(dim=-1) / inner_count_c
@@ -322,14 +324,12 @@ def _chunk_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count
     grad_mean_before = -grad_delta - grad_m2_before * 2.0 * count_before * mean_before
     # d m2_inner / d mean_inner = -2 sum_b W (I - mean) = 0, so the in-block mean only carries delta's gradient
     grad_inner = (
-        grad_m2[..., None] * 2.0 * (inner - inner_mean[..., None]) + (grad_delta / inner_count_c)[..., None]
-    ) * inner_weight
+        inner.sub_(inner_mean[..., None]).mul_(2.0 * grad_m2[..., None]).add_((grad_delta / inner_count_c)[..., None])
+    ).mul_(inner_weight)
     grad_mean_before = grad_mean_before / count_before_c
-    grad_q = (
-        q_outer * (2.0 * grad_m2_before)[..., None]
-        + grad_mean_before[..., None] * sum_before[:, :, None, :]
-        + torch.matmul(grad_inner, kc)
-    )
+    grad_q = torch.matmul(grad_inner, kc)
+    grad_q.addcmul_(q_outer, (2.0 * grad_m2_before)[..., None])
+    grad_q.addcmul_(grad_mean_before[..., None], sum_before[:, :, None, :])
     grad_kc = torch.matmul(grad_inner.transpose(-1, -2), q)
     grad_outer = torch.matmul((q * grad_m2_before[..., None]).transpose(-1, -2), q)
     grad_sum = (q * grad_mean_before[..., None]).sum(dim=-2)
