@@ -1,0 +1,53 @@
+"""Training-side tools: offline real data, diagnostics, plots, learning-rate rules.
+
+Checkpoints never need this subpackage (see docs/design.md), and importing it stays cheap: names are resolved
+from their submodule on first access, so ``import hf_normsoftmax.training`` pulls in neither ``datasets`` nor
+scikit-learn. Submodules can always be imported directly (``from hf_normsoftmax.training.data import ...``).
+
+Usage::
+
+    from hf_normsoftmax.training import load_dataset_spec, require_columns
+
+    ds = require_columns(load_dataset_spec("rotten_tomatoes"), ["text", "label"], purpose="text classification")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> submodule that defines it (imported on first access).
+_LAZY_EXPORTS = {
+    name: "data"
+    for name in (
+        "BUILTIN_DATASETS",
+        "BuiltinDataset",
+        "FASHION_MNIST_CLASSES",
+        "gpt2_tokenizer_dir",
+        "load_dataset_spec",
+        "load_digits_dataset",
+        "load_fashion_mnist",
+        "load_gpt2_tokenizer",
+        "load_mnist5k",
+        "load_rotten_tomatoes",
+        "load_shakespeare_text",
+        "minilm_path",
+        "require_columns",
+        "train_eval_split",
+    )
+}
+
+__all__ = sorted(_LAZY_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    submodule = _LAZY_EXPORTS.get(name)
+    if submodule is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_EXPORTS))
