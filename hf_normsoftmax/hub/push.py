@@ -1,0 +1,487 @@
+"""Push hf_normsoftmax checkpoints to the Hugging Face Hub: weights, config, remote code, processor, card, plots.
+
+Everything to upload is first written into a temporary staging directory, checked, and uploaded in ONE commit
+(``HfApi.create_repo(..., private=..., exist_ok=True)`` then ``HfApi.create_commit``; not ``upload_folder``,
+which in huggingface_hub 2.x with hf_xet may split a folder into several commits). Weights, code, config and
+processor files already in the repo that the new upload does not replace are deleted in the same commit.
+The run dir is only read, never written, and the staging directory is removed whatever happens, so a failed
+push leaves no local state behind; a Hub commit is all-or-nothing, so the remote repo keeps its previous content
+(a repo created by the failed call stays, empty).
+
+What a push uploads:
+
+* weights as ``*.safetensors`` only (a model dir holding only pickle weights such as ``pytorch_model.bin`` is
+  refused; ``training_args.bin``, optimizer / scheduler / RNG states are never uploaded);
+* ``config.json`` with the variant flags and, for ``normsoftmax_*`` models, an ``auto_map`` plus the Python
+  files it names (``modeling_normsoftmax_*.py``, ``configuration_normsoftmax.py`` and what they import) so that
+  ``from_pretrained(repo_id, trust_remote_code=True)`` works without the package;
+* the tokenizer or image processor files, ``generation_config.json`` if any;
+* ``README.md``: the model card (:mod:`hf_normsoftmax.hub.card`), and the ``stability*.png`` plots it shows;
+* from a run dir also ``trainer_state.json`` and the ``*_results.json`` metric files.
+
+The token is passed to huggingface_hub only: it is never printed, logged or written, and a push is refused if
+the token's text appears in any staged file.
+
+Usage::
+
+    from hf_normsoftmax.hub.push import push_model, push_run_dir
+
+    push_run_dir("runs/vit-mnist", "alice/vit-mnist-normsoftmax", private=True, token=os.environ["HF_TOKEN"])
+    push_model(model, "alice/tiny-gpt2", processor=tokenizer, card_fields={"dataset_name": "shakespeare"})
+
+The Hub endpoint is huggingface_hub's (``HF_ENDPOINT`` environment variable, read when huggingface_hub is
+first imported).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .card import (
+    card_inputs_from_config,
+    collect_run_dir,
+    find_model_dir,
+    model_family,
+    render_card,
+)
+
+__all__ = ["HubPushError", "push_model", "push_run_dir", "stage_model", "stage_run_dir"]
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack")
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
+    "video_preprocessor_config.json",
+)
+_PROCESSOR_MARKERS = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+                      "processor_config.json", "image_processor_config.json")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+RUN_FILES = ("trainer_state.json", "all_results.json", "eval_results.json", "train_results.json",
+             "test_results.json")
+_AUTO_CLASS_BY_SUFFIX = (
+    ("ForImageClassification", "AutoModelForImageClassification"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("ForMaskedImageModeling", "AutoModelForMaskedImageModeling"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForPreTraining", "AutoModelForPreTraining"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("ForCausalLM", "AutoModelForCausalLM"),
+)
+
+
+class HubPushError(RuntimeError):
+    """A push could not be completed. The message says what failed and what state was left."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------------
+def _check_repo_id(repo_id) -> str:
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo_id {repo_id!r} must look like 'namespace/name' (a user or organisation, a slash, "
+                         "and the repo name)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repo id: {exc}") from None
+    return repo_id
+
+
+def _check_token(token):
+    if token is None:
+        return None
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError("token must be a non-empty string or None (None: huggingface_hub's HF_TOKEN / login)")
+    return token.strip()
+
+
+def auto_class_for(model_class_name: str) -> str:
+    """The transformers Auto class a model class registers under (``AutoModel`` for bare encoders)."""
+    for suffix, auto in _AUTO_CLASS_BY_SUFFIX:
+        if model_class_name.endswith(suffix):
+            return auto
+    return "AutoModel"
+
+
+def _is_variant_config(config) -> bool:
+    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    return isinstance(model_type, str) and model_type.startswith("normsoftmax_")
+
+
+class _RegisteredForAutoClass:
+    """Context manager: register a model class (and its config class) for auto classes only while saving.
+
+    ``register_for_auto_class`` sets a class attribute, which would otherwise leak ``auto_map`` into every
+    later save of that class in the process; the config's ``auto_map`` attribute is restored too.
+    """
+
+    def __init__(self, model, auto_class: str):
+        self.model = model
+        self.auto_class = auto_class
+
+    def __enter__(self):
+        self._saved = []
+        for cls, name in ((type(self.model), self.auto_class), (type(self.model.config), "AutoConfig")):
+            self._saved.append((cls, "_auto_class" in cls.__dict__, cls.__dict__.get("_auto_class")))
+            cls.register_for_auto_class(name)
+        self._auto_map = getattr(self.model.config, "auto_map", None)
+        if isinstance(self._auto_map, dict):
+            self._auto_map = dict(self._auto_map)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, had_own, value in self._saved:
+            if had_own:
+                cls._auto_class = value
+            else:
+                try:
+                    del cls._auto_class
+                except AttributeError:
+                    pass
+        if self._auto_map is None:
+            if hasattr(self.model.config, "auto_map"):
+                try:
+                    delattr(self.model.config, "auto_map")
+                except AttributeError:
+                    self.model.config.auto_map = None
+        else:
+            self.model.config.auto_map = self._auto_map
+        return False
+
+
+def _prepare_staging(staging_dir) -> Path:
+    staging = Path(staging_dir)
+    if staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
+        raise ValueError(f"staging dir {str(staging)!r} must be empty or not exist yet")
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def _copy_plots(plots: Iterable, staging: Path, base: Path | None = None) -> list:
+    """Copy plot files into the staging dir; returns their repo paths (file names)."""
+    out = []
+    for plot in plots or ():
+        src = Path(plot) if base is None or Path(plot).is_absolute() else base / plot
+        if not src.is_file():
+            raise FileNotFoundError(f"plot {str(src)!r} does not exist")
+        if src.suffix.lower() not in (".png", ".jpg", ".jpeg", ".svg", ".webp"):
+            raise ValueError(f"plot {str(src)!r}: expected an image file (.png, .jpg, .jpeg, .svg, .webp)")
+        shutil.copyfile(src, staging / src.name)
+        out.append(src.name)
+    return out
+
+
+def _processor_files(directory: Path) -> list:
+    return [name for name in PROCESSOR_FILES if (directory / name).is_file()]
+
+
+def _has_processor(names: Iterable[str]) -> bool:
+    return any(name in _PROCESSOR_MARKERS for name in names)
+
+
+def _weight_files(directory: Path) -> list:
+    return sorted(p.name for p in directory.glob("*.safetensors"))
+
+
+def _pickle_weight_files(directory: Path) -> list:
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def _load_variant(model_dir: Path):
+    """Load a ``normsoftmax_*`` model with the package's classes (needed to re-save it with remote code)."""
+    try:
+        import hf_normsoftmax
+    except ImportError as exc:
+        raise HubPushError(f"the model in {model_dir} is an hf_normsoftmax variant but the package cannot be "
+                           f"imported: {exc}") from exc
+    import importlib
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    archs = config.get("architectures") or []
+    if not archs:
+        raise HubPushError(f"{model_dir / 'config.json'} names no architecture ('architectures' is empty): cannot "
+                           "tell which class to load")
+    arch = archs[0]
+    family = model_family(config["model_type"])
+    candidates = [hf_normsoftmax]
+    try:
+        candidates.append(importlib.import_module(f"hf_normsoftmax.modeling_normsoftmax_{family}"))
+    except ImportError:
+        pass
+    for module in candidates:
+        cls = getattr(module, arch, None)
+        if cls is not None:
+            return cls.from_pretrained(model_dir)
+    raise HubPushError(f"architecture {arch!r} from {model_dir / 'config.json'} is not a class of hf_normsoftmax")
+
+
+def _read_safetensors_dir(directory: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in _weight_files(directory):
+        tensors.update(load_file(directory / name))
+    return tensors
+
+
+def _assert_same_weights(src: Path, staged: Path) -> None:
+    """A re-saved variant must carry exactly the tensors of the run's checkpoint."""
+    import torch
+
+    a, b = _read_safetensors_dir(src), _read_safetensors_dir(staged)
+    if set(a) != set(b):
+        only_a, only_b = sorted(set(a) - set(b))[:5], sorted(set(b) - set(a))[:5]
+        raise HubPushError(f"re-saving the model of {src} changed its tensor names (only in the checkpoint: "
+                           f"{only_a}, only in the re-saved copy: {only_b}); refusing to push a different model")
+    for key in a:
+        if a[key].dtype != b[key].dtype or a[key].shape != b[key].shape or not torch.equal(a[key], b[key]):
+            raise HubPushError(f"re-saving the model of {src} changed tensor {key!r}; refusing to push a "
+                               "different model")
+
+
+def _validate_staging(staging: Path) -> list:
+    names = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    if "config.json" not in names:
+        raise HubPushError(f"staged upload has no config.json (files: {names})")
+    if not any(n.endswith(".safetensors") for n in names):
+        raise HubPushError(f"staged upload has no safetensors weights (files: {names})")
+    pickles = [n for n in names if Path(n).suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise HubPushError(f"refusing to upload pickle files {pickles}: weights are published as safetensors only")
+    config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+    if _is_variant_config(config):
+        auto_map = config.get("auto_map") or {}
+        if "AutoConfig" not in auto_map or len(auto_map) < 2:
+            raise HubPushError(f"staged config.json of a {config['model_type']} model lacks an auto_map for the "
+                               f"config and the model (got {auto_map}); trust_remote_code could not load it")
+        for ref in auto_map.values():
+            refs = ref if isinstance(ref, (list, tuple)) else [ref]
+            for item in refs:
+                if item and f"{item.split('.')[0]}.py" not in names:
+                    raise HubPushError(f"auto_map names {item!r} but {item.split('.')[0]}.py is not staged")
+    return names
+
+
+def _scan_for_token(staging: Path, token: str | None) -> None:
+    if not token:
+        return
+    needle = token.encode()
+    for path in staging.rglob("*"):
+        if path.is_file() and needle in path.read_bytes():
+            raise HubPushError(f"refusing to push: the access token's text appears in staged file "
+                               f"{path.relative_to(staging)}")
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# staging
+# ------------------------------------------------------------------------------------------------------------
+def stage_model(model, staging_dir, *, processor=None, repo_id: str | None = None, model_name: str | None = None,
+                card=None, card_fields: Mapping[str, Any] | None = None, plots: Iterable = ()) -> list:
+    """Write what :func:`push_model` uploads into ``staging_dir`` (empty or new); returns the staged paths.
+
+    Args:
+        model: a ``PreTrainedModel``. ``normsoftmax_*`` variants are saved with ``auto_map`` and their code.
+        processor: tokenizer / image processor / processor saved next to the weights (optional).
+        repo_id, model_name: used by the card (model name defaults to the repo name).
+        card: a ready ``ModelCard`` or README text; default: rendered from the model config and ``card_fields``.
+        card_fields: extra :class:`~hf_normsoftmax.hub.card.CardInputs` fields (``dataset_name``,
+            ``eval_metrics``, ``hyperparameters``, ``base_model``, ``license``, ...).
+        plots: image files to include in the repo (shown in the card when it is rendered here).
+    """
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if processor is not None and not hasattr(processor, "save_pretrained"):
+        raise TypeError(f"processor must have save_pretrained (a tokenizer or processor), got "
+                        f"{type(processor).__name__}")
+    staging = _prepare_staging(staging_dir)
+    if _is_variant_config(model.config):
+        with _RegisteredForAutoClass(model, auto_class_for(type(model).__name__)):
+            model.save_pretrained(staging)
+    else:
+        model.save_pretrained(staging)
+    if processor is not None:
+        processor.save_pretrained(staging)
+    plot_names = _copy_plots(plots, staging)
+    if card is None:
+        name = model_name or (repo_id.split("/")[-1] if repo_id else None) or type(model).__name__
+        fields = dict(card_fields or {})
+        fields.setdefault("plots", plot_names)
+        fields.setdefault("sources", ["the in-memory model config"])
+        card = render_card(card_inputs_from_config(model.config, model_name=name, repo_id=repo_id, **fields))
+    (staging / "README.md").write_text(str(card), encoding="utf-8")
+    return _validate_staging(staging)
+
+
+def stage_run_dir(run_dir, staging_dir, *, repo_id: str | None = None, model_name: str | None = None,
+                  require_processor: bool = True) -> list:
+    """Write what :func:`push_run_dir` uploads into ``staging_dir`` (empty or new); returns the staged paths.
+
+    The model is taken from :func:`~hf_normsoftmax.hub.card.find_model_dir`. Stock models are copied file by
+    file (an allowlist); ``normsoftmax_*`` variants are loaded with the package and re-saved with
+    ``auto_map`` and the current remote code, and the re-saved tensors are checked to equal the run's.
+    Processor / tokenizer files come from the model dir, else from the run dir; with ``require_processor``
+    (default) their absence is an error.
+    """
+    run_dir = Path(run_dir)
+    model_dir = find_model_dir(run_dir)
+    staging = _prepare_staging(staging_dir)
+    if not _weight_files(model_dir):
+        pickles = _pickle_weight_files(model_dir)
+        hint = f" (found only {pickles}; re-save with save_pretrained, which writes safetensors)" if pickles else ""
+        raise HubPushError(f"no *.safetensors weights in {model_dir}{hint}: weights are published as "
+                           "safetensors only")
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    model_family(config.get("model_type", ""))
+
+    if _is_variant_config(config):
+        model = _load_variant(model_dir)
+        with _RegisteredForAutoClass(model, auto_class_for(type(model).__name__)):
+            model.save_pretrained(staging)
+        _assert_same_weights(model_dir, staging)
+        if (model_dir / "generation_config.json").is_file() and not (staging / "generation_config.json").exists():
+            shutil.copyfile(model_dir / "generation_config.json", staging / "generation_config.json")
+    else:
+        for name in MODEL_FILES + tuple(_weight_files(model_dir)):
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, staging / name)
+
+    processor_dir = model_dir if _has_processor(_processor_files(model_dir)) else run_dir
+    processor_names = _processor_files(processor_dir)
+    if not _has_processor(processor_names) and require_processor:
+        raise HubPushError(f"no tokenizer or processor files in {model_dir} or {run_dir} (looked for "
+                           f"{', '.join(_PROCESSOR_MARKERS)}); save the processing class with the model, or "
+                           "pass require_processor=False / --no-processor to push without one")
+    for name in processor_names:
+        shutil.copyfile(processor_dir / name, staging / name)
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, staging / name)
+
+    inputs = collect_run_dir(run_dir, repo_id=repo_id, model_name=model_name)
+    card = render_card(inputs)
+    for plot in inputs.plots:  # the card embeds them with their path relative to the run dir = repo root
+        target = staging / plot
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / plot, target)
+    (staging / "README.md").write_text(str(card), encoding="utf-8")
+    return _validate_staging(staging)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pushing
+# ------------------------------------------------------------------------------------------------------------
+def _stale_remote_files(api, repo_id: str, staged: set) -> list:
+    """Remote weights / code / processor files that the new upload does not replace (they would mix in)."""
+    remote = api.list_repo_files(repo_id)
+    stale = []
+    for path in remote:
+        if path in staged or "/" in path:
+            continue
+        if path.endswith((".safetensors", ".py")) or path in MODEL_FILES or path in PROCESSOR_FILES:
+            stale.append(path)
+    return stale
+
+
+def _upload(staging: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str,
+            source: str):
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    scan_token = token or get_token()
+    _scan_for_token(staging, scan_token)
+    api = HfApi(token=token)
+    staged = sorted(str(p.relative_to(staging).as_posix()) for p in staging.rglob("*") if p.is_file())
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.model_info(repo_id)
+        if private and not info.private:
+            raise HubPushError(f"{repo_id!r} already exists and is PUBLIC, but a private push was requested; "
+                               "nothing was uploaded. Make the repo private first, or push without --private.")
+        stale = _stale_remote_files(api, repo_id, set(staged))
+    except HfHubHTTPError as exc:
+        raise HubPushError(f"could not create or access Hub repo {repo_id!r} at {api.endpoint}: "
+                           f"{_scrub(str(exc), scan_token)}. Nothing was uploaded; {source} was not "
+                           "modified.") from exc
+    operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
+    operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(staging / path)) for path in staged]
+    try:
+        # One create_commit, not upload_folder: with hf_xet installed, huggingface_hub 2.x's upload_folder
+        # streams a folder in several commits (and retries them), so a failure could publish part of a
+        # checkpoint. A single commit is all-or-nothing.
+        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
+                                 repo_type="model")
+    except Exception as exc:  # noqa: BLE001 - HTTP errors, dropped connections, timeouts: all end the push
+        raise HubPushError(
+            f"upload to {repo_id!r} at {api.endpoint} failed during the commit: {type(exc).__name__}: "
+            f"{_scrub(str(exc), scan_token).rstrip('.')}. Nothing was written locally ({source} was only read; "
+            "the staged files were in a temporary directory, now removed). A Hub commit is all-or-nothing, so the "
+            "repo keeps its previous content; run the same push again to retry.") from exc
+
+
+def push_run_dir(run_dir, repo_id: str, *, private: bool = False, token: str | None = None,
+                 commit_message: str | None = None, model_name: str | None = None,
+                 require_processor: bool = True):
+    """Push the model of a Trainer output dir with its card, plots, metrics and processor (one commit).
+
+    Args:
+        run_dir: the run directory (see :mod:`hf_normsoftmax.hub.card` for what is read).
+        repo_id: ``namespace/name`` on the Hub; created if missing.
+        private: create the repo private; refuses to push into an existing PUBLIC repo when True.
+        token: access token (default: huggingface_hub's, e.g. ``HF_TOKEN``). Never printed nor written.
+        commit_message: default ``"Upload <model type> from hf_normsoftmax"``.
+        model_name: name in the card (default from run_config.json, the repo name, or the dir name).
+        require_processor: fail when no tokenizer / processor files are found (default True).
+
+    Returns:
+        huggingface_hub.CommitInfo of the commit. Raises :class:`HubPushError` on failure.
+    """
+    _check_repo_id(repo_id)
+    token = _check_token(token)
+    run_dir = Path(run_dir)
+    with tempfile.TemporaryDirectory(prefix="hf_normsoftmax_push_") as tmp:
+        staging = Path(tmp) / "repo"
+        files = stage_run_dir(run_dir, staging, repo_id=repo_id, model_name=model_name,
+                              require_processor=require_processor)
+        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        message = commit_message or f"Upload {config.get('model_type')} from hf_normsoftmax"
+        logger.info("pushing %d files from %s to %s", len(files), run_dir, repo_id)
+        return _upload(staging, repo_id, private=private, token=token, commit_message=message,
+                       source=f"run dir {run_dir}")
+
+
+def push_model(model, repo_id: str, *, processor=None, private: bool = False, token: str | None = None,
+               commit_message: str | None = None, model_name: str | None = None, card=None,
+               card_fields: Mapping[str, Any] | None = None, plots: Iterable = ()):
+    """Push an in-memory model (and its tokenizer / processor) with a generated card, in one commit.
+
+    ``normsoftmax_*`` variants are saved with ``auto_map`` and their code for ``trust_remote_code`` loading.
+    See :func:`stage_model` for ``processor``, ``card``, ``card_fields`` and ``plots``, and
+    :func:`push_run_dir` for ``private`` and ``token``. Returns the ``CommitInfo``.
+    """
+    _check_repo_id(repo_id)
+    token = _check_token(token)
+    with tempfile.TemporaryDirectory(prefix="hf_normsoftmax_push_") as tmp:
+        staging = Path(tmp) / "repo"
+        files = stage_model(model, staging, processor=processor, repo_id=repo_id, model_name=model_name,
+                            card=card, card_fields=card_fields, plots=plots)
+        message = commit_message or f"Upload {model.config.model_type} from hf_normsoftmax"
+        logger.info("pushing %d files of %s to %s", len(files), type(model).__name__, repo_id)
+        return _upload(staging, repo_id, private=private, token=token, commit_message=message,
+                       source="the in-memory model")

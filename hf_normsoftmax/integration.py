@@ -1,0 +1,694 @@
+"""Shared transformers integration of the NormSoftmax variants (ViT, BERT, GPT-2).
+
+What lives here, used by the three ``modeling_normsoftmax_*`` files (and copied next to them into remote-code
+checkpoints, so it only imports torch, transformers and same-folder modules):
+
+* the attention implementations ``"normsoftmax"`` (fast exact path) and ``"normsoftmax_reference"`` (materialised
+  logits, what a variant runs when asked for ``"eager"``), registered in transformers' ``AttentionInterface`` and,
+  with ``sdpa_mask``, in ``AttentionMaskInterface`` (without a mask function transformers would hand the attention
+  ``attention_mask=None`` and the causal/padding mask would be lost);
+* ``SigmaReparamConv1D``, the sigmaReparam version of GPT-2's transposed ``Conv1D``, and the functions that convert
+  the selected layers of a model and finish their initialisation from the weights actually loaded;
+* the head helpers: the logits a head returns are exactly what its training softmax sees (``beta * z``, or the
+  normalised logits under ``loss_softmax="normsoftmax"``) and the loss is the cross-entropy of those logits;
+* ``NormSoftmaxPreTrainedMixin``, the behaviour every variant model class shares (attention choice, conversion,
+  init after loading, refusal of checkpoints of another architecture).
+
+Using NormSoftmax attention in any stock model that goes through transformers' attention interface:
+
+```python
+>>> import hf_normsoftmax  # registers "normsoftmax"
+>>> from transformers import AutoModelForCausalLM
+>>> model = AutoModelForCausalLM.from_pretrained("path/to/llama", attn_implementation="normsoftmax")
+```
+
+Such a stock model has no flags: it uses ``normsoftmax_gamma`` etc. from its config when present, else the
+package defaults.
+
+Diagnostics hook: if an attention module has a non-None attribute ``_normsoftmax_recorder``, it is called as
+``recorder(module=..., query=..., key=..., attention_mask=<4D bool (True = attend) or None>, is_causal=...,
+scaling=..., softmax="normsoftmax" | "softmax", gamma=..., max_temperature=..., eps=...)`` before every attention
+computation, with the exact inputs the attention is computed from.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
+
+from .attention import normsoftmax_attention, normsoftmax_attention_reference
+from .configuration_normsoftmax import DEFAULT_NORMSOFTMAX_GAMMA, NORMSOFTMAX_FLAGS, check_flag_combination
+from .losses import inverse_temperature_cross_entropy
+from .normsoftmax import normalize_logits
+from .sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin, sigma_reparam_
+
+try:  # private: tells whether a model forward is collecting attention weights (GPT-2 drops output_attentions)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - other transformers versions
+    _active_collector = None
+
+logger = logging.get_logger(__name__)
+
+ATTENTION_IMPLEMENTATION = "normsoftmax"
+REFERENCE_ATTENTION_IMPLEMENTATION = "normsoftmax_reference"
+# Name of the learnable per-head gamma on attention modules (the loader renames keys containing "gamma"/"beta").
+LEARNABLE_GAMMA_PARAMETER = "normsoftmax_scale"
+# Learned gammas are kept above this in the forward: a gamma <= 0 would invert or flatten the attention.
+MIN_LEARNED_GAMMA = 1e-3
+RECORDER_ATTRIBUTE = "_normsoftmax_recorder"
+# State-dict entries a stock checkpoint does not have; initialised after loading (see finish_normsoftmax_init).
+NEW_KEY_PATTERNS = (r"\.reparam_scale$", r"\.reparam_u$", r"\.reparam_v$", rf"\.{LEARNABLE_GAMMA_PARAMETER}$")
+
+# Requests a variant accepts for `attn_implementation`, and what it runs for them.
+VARIANT_ATTN_IMPLEMENTATIONS = {
+    None: ATTENTION_IMPLEMENTATION,
+    "sdpa": ATTENTION_IMPLEMENTATION,
+    ATTENTION_IMPLEMENTATION: ATTENTION_IMPLEMENTATION,
+    "eager": REFERENCE_ATTENTION_IMPLEMENTATION,
+    REFERENCE_ATTENTION_IMPLEMENTATION: REFERENCE_ATTENTION_IMPLEMENTATION,
+}
+
+# Message for loading a variant checkpoint in a process that does not know the variant.
+MISSING_PACKAGE_HINT = (
+    "This checkpoint needs the hf_normsoftmax package: `pip install hf_normsoftmax` and `import hf_normsoftmax` "
+    "before loading (it registers the normsoftmax_vit/normsoftmax_bert/normsoftmax_gpt2 model types), or load a "
+    "checkpoint saved with its code (`register_for_auto_class`) with `trust_remote_code=True`."
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _attention_weights_requested(kwargs: dict) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    if _active_collector is None:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any("attentions" in key for key in collected)
+
+
+def attention_gamma(module: nn.Module) -> float | torch.Tensor:
+    """The gamma the attention of ``module`` uses: its learnable per-head gammas, else the config value."""
+    learned = getattr(module, LEARNABLE_GAMMA_PARAMETER, None)
+    if learned is not None:
+        return learned.clamp(min=MIN_LEARNED_GAMMA)
+    return getattr(getattr(module, "config", None), "normsoftmax_gamma", DEFAULT_NORMSOFTMAX_GAMMA)
+
+
+def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+
+
+def _with_position_bias(attention_mask, position_bias, query):
+    """Fold an additive position bias into an additive float mask (masked entries: most negative value)."""
+    bias = position_bias.to(torch.float32)
+    if attention_mask is None:
+        return bias
+    if attention_mask.dtype == torch.bool:
+        return bias.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
+    return bias + attention_mask.to(torch.float32)
+
+
+def _softmax_attention_reference(query, key, value, attention_mask, is_causal, scaling, dropout):
+    """Plain softmax attention with materialised weights (for `output_attentions` and the eager request).
+
+    Rows without any valid key give zeros, as NormSoftmax attention does.
+    """
+    B, H, L, D = query.shape
+    S = key.shape[-2]
+    if key.shape[1] != H:
+        key = key.repeat_interleave(H // key.shape[1], dim=1)
+        value = value.repeat_interleave(H // value.shape[1], dim=1)
+    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    logits = torch.matmul(query.to(compute_dtype), key.to(compute_dtype).transpose(-1, -2)) * scaling
+    valid = None
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            valid = attention_mask
+        else:
+            valid = _bool_mask(attention_mask)
+            logits = logits + torch.where(valid, attention_mask.to(compute_dtype), 0.0)
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(diagonal=S - L)
+        valid = causal if valid is None else valid & causal
+    if valid is not None:
+        logits = logits.masked_fill(~valid, torch.finfo(compute_dtype).min)
+    weights = torch.softmax(logits, dim=-1)
+    if valid is not None:
+        weights = weights.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
+    probs = F.dropout(weights, p=dropout) if dropout > 0 else weights
+    out = torch.matmul(probs, value.to(compute_dtype)).to(query.dtype)
+    return out, weights.to(query.dtype)
+
+
+def _normsoftmax_attention_forward(
+    module, query, key, value, attention_mask, dropout, scaling, is_causal, reference, kwargs
+):
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            f"Invalid value for `softcap`: {kwargs['softcap']!r}. NormSoftmax attention does not support logit "
+            "soft-capping. Allowed: None."
+        )
+    config = getattr(module, "config", None)
+    softmax_kind = getattr(config, "attention_softmax", "normsoftmax")
+    B, H, L, D = query.shape
+    scaling = D**-0.5 if scaling is None else float(scaling)
+    is_causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+    if attention_mask is None and is_causal and L > 1 and key.shape[-2] > L:
+        # transformers only skips the causal mask here for a prefill into an empty static cache, where causality
+        # is aligned top-left: the cache slots after the L new keys are still empty.
+        key, value = key[:, :, :L], value[:, :, :L]
+    causal = is_causal and L > 1  # a single query row (decoding) sees every key: bottom-right alignment
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        attention_mask = _with_position_bias(attention_mask, position_bias, query)
+    want_weights = _attention_weights_requested(kwargs)
+
+    gamma = attention_gamma(module)
+    max_temperature = getattr(config, "normsoftmax_max_temperature", None)
+    eps = getattr(config, "normsoftmax_eps", 1e-6)
+    statistic = getattr(config, "normsoftmax_statistic", "std")
+
+    recorder = getattr(module, RECORDER_ATTRIBUTE, None)
+    if recorder is not None:
+        recorder(
+            module=module, query=query, key=key, attention_mask=_bool_mask(attention_mask), is_causal=causal,
+            scaling=scaling, softmax=softmax_kind, gamma=gamma, max_temperature=max_temperature, eps=eps,
+        )
+
+    if softmax_kind == "softmax":
+        if not reference and not want_weights and position_bias is None:
+            # exactly the stock SDPA computation (same function transformers runs for attn_implementation="sdpa")
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                **{k: v for k, v in kwargs.items() if k not in ("is_causal", "position_bias")},
+            )
+        out, weights = _softmax_attention_reference(query, key, value, attention_mask, causal, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), weights
+
+    op = normsoftmax_attention_reference if reference else normsoftmax_attention
+    out, weights = op(
+        query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling, gamma=gamma,
+        max_temperature=max_temperature, eps=eps, statistic=statistic, dropout_p=dropout,
+        return_weights=want_weights,
+    )
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def normsoftmax_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention function registered as ``"normsoftmax"``: the fast exact NormSoftmax attention.
+
+    Follows transformers' attention-interface contract: ``query/key/value`` are ``(B, H, L|S, D)``, the result is
+    ``(attn_output (B, L, H, D), attn_weights (B, H, L, S) or None)``. Weights are materialised only when the
+    forward asks for attentions. For a variant config with ``attention_softmax="softmax"`` it runs the stock SDPA
+    attention. Causality comes from ``module.is_causal`` (or an explicit ``is_causal``).
+    """
+    return _normsoftmax_attention_forward(
+        module, query, key, value, attention_mask, dropout, scaling, is_causal, False, kwargs
+    )
+
+
+def normsoftmax_reference_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention function registered as ``"normsoftmax_reference"``: materialised logits, same results.
+
+    What a NormSoftmax variant runs when asked for ``attn_implementation="eager"``.
+    """
+    return _normsoftmax_attention_forward(
+        module, query, key, value, attention_mask, dropout, scaling, is_causal, True, kwargs
+    )
+
+
+def register_normsoftmax_attention() -> None:
+    """Register ``"normsoftmax"`` and ``"normsoftmax_reference"`` with transformers (idempotent).
+
+    Both get ``sdpa_mask`` (4D bool, True = attend) as mask function: without a registered mask function
+    transformers passes ``attention_mask=None`` to the attention and padding/causality would be lost.
+    """
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, normsoftmax_attention_forward)
+    AttentionInterface.register(REFERENCE_ATTENTION_IMPLEMENTATION, normsoftmax_reference_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(REFERENCE_ATTENTION_IMPLEMENTATION, sdpa_mask)
+
+
+# The modeling files import this module: registering here makes remote-code checkpoints self-sufficient.
+register_normsoftmax_attention()
+
+
+def resolve_variant_attn_implementation(requested: str | None) -> str:
+    """Map an ``attn_implementation`` request on a variant to what it runs: never plain softmax silently.
+
+    ``None``/``"sdpa"``/``"normsoftmax"`` -> ``"normsoftmax"``; ``"eager"``/``"normsoftmax_reference"`` ->
+    ``"normsoftmax_reference"`` (materialised path). Anything else (flash, flex, kernels) raises.
+    """
+    if isinstance(requested, str) or requested is None:
+        resolved = VARIANT_ATTN_IMPLEMENTATIONS.get(requested)
+        if resolved is not None:
+            return resolved
+    allowed = ", ".join(repr(k) for k in VARIANT_ATTN_IMPLEMENTATIONS)
+    raise ValueError(
+        f"Invalid value for `attn_implementation`: {requested!r}. NormSoftmax variants always run their attention "
+        f"through {ATTENTION_IMPLEMENTATION!r} (the `attention_softmax` flag chooses softmax or NormSoftmax). "
+        f"Allowed: {allowed}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# heads: the logits the training softmax sees, and their losses
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def training_logits(logits: torch.Tensor, config: Any, dim: int = -1) -> torch.Tensor:
+    """The logits the training softmax of a head sees, from the raw head outputs ``z``.
+
+    ``loss_softmax="normsoftmax"``: ``normalize_logits(z, gamma=loss_normsoftmax_gamma)`` over ``dim`` (the
+    classes); otherwise ``beta * z`` with ``beta = logit_inverse_temperature`` (``z`` itself for beta 1).
+    """
+    if getattr(config, "loss_softmax", "softmax") == "normsoftmax":
+        return normalize_logits(logits, dim=dim, gamma=config.loss_normsoftmax_gamma)
+    beta = getattr(config, "logit_inverse_temperature", 1.0)
+    return logits if beta == 1.0 else logits * beta
+
+
+def head_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Cross-entropy of already-transformed head logits ``(..., C)`` against class labels ``(...)``.
+
+    Half-precision logits are upcast; with ``num_items_in_batch`` the sum over non-ignored items is divided by it
+    (transformers' gradient-accumulation semantics).
+    """
+    num_classes = logits.shape[-1]
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return inverse_temperature_cross_entropy(
+        logits.reshape(-1, num_classes),
+        labels.reshape(-1).to(logits.device),
+        ignore_index=ignore_index,
+        beta=1.0,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy of transformed logits ``(B, L, V)``; labels are shifted inside, as in transformers."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return head_cross_entropy(logits, shift_labels, num_items_in_batch, ignore_index)
+
+
+def _reduce(loss_sum: torch.Tensor, count: int, num_items_in_batch) -> torch.Tensor:
+    if num_items_in_batch is None:
+        return loss_sum / count
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch
+
+
+def resolve_problem_type(config: Any, num_labels: int, labels: torch.Tensor | None) -> str:
+    """transformers' rule for sequence classification heads (and it records the choice in the config likewise)."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if labels is None:
+        return "regression" if num_labels == 1 else "single_label_classification"
+    if num_labels == 1:
+        config.problem_type = "regression"
+    elif labels.dtype in (torch.long, torch.int):
+        config.problem_type = "single_label_classification"
+    else:
+        config.problem_type = "multi_label_classification"
+    return config.problem_type
+
+
+def sequence_classification_head(
+    raw_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    config: Any,
+    num_labels: int,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits and loss of a (sequence or image) classification head, per problem type.
+
+    * single-label classification: logits = :func:`training_logits`, loss = their cross-entropy;
+    * multi-label classification (sigmoid per label): logits = ``beta * z``, loss = BCE-with-logits of those;
+      ``loss_softmax="normsoftmax"`` is refused (there is no softmax over the labels to normalise);
+    * regression (``num_labels == 1`` or ``problem_type="regression"``): outputs are values, not logits; they are
+      returned unchanged with the stock MSE loss, whatever the flags.
+    """
+    problem_type = resolve_problem_type(config, num_labels, labels)
+    if problem_type == "regression":
+        logits = raw_logits
+    elif problem_type == "multi_label_classification":
+        if getattr(config, "loss_softmax", "softmax") == "normsoftmax":
+            raise ValueError(
+                "Invalid combination: `loss_softmax`='normsoftmax' with `problem_type`='multi_label_classification'. "
+                "Multi-label heads use one sigmoid per label, there is no softmax over the labels to normalise. "
+                "Allowed: `loss_softmax`='softmax' (optionally with `logit_inverse_temperature`) for multi-label heads."
+            )
+        beta = getattr(config, "logit_inverse_temperature", 1.0)
+        logits = raw_logits if beta == 1.0 else raw_logits * beta
+    elif problem_type == "single_label_classification":
+        logits = training_logits(raw_logits, config)
+    else:
+        raise ValueError(
+            f"Invalid value for `problem_type`: {problem_type!r}. Allowed: 'regression', "
+            "'single_label_classification' or 'multi_label_classification'."
+        )
+    if labels is None:
+        return logits, None
+    labels = labels.to(logits.device)
+    if problem_type == "single_label_classification":
+        return logits, head_cross_entropy(logits.view(-1, num_labels), labels.view(-1), num_items_in_batch)
+    float_logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if problem_type == "regression":
+        if num_labels == 1:
+            squared = F.mse_loss(float_logits.squeeze(), labels.squeeze().to(float_logits.dtype), reduction="sum")
+            count = max(labels.squeeze().numel(), 1)
+        else:
+            squared = F.mse_loss(float_logits, labels.to(float_logits.dtype), reduction="sum")
+            count = max(labels.numel(), 1)
+        return logits, _reduce(squared, count, num_items_in_batch)
+    bce = F.binary_cross_entropy_with_logits(float_logits, labels.to(float_logits.dtype), reduction="sum")
+    return logits, _reduce(bce, max(labels.numel(), 1), num_items_in_batch)
+
+
+def question_answering_head(
+    raw_start_logits: torch.Tensor,
+    raw_end_logits: torch.Tensor,
+    start_positions: torch.Tensor | None,
+    end_positions: torch.Tensor | None,
+    config: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Start/end logits ``(batch, seq_len)`` as the training softmax over positions sees them, and the loss.
+
+    The loss is the mean of the two cross-entropies; positions outside the sequence are ignored, as in the stock
+    question-answering heads.
+    """
+    start_logits = training_logits(raw_start_logits, config)
+    end_logits = training_logits(raw_end_logits, config)
+    if start_positions is None or end_positions is None:
+        return start_logits, end_logits, None
+    if start_positions.dim() > 1:
+        start_positions = start_positions.squeeze(-1)
+    if end_positions.dim() > 1:
+        end_positions = end_positions.squeeze(-1)
+    ignored_index = start_logits.size(1)
+    start_positions = start_positions.clamp(0, ignored_index)
+    end_positions = end_positions.clamp(0, ignored_index)
+    start_loss = head_cross_entropy(start_logits, start_positions, ignore_index=ignored_index)
+    end_loss = head_cross_entropy(end_logits, end_positions, ignore_index=ignored_index)
+    return start_logits, end_logits, (start_loss + end_loss) / 2
+
+
+def pop_loss_kwargs(kwargs: dict) -> dict:
+    """Remove the loss-only keyword arguments (Trainer passes ``num_items_in_batch``) before the backbone call."""
+    return {name: kwargs.pop(name) for name in ("num_items_in_batch", "ignore_index", "shift_labels") if name in kwargs}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sigmaReparam
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SigmaReparamConv1D(SigmaReparamMixin, Conv1D):
+    """GPT-2's ``Conv1D`` (weight stored ``(in, out)``) with sigmaReparam: ``y = x @ (s / sigma(W)) W + b``.
+
+    Keeps the stock parameter names ``weight``/``bias`` and adds ``reparam_scale`` and the power-iteration buffers
+    ``reparam_u``/``reparam_v``, so stock GPT-2 checkpoints load 1:1. Same constructor as ``Conv1D``.
+
+    Example:
+
+    ```python
+    >>> layer = SigmaReparamConv1D(96, 32)  # 32 -> 96 features, like Conv1D(nf=96, nx=32)
+    >>> y = layer(torch.randn(2, 5, 32))
+    >>> converted = SigmaReparamConv1D.from_module(Conv1D(96, 32))  # in place, outputs unchanged
+    ```
+    """
+
+    weight_layout = "in_out"
+
+    def __repr__(self) -> str:
+        return f"SigmaReparamConv1D(nf={self.nf}, nx={self.nx})"
+
+
+# Converted layer classes, one per stock layer class (exact type).
+SIGMA_REPARAM_LAYER_TYPES = (SigmaReparamLinear, SigmaReparamConv2d, SigmaReparamConv1D)
+
+
+def apply_sigma_reparam(
+    model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+) -> list[str]:
+    """Convert the selected ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv2d`` layers of ``model`` in place.
+
+    ``include``/``exclude``: fnmatch patterns over qualified module names (``None`` includes every layer).
+    Modules stay the same objects (tied weights stay tied, state-dict keys stay stock). Returns the converted
+    names; warns about include patterns that select nothing.
+    """
+    names = sigma_reparam_(model, include=include, exclude=exclude, layer_types=SIGMA_REPARAM_LAYER_TYPES)
+    if include is not None:
+        unused = [p for p in include if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+        if unused:
+            logger.warning(f"`sigma_reparam_include` patterns {unused} select no layer of {type(model).__name__}.")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model preparation and post-loading initialisation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_meta(tensor: torch.Tensor | None) -> bool:
+    return tensor is not None and tensor.device.type == "meta"
+
+
+def _loaded(tensor: torch.Tensor | None) -> bool:
+    # transformers flags every tensor it loads from a checkpoint (and tied ones) with `_is_hf_initialized`
+    return tensor is not None and bool(getattr(tensor, "_is_hf_initialized", False))
+
+
+def add_learnable_gamma(model: nn.Module, attention_classes: tuple[type, ...], config: Any) -> int:
+    """Give every attention module a per-head gamma parameter ``normsoftmax_scale`` (heads, 1, 1)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, attention_classes) and getattr(module, LEARNABLE_GAMMA_PARAMETER, None) is None:
+            num_heads = config.num_attention_heads
+            device = next(module.parameters()).device
+            value = torch.full((num_heads, 1, 1), float(config.normsoftmax_gamma), device=device)
+            module.register_parameter(LEARNABLE_GAMMA_PARAMETER, nn.Parameter(value))
+            count += 1
+    return count
+
+
+def finish_normsoftmax_init(model: nn.Module) -> None:
+    """Initialise what loading did not provide, from the final weights (after loading and weight tying).
+
+    * sigmaReparam layers whose ``reparam_scale`` was not loaded: ``reset_reparam()`` from the current weight
+      (the loaded one, or the tied embedding for a tied head), so a converted stock checkpoint computes exactly
+      the stock function;
+    * learnable gammas that were not loaded: ``normsoftmax_gamma``.
+
+    Runs once per tensor: later calls (e.g. ``tie_weights()`` after ``resize_token_embeddings``) never reset
+    trained values. Layers still on the meta device are left for the call at the end of ``from_pretrained``.
+    """
+    config = getattr(model, "config", None)
+    for module in model.modules():
+        if isinstance(module, SigmaReparamMixin) and not getattr(module, "_normsoftmax_init_done", False):
+            if _is_meta(module.weight) or _is_meta(module.reparam_scale):
+                continue
+            if _loaded(module.reparam_scale):
+                if not (_loaded(module.reparam_u) and _loaded(module.reparam_v)):
+                    # scale from the checkpoint, vectors not: rebuild only the power-iteration state
+                    loaded_scale = module.reparam_scale.detach().clone()
+                    module.reset_reparam()
+                    with torch.no_grad():
+                        module.reparam_scale.copy_(loaded_scale)
+            else:
+                module.reset_reparam()
+            module._normsoftmax_init_done = True
+        learned_gamma = getattr(module, LEARNABLE_GAMMA_PARAMETER, None)
+        if isinstance(learned_gamma, nn.Parameter) and not getattr(module, "_normsoftmax_gamma_init_done", False):
+            if _is_meta(learned_gamma):
+                continue
+            if not _loaded(learned_gamma):
+                with torch.no_grad():
+                    learned_gamma.fill_(float(getattr(config, "normsoftmax_gamma", DEFAULT_NORMSOFTMAX_GAMMA)))
+            module._normsoftmax_gamma_init_done = True
+
+
+def reset_normsoftmax_state(model: nn.Module) -> None:
+    """Re-initialise every sigmaReparam layer from its current weight and every learnable gamma to the config value.
+
+    Unlike :func:`finish_normsoftmax_init` this always resets (it is for weights copied in after construction,
+    e.g. by ``load_state_dict`` of a stock state dict). Trained scales and gammas are lost.
+    """
+    gamma = float(getattr(getattr(model, "config", None), "normsoftmax_gamma", DEFAULT_NORMSOFTMAX_GAMMA))
+    for module in model.modules():
+        if isinstance(module, SigmaReparamMixin):
+            module.reset_reparam()
+            module._normsoftmax_init_done = True
+        learned_gamma = getattr(module, LEARNABLE_GAMMA_PARAMETER, None)
+        if isinstance(learned_gamma, nn.Parameter):
+            with torch.no_grad():
+                learned_gamma.fill_(gamma)
+            module._normsoftmax_gamma_init_done = True
+
+
+def _checkpoint_config_dict(path, kwargs: dict) -> dict | None:
+    hub_kwargs = {
+        k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+        if k in kwargs
+    }
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(path, **hub_kwargs)
+    except (OSError, ValueError):
+        return None
+    return config_dict
+
+
+def check_loaded_weights(model: PreTrainedModel, loading_info: dict, source: Any) -> None:
+    """Refuse loads that would silently compute something else than the checkpoint.
+
+    * No weight of the checkpoint matches the model: a checkpoint of another architecture.
+    * The checkpoint has sigmaReparam scales / learnable gammas the model does not use: the model would run the
+      raw weights instead of the trained effective ones.
+    """
+    missing = set(loading_info.get("missing_keys", ()))
+    unexpected = set(loading_info.get("unexpected_keys", ()))
+    new_key = re.compile("|".join(NEW_KEY_PATTERNS))
+    model_keys = [k for k in model.state_dict() if not new_key.search(k)]
+    if model_keys and all(k in missing for k in model_keys):
+        raise ValueError(
+            f"Checkpoint of another architecture: none of the {len(model_keys)} weights of "
+            f"{type(model).__name__} is in the checkpoint {source!r} (it has {len(unexpected)} other weights, e.g. "
+            f"{sorted(unexpected)[:3]}). Load it with the model class of its own architecture."
+        )
+    dropped = sorted(k for k in unexpected if new_key.search(k))
+    if dropped:
+        config = model.config
+        raise ValueError(
+            f"The checkpoint {source!r} has sigmaReparam / learnable-gamma weights the model would ignore "
+            f"({dropped[:3]}...): with `sigma_reparam`={config.sigma_reparam!r} and `normsoftmax_learnable_gamma`="
+            f"{config.normsoftmax_learnable_gamma!r} it would compute with the raw weights, not the trained ones. "
+            "Allowed: load it with the flags it was saved with (the defaults of its config.json)."
+        )
+
+
+class NormSoftmaxPreTrainedMixin:
+    """Behaviour shared by every NormSoftmax variant model (put it first in the bases).
+
+    * attention always dispatches through ``"normsoftmax"`` (``"eager"`` -> ``"normsoftmax_reference"``), which
+      also serves ``attention_softmax="softmax"`` (stock SDPA), so diagnostics see every variant;
+    * at construction: flag checks, sigmaReparam conversion of the selected layers, learnable gammas;
+    * after loading and tying: :func:`finish_normsoftmax_init`;
+    * ``from_pretrained`` refuses checkpoints of another architecture.
+
+    Subclasses set ``_normsoftmax_attention_classes`` (the attention modules that get learnable gammas).
+    """
+
+    _normsoftmax_attention_classes: tuple[type, ...] = ()
+    _keys_to_ignore_on_load_missing = list(NEW_KEY_PATTERNS)
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        return resolve_variant_attn_implementation(requested_attention)
+
+    def post_init(self):
+        config = self.config
+        # duck-typed: remote-code loading can give the config class and this mixin different module objects
+        if any(not hasattr(config, flag) for flag in NORMSOFTMAX_FLAGS):
+            raise TypeError(
+                f"Invalid value for `config`: {type(config).__name__}. {type(self).__name__} needs a NormSoftmax "
+                "variant config (NormSoftmaxViTConfig, NormSoftmaxBertConfig or NormSoftmaxGPT2Config)."
+            )
+        check_flag_combination(config)
+        if config.sigma_reparam:
+            apply_sigma_reparam(self, config.sigma_reparam_include, config.sigma_reparam_exclude)
+        if config.normsoftmax_learnable_gamma:
+            add_learnable_gamma(self, self._normsoftmax_attention_classes, config)
+        super().post_init()
+        self._keys_to_ignore_on_load_missing = set(self._keys_to_ignore_on_load_missing) | set(NEW_KEY_PATTERNS)
+
+    def tie_weights(self, missing_keys=None, recompute_mapping: bool = True):
+        super().tie_weights(missing_keys=missing_keys, recompute_mapping=recompute_mapping)
+        finish_normsoftmax_init(self)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        config = kwargs.get("config")
+        if pretrained_model_name_or_path is not None and isinstance(config, PreTrainedConfig):
+            # an explicit config skips the checkpoint's config.json: check its architecture here
+            checkpoint_config = _checkpoint_config_dict(pretrained_model_name_or_path, kwargs)
+            if checkpoint_config is not None and "model_type" in checkpoint_config:
+                cls.config_class._check_checkpoint_model_type(checkpoint_config["model_type"])
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        if pretrained_model_name_or_path is not None:
+            check_loaded_weights(model, loading_info, pretrained_model_name_or_path)
+        return (model, loading_info) if output_loading_info else model
+
+
+__all__ = [
+    "ATTENTION_IMPLEMENTATION",
+    "LEARNABLE_GAMMA_PARAMETER",
+    "MISSING_PACKAGE_HINT",
+    "NormSoftmaxPreTrainedMixin",
+    "REFERENCE_ATTENTION_IMPLEMENTATION",
+    "SigmaReparamConv1D",
+    "apply_sigma_reparam",
+    "attention_gamma",
+    "causal_lm_loss",
+    "finish_normsoftmax_init",
+    "head_cross_entropy",
+    "normsoftmax_attention_forward",
+    "normsoftmax_reference_attention_forward",
+    "question_answering_head",
+    "register_normsoftmax_attention",
+    "reset_normsoftmax_state",
+    "resolve_variant_attn_implementation",
+    "sequence_classification_head",
+    "training_logits",
+]

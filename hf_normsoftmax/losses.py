@@ -1,0 +1,281 @@
+"""Cross-entropy losses for NormSoftmax and for an inverse temperature beta on the logits.
+
+Both functions take ``F.cross_entropy``'s arguments (input ``(N, C)``, ``(N, C, d1, ...)`` or ``(C,)``; targets as
+class indices or probabilities; weight, ignore_index, reduction, label_smoothing) plus keyword-only method
+parameters and ``num_items_in_batch`` with transformers' meaning: when given, the loss is the *sum* over the
+non-ignored items divided by ``num_items_in_batch`` (an int or a tensor), so the losses of k accumulated
+micro-batches add up to the loss of the full batch and gradient accumulation is exact.
+
+Half-precision logits are upcast to float32 first (as transformers' loss functions do), so the loss is float32.
+
+Usage::
+
+    import torch
+    from hf_normsoftmax.losses import inverse_temperature_cross_entropy, normsoftmax_cross_entropy
+
+    logits, labels = torch.randn(8, 10, requires_grad=True), torch.randint(0, 10, (8,))
+    loss = normsoftmax_cross_entropy(logits, labels, gamma=3.0)             # softmax of normalised logits
+    loss = inverse_temperature_cross_entropy(logits, labels, beta=0.5)      # softmax(beta * logits)
+    # gradient accumulation: each micro-batch divides by the item count of the whole batch
+    loss = normsoftmax_cross_entropy(logits, labels, gamma=3.0, num_items_in_batch=32)
+
+Pure PyTorch (never imports transformers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .normsoftmax import _check_float_tensor, _check_options, _check_positive_finite, _is_number, normalize_logits
+
+__all__ = [
+    "InverseTemperatureCrossEntropyLoss",
+    "NormSoftmaxCrossEntropyLoss",
+    "inverse_temperature_cross_entropy",
+    "normsoftmax_cross_entropy",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_batch) -> None:
+    _check_float_tensor("input", input)
+    if input.ndim == 0:
+        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    _check_reduction(reduction)
+    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if num_items_in_batch is None:
+        return
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype == torch.bool:
+            raise ValueError(
+                "num_items_in_batch must be a positive int or a one-element numeric tensor, got a tensor of "
+                f"shape {tuple(num_items_in_batch.shape)} and dtype {num_items_in_batch.dtype}"
+            )
+        # No value check for tensors: it would force a device sync on every step.
+        return
+    if not isinstance(num_items_in_batch, int) or isinstance(num_items_in_batch, bool):
+        raise TypeError(f"num_items_in_batch must be None, a positive int or a tensor, got {num_items_in_batch!r}")
+    if num_items_in_batch <= 0:
+        raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
+
+
+def _loss_logits(input: torch.Tensor) -> torch.Tensor:
+    return input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+
+
+def _cross_entropy(logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                   num_items_in_batch):
+    if num_items_in_batch is None:
+        return F.cross_entropy(
+            logits, target, weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+            reduction=reduction, label_smoothing=label_smoothing,
+        )
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+    if reduction == "none":
+        raise ValueError(
+            "num_items_in_batch divides the summed loss, so it needs reduction='mean' or 'sum', got reduction='none'"
+        )
+    # transformers' semantics: sum over the non-ignored items, divided by the item count of the whole
+    # (accumulated) batch, so the micro-batch losses add up to the full-batch mean.
+    loss = F.cross_entropy(
+        logits, target, weight=weight, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
+    )
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def normsoftmax_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    gamma: float | torch.Tensor = 1.0,
+    max_temperature: float | None = None,
+    eps: float = 1e-6,
+    statistic: str = "std",
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(normalize_logits(input, dim=class_dim, ...), target, ...)``.
+
+    Each sample's logit vector (the class dim: 1, or 0 for an unbatched ``(C,)`` input) is normalised to
+    mean 0 and spread ``gamma`` before the softmax. ``gamma`` may be a tensor broadcastable to ``input`` with size
+    1 at the class dim. See :func:`hf_normsoftmax.normsoftmax.normalize_logits` for ``gamma``,
+    ``max_temperature``, ``eps`` and ``statistic``; the remaining arguments are ``F.cross_entropy``'s, plus
+    ``num_items_in_batch`` (see the module docstring).
+
+    Example::
+
+        loss = normsoftmax_cross_entropy(torch.randn(4, 10), torch.tensor([1, 2, -100, 3]), gamma=2.0)
+    """
+    _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_batch)
+    class_dim = 0 if input.ndim == 1 else 1
+    logits = normalize_logits(
+        _loss_logits(input), dim=class_dim, gamma=gamma, max_temperature=max_temperature, eps=eps,
+        statistic=statistic,
+    )
+    return _cross_entropy(
+        logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, num_items_in_batch
+    )
+
+
+def _check_beta(beta, input: torch.Tensor):
+    if isinstance(beta, torch.Tensor):
+        _check_float_tensor("beta", beta)
+        try:
+            shape = torch.broadcast_shapes(beta.shape, input.shape)
+        except RuntimeError:
+            shape = None
+        if shape != input.shape:
+            raise ValueError(
+                f"beta tensor of shape {tuple(beta.shape)} must be broadcastable to the input shape "
+                f"{tuple(input.shape)}"
+            )
+        if not torch.compiler.is_compiling() and beta.numel() > 0:
+            b = beta.detach()
+            if not bool(torch.isfinite(b).all()) or not bool((b > 0).all()):
+                raise ValueError(f"beta must be positive and finite, got values in [{b.min().item():.4g}, "
+                                 f"{b.max().item():.4g}]")
+        return beta
+    return _check_positive_finite("beta", beta)
+
+
+def inverse_temperature_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    beta: float | torch.Tensor = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(beta * input, target, ...)``: softmax at inverse temperature ``beta``.
+
+    ``beta`` is a positive finite float or a positive tensor broadcastable to ``input``. Other arguments as in
+    ``F.cross_entropy``, plus ``num_items_in_batch`` (see the module docstring).
+
+    Example::
+
+        loss = inverse_temperature_cross_entropy(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]), beta=0.1)
+    """
+    _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_batch)
+    beta = _check_beta(beta, input)
+    logits = _loss_logits(input)
+    if not (isinstance(beta, float) and beta == 1.0):
+        logits = logits * beta
+    return _cross_entropy(
+        logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, num_items_in_batch
+    )
+
+
+class _CrossEntropyBase(nn.Module):
+    def __init__(self, weight, ignore_index, reduction, label_smoothing) -> None:
+        super().__init__()
+        if weight is not None:
+            _check_float_tensor("weight", weight)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        _check_reduction(reduction)
+        if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+        # A buffer, as in nn.CrossEntropyLoss, so it follows .to(device).
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = float(label_smoothing)
+
+
+class NormSoftmaxCrossEntropyLoss(_CrossEntropyBase):
+    """Module form of :func:`normsoftmax_cross_entropy` (gamma is a fixed setting here, not a parameter).
+
+    Example::
+
+        criterion = NormSoftmaxCrossEntropyLoss(gamma=3.0, label_smoothing=0.1)
+        loss = criterion(torch.randn(8, 10), torch.randint(0, 10, (8,)), num_items_in_batch=32)
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        gamma: float = 1.0,
+        max_temperature: float | None = None,
+        eps: float = 1e-6,
+        statistic: str = "std",
+    ) -> None:
+        super().__init__(weight, ignore_index, reduction, label_smoothing)
+        self.gamma = _check_positive_finite("gamma", gamma)
+        _check_options(max_temperature, eps, statistic)
+        self.max_temperature = max_temperature
+        self.eps = float(eps)
+        self.statistic = statistic
+
+    def forward(self, input, target, num_items_in_batch=None):
+        return normsoftmax_cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, gamma=self.gamma, max_temperature=self.max_temperature,
+            eps=self.eps, statistic=self.statistic, num_items_in_batch=num_items_in_batch,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"gamma={self.gamma}, max_temperature={self.max_temperature}, eps={self.eps}, "
+                f"statistic={self.statistic!r}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}")
+
+
+class InverseTemperatureCrossEntropyLoss(_CrossEntropyBase):
+    """Module form of :func:`inverse_temperature_cross_entropy` (beta is a fixed setting here).
+
+    Example::
+
+        criterion = InverseTemperatureCrossEntropyLoss(beta=0.3)
+        loss = criterion(torch.randn(8, 10), torch.randint(0, 10, (8,)))
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        beta: float = 1.0,
+    ) -> None:
+        super().__init__(weight, ignore_index, reduction, label_smoothing)
+        self.beta = _check_positive_finite("beta", beta)
+
+    def forward(self, input, target, num_items_in_batch=None):
+        return inverse_temperature_cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, beta=self.beta, num_items_in_batch=num_items_in_batch,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}")
+

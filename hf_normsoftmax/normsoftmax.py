@@ -1,0 +1,378 @@
+"""NormSoftmax: softmax of logits normalised to unit spread over the valid entries.
+
+``NormSoftmax(x) = softmax((x - mean(x)) / T)`` with ``T = stat(x) / gamma`` computed over the valid (unmasked)
+entries of each row along ``dim``; ``stat`` is ``sqrt(var + eps)`` ("std", the default) or ``var + eps`` ("var").
+An optional cap ``T <= max_temperature`` keeps the softmax from becoming softer than a chosen temperature.
+The variance is the population variance (divided by the number of valid entries), as in the attention fast path.
+
+Usage::
+
+    import torch
+    from hf_normsoftmax.normsoftmax import NormSoftmax, norm_softmax, normalize_logits
+
+    logits = torch.randn(4, 10)
+    probs = norm_softmax(logits, dim=-1, gamma=2.0)               # rows sum to 1
+    z = normalize_logits(logits, dim=-1, gamma=2.0)               # what the softmax sees (mean 0, std ~2)
+    keep = torch.rand(4, 10) > 0.3
+    probs = norm_softmax(logits, dim=-1, mask=keep)               # masked entries exactly 0
+    layer = NormSoftmax(dim=-1, gamma=1.0, learnable_gamma=True)  # gamma stored as the parameter ``scale``
+
+Degenerate rows are defined by their limits: one valid entry gets probability 1, a constant row is exactly uniform
+over its valid entries, and a row with no valid entry gives exact zeros from :func:`norm_softmax` (``-inf`` from
+:func:`normalize_logits`), with finite gradients everywhere.
+
+Pure PyTorch (never imports transformers): checkpoints saved with remote code copy this file as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["NormSoftmax", "norm_softmax", "normalize_logits"]
+
+_STATISTICS = ("std", "var")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# argument checks (shared with losses.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_positive_finite(name: str, value) -> float:
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a positive finite number, got {value!r} of type {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_float_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got dtype {value.dtype}"
+        )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half inputs are normalised in float32 (their variance under- or overflows easily); float64 stays exact.
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def _check_dim(dim, ndim: int) -> int:
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"dim must be an int, got {dim!r}")
+    if ndim == 0:
+        raise ValueError("input must have at least one dimension to normalise over, got a 0-dim tensor")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim must be in [{-ndim}, {ndim - 1}] for a {ndim}-dim input, got {dim}")
+    return dim % ndim
+
+
+def _check_mask(mask, input: torch.Tensor):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be None or a bool tensor (True = valid), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = valid), got dtype {mask.dtype}")
+    try:
+        shape = torch.broadcast_shapes(mask.shape, input.shape)
+    except RuntimeError:
+        shape = None
+    if shape != input.shape:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} must be broadcastable to the input shape {tuple(input.shape)}"
+        )
+    if mask.device != input.device:
+        raise ValueError(f"mask is on {mask.device} but input is on {input.device}; put them on the same device")
+    return mask
+
+
+def _check_gamma(gamma, input: torch.Tensor, dim: int):
+    """Returns (gamma as float or None, gamma as tensor or None)."""
+    if isinstance(gamma, torch.Tensor):
+        _check_float_tensor("gamma", gamma)
+        ndim = input.ndim
+        try:
+            shape = torch.broadcast_shapes(gamma.shape, input.shape)
+        except RuntimeError:
+            shape = None
+        offset = ndim - gamma.ndim  # gamma's dims align with the input's trailing dims
+        if shape != input.shape or (dim >= offset and gamma.shape[dim - offset] != 1):
+            raise ValueError(
+                f"gamma tensor of shape {tuple(gamma.shape)} must be broadcastable to the input shape "
+                f"{tuple(input.shape)} with size 1 (or absent) at the normalised dim {dim}"
+            )
+        # A data-dependent check would break torch.compile graphs; eager calls get it.
+        if not torch.compiler.is_compiling() and gamma.numel() > 0:
+            g = gamma.detach()
+            if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
+                raise ValueError(
+                    f"gamma must be positive and finite everywhere, got values in "
+                    f"[{g.min().item():.4g}, {g.max().item():.4g}]"
+                )
+        return None, gamma
+    return _check_positive_finite("gamma", gamma), None
+
+
+def _check_options(max_temperature, eps, statistic) -> tuple[float | None, float, float]:
+    """Validates the scalar options; returns (1 / max_temperature or None, eps, exponent of (var + eps))."""
+    inv_cap = None
+    if max_temperature is not None:
+        inv_cap = 1.0 / _check_positive_finite("max_temperature (None for no cap)", max_temperature)
+    eps = _check_positive_finite("eps", eps)
+    if statistic not in _STATISTICS:
+        raise ValueError(f"statistic must be one of {_STATISTICS}, got {statistic!r}")
+    power = 0.5 if statistic == "std" else 1.0
+    return inv_cap, eps, power
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the op
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _row_terms(x, mask, dim, gamma, inv_cap, eps, power):
+    """Centred logits, inverse temperature and their ingredients for rows of ``x`` (already in compute dtype).
+
+    Returns (centred, inv_temperature, var, count, uncapped) with every per-row tensor kept as size 1 at ``dim``.
+    ``centred`` is 0 at masked entries; ``uncapped`` is None without a cap, else True where the cap is not active.
+    """
+    if mask is None:
+        count = torch.tensor(float(x.shape[dim]), dtype=x.dtype, device=x.device)
+        shifted = x - x.mean(dim, keepdim=True)
+        # Second pass: remove the rounding left in the first mean (exact for equal entries, which stay equal).
+        centred = shifted - shifted.mean(dim, keepdim=True)
+    else:
+        full_mask = mask.expand(x.shape)
+        count = full_mask.sum(dim, keepdim=True).to(x.dtype).clamp(min=1.0)  # empty rows: avoid 0 / 0
+        zeroed = torch.where(mask, x, 0.0)  # also hides -inf / nan sitting in masked slots
+        shifted = torch.where(mask, zeroed - zeroed.sum(dim, keepdim=True) / count, 0.0)
+        centred = torch.where(mask, shifted - shifted.sum(dim, keepdim=True) / count, 0.0)
+    var = centred.square().sum(dim, keepdim=True) / count
+    spread_inv = torch.rsqrt(var + eps) if power == 0.5 else (var + eps).reciprocal()
+    inv_temperature = spread_inv * gamma
+    uncapped = None
+    if inv_cap is not None:
+        # T <= max_temperature  <=>  1/T >= 1/max_temperature
+        uncapped = inv_temperature >= inv_cap
+        inv_temperature = inv_temperature.clamp(min=inv_cap)
+    return centred, inv_temperature, var, count, uncapped
+
+
+class _NormalizeLogits(torch.autograd.Function):
+    """Fused normalisation with a hand-written backward.
+
+    Saves only the input (plus mask and gamma) instead of the ~5 full-size intermediates of the autograd
+    composition: this matters for language-model losses with tens of thousands of classes. The backward
+    recomputes the row statistics from the saved input with differentiable ops, so double backward is exact too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, gamma_tensor, gamma_float, dim, inv_cap, eps, power, out_dtype, fill_value):
+        compute_dtype = _compute_dtype(x.dtype)
+        gamma = gamma_float if gamma_tensor is None else gamma_tensor.to(compute_dtype)
+        centred, inv_temperature, _, _, _ = _row_terms(
+            x.to(compute_dtype), mask, dim, gamma, inv_cap, eps, power
+        )
+        z = centred * inv_temperature
+        if mask is not None:
+            z = z.masked_fill(~mask, fill_value)
+        ctx.save_for_backward(x, mask, gamma_tensor)
+        ctx.options = (gamma_float, dim, inv_cap, eps, power)
+        return z.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        x, mask, gamma_tensor = ctx.saved_tensors
+        gamma_float, dim, inv_cap, eps, power = ctx.options
+        compute_dtype = _compute_dtype(x.dtype)
+        gamma = gamma_float if gamma_tensor is None else gamma_tensor.to(compute_dtype)
+        centred, inv_temperature, var, count, uncapped = _row_terms(
+            x.to(compute_dtype), mask, dim, gamma, inv_cap, eps, power
+        )
+        g = grad_z.to(compute_dtype)
+        if mask is not None:
+            g = torch.where(mask, g, 0.0)  # masked outputs are constants
+        # z = c * s with s = gamma * (var + eps)^(-power) (clamped by the cap): dL/ds = sum_j g_j c_j.
+        grad_inv_temperature = (g * centred).sum(dim, keepdim=True)
+        if uncapped is not None:
+            grad_inv_temperature = torch.where(uncapped, grad_inv_temperature, 0.0)
+        # ds/dvar = -power * s / (var + eps); dvar/dc_j = 2 c_j / n.
+        grad_var = grad_inv_temperature * inv_temperature * (-power) / (var + eps)
+        grad_centred = g * inv_temperature + centred * (grad_var * 2.0 / count)
+        if mask is not None:
+            grad_centred = torch.where(mask, grad_centred, 0.0)
+        # c_j = x_j - mean_valid(x): project out the row mean over the valid entries.
+        grad_x = grad_centred - grad_centred.sum(dim, keepdim=True) / count
+        if mask is not None:
+            grad_x = torch.where(mask, grad_x, 0.0)
+        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_gamma = None
+        if gamma_tensor is not None and ctx.needs_input_grad[2]:
+            # s = gamma * spread_inv, so ds/dgamma = s / gamma (0 where capped).
+            grad_gamma = (grad_inv_temperature * inv_temperature / gamma).sum_to_size(gamma_tensor.shape)
+            grad_gamma = grad_gamma.to(gamma_tensor.dtype)
+        return grad_x, None, grad_gamma, None, None, None, None, None, None, None
+
+
+def _normalize(input, dim, mask, gamma, max_temperature, eps, statistic, out_dtype, fill_value):
+    _check_float_tensor("input", input)
+    dim = _check_dim(dim, input.ndim)
+    mask = _check_mask(mask, input)
+    gamma_float, gamma_tensor = _check_gamma(gamma, input, dim)
+    inv_cap, eps, power = _check_options(max_temperature, eps, statistic)
+    if out_dtype is None:
+        out_dtype = input.dtype
+    return _NormalizeLogits.apply(
+        input, mask, gamma_tensor, gamma_float, dim, inv_cap, eps, power, out_dtype, fill_value
+    )
+
+
+def normalize_logits(
+    input: torch.Tensor,
+    dim: int = -1,
+    mask: torch.Tensor | None = None,
+    gamma: float | torch.Tensor = 1.0,
+    max_temperature: float | None = None,
+    eps: float = 1e-6,
+    statistic: str = "std",
+) -> torch.Tensor:
+    """The logits NormSoftmax feeds to the softmax: ``(x - mean_valid(x)) / T`` with ``T = stat_valid(x) / gamma``.
+
+    Args:
+        input: floating tensor of logits (float16/bfloat16 are normalised in float32, float64 stays float64);
+            the result has the input's dtype.
+        dim: dimension to normalise over.
+        mask: optional bool tensor broadcastable to ``input``; True marks valid entries. Masked entries are
+            excluded from the statistics and returned as ``-inf``.
+        gamma: target spread: a positive float, or a positive tensor broadcastable to ``input`` with size 1 at
+            ``dim`` (for example one value per attention head, shape ``(H, 1, 1)`` for ``(B, H, L, S)`` logits).
+        max_temperature: optional cap ``T <= max_temperature`` (None: no cap).
+        eps: added to the variance before the square root (or, for "var", before dividing).
+        statistic: "std" (``T = sqrt(var + eps) / gamma``) or "var" (``T = (var + eps) / gamma``).
+
+    Example::
+
+        z = normalize_logits(torch.randn(2, 5), gamma=3.0)
+        z.std(-1, unbiased=False)  # ~3
+    """
+    return _normalize(input, dim, mask, gamma, max_temperature, eps, statistic, None, float("-inf"))
+
+
+def norm_softmax(
+    input: torch.Tensor,
+    dim: int = -1,
+    mask: torch.Tensor | None = None,
+    gamma: float | torch.Tensor = 1.0,
+    max_temperature: float | None = None,
+    eps: float = 1e-6,
+    statistic: str = "std",
+) -> torch.Tensor:
+    """``softmax(normalize_logits(input, ...))`` over ``dim``, in the input dtype (computed in float32 for halves).
+
+    Masked entries get probability exactly 0; rows with no valid entry are all zeros (never NaN) and pass zero
+    gradient; a constant row is exactly uniform over its valid entries. Arguments as in :func:`normalize_logits`.
+
+    Example::
+
+        p = norm_softmax(torch.randn(3, 7), mask=torch.tensor([True] * 5 + [False] * 2))
+        p.sum(-1)  # tensor([1., 1., 1.])
+    """
+    compute_dtype = _compute_dtype(input.dtype) if isinstance(input, torch.Tensor) else None
+    # Masked slots get the most negative finite value, not -inf: an all-masked row then has a finite
+    # softmax (uniform) that the final fill turns into zeros, and its backward stays NaN-free.
+    fill = torch.finfo(compute_dtype).min if compute_dtype is not None and compute_dtype.is_floating_point else 0.0
+    z = _normalize(input, dim, mask, gamma, max_temperature, eps, statistic, compute_dtype, fill)
+    probs = torch.softmax(z, dim=dim)
+    if mask is not None:
+        probs = probs.masked_fill(~mask, 0.0)
+    return probs.to(input.dtype)
+
+
+class NormSoftmax(nn.Module):
+    """Module form of :func:`norm_softmax`.
+
+    Args:
+        dim: dimension to normalise over.
+        gamma: initial / fixed gamma (positive float).
+        learnable_gamma: learn gamma; it is stored as the parameter ``scale`` (never a name containing
+            "gamma": transformers renames such state-dict keys), of shape ``gamma_shape``.
+        gamma_shape: shape of the learnable gamma, broadcastable to the input with size 1 at ``dim``
+            (``()`` for one shared value, ``(num_heads, 1, 1)`` per head for ``(B, H, L, S)`` logits).
+        max_temperature, eps, statistic: as in :func:`normalize_logits`.
+
+    Example::
+
+        layer = NormSoftmax(dim=-1, gamma=2.0, learnable_gamma=True, gamma_shape=(12, 1, 1))
+        probs = layer(torch.randn(2, 12, 16, 16), mask=torch.ones(16, 16, dtype=torch.bool).tril())
+    """
+
+    def __init__(
+        self,
+        dim: int = -1,
+        gamma: float = 1.0,
+        learnable_gamma: bool = False,
+        gamma_shape: Sequence[int] = (),
+        max_temperature: float | None = None,
+        eps: float = 1e-6,
+        statistic: str = "std",
+    ) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise TypeError(f"dim must be an int, got {dim!r}")
+        if not isinstance(learnable_gamma, bool):
+            raise TypeError(f"learnable_gamma must be a bool, got {learnable_gamma!r}")
+        gamma = _check_positive_finite("gamma", gamma)
+        _check_options(max_temperature, eps, statistic)
+        try:
+            gamma_shape = tuple(int(s) for s in gamma_shape)
+        except TypeError:
+            raise TypeError(f"gamma_shape must be a sequence of ints, got {gamma_shape!r}") from None
+        if any(s < 1 for s in gamma_shape):
+            raise ValueError(f"gamma_shape must contain positive sizes, got {gamma_shape}")
+        if gamma_shape and not learnable_gamma:
+            raise ValueError(f"gamma_shape={gamma_shape} only applies with learnable_gamma=True")
+        self.dim = dim
+        self.max_temperature = max_temperature
+        self.eps = eps
+        self.statistic = statistic
+        self.gamma_value = gamma
+        if learnable_gamma:
+            self.scale = nn.Parameter(torch.full(gamma_shape, gamma))
+        else:
+            self.register_parameter("scale", None)
+
+    @property
+    def gamma(self) -> float | torch.Tensor:
+        """The gamma in use: the learnable ``scale`` parameter, or the fixed float."""
+        return self.scale if self.scale is not None else self.gamma_value
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return norm_softmax(
+            input,
+            dim=self.dim,
+            mask=mask,
+            gamma=self.gamma,
+            max_temperature=self.max_temperature,
+            eps=self.eps,
+            statistic=self.statistic,
+        )
+
+    def extra_repr(self) -> str:
+        learn = f", learnable_gamma=True, gamma_shape={tuple(self.scale.shape)}" if self.scale is not None else ""
+        return (
+            f"dim={self.dim}, gamma={self.gamma_value}{learn}, max_temperature={self.max_temperature}, "
+            f"eps={self.eps}, statistic={self.statistic!r}"
+        )

