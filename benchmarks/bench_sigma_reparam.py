@@ -96,12 +96,14 @@ def bench(hidden: int, layers: int, seq: int, batch: int, reps: int, warmup: int
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), labels).backward()
             optimizer.step()
+
         return run
 
     def eval_step(model):
         def run():
             with torch.no_grad():
                 model(x)
+
         return run
 
     rows = []
@@ -116,10 +118,20 @@ def bench(hidden: int, layers: int, seq: int, batch: int, reps: int, warmup: int
                     times[label, "wall"].append(wall)
                     times[label, "cpu"].append(cpu)
         medians = {key: statistics.median(values) * 1e3 for key, values in times.items()}
-        rows.append((hidden, phase, medians["stock", "wall"], medians["sigmaReparam", "wall"],
-                     medians["stock", "cpu"], medians["sigmaReparam", "cpu"]))
-    print(f"hidden {hidden}: {len(names)} layers converted, max |output diff| after conversion {diff:.2e}",
-          file=sys.stderr)
+        rows.append(
+            (
+                hidden,
+                phase,
+                medians["stock", "wall"],
+                medians["sigmaReparam", "wall"],
+                medians["stock", "cpu"],
+                medians["sigmaReparam", "cpu"],
+            )
+        )
+    print(
+        f"hidden {hidden}: {len(names)} layers converted, max |output diff| after conversion {diff:.2e}",
+        file=sys.stderr,
+    )
     return rows
 
 
@@ -140,15 +152,21 @@ def main(argv=None) -> None:
     rows = []
     for hidden in args.hidden:
         rows += bench(hidden, args.layers, args.seq, args.batch, args.reps, args.warmup)
-    print(f"\nsigmaReparam cost, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{args.layers} layers, seq {args.seq}, batch {args.batch}, median of {args.reps} interleaved reps\n")
-    print("| hidden | measurement | stock wall (ms) | sigmaReparam wall (ms) | wall ratio | stock CPU (ms) "
-          "| sigmaReparam CPU (ms) | CPU ratio | target |")
+    print(
+        f"\nsigmaReparam cost, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{args.layers} layers, seq {args.seq}, batch {args.batch}, median of {args.reps} interleaved reps\n"
+    )
+    print(
+        "| hidden | measurement | stock wall (ms) | sigmaReparam wall (ms) | wall ratio | stock CPU (ms) "
+        "| sigmaReparam CPU (ms) | CPU ratio | target |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for hidden, phase, stock_wall, reparam_wall, stock_cpu, reparam_cpu in rows:
         target = "<= 1.05x" if phase.startswith("train") else "<= 1.02x"
-        print(f"| {hidden} | {phase} | {stock_wall:.1f} | {reparam_wall:.1f} | {reparam_wall / stock_wall:.3f}x "
-              f"| {stock_cpu:.1f} | {reparam_cpu:.1f} | {reparam_cpu / stock_cpu:.3f}x | {target} |")
+        print(
+            f"| {hidden} | {phase} | {stock_wall:.1f} | {reparam_wall:.1f} | {reparam_wall / stock_wall:.3f}x "
+            f"| {stock_cpu:.1f} | {reparam_cpu:.1f} | {reparam_cpu / stock_cpu:.3f}x | {target} |"
+        )
 
 
 if __name__ == "__main__":

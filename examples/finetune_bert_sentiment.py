@@ -153,13 +153,13 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     """Trainer run, final evaluation, and the run-dir files. Returns the merged metrics."""
     from transformers import DataCollatorWithPadding, Trainer
 
+    from hf_normsoftmax.training.data import minilm_path
     from hf_normsoftmax.training.trainer_utils import (
         accuracy_from_logits,
         finish_trainer_run,
         stability_callbacks,
         training_arguments_from_args,
     )
-    from hf_normsoftmax.training.data import minilm_path
 
     training_args = training_arguments_from_args(args, setup["learning_rate"])
     trainer = Trainer(

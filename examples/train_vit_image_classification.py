@@ -154,7 +154,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     )
     model = NormSoftmaxViTForImageClassification(config)
     return {
-        "flags": flags, "resume": resume, "eval_split": eval_split, "learning_rate": learning_rate, "metric": metric, "mode": mode,
+        "flags": flags, "resume": resume, "eval_split": eval_split, "learning_rate": learning_rate,
+        "metric": metric, "mode": mode,
         "train_dataset": train_dataset, "eval_dataset": eval_dataset, "image_processor": image_processor,
         "model": model, "class_names": class_names, "image_size": image_size,
     }

@@ -305,6 +305,126 @@ def training_logits(logits: torch.Tensor, config: Any, dim: int = -1) -> torch.T
     return logits if beta == 1.0 else logits * beta
 
 
+# Logits per chunk of the fused head op (1 MB in float32): a chunk's intermediate passes stay in cache. Measured
+# on a 1024 x 50257 LM head (CPU, 1 thread): normalise + cross-entropy 2.1 s fused vs 6.2 s as separate ops
+# (plain cross-entropy: 1.5 s).
+_HEAD_CHUNK_ELEMENTS = 1 << 18
+HEAD_NORMSOFTMAX_EPS = 1e-6
+
+
+class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
+    """Fused ``z -> (z', CE(z', target))`` with ``z' = beta * z`` or ``z' = gamma * (z - mean) / std``.
+
+    Same values as :func:`training_logits` followed by a cross-entropy of the returned logits, but computed
+    over chunks of rows: per chunk, every pass over the logits stays in cache, so the whole op reads and writes
+    the (rows x classes) logits about as often as the plain cross-entropy does. That matters for language-model
+    heads, where normalising 50k-wide rows with separate tensor ops costs several times the cross-entropy.
+
+    Backward, with ``G`` the gradient reaching ``z'`` (from the loss and from any use of the returned logits):
+    ``dz = beta * G``, or for the normalisation ``dz = (gamma / sigma) * (G - mean(G) - z' * mean(G * z') / gamma^2)``
+    (``sigma = sqrt(var(z) + eps)``, means over the row).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, factor, normalize, ignore_index, divisor):
+        rows, classes = logits.shape
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        out = torch.empty_like(logits)
+        lse = torch.empty(rows, dtype=compute_dtype, device=logits.device)
+        sigma = torch.empty(rows, 1, dtype=compute_dtype, device=logits.device) if normalize else None
+        loss = torch.zeros((), dtype=compute_dtype, device=logits.device)
+        chunk = max(1, _HEAD_CHUNK_ELEMENTS // max(classes, 1))
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            z = logits[start:stop].to(compute_dtype)
+            if normalize:
+                centred = z - z.mean(dim=-1, keepdim=True)
+                spread = torch.sqrt(centred.square().mean(dim=-1, keepdim=True) + HEAD_NORMSOFTMAX_EPS)
+                sigma[start:stop] = spread
+                seen = centred * (factor / spread)
+            else:
+                seen = z * factor
+            out[start:stop] = seen
+            if out.dtype != compute_dtype:
+                seen = out[start:stop].to(compute_dtype)  # the loss is the CE of the logits actually returned
+            row_lse = torch.logsumexp(seen, dim=-1)
+            lse[start:stop] = row_lse
+            labels = target[start:stop]
+            valid = labels != ignore_index
+            # ignored rows gather class 0 (their term is dropped); any other bad label raises, as in F.cross_entropy
+            picked = seen.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+            loss = loss + torch.where(valid, row_lse - picked, 0.0).sum()
+        ctx.save_for_backward(out, target, lse, sigma, divisor)
+        ctx.factor, ctx.normalize, ctx.ignore_index, ctx.chunk = factor, normalize, ignore_index, chunk
+        ctx.set_materialize_grads(False)
+        return out, loss / divisor.to(compute_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_loss):
+        out, target, lse, sigma, divisor = ctx.saved_tensors
+        factor, chunk = ctx.factor, ctx.chunk
+        rows, classes = out.shape
+        compute_dtype = lse.dtype
+        grad_logits = torch.empty(rows, classes, dtype=out.dtype, device=out.device)
+        loss_weight = None if grad_loss is None else grad_loss.to(compute_dtype) / divisor.to(compute_dtype)
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            seen = out[start:stop].to(compute_dtype)
+            grad_seen = torch.zeros_like(seen) if grad_out is None else grad_out[start:stop].to(compute_dtype)
+            if loss_weight is not None:
+                labels = target[start:stop]
+                valid = (labels != ctx.ignore_index).unsqueeze(-1)
+                probs = torch.exp(seen - lse[start:stop].unsqueeze(-1))
+                probs.scatter_add_(-1, torch.where(valid, labels.unsqueeze(-1), 0), -torch.ones_like(probs[:, :1]))
+                grad_seen = grad_seen + torch.where(valid, probs, 0.0) * loss_weight
+            if ctx.normalize:
+                mean_grad = grad_seen.mean(dim=-1, keepdim=True)
+                mean_grad_seen = (grad_seen * seen).mean(dim=-1, keepdim=True)
+                grad = (factor / sigma[start:stop]) * (grad_seen - mean_grad - seen * (mean_grad_seen / factor**2))
+            else:
+                grad = grad_seen * factor
+            grad_logits[start:stop] = grad
+        return grad_logits, None, None, None, None, None
+
+
+def _uses_default_head_softmax(config: Any) -> bool:
+    beta = getattr(config, "logit_inverse_temperature", 1.0)
+    return getattr(config, "loss_softmax", "softmax") == "softmax" and beta == 1.0
+
+
+def head_logits_and_loss(
+    raw_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    config: Any,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits a head returns and their cross-entropy against ``labels``.
+
+    ``raw_logits (..., C)`` are the head's outputs ``z``; the returned logits are :func:`training_logits` of them
+    (the raw logits themselves with the default flags, so a variant without flags computes the stock loss
+    exactly). ``labels (...)`` are class indices, ``ignore_index`` ignored; ``None`` gives no loss. The loss is
+    the mean over non-ignored labels, or with ``num_items_in_batch`` their sum divided by it (transformers'
+    gradient-accumulation semantics). With a flag on, logits and loss come from one fused op
+    (``_HeadSoftmaxCrossEntropy``), several times cheaper than separate ops for a 50k vocabulary.
+    """
+    if labels is None:
+        return training_logits(raw_logits, config), None
+    if _uses_default_head_softmax(config):
+        return raw_logits, head_cross_entropy(raw_logits, labels, num_items_in_batch, ignore_index)
+    normalize = getattr(config, "loss_softmax", "softmax") == "normsoftmax"
+    factor = float(config.loss_normsoftmax_gamma if normalize else config.logit_inverse_temperature)
+    shape = raw_logits.shape
+    flat = raw_logits.reshape(-1, shape[-1])
+    target = labels.reshape(-1).to(flat.device)
+    if num_items_in_batch is None:
+        divisor = (target != ignore_index).sum()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=flat.device)
+    logits, loss = _HeadSoftmaxCrossEntropy.apply(flat, target, factor, normalize, ignore_index, divisor)
+    return logits.view(shape), loss
+
+
 def head_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -327,17 +447,20 @@ def head_cross_entropy(
     )
 
 
-def causal_lm_loss(
-    logits: torch.Tensor,
+def causal_lm_head(
+    raw_logits: torch.Tensor,
     labels: torch.Tensor | None,
+    config: Any,
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Next-token cross-entropy of transformed logits ``(B, L, V)``; labels are shifted inside, as in transformers."""
-    if shift_labels is None:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits ``(B, L, V)`` and next-token loss of a causal LM head; labels are shifted inside (as transformers
+    does: padded with ``ignore_index`` on the right, so the logits are never sliced or copied), or given already
+    shifted as ``shift_labels``."""
+    if shift_labels is None and labels is not None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return head_cross_entropy(logits, shift_labels, num_items_in_batch, ignore_index)
+    return head_logits_and_loss(raw_logits, shift_labels, config, num_items_in_batch, ignore_index)
 
 
 def _reduce(loss_sum: torch.Tensor, count: int, num_items_in_batch) -> torch.Tensor:
@@ -391,7 +514,11 @@ def sequence_classification_head(
         beta = getattr(config, "logit_inverse_temperature", 1.0)
         logits = raw_logits if beta == 1.0 else raw_logits * beta
     elif problem_type == "single_label_classification":
-        logits = training_logits(raw_logits, config)
+        if labels is None:
+            return training_logits(raw_logits, config), None
+        return head_logits_and_loss(
+            raw_logits.view(-1, num_labels), labels.to(raw_logits.device).view(-1), config, num_items_in_batch
+        )
     else:
         raise ValueError(
             f"Invalid value for `problem_type`: {problem_type!r}. Allowed: 'regression', "
@@ -400,8 +527,6 @@ def sequence_classification_head(
     if labels is None:
         return logits, None
     labels = labels.to(logits.device)
-    if problem_type == "single_label_classification":
-        return logits, head_cross_entropy(logits.view(-1, num_labels), labels.view(-1), num_items_in_batch)
     float_logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if problem_type == "regression":
         if num_labels == 1:
@@ -427,19 +552,17 @@ def question_answering_head(
     The loss is the mean of the two cross-entropies; positions outside the sequence are ignored, as in the stock
     question-answering heads.
     """
-    start_logits = training_logits(raw_start_logits, config)
-    end_logits = training_logits(raw_end_logits, config)
     if start_positions is None or end_positions is None:
-        return start_logits, end_logits, None
+        return training_logits(raw_start_logits, config), training_logits(raw_end_logits, config), None
     if start_positions.dim() > 1:
         start_positions = start_positions.squeeze(-1)
     if end_positions.dim() > 1:
         end_positions = end_positions.squeeze(-1)
-    ignored_index = start_logits.size(1)
+    ignored_index = raw_start_logits.size(1)
     start_positions = start_positions.clamp(0, ignored_index)
     end_positions = end_positions.clamp(0, ignored_index)
-    start_loss = head_cross_entropy(start_logits, start_positions, ignore_index=ignored_index)
-    end_loss = head_cross_entropy(end_logits, end_positions, ignore_index=ignored_index)
+    start_logits, start_loss = head_logits_and_loss(raw_start_logits, start_positions, config, None, ignored_index)
+    end_logits, end_loss = head_logits_and_loss(raw_end_logits, end_positions, config, None, ignored_index)
     return start_logits, end_logits, (start_loss + end_loss) / 2
 
 
@@ -680,9 +803,10 @@ __all__ = [
     "SigmaReparamConv1D",
     "apply_sigma_reparam",
     "attention_gamma",
-    "causal_lm_loss",
+    "causal_lm_head",
     "finish_normsoftmax_init",
     "head_cross_entropy",
+    "head_logits_and_loss",
     "normsoftmax_attention_forward",
     "normsoftmax_reference_attention_forward",
     "question_answering_head",

@@ -75,12 +75,19 @@ def _loss_logits(input: torch.Tensor) -> torch.Tensor:
     return input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
 
 
-def _cross_entropy(logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
-                   num_items_in_batch):
+def _cross_entropy(
+    logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, num_items_in_batch
+):
     if num_items_in_batch is None:
         return F.cross_entropy(
-            logits, target, weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
-            reduction=reduction, label_smoothing=label_smoothing,
+            logits,
+            target,
+            weight=weight,
+            size_average=size_average,
+            ignore_index=ignore_index,
+            reduce=reduce,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
         )
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce, emit_warning=False)
@@ -129,7 +136,11 @@ def normsoftmax_cross_entropy(
     _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_batch)
     class_dim = 0 if input.ndim == 1 else 1
     logits = normalize_logits(
-        _loss_logits(input), dim=class_dim, gamma=gamma, max_temperature=max_temperature, eps=eps,
+        _loss_logits(input),
+        dim=class_dim,
+        gamma=gamma,
+        max_temperature=max_temperature,
+        eps=eps,
         statistic=statistic,
     )
     return _cross_entropy(
@@ -152,8 +163,9 @@ def _check_beta(beta, input: torch.Tensor):
         if not torch.compiler.is_compiling() and beta.numel() > 0:
             b = beta.detach()
             if not bool(torch.isfinite(b).all()) or not bool((b > 0).all()):
-                raise ValueError(f"beta must be positive and finite, got values in [{b.min().item():.4g}, "
-                                 f"{b.max().item():.4g}]")
+                raise ValueError(
+                    f"beta must be positive and finite, got values in [{b.min().item():.4g}, {b.max().item():.4g}]"
+                )
         return beta
     return _check_positive_finite("beta", beta)
 
@@ -237,15 +249,25 @@ class NormSoftmaxCrossEntropyLoss(_CrossEntropyBase):
 
     def forward(self, input, target, num_items_in_batch=None):
         return normsoftmax_cross_entropy(
-            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, gamma=self.gamma, max_temperature=self.max_temperature,
-            eps=self.eps, statistic=self.statistic, num_items_in_batch=num_items_in_batch,
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            gamma=self.gamma,
+            max_temperature=self.max_temperature,
+            eps=self.eps,
+            statistic=self.statistic,
+            num_items_in_batch=num_items_in_batch,
         )
 
     def extra_repr(self) -> str:
-        return (f"gamma={self.gamma}, max_temperature={self.max_temperature}, eps={self.eps}, "
-                f"statistic={self.statistic!r}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}")
+        return (
+            f"gamma={self.gamma}, max_temperature={self.max_temperature}, eps={self.eps}, "
+            f"statistic={self.statistic!r}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}"
+        )
 
 
 class InverseTemperatureCrossEntropyLoss(_CrossEntropyBase):
@@ -271,11 +293,18 @@ class InverseTemperatureCrossEntropyLoss(_CrossEntropyBase):
 
     def forward(self, input, target, num_items_in_batch=None):
         return inverse_temperature_cross_entropy(
-            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, beta=self.beta, num_items_in_batch=num_items_in_batch,
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            beta=self.beta,
+            num_items_in_batch=num_items_in_batch,
         )
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}")
-
+        return (
+            f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}"
+        )

@@ -48,12 +48,11 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_normsoftmax import NormSoftmaxBertConfig
 from .integration import (
     NormSoftmaxPreTrainedMixin,
-    causal_lm_loss,
-    head_cross_entropy,
+    causal_lm_head,
+    head_logits_and_loss,
     pop_loss_kwargs,
     question_answering_head,
     sequence_classification_head,
-    training_logits,
 )
 
 
@@ -125,12 +124,10 @@ class NormSoftmaxBertForMaskedLM(NormSoftmaxBertPreTrainedMixin, BertForMaskedLM
             return_dict=True,
             **kwargs,
         )
-        logits = training_logits(outputs.logits, self.config)
-        loss = None
-        if labels is not None:
-            loss = head_cross_entropy(
-                logits, labels, loss_kwargs.get("num_items_in_batch"), loss_kwargs.get("ignore_index", -100)
-            )
+        logits, loss = head_logits_and_loss(
+            outputs.logits, labels, self.config, loss_kwargs.get("num_items_in_batch"),
+            loss_kwargs.get("ignore_index", -100),
+        )
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -176,16 +173,14 @@ class NormSoftmaxBertLMHeadModel(NormSoftmaxBertPreTrainedMixin, BertLMHeadModel
             return_dict=True,
             **kwargs,
         )
-        logits = training_logits(outputs.logits, self.config)
-        loss = None
-        if labels is not None or "shift_labels" in loss_kwargs:
-            loss = causal_lm_loss(
-                logits,
-                labels,
-                loss_kwargs.get("num_items_in_batch"),
-                loss_kwargs.get("ignore_index", -100),
-                loss_kwargs.get("shift_labels"),
-            )
+        logits, loss = causal_lm_head(
+            outputs.logits,
+            labels,
+            self.config,
+            loss_kwargs.get("num_items_in_batch"),
+            loss_kwargs.get("ignore_index", -100),
+            loss_kwargs.get("shift_labels"),
+        )
         return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,
@@ -270,10 +265,9 @@ class NormSoftmaxBertForMultipleChoice(NormSoftmaxBertPreTrainedMixin, BertForMu
             return_dict=True,
             **kwargs,
         )
-        logits = training_logits(outputs.logits, self.config)
-        loss = None
-        if labels is not None:
-            loss = head_cross_entropy(logits, labels, loss_kwargs.get("num_items_in_batch"))
+        logits, loss = head_logits_and_loss(
+            outputs.logits, labels, self.config, loss_kwargs.get("num_items_in_batch")
+        )
         return MultipleChoiceModelOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -314,12 +308,10 @@ class NormSoftmaxBertForTokenClassification(NormSoftmaxBertPreTrainedMixin, Bert
             return_dict=True,
             **kwargs,
         )
-        logits = training_logits(outputs.logits, self.config)
-        loss = None
-        if labels is not None:
-            loss = head_cross_entropy(
-                logits, labels, loss_kwargs.get("num_items_in_batch"), loss_kwargs.get("ignore_index", -100)
-            )
+        logits, loss = head_logits_and_loss(
+            outputs.logits, labels, self.config, loss_kwargs.get("num_items_in_batch"),
+            loss_kwargs.get("ignore_index", -100),
+        )
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

@@ -44,12 +44,11 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_normsoftmax import NormSoftmaxGPT2Config
 from .integration import (
     NormSoftmaxPreTrainedMixin,
-    causal_lm_loss,
-    head_cross_entropy,
+    causal_lm_head,
+    head_logits_and_loss,
     pop_loss_kwargs,
     question_answering_head,
     sequence_classification_head,
-    training_logits,
 )
 
 
@@ -120,16 +119,14 @@ class NormSoftmaxGPT2LMHeadModel(NormSoftmaxGPT2PreTrainedMixin, GPT2LMHeadModel
             return_dict=True,
             **kwargs,
         )
-        logits = training_logits(outputs.logits, self.config)
-        loss = None
-        if labels is not None or "shift_labels" in loss_kwargs:
-            loss = causal_lm_loss(
-                logits,
-                labels,
-                loss_kwargs.get("num_items_in_batch"),
-                loss_kwargs.get("ignore_index", -100),
-                loss_kwargs.get("shift_labels"),
-            )
+        logits, loss = causal_lm_head(
+            outputs.logits,
+            labels,
+            self.config,
+            loss_kwargs.get("num_items_in_batch"),
+            loss_kwargs.get("ignore_index", -100),
+            loss_kwargs.get("shift_labels"),
+        )
         return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,
@@ -217,12 +214,10 @@ class NormSoftmaxGPT2ForTokenClassification(NormSoftmaxGPT2PreTrainedMixin, GPT2
             return_dict=True,
             **kwargs,
         )
-        logits = training_logits(outputs.logits, self.config)
-        loss = None
-        if labels is not None:
-            loss = head_cross_entropy(
-                logits, labels, loss_kwargs.get("num_items_in_batch"), loss_kwargs.get("ignore_index", -100)
-            )
+        logits, loss = head_logits_and_loss(
+            outputs.logits, labels, self.config, loss_kwargs.get("num_items_in_batch"),
+            loss_kwargs.get("ignore_index", -100),
+        )
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

@@ -27,7 +27,7 @@ Pure PyTorch (never imports transformers): checkpoints saved with remote code co
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -183,9 +183,7 @@ class _NormalizeLogits(torch.autograd.Function):
     def forward(ctx, x, mask, gamma_tensor, gamma_float, dim, inv_cap, eps, power, out_dtype, fill_value):
         compute_dtype = _compute_dtype(x.dtype)
         gamma = gamma_float if gamma_tensor is None else gamma_tensor.to(compute_dtype)
-        centred, inv_temperature, _, _, _ = _row_terms(
-            x.to(compute_dtype), mask, dim, gamma, inv_cap, eps, power
-        )
+        centred, inv_temperature, _, _, _ = _row_terms(x.to(compute_dtype), mask, dim, gamma, inv_cap, eps, power)
         z = centred * inv_temperature
         if mask is not None:
             z = z.masked_fill(~mask, fill_value)

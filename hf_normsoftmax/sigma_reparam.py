@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +165,7 @@ class _ReparamMatmul(torch.autograd.Function):
         else:
             out = torch.addmm(x.new_zeros(()), x, w_mm, beta=0, alpha=alpha)
         ctx.save_for_backward(x, weight, scale, u, v, sigma)
-        ctx.layout, ctx.alpha, ctx.has_bias = layout, alpha, bias is not None
+        ctx.layout, ctx.alpha = layout, alpha
         return out
 
     @staticmethod
@@ -239,8 +239,9 @@ def _outer_in_layout(v_part: torch.Tensor, u: torch.Tensor, layout: str, shape) 
     return torch.outer(v_part, u).reshape(shape)
 
 
-def _scaled_plus_outer(g: torch.Tensor, alpha: torch.Tensor, v_part: torch.Tensor, u: torch.Tensor,
-                       layout: str) -> torch.Tensor:
+def _scaled_plus_outer(
+    g: torch.Tensor, alpha: torch.Tensor, v_part: torch.Tensor, u: torch.Tensor, layout: str
+) -> torch.Tensor:
     """``alpha * g + v_part u^T`` in the weight's storage layout, in one pass over g where possible."""
     if g.device.type == "cpu" and not torch.compiler.is_compiling():
         # addr's beta must be a Python number: free to read on CPU (elsewhere it would sync the device).
@@ -301,9 +302,7 @@ class SigmaReparamMixin:
     def _setup_reparam(self) -> None:
         layout = type(self).weight_layout
         if layout not in _LAYOUTS:
-            raise ValueError(
-                f"{type(self).__name__}.weight_layout must be one of {_LAYOUTS}, got {layout!r}"
-            )
+            raise ValueError(f"{type(self).__name__}.weight_layout must be one of {_LAYOUTS}, got {layout!r}")
         weight = getattr(self, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
             raise TypeError(f"{type(self).__name__} needs a floating-point tensor attribute 'weight', got {weight!r}")
@@ -461,13 +460,15 @@ class SigmaReparamMixin:
 
         Differentiable w.r.t. ``weight`` and ``reparam_scale`` when grad mode is on. When no gradient is needed
         (grad mode off, or neither tensor requires grad) the result is cached until the weight, scale or buffers
-        change, an optimizer steps, the module is moved or its mode switched.
+        change (in-place writes, replaced tensors, load_state_dict), any torch optimizer steps (fused ones
+        included), the module is moved or its mode switched. Not seen: in-place writes through ``.data``
+        outside an optimizer step, which bypass the version counter; clear ``_reparam_cache`` (or switch
+        mode) after such edits. (Training forwards compare the weight's content, so they always see them.)
         """
         weight, scale = self.weight, self.reparam_scale
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)
         use_cache = (
-            self.cache_effective_weight and not needs_grad and not weight.is_meta
-            and not torch.compiler.is_compiling()
+            self.cache_effective_weight and not needs_grad and not weight.is_meta and not torch.compiler.is_compiling()
         )
         key = None
         if use_cache:
@@ -509,8 +510,9 @@ class SigmaReparamMixin:
             if self._can_fuse(input):
                 out_features = self.weight.shape[0] if layout == "out_in" else self.weight.shape[1]
                 flat = input.reshape(-1, input.shape[-1])
-                out = _ReparamMatmul.apply(flat, self.weight, getattr(self, "bias", None), self.reparam_scale,
-                                           u, v, sigma, layout)
+                out = _ReparamMatmul.apply(
+                    flat, self.weight, getattr(self, "bias", None), self.reparam_scale, u, v, sigma, layout
+                )
                 return out.view(input.shape[:-1] + (out_features,))
             weight = _ScaledWeight.apply(self.weight, self.reparam_scale, u, v, sigma, layout)
         else:
@@ -645,8 +647,11 @@ def sigma_reparam_(
         layer_types = (layer_types,)
     by_base: dict[type, type] = {}
     for layer_type in layer_types:
-        if not (isinstance(layer_type, type) and issubclass(layer_type, SigmaReparamMixin)
-                and layer_type.weight_layout in _LAYOUTS):
+        if not (
+            isinstance(layer_type, type)
+            and issubclass(layer_type, SigmaReparamMixin)
+            and layer_type.weight_layout in _LAYOUTS
+        ):
             raise TypeError(
                 f"layer_types must hold SigmaReparamMixin subclasses with a weight_layout in {_LAYOUTS}, "
                 f"got {layer_type!r}"

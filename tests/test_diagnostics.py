@@ -324,7 +324,7 @@ def test_find_attention_layers_labels_and_cross_attention():
 
 def test_stock_model_without_the_hooked_attention_is_refused_with_the_fix():
     stock = BertModel(BertConfig(**BERT))
-    with pytest.raises(ValueError, match=r"attn_implementation=.*normsoftmax"):
+    with pytest.raises(ValueError, match=r"attn_implementation='sdpa'.*normsoftmax.*convert_stock_model"):
         StabilityMonitor(stock)
     stats = collect_stability_stats(stock, _text_batch(), attention=False)  # weights-only diagnostics still work
     assert "stability/qk_spectral_norm/layer_0/max" in stats

@@ -54,28 +54,33 @@ def test_beta_ce_matches_cross_entropy_of_scaled_logits(options):
     target = torch.randint(0, 5, (6, 3))
     got = inverse_temperature_cross_entropy(x, target, beta=0.3, **options)
     torch.testing.assert_close(got, F.cross_entropy(0.3 * x, target, **options), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(inverse_temperature_cross_entropy(x, target, **options),
-                               F.cross_entropy(x, target, **options))
+    torch.testing.assert_close(
+        inverse_temperature_cross_entropy(x, target, **options), F.cross_entropy(x, target, **options)
+    )
 
 
 def test_probability_targets_and_unbatched_input():
     torch.manual_seed(2)
     x = torch.randn(4, 6, dtype=torch.float64)
     probs = torch.softmax(torch.randn(4, 6, dtype=torch.float64), -1)
-    torch.testing.assert_close(normsoftmax_cross_entropy(x, probs, gamma=3.0),
-                               F.cross_entropy(reference_normalized(x, 1, 3.0), probs))
+    torch.testing.assert_close(
+        normsoftmax_cross_entropy(x, probs, gamma=3.0), F.cross_entropy(reference_normalized(x, 1, 3.0), probs)
+    )
     torch.testing.assert_close(inverse_temperature_cross_entropy(x, probs, beta=2.0), F.cross_entropy(2 * x, probs))
     single = torch.randn(6, dtype=torch.float64)
-    torch.testing.assert_close(normsoftmax_cross_entropy(single, torch.tensor(2)),
-                               F.cross_entropy(reference_normalized(single, 0), torch.tensor(2)))
+    torch.testing.assert_close(
+        normsoftmax_cross_entropy(single, torch.tensor(2)),
+        F.cross_entropy(reference_normalized(single, 0), torch.tensor(2)),
+    )
 
 
 def test_options_reach_normalization():
     x = torch.randn(5, 7, dtype=torch.float64) * 3
     target = torch.randint(0, 7, (5,))
     options = dict(gamma=torch.rand(5, 1, dtype=torch.float64) + 1, max_temperature=0.5, eps=1e-3, statistic="var")
-    torch.testing.assert_close(normsoftmax_cross_entropy(x, target, **options),
-                               F.cross_entropy(normalize_logits(x, dim=1, **options), target))
+    torch.testing.assert_close(
+        normsoftmax_cross_entropy(x, target, **options), F.cross_entropy(normalize_logits(x, dim=1, **options), target)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -83,17 +88,22 @@ def test_half_logits_give_float32_loss(dtype):
     torch.manual_seed(3)
     x = (torch.randn(8, 50) * 20).to(dtype)
     target = torch.randint(0, 50, (8,))
-    for loss_fn, kwargs in ((normsoftmax_cross_entropy, dict(gamma=3.0)), (inverse_temperature_cross_entropy,
-                                                                            dict(beta=0.5))):
+    for loss_fn, kwargs in (
+        (normsoftmax_cross_entropy, dict(gamma=3.0)),
+        (inverse_temperature_cross_entropy, dict(beta=0.5)),
+    ):
         loss = loss_fn(x, target, **kwargs)
         assert loss.dtype == torch.float32
         torch.testing.assert_close(loss, loss_fn(x.float(), target, **kwargs))
 
 
-@pytest.mark.parametrize("loss_fn, kwargs", [
-    (normsoftmax_cross_entropy, dict(gamma=2.0, label_smoothing=0.1)),
-    (inverse_temperature_cross_entropy, dict(beta=0.7)),
-])
+@pytest.mark.parametrize(
+    "loss_fn, kwargs",
+    [
+        (normsoftmax_cross_entropy, dict(gamma=2.0, label_smoothing=0.1)),
+        (inverse_temperature_cross_entropy, dict(beta=0.7)),
+    ],
+)
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_gradient_accumulation_is_exact(loss_fn, kwargs, as_tensor):
     """k micro-batches with num_items_in_batch = all non-ignored tokens add up to the full-batch mean loss."""
@@ -124,8 +134,9 @@ def test_num_items_in_batch_with_reduction_sum_and_legacy_arguments():
     x = torch.randn(6, 4)
     target = torch.randint(0, 4, (6,))
     want = F.cross_entropy(x, target, reduction="sum") / 10
-    torch.testing.assert_close(inverse_temperature_cross_entropy(x, target, reduction="sum", num_items_in_batch=10),
-                               want)
+    torch.testing.assert_close(
+        inverse_temperature_cross_entropy(x, target, reduction="sum", num_items_in_batch=10), want
+    )
     with pytest.raises(ValueError, match="reduction"):
         inverse_temperature_cross_entropy(x, target, reduction="none", num_items_in_batch=10)
     with pytest.raises(ValueError, match="reduction"):
@@ -138,11 +149,16 @@ def test_modules_match_functions_and_keep_state_dict_clean():
     target = torch.randint(0, 5, (7,))
     weight = torch.rand(5) + 0.5
     ns = NormSoftmaxCrossEntropyLoss(weight=weight, label_smoothing=0.05, gamma=2.5, max_temperature=4.0)
-    torch.testing.assert_close(ns(x, target), normsoftmax_cross_entropy(x, target, weight=weight, label_smoothing=0.05,
-                                                                        gamma=2.5, max_temperature=4.0))
-    torch.testing.assert_close(ns(x, target, num_items_in_batch=3),
-                               normsoftmax_cross_entropy(x, target, weight=weight, label_smoothing=0.05, gamma=2.5,
-                                                         max_temperature=4.0, num_items_in_batch=3))
+    torch.testing.assert_close(
+        ns(x, target),
+        normsoftmax_cross_entropy(x, target, weight=weight, label_smoothing=0.05, gamma=2.5, max_temperature=4.0),
+    )
+    torch.testing.assert_close(
+        ns(x, target, num_items_in_batch=3),
+        normsoftmax_cross_entropy(
+            x, target, weight=weight, label_smoothing=0.05, gamma=2.5, max_temperature=4.0, num_items_in_batch=3
+        ),
+    )
     it = InverseTemperatureCrossEntropyLoss(ignore_index=1, reduction="sum", beta=0.2)
     torch.testing.assert_close(it(x, target), F.cross_entropy(0.2 * x, target, ignore_index=1, reduction="sum"))
     assert list(ns.state_dict()) == ["weight"] and list(it.state_dict()) == []
@@ -199,4 +215,4 @@ def test_module_imports_only_torch_and_stdlib():
             roots = {"." if node.level else node.module.split(".")[0]}
         else:
             continue
-        assert roots <= {"torch", "math", "typing", "__future__", "."}, roots
+        assert roots <= {"torch", "math", "collections", "typing", "__future__", "."}, roots

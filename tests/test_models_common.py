@@ -484,3 +484,51 @@ def test_normalize_logits_is_what_the_head_uses():
     config = H.NormSoftmaxBertConfig(loss_softmax="normsoftmax", loss_normsoftmax_gamma=3.0)
     raw = torch.randn(4, 7)
     assert torch.equal(H.training_logits(raw, config), normalize_logits(raw, gamma=3.0))
+
+
+@pytest.mark.parametrize("flags", LOSS_FLAG_SETS[1:], ids=flag_id)
+def test_fused_head_op_matches_separate_ops_and_gradchecks(flags, monkeypatch):
+    """The fused head op (chunked over rows) against normalize_logits / beta * z + F.cross_entropy."""
+    import hf_normsoftmax.integration as integration
+
+    monkeypatch.setattr(integration, "_HEAD_CHUNK_ELEMENTS", 20)  # several chunks, a partial last one
+    config = H.NormSoftmaxBertConfig(**flags)
+    torch.manual_seed(0)
+    raw = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (3, 5))
+    labels[0, 1] = -100
+    probe = torch.randn(3, 5, 7, dtype=torch.float64)
+
+    def fused(z):
+        logits, loss = integration.head_logits_and_loss(z, labels, config)
+        return loss + 0.1 * (logits * probe).sum()  # gradient through both outputs
+
+    def separate(z):
+        logits = expected_training_logits(z, config)
+        return F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1)) + 0.1 * (logits * probe).sum()
+
+    assert torch.allclose(fused(raw), separate(raw), atol=1e-12)
+    (g_fused,) = torch.autograd.grad(fused(raw), raw)
+    (g_separate,) = torch.autograd.grad(separate(raw), raw)
+    assert torch.allclose(g_fused, g_separate, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda z: integration.head_logits_and_loss(z, labels, config), (raw,))
+    # ignore_index equal to the number of classes (question answering), and num_items_in_batch
+    positions = torch.tensor([0, 6, 7, 2])
+    z = raw[0, :4].detach()
+    _, loss = integration.head_logits_and_loss(z, positions, config, num_items_in_batch=5, ignore_index=7)
+    reference = F.cross_entropy(expected_training_logits(z, config), positions, ignore_index=7, reduction="sum") / 5
+    assert torch.allclose(loss, reference, atol=1e-12)
+    with pytest.raises(RuntimeError):
+        integration.head_logits_and_loss(z, torch.tensor([0, 9, 1, 2]), config)  # out of range, as F.cross_entropy
+
+
+def test_fused_head_op_in_bfloat16_is_the_cross_entropy_of_the_returned_logits():
+    import hf_normsoftmax.integration as integration
+
+    config = H.NormSoftmaxBertConfig(loss_softmax="normsoftmax", loss_normsoftmax_gamma=3.0)
+    raw = torch.randn(6, 11).to(torch.bfloat16)
+    labels = torch.randint(0, 11, (6,))
+    logits, loss = integration.head_logits_and_loss(raw, labels, config)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert torch.allclose(logits.float(), normalize_logits(raw, gamma=3.0).float(), atol=2e-2, rtol=1e-2)
+    assert torch.allclose(loss, F.cross_entropy(logits.float(), labels), atol=1e-6)

@@ -297,7 +297,7 @@ def test_module_imports_only_torch_and_stdlib():
             roots = {"." if node.level else node.module.split(".")[0]}
         else:
             continue
-        assert roots <= {"torch", "math", "typing", "__future__", "."}, roots
+        assert roots <= {"torch", "math", "collections", "typing", "__future__", "."}, roots
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -251,7 +251,7 @@ def test_gradients_match_exact_formula_with_fixed_vectors(kind, training, fused)
     want_y = exact_output(layer, x, u, v)
     want = torch.autograd.grad(want_y, params, upstream)
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
@@ -261,8 +261,12 @@ def test_float64_gradcheck_module(kind):
     _, layer, x = converted(kind, dtype=torch.float64)
     randomize_vectors(layer)
     layer.eval()
-    args = (x[:1].clone().requires_grad_(True), layer.weight.detach().clone().requires_grad_(True),
-            (layer.reparam_scale.detach() * 1.2).requires_grad_(True), layer.bias.detach().clone().requires_grad_(True))
+    args = (
+        x[:1].clone().requires_grad_(True),
+        layer.weight.detach().clone().requires_grad_(True),
+        (layer.reparam_scale.detach() * 1.2).requires_grad_(True),
+        layer.bias.detach().clone().requires_grad_(True),
+    )
 
     def fn(x, weight, scale, bias):
         return torch.func.functional_call(layer, {"weight": weight, "reparam_scale": scale, "bias": bias}, (x,))
@@ -310,7 +314,7 @@ def test_fused_and_unfused_training_paths_agree(kind):
         outputs.append(y)
         grads.append(torch.autograd.grad(y.square().sum(), [x, layer.weight, layer.reparam_scale, layer.bias]))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(fused.reparam_u, unfused.reparam_u)
 
@@ -348,9 +352,9 @@ def test_gradient_accumulation_equals_big_batch():
     F.mse_loss(big(x), target, reduction="sum").backward()
     for chunk in torch.arange(12).split([5, 3, 4]):
         F.mse_loss(accumulated(x[chunk]), target[chunk], reduction="sum").backward()
-    for a, b in zip(grads_of(big), grads_of(accumulated)):
+    for a, b in zip(grads_of(big), grads_of(accumulated), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    for a, b in zip(big.buffers(), accumulated.buffers()):
+    for a, b in zip(big.buffers(), accumulated.buffers(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -360,9 +364,9 @@ def test_gradient_checkpointing_recomputes_with_same_vectors(use_reentrant):
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
     plain(x).square().sum().backward()
     checkpoint(checkpointed, x, use_reentrant=use_reentrant).square().sum().backward()
-    for a, b in zip(grads_of(plain), grads_of(checkpointed)):
+    for a, b in zip(grads_of(plain), grads_of(checkpointed), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    for a, b in zip(plain.buffers(), checkpointed.buffers()):
+    for a, b in zip(plain.buffers(), checkpointed.buffers(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -373,11 +377,11 @@ def test_torch_compile_matches_eager():
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
     x = torch.randn(5, 6)
     for _ in range(3):
-        for model, optimizer in zip((eager, compiled), optimizers):
+        for model, optimizer in zip((eager, compiled), optimizers, strict=True):
             optimizer.zero_grad()
             model(x).square().sum().backward()
             optimizer.step()
-    for a, b in zip(eager.state_dict().values(), compiled_model.state_dict().values()):
+    for a, b in zip(eager.state_dict().values(), compiled_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     eager.eval(), compiled.eval()
     with torch.no_grad():
@@ -491,7 +495,7 @@ def test_state_dict_round_trip_continues_training_identically(pending_step):
     for _ in range(3):
         train_step(model, optimizer)
         train_step(fresh, fresh_optimizer)
-    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -600,8 +604,11 @@ def test_sigma_reparam_include_exclude():
     model = Block()
     assert sigma_reparam_(model, include=["q*", "k*", "patch"], exclude="key") == ["patch", "query"]
     model = Block()
-    assert sigma_reparam_(model, include=lambda name, m: m.out_features == 2 if isinstance(m, nn.Linear) else False,
-                          layer_types=SigmaReparamLinear) == ["head", "tied"]
+    assert sigma_reparam_(
+        model,
+        include=lambda name, m: m.out_features == 2 if isinstance(m, nn.Linear) else False,
+        layer_types=SigmaReparamLinear,
+    ) == ["head", "tied"]
     model = Block()
     assert sigma_reparam_(model, exclude=lambda name, m: isinstance(m, nn.Conv2d)) == ["query", "key", "head", "tied"]
 
@@ -649,4 +656,4 @@ def test_module_imports_only_torch_and_stdlib():
             roots = {"." if node.level else node.module.split(".")[0]}
         else:
             continue
-        assert roots <= {"torch", "copy", "fnmatch", "typing", "__future__", "."}, roots
+        assert roots <= {"torch", "copy", "fnmatch", "collections", "typing", "__future__", "."}, roots

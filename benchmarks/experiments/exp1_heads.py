@@ -7,8 +7,8 @@ Claim: a ViT with NormSoftmax attention is more robust to the number of heads th
 Here: a tiny ViT (width 64, 4 layers, MLP 128, 7x7 patches -> 17 tokens) trained from scratch on Fashion-MNIST
 (first 10,000 training images, evaluated on the first 2,000 test images) with 1, 2, 4, 8 and 16 heads at the same
 width (head dim 64 ... 4), softmax vs NormSoftmax attention (package default gamma), everything else equal:
-AdamW lr 1e-3, weight decay 0.05, 50 warmup steps then cosine to 0, batch 64, a fixed budget of 600 steps
-(about 4 epochs), standard cross-entropy. Reported: test accuracy mean ± std over the seeds.
+AdamW lr 1e-3, weight decay 0.05, 50 warmup steps then cosine to 0, batch 64, a fixed budget of 400 steps
+(about 2.6 epochs), standard cross-entropy. Reported: test accuracy mean ± std over the seeds.
 
 Usage::
 
@@ -32,7 +32,7 @@ def build_parser():
     parser = R.base_parser(__doc__.split("\n\n")[0], "runs/exp1_heads")
     parser.add_argument("--heads", type=R.int_list, default=[1, 2, 4, 8, 16],
                         help="head counts, each must divide the width (default: 1,2,4,8,16)")
-    parser.add_argument("--steps", type=R.positive_int, default=600, help="training steps per run (default: 600)")
+    parser.add_argument("--steps", type=R.positive_int, default=400, help="training steps per run (default: 400)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default: 1e-3)")
     return parser
 

@@ -11,7 +11,7 @@ Here: the tiny ViT of experiment 1 (width 64, 4 layers, 4 heads) on Fashion-MNIS
 * ``sgd`` (momentum 0.9): lr = 0.1 / beta**2 (eta * beta**2 kept);
 * ``adamw``: lr = 1e-3 / beta (eta * beta kept, approximately).
 
-50 warmup steps then cosine to 0, batch 64, 500 steps, no weight decay, standard softmax attention. Reported: test
+30 warmup steps then cosine to 0, batch 64, 300 steps, no weight decay, standard softmax attention. Reported: test
 accuracy mean ± std over the seeds, per beta and optimizer, and the initial logit norm ||beta z_0||.
 ``--lr-rule none`` runs the same sweep with the base learning rate at every beta (a control; not run by default).
 
@@ -46,7 +46,7 @@ def build_parser():
                         help=f"AdamW learning rate at beta = 1 (default: {BASE_LR['adamw']})")
     parser.add_argument("--lr-rule", choices=("scaled", "none"), default="scaled",
                         help="scaled: lr_for_inverse_temperature (default); none: the base lr at every beta")
-    parser.add_argument("--steps", type=R.positive_int, default=500, help="training steps per run (default: 500)")
+    parser.add_argument("--steps", type=R.positive_int, default=300, help="training steps per run (default: 300)")
     return parser
 
 
@@ -73,7 +73,7 @@ def make_specs(args) -> list[dict]:
                     "dataset": args.dataset, "n_train": args.n_train, "n_test": args.n_test,
                     "logit_inverse_temperature": beta, "optimizer": optimizer,
                     "lr": learning_rate(base[optimizer], beta, optimizer, args.lr_rule),
-                    "weight_decay": 0.0, "warmup_steps": min(50, steps // 10), "schedule": "cosine",
+                    "weight_decay": 0.0, "warmup_steps": min(30, steps // 10), "schedule": "cosine",
                     "steps": steps, "seed": seed,
                 })
     return specs

@@ -1,6 +1,6 @@
 """``StabilityCallback``: stability diagnostics every N steps of a ``transformers.Trainer`` run.
 
-Every ``every_n_steps`` optimizer steps (and before the first one) the callback measures the model on a fixed
+Every ``every_n_steps`` optimizer steps (and before the first update, and at the last step) the callback measures the model on a fixed
 probe batch with :class:`~hf_normsoftmax.training.diagnostics.StabilityMonitor` (eval mode, no grad, RNG state
 forked: training results are bit-identical with and without the callback), then
 
@@ -16,7 +16,8 @@ and at the end of training draws the plots (:func:`hf_normsoftmax.training.plots
 dir. ``hf-normsoftmax plot RUN_DIR`` draws them again on demand.
 
 The probe batch is the first training batch exactly as the model received it (collated, on device), captured by a
-forward pre-hook: no extra dataloader iteration, so the data order and the RNG are untouched. Pass
+forward pre-hook: no extra dataloader iteration, so the data order and the RNG are untouched. The step-0
+measurement is taken just before the first optimizer step, when the weights are still the initial ones. Pass
 ``probe_batch=`` to use your own. After a resume from a checkpoint, it is the first batch after the resume.
 
 The callback needs the Trainer itself to log through it. With ``Trainer(..., callbacks=[StabilityCallback()])``
@@ -104,6 +105,8 @@ class StabilityCallback(TrainerCallback):
         history_file: file name in ``args.output_dir`` for the history (None: write nothing, no plots).
         plot_at_end: draw the PNG plots into ``args.output_dir`` at the end of training.
         chunk_size: query rows per block when recomputing attention statistics.
+        attention: measure attention entropy and logit std (needs the ``"normsoftmax"`` attention dispatch, which
+            every variant has); False keeps the weight and logit statistics only (e.g. for a stock model).
         trainer: the Trainer to log through (else found automatically, or set with :meth:`bind`).
 
     Attributes after training: ``history`` (list of measurement dicts, each with ``step``), ``events`` (the
@@ -114,7 +117,8 @@ class StabilityCallback(TrainerCallback):
                  max_probe_examples: int | None = None, log_per_head: bool = True,
                  entropy_collapse_fraction: float | None = 0.2, loss_spike_factor: float | None = 3.0,
                  loss_window: int = 20, min_loss_history: int = 5, history_file: str | None = HISTORY_FILE,
-                 plot_at_end: bool = True, chunk_size: int = 256, trainer: Trainer | None = None):
+                 plot_at_end: bool = True, chunk_size: int = 256, attention: bool = True,
+                 trainer: Trainer | None = None):
         if not _is_count(every_n_steps) or every_n_steps < 1:
             raise ValueError(f"Invalid value for `every_n_steps`: {every_n_steps!r}. Allowed: an int >= 1.")
         if probe_batch is not None and not isinstance(probe_batch, Mapping):
@@ -123,7 +127,7 @@ class StabilityCallback(TrainerCallback):
         if max_probe_examples is not None and (not _is_count(max_probe_examples) or max_probe_examples < 1):
             raise ValueError(f"Invalid value for `max_probe_examples`: {max_probe_examples!r}. Allowed: None or an "
                              "int >= 1.")
-        for name, value in (("log_per_head", log_per_head), ("plot_at_end", plot_at_end)):
+        for name, value in (("log_per_head", log_per_head), ("plot_at_end", plot_at_end), ("attention", attention)):
             if not isinstance(value, bool):
                 raise TypeError(f"Invalid value for `{name}`: {value!r}. Allowed: True or False.")
         if history_file is not None and (not isinstance(history_file, str) or not history_file
@@ -138,6 +142,7 @@ class StabilityCallback(TrainerCallback):
         self.history_file = history_file
         self.plot_at_end = plot_at_end
         self.chunk_size = chunk_size
+        self.attention = attention
         self.detector = CollapseDetector(entropy_collapse_fraction, loss_spike_factor, loss_window, min_loss_history)
         self._given_probe = None if probe_batch is None else _first_examples(
             _clone_detached(dict(probe_batch)), max_probe_examples)
@@ -195,7 +200,7 @@ class StabilityCallback(TrainerCallback):
                 "explicitly: trainer.add_callback(StabilityCallback(...).bind(trainer)), or pass trainer=."
             )
         model = self._trainer.model
-        self._monitor = StabilityMonitor(model, chunk_size=self.chunk_size)
+        self._monitor = StabilityMonitor(model, attention=self.attention, chunk_size=self.chunk_size)
         self._last_measured_step = None
         self._alarm_count = 0
         self.history, self.events = [], []
@@ -217,15 +222,19 @@ class StabilityCallback(TrainerCallback):
             probe_kwargs = {k: _clone_detached(v) for k, v in kwargs.items() if k != "num_items_in_batch"}
             self._probe = (tuple(_clone_detached(a) for a in args), _first_examples(probe_kwargs,
                                                                                      self.max_probe_examples))
-        trainer = self._trainer
-        if trainer is not None and trainer.state.global_step == 0:
-            self._measure(trainer.args, trainer.state)
         return None
 
     def _remove_capture_hook(self) -> None:
         if self._capture_handle is not None:
             self._capture_handle.remove()
             self._capture_handle = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # The state before the first update: the weights are still the initial ones here, and the probe batch is
+        # known (captured by the first forward). Measuring here rather than inside that forward keeps the probe
+        # forward out of the training forward (no nested forward under DDP/FSDP hooks).
+        if state.global_step == 0 and self._last_measured_step is None:
+            self._measure(args, state)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._probe is None:

@@ -365,8 +365,9 @@ class StabilityMonitor:
                 raise ValueError(
                     f"Invalid attention implementation for diagnostics: {layer.name} runs "
                     f"attn_implementation={implementation!r}, which does not report attention statistics. Allowed: "
-                    f"{list(_HOOKED_IMPLEMENTATIONS)} (every hf_normsoftmax variant uses them; load a stock model with "
-                    "attn_implementation='normsoftmax'), or pass attention=False."
+                    f"{list(_HOOKED_IMPLEMENTATIONS)}: every hf_normsoftmax variant uses them, also with "
+                    "attention_softmax='softmax' (hf_normsoftmax.convert_stock_model(model) gives a variant that "
+                    "computes exactly the stock model); or pass attention=False to measure weights and logits only."
                 )
 
     # -- recording ----------------------------------------------------------------------------------------------

@@ -193,6 +193,7 @@ def _plot_entropy(series: _Series, path: Path) -> Path:
         if marks:
             ax.plot([m[0] for m in marks], [m[1] for m in marks], "x", color="k", markersize=7,
                     label="collapse alarm")
+            ax.legend(fontsize=7, loc="best")
         ax.set_title(layer.replace("_", " "), fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("attention entropy (nats)")

@@ -377,7 +377,8 @@ def add_run_arguments(
                        help=f"training batch size per process (default: {default_batch_size})")
     group.add_argument("--eval-batch-size", type=positive_int, default=None,
                        help="evaluation batch size per process (default: 2 x --batch-size)")
-    group.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay (default: 0.01)")
+    group.add_argument("--weight-decay", type=non_negative_float, default=0.01,
+                       help="AdamW weight decay (default: 0.01)")
     group.add_argument("--warmup-ratio", type=fraction, default=0.1,
                        help="fraction of the steps with linear warmup (default: 0.1)")
     group.add_argument("--max-grad-norm", type=non_negative_float, default=1.0,
@@ -566,7 +567,8 @@ def accuracy_from_logits(metric):
         if isinstance(logits, tuple):
             logits = logits[0]
         predictions = np.asarray(logits).argmax(axis=-1)
-        return metric.compute(predictions=predictions.tolist(), references=np.asarray(eval_prediction.label_ids).tolist())
+        references = np.asarray(eval_prediction.label_ids)
+        return metric.compute(predictions=predictions.tolist(), references=references.tolist())
 
     return compute_metrics
 
@@ -779,6 +781,7 @@ def training_arguments_from_args(args: argparse.Namespace, learning_rate: float,
 
     ``use_cpu`` is set for multi-process launches on machines without CUDA (see :func:`cpu_distributed_launch`).
     """
+    import torch
     from transformers import TrainingArguments
 
     kwargs = dict(
@@ -800,6 +803,7 @@ def training_arguments_from_args(args: argparse.Namespace, learning_rate: float,
         seed=args.seed,
         report_to=[] if args.report_to == "none" else args.report_to.split(","),
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=cpu_distributed_launch(),
     )
     kwargs.update(overrides)
@@ -836,3 +840,27 @@ def finish_trainer_run(trainer, args: argparse.Namespace, train_result, run_conf
         write_run_config(args.output_dir, hyperparameters=hyperparameters, **config)
         finish_run_dir(args.output_dir)
     return {**train_metrics, **eval_metrics}
+
+
+def stability_stats_fsdp2(model, batch: Mapping[str, Any]) -> dict[str, float]:
+    """``collect_stability_stats`` for a model sharded with :func:`fully_shard_model`; call it on every process.
+
+    Outside a forward, FSDP2 keeps the weights as sharded DTensors, which the weight statistics (sigma of the
+    sigmaReparam layers, ``||W_Q W_K^T||``) cannot use. So the attention and output statistics come from the probe
+    forward (FSDP2 gathers the weights itself there), and the weight statistics are read while every FSDP module
+    is explicitly unsharded, then resharded.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    from .diagnostics import StabilityMonitor, collect_stability_stats
+
+    stats = collect_stability_stats(model, batch, qk_spectral_norm=False, sigma_reparam=False)
+    sharded_modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for module in sharded_modules:
+        module.unshard()
+    try:
+        stats.update(StabilityMonitor(model, attention=False).weight_stats())
+    finally:
+        for module in sharded_modules:
+            module.reshard()
+    return stats

