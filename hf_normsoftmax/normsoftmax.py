@@ -161,65 +161,133 @@ def _row_terms(x, mask, dim, gamma, inv_cap, eps, power):
         shifted = torch.where(mask, zeroed - zeroed.sum(dim, keepdim=True) / count, 0.0)
         centred = torch.where(mask, shifted - shifted.sum(dim, keepdim=True) / count, 0.0)
     var = centred.square().sum(dim, keepdim=True) / count
+    inv_temperature, uncapped = _inverse_temperature(var, gamma, inv_cap, eps, power)
+    return centred, inv_temperature, var, count, uncapped
+
+
+def _inverse_temperature(var, gamma, inv_cap, eps, power):
+    """1 / T = gamma / stat (capped: T <= max_temperature <=> 1/T >= 1/max_temperature) and the uncapped mask."""
     spread_inv = torch.rsqrt(var + eps) if power == 0.5 else (var + eps).reciprocal()
     inv_temperature = spread_inv * gamma
-    uncapped = None
-    if inv_cap is not None:
-        # T <= max_temperature  <=>  1/T >= 1/max_temperature
-        uncapped = inv_temperature >= inv_cap
-        inv_temperature = inv_temperature.clamp(min=inv_cap)
-    return centred, inv_temperature, var, count, uncapped
+    if inv_cap is None:
+        return inv_temperature, None
+    return inv_temperature.clamp(min=inv_cap), inv_temperature >= inv_cap
+
+
+def _lean_forward(x, mask, dim, gamma, inv_cap, eps, power, fill_value):
+    """Normalised logits in compute dtype, in a few passes and one full-size allocation, plus the row statistics.
+
+    Same math as :func:`_row_terms`: full-size temporaries cost more than the arithmetic on CPU (every large
+    allocation is fresh, page-faulted memory), so the work happens in place in the output buffer.
+    """
+    compute_dtype = _compute_dtype(x.dtype)
+    converted = x.to(compute_dtype)
+    owns_converted = converted is not x  # a half input was copied: that copy may be reused in place
+    if mask is None:
+        count = float(x.shape[dim])
+        first_mean = converted.mean(dim, keepdim=True)
+        buf = converted.sub_(first_mean) if owns_converted else converted - first_mean
+    else:
+        count = mask.expand(x.shape).sum(dim, keepdim=True).to(compute_dtype).clamp(min=1.0)
+        buf = torch.where(mask, converted, 0.0)  # also hides -inf / nan sitting in masked slots
+        first_mean = buf.sum(dim, keepdim=True) / count
+        buf.sub_(first_mean).masked_fill_(~mask, 0.0)
+    # Second pass on the shifted values removes the rounding left in the first mean (equal entries stay equal).
+    second_mean = buf.sum(dim, keepdim=True) / count
+    sum_squares = torch.linalg.vector_norm(buf, dim=dim, keepdim=True).square()
+    var = (sum_squares / count - second_mean.square()).clamp(min=0.0)
+    inv_temperature, uncapped = _inverse_temperature(var, gamma, inv_cap, eps, power)
+    buf.sub_(second_mean).mul_(inv_temperature)
+    if mask is not None:
+        buf.masked_fill_(~mask, fill_value)
+    return buf, (first_mean + second_mean, var, inv_temperature, count, uncapped)
 
 
 class _NormalizeLogits(torch.autograd.Function):
     """Fused normalisation with a hand-written backward.
 
-    Saves only the input (plus mask and gamma) instead of the ~5 full-size intermediates of the autograd
-    composition: this matters for language-model losses with tens of thousands of classes. The backward
-    recomputes the row statistics from the saved input with differentiable ops, so double backward is exact too.
+    Saves the input (plus mask, gamma and per-row statistics) instead of the ~5 full-size intermediates of the
+    autograd composition, and works in place: forward and backward each allocate one full-size tensor. This
+    matters for language-model losses with tens of thousands of classes. Under create_graph the backward is
+    recomputed with differentiable ops from the saved input, so double backward is exact too.
     """
 
     @staticmethod
     def forward(ctx, x, mask, gamma_tensor, gamma_float, dim, inv_cap, eps, power, out_dtype, fill_value):
         compute_dtype = _compute_dtype(x.dtype)
         gamma = gamma_float if gamma_tensor is None else gamma_tensor.to(compute_dtype)
-        centred, inv_temperature, _, _, _ = _row_terms(x.to(compute_dtype), mask, dim, gamma, inv_cap, eps, power)
-        z = centred * inv_temperature
-        if mask is not None:
-            z = z.masked_fill(~mask, fill_value)
-        ctx.save_for_backward(x, mask, gamma_tensor)
-        ctx.options = (gamma_float, dim, inv_cap, eps, power)
+        z, (mean, var, inv_temperature, count, uncapped) = _lean_forward(
+            x, mask, dim, gamma, inv_cap, eps, power, fill_value
+        )
+        count_tensor = count if isinstance(count, torch.Tensor) else None
+        ctx.save_for_backward(x, mask, gamma_tensor, mean, var, inv_temperature, count_tensor, uncapped)
+        ctx.options = (gamma_float, dim, inv_cap, eps, power, count)
         return z.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_z):
-        x, mask, gamma_tensor = ctx.saved_tensors
-        gamma_float, dim, inv_cap, eps, power = ctx.options
+        x, mask, gamma_tensor, mean, var, inv_temperature, count_tensor, uncapped = ctx.saved_tensors
+        gamma_float, dim, inv_cap, eps, power, count = ctx.options
+        count = count_tensor if count_tensor is not None else count
         compute_dtype = _compute_dtype(x.dtype)
         gamma = gamma_float if gamma_tensor is None else gamma_tensor.to(compute_dtype)
+        if torch.is_grad_enabled():
+            return _NormalizeLogits._differentiable_backward(ctx, x, mask, gamma_tensor, gamma, grad_z)
+        g = grad_z.to(compute_dtype)
+        converted = x.to(compute_dtype)
+        # buf = c = x - mean (0 at masked entries); first used to get dL/ds = sum_j g_j c_j for z = c * s.
+        buf = converted.sub_(mean) if converted is not x else converted - mean
+        if mask is not None:
+            buf.masked_fill_(~mask, 0.0)
+        buf.mul_(g)
+        if mask is not None:
+            buf.masked_fill_(~mask, 0.0)  # upstream grads of the constant masked outputs are ignored
+        grad_inv_temperature = buf.sum(dim, keepdim=True)
+        if uncapped is not None:
+            grad_inv_temperature = torch.where(uncapped, grad_inv_temperature, 0.0)
+        # s = gamma * (var + eps)^(-power): ds/dvar = -power * s / (var + eps); dvar/dc_j = 2 c_j / n.
+        centred_coef = grad_inv_temperature * inv_temperature * (-2.0 * power) / ((var + eps) * count)
+        # dL/dc_j = g_j * s + c_j * centred_coef, rebuilt in the same buffer
+        torch.sub(converted if converted is x else x.to(compute_dtype), mean, out=buf)
+        buf.mul_(centred_coef).addcmul_(g, inv_temperature)
+        if mask is not None:
+            buf.masked_fill_(~mask, 0.0)
+        # c_j = x_j - mean_valid(x): project out the row mean over the valid entries.
+        buf.sub_(buf.sum(dim, keepdim=True) / count)
+        if mask is not None:
+            buf.masked_fill_(~mask, 0.0)
+        grad_x = buf.to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_gamma = None
+        if gamma_tensor is not None and ctx.needs_input_grad[2]:
+            # s = gamma * spread_inv, so ds/dgamma = s / gamma (0 where capped).
+            grad_gamma = (grad_inv_temperature * inv_temperature / gamma).sum_to_size(gamma_tensor.shape)
+            grad_gamma = grad_gamma.to(gamma_tensor.dtype)
+        return grad_x, None, grad_gamma, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _differentiable_backward(ctx, x, mask, gamma_tensor, gamma, grad_z):
+        """The same gradient from differentiable ops on the saved input (used under create_graph)."""
+        _, dim, inv_cap, eps, power, _ = ctx.options
+        compute_dtype = _compute_dtype(x.dtype)
         centred, inv_temperature, var, count, uncapped = _row_terms(
             x.to(compute_dtype), mask, dim, gamma, inv_cap, eps, power
         )
         g = grad_z.to(compute_dtype)
         if mask is not None:
-            g = torch.where(mask, g, 0.0)  # masked outputs are constants
-        # z = c * s with s = gamma * (var + eps)^(-power) (clamped by the cap): dL/ds = sum_j g_j c_j.
+            g = torch.where(mask, g, 0.0)
         grad_inv_temperature = (g * centred).sum(dim, keepdim=True)
         if uncapped is not None:
             grad_inv_temperature = torch.where(uncapped, grad_inv_temperature, 0.0)
-        # ds/dvar = -power * s / (var + eps); dvar/dc_j = 2 c_j / n.
         grad_var = grad_inv_temperature * inv_temperature * (-power) / (var + eps)
         grad_centred = g * inv_temperature + centred * (grad_var * 2.0 / count)
         if mask is not None:
             grad_centred = torch.where(mask, grad_centred, 0.0)
-        # c_j = x_j - mean_valid(x): project out the row mean over the valid entries.
         grad_x = grad_centred - grad_centred.sum(dim, keepdim=True) / count
         if mask is not None:
             grad_x = torch.where(mask, grad_x, 0.0)
         grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_gamma = None
         if gamma_tensor is not None and ctx.needs_input_grad[2]:
-            # s = gamma * spread_inv, so ds/dgamma = s / gamma (0 where capped).
             grad_gamma = (grad_inv_temperature * inv_temperature / gamma).sum_to_size(gamma_tensor.shape)
             grad_gamma = grad_gamma.to(gamma_tensor.dtype)
         return grad_x, None, grad_gamma, None, None, None, None, None, None, None
