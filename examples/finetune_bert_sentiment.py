@@ -151,18 +151,21 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
 def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     """Trainer run, final evaluation, and the run-dir files. Returns the merged metrics."""
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding
 
     from hf_normsoftmax.training.data import minilm_path
     from hf_normsoftmax.training.trainer_utils import (
         accuracy_from_logits,
         finish_trainer_run,
+        resumable_trainer_class,
         stability_callbacks,
         training_arguments_from_args,
     )
 
     training_args = training_arguments_from_args(args, setup["learning_rate"])
-    trainer = Trainer(
+    # a Trainer whose resume_from_checkpoint also restores weights saved under legacy key names (see
+    # resumable_trainer_class: transformers 5.23's own resume silently skips them for ViT)
+    trainer = resumable_trainer_class()(
         model=setup["model"],
         args=training_args,
         train_dataset=setup["train_dataset"],

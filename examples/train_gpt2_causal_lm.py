@@ -23,7 +23,7 @@ Usage::
     python examples/train_gpt2_causal_lm.py --output-dir runs/gpt2-shakespeare
     python examples/train_gpt2_causal_lm.py --max-steps 50 --n-layer 2 --output-dir runs/gpt2-quick
     accelerate launch --multi_gpu --num_processes 2 examples/train_gpt2_causal_lm.py --output-dir runs/gpt2-ddp
-    # FSDP2 (torch fully_shard) over 2 CPU processes; on GPUs use accelerate's FSDP plugin instead (see README):
+    # FSDP2 (torch fully_shard) over 2 CPU processes (see examples/README.md):
     accelerate launch --multi_gpu --num_processes 2 examples/train_gpt2_causal_lm.py --fsdp2 --output-dir runs/gpt2-fsdp
 
 ``--dataset`` takes any dataset with a text column (``--text-column``): a local ``.txt`` file (one row per line),
@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--eval-steps", type=positive_int, default=None,
                        help="also evaluate every N steps (default: only at the end)")
     model.add_argument("--fsdp2", action="store_true",
-                       help="shard the model with FSDP2 (torch.distributed.fsdp.fully_shard, one unit per block); "
-                            "needs a multi-process launch. Use it on CPU (gloo); on GPUs accelerate's FSDP plugin "
-                            "(accelerate launch --use_fsdp --fsdp_version 2) does the sharding instead")
+                       help="shard the model with FSDP2 (torch.distributed.fsdp.fully_shard, one unit per block, "
+                            "sigmaReparam's scalar parameters kept whole); needs a multi-process launch. Tested on "
+                            "CPU (gloo); accelerate's FSDP plugin is GPU-only and cannot shard the 0-dim "
+                            "sigmaReparam scales")
     model.add_argument("--no-shuffle", action="store_true", help="read the training blocks in order")
     sampling = parser.add_argument_group("generated samples")
     sampling.add_argument("--prompt", action="append", default=None,
@@ -144,7 +145,6 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         BadInputError,
         check_output_dir,
         check_training_length,
-        cpu_distributed_launch,
         eval_split_name,
         resolve_learning_rate,
         variant_flags_from_args,
@@ -160,9 +160,9 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.fsdp2 and world_size < 2:
         raise BadInputError("--fsdp2 shards the model over processes: launch with several processes, e.g. "
                             "accelerate launch --multi_gpu --num_processes 2 examples/train_gpt2_causal_lm.py --fsdp2")
-    if args.fsdp2 and not cpu_distributed_launch():
-        raise BadInputError("--fsdp2 is the CPU (gloo) path; on GPUs launch with accelerate's FSDP plugin: "
-                            "accelerate launch --use_fsdp --fsdp_version 2 ... (without --fsdp2)")
+    if args.fsdp2 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise BadInputError("--fsdp2 shards the model itself; do not combine it with accelerate's FSDP plugin "
+                            "(accelerate launch --use_fsdp): drop one of the two")
     check_output_dir(args.output_dir, args.overwrite_output_dir, None)
     learning_rate = resolve_learning_rate(args, flags, optimizer="adamw")
 
@@ -248,6 +248,7 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int, top_k: int,
         batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = padding_side
+    batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
     torch.manual_seed(seed)
     context = model.config.n_positions
     max_new_tokens = min(max_new_tokens, max(context - batch["input_ids"].shape[1], 0))
@@ -298,6 +299,7 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     sharded = args.fsdp2
     unsharded_params: list = []
     if sharded:
+        model.to(accelerator.device)
         unsharded_params = fully_shard_model(model, model.transformer.h)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]

@@ -176,17 +176,18 @@ def make_collator(image_processor, image_column: str, label_column: str, mode: s
 
 def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     """Trainer run, final evaluation, and the run-dir files. Returns the merged metrics."""
-    from transformers import Trainer
-
     from hf_normsoftmax.training.trainer_utils import (
         accuracy_from_logits,
         finish_trainer_run,
+        resumable_trainer_class,
         stability_callbacks,
         training_arguments_from_args,
     )
 
     training_args = training_arguments_from_args(args, setup["learning_rate"], remove_unused_columns=False)
-    trainer = Trainer(
+    # a Trainer whose resume_from_checkpoint also restores weights saved under legacy key names (see
+    # resumable_trainer_class: transformers 5.23's own resume silently skips them for ViT)
+    trainer = resumable_trainer_class()(
         model=setup["model"],
         args=training_args,
         train_dataset=setup["train_dataset"],

@@ -337,16 +337,19 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
             z = logits[start:stop].to(compute_dtype)
+            # work in place in the output rows (or in a compute-dtype buffer for half-precision logits)
+            seen = out[start:stop] if out.dtype == compute_dtype else torch.empty_like(z)
             if normalize:
-                centred = z - z.mean(dim=-1, keepdim=True)
-                spread = torch.sqrt(centred.square().mean(dim=-1, keepdim=True) + HEAD_NORMSOFTMAX_EPS)
+                torch.sub(z, z.mean(dim=-1, keepdim=True), out=seen)
+                variance = torch.linalg.vector_norm(seen, dim=-1, keepdim=True).square_().div_(classes)
+                spread = variance.add_(HEAD_NORMSOFTMAX_EPS).sqrt_()
                 sigma[start:stop] = spread
-                seen = centred * (factor / spread)
+                seen.mul_(factor / spread)
             else:
-                seen = z * factor
-            out[start:stop] = seen
+                torch.mul(z, factor, out=seen)
             if out.dtype != compute_dtype:
-                seen = out[start:stop].to(compute_dtype)  # the loss is the CE of the logits actually returned
+                out[start:stop] = seen
+                seen.copy_(out[start:stop])  # the loss is the cross-entropy of the logits actually returned
             row_lse = torch.logsumexp(seen, dim=-1)
             lse[start:stop] = row_lse
             labels = target[start:stop]
@@ -361,6 +364,8 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_loss):
+        if grad_out is None and grad_loss is None:
+            return None, None, None, None, None, None
         out, target, lse, sigma, divisor = ctx.saved_tensors
         factor, chunk = ctx.factor, ctx.chunk
         rows, classes = out.shape
@@ -370,20 +375,27 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
             seen = out[start:stop].to(compute_dtype)
-            grad_seen = torch.zeros_like(seen) if grad_out is None else grad_out[start:stop].to(compute_dtype)
+            grad = grad_logits[start:stop] if grad_logits.dtype == compute_dtype else torch.empty_like(seen)
             if loss_weight is not None:
+                # d loss / d seen = (softmax(seen) - onehot(label)) * weight, zero for ignored rows
                 labels = target[start:stop]
                 valid = (labels != ctx.ignore_index).unsqueeze(-1)
-                probs = torch.exp(seen - lse[start:stop].unsqueeze(-1))
-                probs.scatter_add_(-1, torch.where(valid, labels.unsqueeze(-1), 0), -torch.ones_like(probs[:, :1]))
-                grad_seen = grad_seen + torch.where(valid, probs, 0.0) * loss_weight
-            if ctx.normalize:
-                mean_grad = grad_seen.mean(dim=-1, keepdim=True)
-                mean_grad_seen = (grad_seen * seen).mean(dim=-1, keepdim=True)
-                grad = (factor / sigma[start:stop]) * (grad_seen - mean_grad - seen * (mean_grad_seen / factor**2))
+                torch.sub(seen, lse[start:stop].unsqueeze(-1), out=grad).exp_()
+                grad.scatter_add_(-1, torch.where(valid, labels.unsqueeze(-1), 0), -torch.ones_like(grad[:, :1]))
+                grad.mul_(torch.where(valid, loss_weight, 0.0))
+                if grad_out is not None:
+                    grad.add_(grad_out[start:stop].to(compute_dtype))
             else:
-                grad = grad_seen * factor
-            grad_logits[start:stop] = grad
+                grad.copy_(grad_out[start:stop])
+            if ctx.normalize:
+                # dz = (gamma / sigma) * (G - mean(G) - seen * mean(G * seen) / gamma^2)
+                mean_grad = grad.mean(dim=-1, keepdim=True)
+                mean_grad_seen = torch.linalg.vecdot(grad, seen, dim=-1).unsqueeze(-1).div_(classes * factor**2)
+                grad.sub_(mean_grad).addcmul_(seen, mean_grad_seen, value=-1.0).mul_(factor / sigma[start:stop])
+            else:
+                grad.mul_(factor)
+            if grad_logits.dtype != compute_dtype:
+                grad_logits[start:stop] = grad
         return grad_logits, None, None, None, None, None
 
 

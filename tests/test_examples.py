@@ -178,6 +178,39 @@ def test_gpt2_bad_input(tmp_path, capsys):
                        "shorter than one block")
 
 
+def test_scale_lr_for_beta_and_flag_defaults():
+    from hf_normsoftmax.training.trainer_utils import resolve_learning_rate, variant_flags_from_args
+
+    module = load_example("train_vit_image_classification")
+    args = module.build_parser().parse_args(
+        ["--logit-inverse-temperature", "4", "--scale-lr-for-beta", "--learning-rate", "0.002"]
+    )
+    flags = variant_flags_from_args(args, "normsoftmax_vit", module.EXAMPLE_FLAG_DEFAULTS)
+    assert flags == {"attention_softmax": "normsoftmax", "sigma_reparam": True, "logit_inverse_temperature": 4.0}
+    assert resolve_learning_rate(args, flags, optimizer="adamw") == pytest.approx(0.0005)
+    assert resolve_learning_rate(args, flags, optimizer="sgd") == pytest.approx(0.002 / 16)
+    plain = module.build_parser().parse_args(["--logit-inverse-temperature", "4", "--learning-rate", "0.002"])
+    assert resolve_learning_rate(plain, flags) == 0.002
+
+
+def test_offline_accuracy_metric():
+    from hf_normsoftmax.training.trainer_utils import accuracy_from_logits, load_accuracy_metric
+
+    metric = load_accuracy_metric("local")
+    assert metric.compute(predictions=[0, 1, 2, 2], references=[0, 1, 1, 2]) == {"accuracy": 0.75}
+    metric.add_batch(predictions=[1, 1], references=[1, 0])
+    metric.add_batch(predictions=[3], references=[3])
+    assert metric.compute() == {"accuracy": pytest.approx(2 / 3)}
+
+    class Prediction:  # what Trainer passes to compute_metrics
+        predictions = __import__("numpy").array([[0.1, 0.9], [2.0, -1.0], [0.0, 3.0]])
+        label_ids = __import__("numpy").array([1, 1, 1])
+
+    assert accuracy_from_logits(metric)(Prediction()) == {"accuracy": pytest.approx(2 / 3)}
+    with pytest.raises(ValueError, match="'local' or 'hub'"):
+        load_accuracy_metric("remote")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # end to end (subprocess, tiny)
 # --------------------------------------------------------------------------------------------------------------------
@@ -279,6 +312,7 @@ def test_gpt2_example_end_to_end(tmp_path):
         "--output-dir", str(output_dir), "--max-steps", "4", "--batch-size", "2", "--block-size", "32",
         "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--max-train-samples", "32", "--max-eval-samples", "8",
         "--stability-every", "2", "--logging-steps", "1", "--max-new-tokens", "5", "--prompt", "ROMEO:",
+        "--eval-steps", "2",
     ])
     results = check_run_dir(output_dir, processor_files=("tokenizer.json", "generation_config.json"),
                             task_metric="perplexity")
@@ -290,6 +324,8 @@ def test_gpt2_example_end_to_end(tmp_path):
     assert "ROMEO:" in completed.stdout
     history = [json.loads(line) for line in (output_dir / "stability_history.jsonl").read_text().splitlines()]
     assert [record["step"] for record in history if "loss" in record] == [1, 2, 3, 4]
+    intermediate = read_json(output_dir / "eval_history.json")
+    assert [entry["step"] for entry in intermediate] == [2] and math.isfinite(intermediate[0]["perplexity"])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(output_dir)

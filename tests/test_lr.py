@@ -25,7 +25,8 @@ def test_rule_values():
     assert lr_for_inverse_temperature(1e-3, beta=0.5, optimizer="adamw") == pytest.approx(2e-3)
     assert lr_for_inverse_temperature(1e-3, beta=4.0, optimizer="adam") == pytest.approx(2.5e-4)
     # base_beta: from a run tuned at beta 4 to beta 2
-    assert lr_for_inverse_temperature(1e-3, beta=2.0, optimizer="adamw_torch_fused", base_beta=4.0) == pytest.approx(2e-3)
+    rescaled = lr_for_inverse_temperature(1e-3, beta=2.0, optimizer="adamw_torch_fused", base_beta=4.0)
+    assert rescaled == pytest.approx(2e-3)
     assert lr_for_inverse_temperature(0.3, beta=1.0, optimizer="sgd") == 0.3
 
 

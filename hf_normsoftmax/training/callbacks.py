@@ -1,8 +1,8 @@
 """``StabilityCallback``: stability diagnostics every N steps of a ``transformers.Trainer`` run.
 
-Every ``every_n_steps`` optimizer steps (and before the first update, and at the last step) the callback measures the model on a fixed
-probe batch with :class:`~hf_normsoftmax.training.diagnostics.StabilityMonitor` (eval mode, no grad, RNG state
-forked: training results are bit-identical with and without the callback), then
+Every ``every_n_steps`` optimizer steps (and before the first update, and at the last step) the callback measures
+the model on a fixed probe batch with :class:`~hf_normsoftmax.training.diagnostics.StabilityMonitor` (eval mode,
+no grad, RNG state forked: training results are bit-identical with and without the callback), then
 
 * logs the ``stability/...`` keys through ``trainer.log``, so they reach ``trainer.state.log_history`` and every
   reporting integration (TensorBoard shows them under ``train/stability/...``). Editing ``logs`` in ``on_log``

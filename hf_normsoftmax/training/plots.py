@@ -81,7 +81,7 @@ def read_stability_history(run_dir: str | Path, history_file: str = HISTORY_FILE
     history_path = run_dir / history_file
     if history_path.is_file():
         records = []
-        for number, line in enumerate(history_path.read_text(encoding="utf-8").splitlines(), 1):
+        for line in history_path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
             try:
@@ -178,7 +178,7 @@ def _plot_entropy(series: _Series, path: Path) -> Path:
     for event in series.events:
         if event.get("event") in ("entropy_collapse", "non_finite_entropy") and event.get("layer"):
             collapse_events[event["layer"]].append(event)
-    for ax, (layer, items) in zip(axes, layers):
+    for ax, (layer, items) in zip(axes, layers, strict=False):
         heads = sorted((item for item in items if item.startswith("head_")), key=_natural_key)
         for index, item in enumerate(heads):
             steps, values = series.get(items[item])
@@ -235,7 +235,7 @@ def _plot_logits(series: _Series, path: Path) -> Path | None:
     if not panels:
         return None
     figure, axes = _new_figure(1, len(panels), panel_size=(4.6, 3.4))
-    for ax, (kind, data) in zip(axes, panels):
+    for ax, (kind, data) in zip(axes, panels, strict=True):
         if kind == "norm":
             ax.plot(*data, color="C4", linewidth=1.6, marker=".")
             ax.set_title("logit norm ||beta z|| (mean per example)", fontsize=10)
@@ -287,7 +287,7 @@ def _plot_sigma(series: _Series, path: Path) -> Path | None:
     ordered = sorted(blocks.items(), key=lambda item: (item[0] == "outside the blocks", _natural_key(item[0])))
     rows, columns = _grid(len(ordered))
     figure, axes = _new_figure(rows, columns, panel_size=(4.0, 2.9))
-    for ax, (block, names) in zip(axes, ordered):
+    for ax, (block, names) in zip(axes, ordered, strict=False):
         for index, module_name in enumerate(sorted(names, key=_natural_key)):
             color = f"C{index % 10}"
             ax.plot(*series.get(sigma[module_name][""]), color=color, linewidth=1.4, label=_short_name(module_name))

@@ -864,3 +864,35 @@ def stability_stats_fsdp2(model, batch: Mapping[str, Any]) -> dict[str, float]:
         for module in sharded_modules:
             module.reshard()
     return stats
+
+
+def resumable_trainer_class():
+    """A ``transformers.Trainer`` subclass whose resume loads checkpoint weights under their model key names.
+
+    Why: in transformers 5.23, ``save_pretrained`` writes some models' weights under their *legacy* key names
+    (``revert_weight_conversion``: ViT's ``vit.layers.0.attention.q_proj`` is saved as
+    ``vit.encoder.layer.0.attention.attention.query``), and ``from_pretrained`` converts them back, but
+    ``Trainer._load_from_checkpoint`` (used by ``train(resume_from_checkpoint=...)``) loads the file with a plain
+    ``load_state_dict(strict=False)``: every renamed weight is silently left as it was (only a warning is logged).
+    This happens for the stock ViT as well. Here, when the checkpoint file holds keys the model does not know, the
+    weights are loaded through ``from_pretrained`` (which applies the key conversion) and copied in strictly;
+    otherwise the Trainer's own loading runs.
+    """
+    from safetensors import safe_open
+    from transformers import PreTrainedModel, Trainer
+
+    class ResumableTrainer(Trainer):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            target = model if model is not None else self.model
+            weights = Path(resume_from_checkpoint) / "model.safetensors"
+            if isinstance(target, PreTrainedModel) and weights.is_file() and not self.is_fsdp_enabled:
+                with safe_open(str(weights), framework="pt") as handle:
+                    saved_keys = set(handle.keys())
+                if saved_keys - set(target.state_dict()):
+                    loaded = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
+                    target.load_state_dict(loaded.state_dict(), strict=True)
+                    return
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    ResumableTrainer.__name__ = ResumableTrainer.__qualname__ = "ResumableTrainer"
+    return ResumableTrainer
