@@ -94,7 +94,8 @@ def gpt2_workload(batch: int, length: int):
     def variant(flags):
         return H.NormSoftmaxGPT2LMHeadModel(H.NormSoftmaxGPT2Config(**shape, **flags))
 
-    return stock, variant, inputs, f"GPT-2 LM {shape['n_layer']}x{shape['n_embd']}, vocab {shape['vocab_size']}, batch {batch}x{length}"
+    description = f"GPT-2 LM {shape['n_layer']}x{shape['n_embd']}, vocab {shape['vocab_size']}, batch {batch}x{length}"
+    return stock, variant, inputs, description
 
 
 def bert_workload(batch: int, length: int):

@@ -10,7 +10,8 @@ checkpoints, so it only imports torch, transformers and same-folder modules):
 * ``SigmaReparamConv1D``, the sigmaReparam version of GPT-2's transposed ``Conv1D``, and the functions that convert
   the selected layers of a model and finish their initialisation from the weights actually loaded;
 * the head helpers: the logits a head returns are exactly what its training softmax sees (``beta * z``, or the
-  normalised logits under ``loss_softmax="normsoftmax"``) and the loss is the cross-entropy of those logits;
+  normalised logits under ``loss_softmax="normsoftmax"``) and the loss is the cross-entropy of those logits,
+  computed by one fused, chunked op (cheap even for a 50k vocabulary);
 * ``NormSoftmaxPreTrainedMixin``, the behaviour every variant model class shares (attention choice, conversion,
   init after loading, refusal of checkpoints of another architecture).
 
@@ -78,14 +79,6 @@ VARIANT_ATTN_IMPLEMENTATIONS = {
     "eager": REFERENCE_ATTENTION_IMPLEMENTATION,
     REFERENCE_ATTENTION_IMPLEMENTATION: REFERENCE_ATTENTION_IMPLEMENTATION,
 }
-
-# Message for loading a variant checkpoint in a process that does not know the variant.
-MISSING_PACKAGE_HINT = (
-    "This checkpoint needs the hf_normsoftmax package: `pip install hf_normsoftmax` and `import hf_normsoftmax` "
-    "before loading (it registers the normsoftmax_vit/normsoftmax_bert/normsoftmax_gpt2 model types), or load a "
-    "checkpoint saved with its code (`register_for_auto_class`) with `trust_remote_code=True`."
-)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # attention
@@ -657,6 +650,46 @@ def add_learnable_gamma(model: nn.Module, attention_classes: tuple[type, ...], c
     return count
 
 
+def _reparam_shape_changed(module: SigmaReparamMixin) -> bool:
+    out_features, in_features = _weight_matrix_shape(module)
+    return tuple(module.reparam_v.shape) != (out_features,) or tuple(module.reparam_u.shape) != (in_features,)
+
+
+def _weight_matrix_shape(module: SigmaReparamMixin) -> tuple[int, int]:
+    weight = module.weight
+    if module.weight_layout == "in_out":
+        return weight.shape[1], weight.shape[0]
+    return weight.shape[0], weight[0].numel()
+
+
+@torch.no_grad()
+def _refit_resized_reparam(module: SigmaReparamMixin) -> None:
+    """The weight of a converted layer was replaced by one of another shape (``resize_token_embeddings`` on a tied
+    head): rebuild ``u``, ``v`` for the new weight and keep the layer's function on the old rows.
+
+    The effective weight was ``(s / sigma_old) W_old``; resizing keeps the old rows as a prefix, so the new scale
+    is ``(s / sigma_old) * sigma_new`` (same factor on every row). ``sigma_old`` is re-evaluated from the old
+    vectors on that prefix; where that is not possible the layer restarts at ``s = sigma`` (factor 1).
+    """
+    factor = None
+    old_u, old_v, old_scale = module.reparam_u, module.reparam_v, module.reparam_scale.detach().clone()
+    out_features, in_features = _weight_matrix_shape(module)
+    if module.weight_layout == "out_in" and old_u.shape[0] == in_features and old_v.shape[0] <= out_features:
+        old_rows = module.weight.detach()[: old_v.shape[0]].to(old_u.dtype)
+        old_sigma = torch.dot(old_v, torch.mv(old_rows, old_u))
+        if float(old_sigma) > 0:
+            factor = old_scale / old_sigma
+    else:
+        logger.warning(f"{type(module).__name__}: weight reshaped, sigmaReparam state restarted at scale = sigma.")
+    requires_grad = module.reparam_scale.requires_grad
+    del module.reparam_scale, module.reparam_u, module.reparam_v
+    module._setup_reparam()  # new buffers sized for the new weight, reset from it
+    module.reparam_scale.requires_grad_(requires_grad)
+    if factor is not None:
+        module.reparam_scale.mul_(factor.to(module.reparam_scale.dtype))
+    module._normsoftmax_init_done = True
+
+
 def finish_normsoftmax_init(model: nn.Module) -> None:
     """Initialise what loading did not provide, from the final weights (after loading and weight tying).
 
@@ -670,6 +703,8 @@ def finish_normsoftmax_init(model: nn.Module) -> None:
     """
     config = getattr(model, "config", None)
     for module in model.modules():
+        if isinstance(module, SigmaReparamMixin) and not _is_meta(module.weight) and _reparam_shape_changed(module):
+            _refit_resized_reparam(module)
         if isinstance(module, SigmaReparamMixin) and not getattr(module, "_normsoftmax_init_done", False):
             if _is_meta(module.weight) or _is_meta(module.reparam_scale):
                 continue
@@ -809,7 +844,6 @@ class NormSoftmaxPreTrainedMixin:
 __all__ = [
     "ATTENTION_IMPLEMENTATION",
     "LEARNABLE_GAMMA_PARAMETER",
-    "MISSING_PACKAGE_HINT",
     "NormSoftmaxPreTrainedMixin",
     "REFERENCE_ATTENTION_IMPLEMENTATION",
     "SigmaReparamConv1D",

@@ -374,7 +374,8 @@ class NormSoftmax(nn.Module):
         dim: dimension to normalise over.
         gamma: initial / fixed gamma (positive float).
         learnable_gamma: learn gamma; it is stored as the parameter ``scale`` (never a name containing
-            "gamma": transformers renames such state-dict keys), of shape ``gamma_shape``.
+            "gamma": transformers renames such state-dict keys), of shape ``gamma_shape``. It must stay
+            positive: a forward with a non-positive or non-finite value raises ValueError.
         gamma_shape: shape of the learnable gamma, broadcastable to the input with size 1 at ``dim``
             (``()`` for one shared value, ``(num_heads, 1, 1)`` per head for ``(B, H, L, S)`` logits).
         max_temperature, eps, statistic: as in :func:`normalize_logits`.

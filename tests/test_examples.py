@@ -194,6 +194,8 @@ def test_scale_lr_for_beta_and_flag_defaults():
 
 
 def test_offline_accuracy_metric():
+    import numpy as np
+
     from hf_normsoftmax.training.trainer_utils import accuracy_from_logits, load_accuracy_metric
 
     metric = load_accuracy_metric("local")
@@ -203,8 +205,8 @@ def test_offline_accuracy_metric():
     assert metric.compute() == {"accuracy": pytest.approx(2 / 3)}
 
     class Prediction:  # what Trainer passes to compute_metrics
-        predictions = __import__("numpy").array([[0.1, 0.9], [2.0, -1.0], [0.0, 3.0]])
-        label_ids = __import__("numpy").array([1, 1, 1])
+        predictions = np.array([[0.1, 0.9], [2.0, -1.0], [0.0, 3.0]])
+        label_ids = np.array([1, 1, 1])
 
     assert accuracy_from_logits(metric)(Prediction()) == {"accuracy": pytest.approx(2 / 3)}
     with pytest.raises(ValueError, match="'local' or 'hub'"):

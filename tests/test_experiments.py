@@ -71,19 +71,21 @@ def test_quick_mode_outputs_and_resume(name, tmp_path, capsys):
     assert {path: path.stat().st_mtime_ns for path in runs} == mtimes
 
 
-def test_exp2_records_entropy_per_layer(tmp_path):
+def test_exp2_records_entropy_per_layer():
+    import exp_runner
+
     module = _load("exp2_entropy_collapse")
-    out = tmp_path / "out"
-    module.main([*QUICK, "--settings", "adamw", "--output-dir", str(out)])
-    result = json.loads(next((out / "runs").glob("*baseline*.json")).read_text())
+    spec = {"name": "entropy", "dataset": "mnist5k", "steps": 4, "stability_every": 2, "layernorm": False,
+            "optimizer": "sgd", "lr": 0.05, "sigma_reparam": True, "seed": 0}
+    result = exp_runner.train_run(spec)
     layers = result["spec"]["num_layers"]
-    assert [m["step"] for m in result["stability"]] == [0, 2, 4, 6]
+    assert [m["step"] for m in result["stability"]] == [0, 2, 4]
     first = result["stability"][0]
     assert len(first["entropy_mean"]) == layers and len(first["entropy_min"]) == layers
-    # 17 tokens: entropy between 0 and ln 17
-    assert all(0.0 <= v <= 2.84 for v in first["entropy_mean"])
+    # 17 tokens: entropy between 0 and ln 17; the min over heads is at most the mean
+    assert all(0.0 <= low <= mean <= 2.84 for low, mean in zip(first["entropy_min"], first["entropy_mean"]))
     metrics = module.run_metrics(result)
-    assert isinstance(metrics["collapsed"], bool)
+    assert isinstance(metrics["collapsed"], bool) and len(metrics["final_entropy"]) == layers
 
 
 def test_exp3_uses_the_package_lr_rule():

@@ -291,3 +291,22 @@ def test_torch_compile_with_every_flag():
     assert torch.allclose(out.logits, eager_out.logits, atol=1e-4)
     for name, grad in eager_grads.items():
         assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-4), name
+
+
+def test_resize_token_embeddings_with_a_sigma_reparam_tied_head():
+    torch.manual_seed(0)
+    model = H.NormSoftmaxGPT2LMHeadModel(H.NormSoftmaxGPT2Config(**TINY_GPT2, sigma_reparam=True)).eval()
+    with torch.no_grad():
+        model.lm_head.reparam_scale.mul_(1.7)  # a trained scale, no longer sigma(W)
+    ids = _ids((1, 6))
+    with torch.no_grad():
+        before = model(ids).logits
+    model.resize_token_embeddings(TINY_GPT2["vocab_size"] + 8, mean_resizing=False)
+    head = model.lm_head
+    assert head.weight is model.transformer.wte.weight and head.reparam_v.shape == (TINY_GPT2["vocab_size"] + 8,)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert (after[..., : TINY_GPT2["vocab_size"]] - before).abs().max() <= 1e-5  # old tokens: same function
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert head.reparam_scale.grad is not None and torch.isfinite(head.weight.grad).all()

@@ -117,7 +117,7 @@ def plot(args, rows, heads):
     ax.set_title(f"Tiny ViT, {args.dataset}: accuracy vs heads\n(mean ± std over seeds, dots = seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    R.save_figure(figure, args.output_dir, "exp1_heads.png", args.figures_dir)
+    R.save_figure(figure, args.output_dir, "exp1_heads.png", args.figures_dir, quick=args.quick)
 
 
 def main(argv=None) -> int:

@@ -220,7 +220,7 @@ def plot_entropy(args, specs, results, setting, lr):
     figure.suptitle(f"{SETTINGS[setting]['label']}, lr = {lr:g} (thick: seed {seeds[0]}, thin: other seeds; "
                     "dotted: divergence)", fontsize=10)
     figure.tight_layout()
-    R.save_figure(figure, args.output_dir, f"exp2_entropy_{setting}.png", args.figures_dir)
+    R.save_figure(figure, args.output_dir, f"exp2_entropy_{setting}.png", args.figures_dir, quick=args.quick)
 
 
 def plot_sweep(args, rows, settings):
@@ -250,7 +250,7 @@ def plot_sweep(args, rows, settings):
         axes[0][column].axhline(math.log(17), color="gray", linestyle="--", linewidth=0.7)
         axes[0][column].legend(fontsize=8)
     figure.tight_layout()
-    R.save_figure(figure, args.output_dir, "exp2_lr_sweep.png", args.figures_dir)
+    R.save_figure(figure, args.output_dir, "exp2_lr_sweep.png", args.figures_dir, quick=args.quick)
 
 
 def main(argv=None) -> int:

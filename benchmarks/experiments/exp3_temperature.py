@@ -168,7 +168,7 @@ def plot(args, rows, optimizers):
     axes[1].legend(fontsize=8)
     figure.tight_layout()
     suffix = "" if args.lr_rule == "scaled" else "_fixed_lr"
-    R.save_figure(figure, args.output_dir, f"exp3_temperature{suffix}.png", args.figures_dir)
+    R.save_figure(figure, args.output_dir, f"exp3_temperature{suffix}.png", args.figures_dir, quick=args.quick)
 
 
 def main(argv=None) -> int:

@@ -160,7 +160,7 @@ def plot(args, specs, results):
     axes[0].legend(fontsize=8)
     figure.suptitle("Early training, tiny ViT (mean ± std over seeds)", fontsize=10)
     figure.tight_layout()
-    R.save_figure(figure, args.output_dir, "exp4_convergence.png", args.figures_dir)
+    R.save_figure(figure, args.output_dir, "exp4_convergence.png", args.figures_dir, quick=args.quick)
 
 
 def main(argv=None) -> int:

@@ -182,13 +182,18 @@ def _to_arrays(split) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def load_data(dataset: str, n_train: int, n_test: int) -> dict[str, torch.Tensor]:
-    """Train/test tensors ``x`` (N, 1, 28, 28) float32, standardised with the training mean/std, and ``y`` (N,)."""
-    key = (dataset, n_train, n_test)
-    if key in _DATA_CACHE:
-        return _DATA_CACHE[key]
-    from hf_normsoftmax.training.data import load_fashion_mnist, load_mnist5k
+def _raw_arrays(dataset: str, n_train: int, n_test: int) -> dict[str, np.ndarray]:
+    """uint8 images and int64 labels from the package's loaders, cached as .npz (decoding 10k PNGs costs seconds)."""
+    from hf_normsoftmax.training.data import default_cache_dir, load_fashion_mnist, load_mnist5k
 
+    tag = "mnist5k_seed0" if dataset == "mnist5k" else f"{dataset}_{n_train}_{n_test}"
+    cache = default_cache_dir() / "experiments" / f"{tag}.npz"
+    if cache.exists():
+        try:
+            with np.load(cache) as stored:
+                return {key: stored[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: rebuild it
     if dataset == "fashion_mnist":
         ds = load_fashion_mnist(max_train_samples=n_train, max_test_samples=n_test)
     elif dataset == "mnist5k":
@@ -197,14 +202,35 @@ def load_data(dataset: str, n_train: int, n_test: int) -> dict[str, torch.Tensor
         raise ValueError(f"unknown dataset {dataset!r}; allowed: {DATASETS}")
     x_train, y_train = _to_arrays(ds["train"])
     x_test, y_test = _to_arrays(ds["test"])
-    x_train = torch.from_numpy(x_train).float().div_(255.0).unsqueeze(1)
-    x_test = torch.from_numpy(x_test).float().div_(255.0).unsqueeze(1)
+    arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache directory only costs time
+    return arrays
+
+
+def load_data(dataset: str, n_train: int, n_test: int) -> dict[str, torch.Tensor]:
+    """Train/test tensors ``x`` (N, 1, 28, 28) float32, standardised with the training mean/std, and ``y`` (N,).
+
+    ``n_train``/``n_test`` select the first images of Fashion-MNIST's official splits; MNIST-5k ignores them (its
+    split is fixed: 4,000 / 1,000).
+    """
+    key = (dataset, None, None) if dataset == "mnist5k" else (dataset, n_train, n_test)
+    if key in _DATA_CACHE:
+        return _DATA_CACHE[key]
+    raw = _raw_arrays(dataset, n_train, n_test)
+    x_train = torch.from_numpy(raw["x_train"]).float().div_(255.0).unsqueeze(1)
+    x_test = torch.from_numpy(raw["x_test"]).float().div_(255.0).unsqueeze(1)
     mean, std = x_train.mean(), x_train.std()
     data = {
         "x_train": (x_train - mean) / std,
-        "y_train": torch.from_numpy(y_train),
+        "y_train": torch.from_numpy(raw["y_train"]).long(),
         "x_test": (x_test - mean) / std,
-        "y_test": torch.from_numpy(y_test),
+        "y_test": torch.from_numpy(raw["y_test"]).long(),
     }
     _DATA_CACHE[key] = data
     return data
@@ -591,12 +617,16 @@ def smoothed(values: Sequence[float | None], window: int) -> list[float]:
     return out
 
 
-def save_figure(figure, output_dir: Path, filename: str, figures_dir: Path | None) -> list[Path]:
+def save_figure(figure, output_dir: Path, filename: str, figures_dir: Path | None, quick: bool = False) -> list[Path]:
+    """Save ``figure`` as PNG into ``output_dir`` (and ``figures_dir``); ``quick``: low resolution, no tight bbox."""
     paths = []
     for directory in [output_dir] + ([figures_dir] if figures_dir is not None else []):
         Path(directory).mkdir(parents=True, exist_ok=True)
         path = Path(directory) / filename
-        figure.savefig(path, dpi=110, bbox_inches="tight")
+        if quick:
+            figure.savefig(path, dpi=40)
+        else:
+            figure.savefig(path, dpi=110, bbox_inches="tight")
         paths.append(path)
     import matplotlib.pyplot as plt
 
