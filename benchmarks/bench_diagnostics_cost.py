@@ -13,13 +13,14 @@ one-off cost of about a second, independent of the run length.
 
 Usage::
 
-    python benchmarks/bench_diagnostics_cost.py                       # GPT-2 and BERT, 250 steps, 5 pairs
+    python benchmarks/bench_diagnostics_cost.py                       # GPT-2 and BERT, 200 steps, 5 pairs
     python benchmarks/bench_diagnostics_cost.py --model gpt2 --steps 200 --reps 5 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -89,7 +90,8 @@ def run(kind: str, with_callback: bool, options, dataset, out_dir: str):
         callbacks.append(stability)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
     wall, cpu = time.perf_counter(), time.process_time()
-    trainer.train()
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # the Trainer prints every log dict
+        trainer.train()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return wall, cpu, timer.times, stability, trainer
 
@@ -101,7 +103,8 @@ def measurement_time(trainer: Trainer, stability: StabilityCallback, reps: int) 
     for _ in range(reps):
         stability._last_measured_step = None  # same step again: measure anyway
         start = time.perf_counter()
-        stability._measure(trainer.args, trainer.state)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            stability._measure(trainer.args, trainer.state)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -115,6 +118,8 @@ def bench(kind: str, options) -> dict:
             for with_callback in (False, True):
                 wall, cpu, steps, stability, trainer = run(kind, with_callback, options, dataset,
                                                            os.path.join(tmp, f"{kind}-{rep}-{with_callback}"))
+                print(f"  {kind} pair {rep}/{options.reps} {'with' if with_callback else 'without'}: {wall:.2f} s",
+                      file=sys.stderr, flush=True)
                 if rep:
                     results[with_callback]["wall"].append(wall)
                     results[with_callback]["cpu"].append(cpu)
@@ -141,13 +146,13 @@ def bench(kind: str, options) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["gpt2", "bert", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=250, help="optimizer steps per training run")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per training run")
     parser.add_argument("--every", type=int, default=50, help="StabilityCallback every_n_steps")
     parser.add_argument("--reps", type=int, default=5, help="timed (without, with) pairs; the median is reported")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     options = parser.parse_args(argv)

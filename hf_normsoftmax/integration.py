@@ -108,7 +108,7 @@ def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
-def _with_position_bias(attention_mask, position_bias, query):
+def _with_position_bias(attention_mask, position_bias):
     """Fold an additive position bias into an additive float mask (masked entries: most negative value)."""
     bias = position_bias.to(torch.float32)
     if attention_mask is None:
@@ -170,7 +170,7 @@ def _normsoftmax_attention_forward(
     causal = is_causal and L > 1  # a single query row (decoding) sees every key: bottom-right alignment
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
-        attention_mask = _with_position_bias(attention_mask, position_bias, query)
+        attention_mask = _with_position_bias(attention_mask, position_bias)
     want_weights = _attention_weights_requested(kwargs)
 
     gamma = attention_gamma(module)

@@ -48,6 +48,9 @@ from torch import nn
 __all__ = ["SigmaReparamConv2d", "SigmaReparamLinear", "SigmaReparamMixin", "sigma_reparam_"]
 
 _LAYOUTS = ("out_in", "in_out", "conv")
+# Devices where "did the weight change?" is read on the host to skip work (free on CPU). Elsewhere, and under
+# torch.compile, the step is computed and selected with torch.where: no device sync, no graph break.
+_HOST_DECIDED_DEVICES = ("cpu",)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # Counts optimizer steps process-wide (a global torch.optim hook, registered on first use). Part of the eval
@@ -194,6 +197,8 @@ class _ReparamMatmul(torch.autograd.Function):
                     correction = _outer_in_layout(coef_v, u, layout, weight.shape).to(weight.dtype)
                     grad_w = grad_w_hat * alpha_d.to(weight.dtype) + correction
             return grad_x, grad_w, grad_b, grad_s, None, None, None, None
+        # CPU only (see the class docstring): per-step scalars are read as Python numbers, which costs nothing
+        # here and saves a dozen tiny tensor ops per layer.
         alpha = ctx.alpha
         zero = grad_out.new_zeros(())
         if need_x:
@@ -206,19 +211,22 @@ class _ReparamMatmul(torch.autograd.Function):
                 grad_w = torch.addmm(zero, grad_out.t(), x, beta=0, alpha=scale_by)
             else:
                 grad_w = torch.addmm(zero, x.t(), grad_out, beta=0, alpha=scale_by)
-            compute_dtype = _compute_dtype(weight.dtype)
-            inner = torch.dot(grad_w.reshape(-1).to(compute_dtype), weight.reshape(-1).to(compute_dtype))
-            inner = inner / scale_by
+            if grad_w.dtype in _HALF_DTYPES:
+                inner = float(torch.dot(grad_w.reshape(-1).float(), weight.reshape(-1).float())) / scale_by
+            else:
+                inner = float(torch.dot(grad_w.reshape(-1), weight.reshape(-1))) / scale_by
+            sigma_value, scale_value = float(sigma), float(scale)
             if need_s:
-                grad_s = (inner / sigma).to(scale.dtype)
+                grad_s = torch.full_like(scale, inner / sigma_value)
             if need_w:
                 if alpha == 0.0:
                     grad_w.zero_()
-                coef_v = v * (-(scale.to(compute_dtype) / sigma.square()) * inner)
+                coef_v = v.to(grad_w.dtype) * (-(scale_value / sigma_value**2) * inner)
+                u_w = u.to(grad_w.dtype)
                 if layout == "in_out":
-                    grad_w.addr_(u.to(grad_w.dtype), coef_v.to(grad_w.dtype))
+                    grad_w.addr_(u_w, coef_v)
                 else:
-                    grad_w.addr_(coef_v.to(grad_w.dtype), u.to(grad_w.dtype))
+                    grad_w.addr_(coef_v, u_w)
             else:
                 grad_w = None
         return grad_x, grad_w, grad_b, grad_s, None, None, None, None
@@ -348,8 +356,9 @@ class SigmaReparamMixin:
     def _reparam_vectors(self, step: bool):
         """(u, v, sigma) in compute dtype for this forward; with ``step``, one power-iteration step if needed.
 
-        Branch-free (no host sync, one graph under torch.compile): the step is computed and kept only where the
-        stored u is no longer ``normalize(W^T v)`` for the current weight, i.e. where the weight changed.
+        The step is taken only if the stored u is no longer ``normalize(W^T v)`` for the current weight, i.e. if
+        the weight changed. On CPU that flag is read directly; on accelerators and under torch.compile the step
+        is computed and selected branch-free (no host sync, one graph).
         """
         weight = self.weight.detach()
         compute_dtype = _compute_dtype(weight.dtype)
@@ -360,20 +369,29 @@ class SigmaReparamMixin:
         # sigma = v^T W u, evaluated as (W^T v) . u: then a forward right after a step and any later forward
         # without one compute it with the very same operations (bitwise equal under checkpoint recomputation).
         sigma_now = torch.dot(wt_v, u_now)
-        if step:
-            changed = (F.normalize(wt_v, dim=0).to(u_stored.dtype) != u_stored).any()
-            v_new_stored = F.normalize(torch.mv(matrix, u_now), dim=0).to(v_stored.dtype)
-            v_new = _read(v_new_stored, compute_dtype)
-            wt_v_new = torch.mv(matrix.t(), v_new)
-            u_new_stored = F.normalize(wt_v_new, dim=0).to(u_stored.dtype)
-            u_new = _read(u_new_stored, compute_dtype)
-            sigma_new = torch.dot(wt_v_new, u_new)
-            u_stored.copy_(torch.where(changed, u_new_stored, u_stored))
-            v_stored.copy_(torch.where(changed, v_new_stored, v_stored))
-            u_now = torch.where(changed, u_new, u_now)
-            v_now = torch.where(changed, v_new, v_now)
-            sigma_now = torch.where(changed, sigma_new, sigma_now)
-        return u_now, v_now, sigma_now.clamp(min=_sigma_floor(compute_dtype))
+        floor = _sigma_floor(compute_dtype)
+        if not step:
+            return u_now, v_now, sigma_now.clamp(min=floor)
+        changed = (F.normalize(wt_v, dim=0).to(u_stored.dtype) != u_stored).any()
+        # Where reading the flag costs no device sync, skip the step's work when nothing changed.
+        decide_on_host = weight.device.type in _HOST_DECIDED_DEVICES and not torch.compiler.is_compiling()
+        if decide_on_host and not bool(changed):
+            return u_now, v_now, sigma_now.clamp(min=floor)
+        v_new_stored = F.normalize(torch.mv(matrix, u_now), dim=0).to(v_stored.dtype)
+        v_new = _read(v_new_stored, compute_dtype)
+        wt_v_new = torch.mv(matrix.t(), v_new)
+        u_new_stored = F.normalize(wt_v_new, dim=0).to(u_stored.dtype)
+        u_new = _read(u_new_stored, compute_dtype)
+        sigma_new = torch.dot(wt_v_new, u_new)
+        if decide_on_host:
+            u_stored.copy_(u_new_stored)
+            v_stored.copy_(v_new_stored)
+            return u_new, v_new, sigma_new.clamp(min=floor)
+        u_stored.copy_(torch.where(changed, u_new_stored, u_stored))
+        v_stored.copy_(torch.where(changed, v_new_stored, v_stored))
+        u_now = torch.where(changed, u_new, u_now)
+        v_now = torch.where(changed, v_new, v_now)
+        return u_now, v_now, torch.where(changed, sigma_new, sigma_now).clamp(min=floor)
 
     @_full_precision
     @torch.no_grad()

@@ -532,3 +532,58 @@ def test_fused_head_op_in_bfloat16_is_the_cross_entropy_of_the_returned_logits()
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert torch.allclose(logits.float(), normalize_logits(raw, gamma=3.0).float(), atol=2e-2, rtol=1e-2)
     assert torch.allclose(loss, F.cross_entropy(logits.float(), labels), atol=1e-6)
+
+
+class _AttentionStub(torch.nn.Module):
+    """The attributes transformers' attention modules expose to the attention function."""
+
+    def __init__(self, config, is_causal):
+        super().__init__()
+        self.config = config
+        self.is_causal = is_causal
+
+
+def test_attention_function_position_bias_softcap_and_static_cache_prefill():
+    from hf_normsoftmax.attention import normsoftmax_attention_reference
+    from hf_normsoftmax.integration import normsoftmax_attention_forward
+
+    torch.manual_seed(0)
+    config = H.NormSoftmaxBertConfig(attention_softmax="normsoftmax", normsoftmax_gamma=1.3)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    bias = torch.randn(1, 3, 5, 5)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[1, :, :, 3:] = False
+    out, _ = normsoftmax_attention_forward(_AttentionStub(config, False), q, k, v, mask, scaling=0.5,
+                                           position_bias=bias)
+    additive = bias.masked_fill(~mask, torch.finfo(torch.float32).min)
+    ref, _ = normsoftmax_attention_reference(q, k, v, attn_mask=additive, scale=0.5, gamma=1.3)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+    with pytest.raises(ValueError, match="`softcap`"):
+        normsoftmax_attention_forward(_AttentionStub(config, False), q, k, v, None, softcap=30.0)
+    # prefill into an empty static cache: keys beyond the new tokens are empty slots, causality is top-left
+    causal = _AttentionStub(config, True)
+    k_cache = torch.cat([k, torch.zeros(2, 3, 4, 4)], dim=2)
+    v_cache = torch.cat([v, torch.zeros(2, 3, 4, 4)], dim=2)
+    prefill, _ = normsoftmax_attention_forward(causal, q, k_cache, v_cache, None, scaling=0.5)
+    plain, _ = normsoftmax_attention_forward(causal, q, k, v, None, scaling=0.5)
+    assert torch.allclose(prefill, plain, atol=1e-6)
+
+
+def test_softmax_variant_eager_request_equals_sdpa():
+    torch.manual_seed(0)
+    config = H.NormSoftmaxBertConfig(**TINY_BERT)
+    fast = H.NormSoftmaxBertModel(config).eval()
+    eager = H.NormSoftmaxBertModel(H.NormSoftmaxBertConfig(**TINY_BERT, attn_implementation="eager")).eval()
+    eager.load_state_dict(fast.state_dict())
+    stock = BertModel(BertConfig(**TINY_BERT, attn_implementation="eager")).eval()
+    stock.load_state_dict(fast.state_dict())
+    ids = torch.randint(3, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        a = fast(ids, attention_mask=mask)
+        b = eager(ids, attention_mask=mask, output_attentions=True)
+        c = stock(ids, attention_mask=mask, output_attentions=True)
+    assert eager.config._attn_implementation == REFERENCE_ATTENTION_IMPLEMENTATION
+    assert torch.allclose(a.last_hidden_state, b.last_hidden_state, atol=1e-5)
+    assert torch.allclose(b.attentions[0], c.attentions[0], atol=1e-6)  # plain softmax weights, as stock eager

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hf_normsoftmax import sigma_reparam as sigma_reparam_module
 from hf_normsoftmax.sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin, sigma_reparam_
 
 MODULE_PATH = Path(__file__).resolve().parents[1] / "hf_normsoftmax" / "sigma_reparam.py"
@@ -187,8 +188,16 @@ def test_sigma_converges_during_training():
     assert abs(float(layer.sigma) / float(exact) - 1) < 0.01
 
 
+@pytest.fixture(params=["host", "branch-free"])
+def decision(request, monkeypatch):
+    """Runs a test with the CPU shortcut (flag read on the host) and with the accelerator / compile path."""
+    if request.param == "branch-free":
+        monkeypatch.setattr(sigma_reparam_module, "_HOST_DECIDED_DEVICES", ())
+    return request.param
+
+
 @pytest.mark.parametrize("optimizer_kwargs", [dict(fused=True), dict(foreach=True), dict(foreach=False)])
-def test_exactly_one_step_per_weight_change(optimizer_kwargs):
+def test_exactly_one_step_per_weight_change(optimizer_kwargs, decision):
     """Fused AdamW bumps no version counter: the change must still be seen, and seen once."""
     _, layer, x = converted("linear")
     randomize_vectors(layer)
@@ -210,7 +219,7 @@ def test_exactly_one_step_per_weight_change(optimizer_kwargs):
     assert torch.equal(layer.reparam_u, u_before)
 
 
-def test_no_step_when_weights_do_not_change():
+def test_no_step_when_weights_do_not_change(decision):
     _, layer, x = converted("conv1d")
     u, v = layer.reparam_u.clone(), layer.reparam_v.clone()
     for _ in range(4):
@@ -345,7 +354,7 @@ def grads_of(model):
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_gradient_accumulation_equals_big_batch():
+def test_gradient_accumulation_equals_big_batch(decision):
     big, accumulated = small_model(), small_model()
     x = torch.randn(12, 6, dtype=torch.float64)
     target = torch.randn(12, 3, dtype=torch.float64)
@@ -359,7 +368,7 @@ def test_gradient_accumulation_equals_big_batch():
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_recomputes_with_same_vectors(use_reentrant):
+def test_gradient_checkpointing_recomputes_with_same_vectors(use_reentrant, decision):
     plain, checkpointed = small_model(), small_model()
     x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
     plain(x).square().sum().backward()
@@ -383,6 +392,11 @@ def test_torch_compile_matches_eager():
             optimizer.step()
     for a, b in zip(eager.state_dict().values(), compiled_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    compiled(x).sum().backward()  # the last optimizer step is taken into account here ...
+    buffers = [b.clone() for b in compiled_model.buffers()]
+    compiled(x).sum().backward()  # ... and not a second time
+    assert all(torch.equal(a, b) for a, b in zip(buffers, compiled_model.buffers(), strict=True))
+    eager(x)  # same catch-up step in the eager model
     eager.eval(), compiled.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
