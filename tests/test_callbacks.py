@@ -74,26 +74,27 @@ def _history(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_callback_does_not_change_training_results(tmp_path):
     """Same seed, same data: weights and buffers bit-identical with and without the callback (dropout on)."""
     dataset = _classification_dataset()
     results = []
     for use_callback in (False, True):
         model = _bert_model()
-        args = _args(tmp_path / f"run{use_callback}", max_steps=6, gradient_accumulation_steps=2)
+        args = _args(tmp_path / f"run{use_callback}", max_steps=4, gradient_accumulation_steps=2)
         callbacks = [StabilityCallback(every_n_steps=2)] if use_callback else []
         trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
         trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         results.append(({k: v.clone() for k, v in model.state_dict().items()}, losses, model.training))
         if use_callback:
-            assert [e["step"] for e in _stability_entries(trainer)] == [0, 2, 4, 6]
+            assert [e["step"] for e in _stability_entries(trainer)] == [0, 2, 4]
     (plain, plain_losses, plain_mode), (watched, watched_losses, watched_mode) = results
     assert plain.keys() == watched.keys()
     different = [k for k in plain if not torch.equal(plain[k], watched[k])]
     assert different == []
     assert any(k.endswith("reparam_u") for k in plain)  # sigmaReparam buffers were compared too
-    assert plain_losses == watched_losses and len(plain_losses) == 6
+    assert plain_losses == watched_losses and len(plain_losses) == 4
     assert plain_mode == watched_mode
 
 
@@ -195,6 +196,7 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+@pytest.mark.slow
 def test_resume_keeps_one_record_per_step(tmp_path):
     dataset = _copy_dataset(32)
     args = _args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3)

@@ -266,7 +266,7 @@ def test_sigma_reparam_values_and_logit_norm():
     assert len(sigma_layers) == 2 * 6 + 2  # q, k, v, attention out, 2 MLP per layer; pooler; classifier
     for name, layer in sigma_layers:
         assert stats[f"stability/sigma/{name}"] == pytest.approx(float(layer.sigma), rel=1e-6)
-        assert stats[f"stability/reparam_scale/{name}"] == pytest.approx(float(layer.reparam_scale), rel=1e-6)
+        assert stats[f"stability/reparam_scale/{name}"] == pytest.approx(float(layer.reparam_scale.detach()), rel=1e-6)
     assert stats["stability/reparam_scale/classifier"] == pytest.approx(0.3)
     model.eval()
     with torch.no_grad():
