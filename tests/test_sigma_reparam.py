@@ -573,6 +573,20 @@ def test_meta_device_construction_and_materialisation():
     assert SigmaReparamLinear.from_module(stock).reparam_scale.is_meta
 
 
+def test_non_finite_weights():
+    stock = nn.Linear(4, 3)
+    with torch.no_grad():
+        stock.weight[0, 0] = float("nan")  # e.g. uninitialised memory before a checkpoint is loaded
+    layer = SigmaReparamLinear.from_module(stock)  # conversion defers initialisation ...
+    with pytest.raises(ValueError, match="inf or nan"):
+        layer.reset_reparam()  # ... and an explicit reset refuses
+    with torch.no_grad():
+        layer.weight.normal_()
+    layer.reset_reparam()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-6)
+
+
 def test_zero_weight_stays_finite():
     layer = SigmaReparamLinear(4, 3)
     with torch.no_grad():
