@@ -27,7 +27,8 @@ Usage::
     accelerate launch --multi_gpu --num_processes 2 examples/train_gpt2_causal_lm.py --fsdp2 --output-dir runs/gpt2-fsdp
 
 ``--dataset`` takes any dataset with a text column (``--text-column``): a local ``.txt`` file (one row per line),
-csv/json files, or a Hub dataset id.
+csv/json files, or a Hub dataset id. ``--max-train-samples`` / ``--max-eval-samples`` count blocks of
+``--block-size`` tokens (tokenization stops once enough blocks exist).
 """
 
 from __future__ import annotations

@@ -330,19 +330,19 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
             z = logits[start:stop].to(compute_dtype)
-            # work in place in the output rows (or in a compute-dtype buffer for half-precision logits)
-            seen = out[start:stop] if out.dtype == compute_dtype else torch.empty_like(z)
+            # chunk-sized temporaries (they stay in cache), then one copy into the output rows; no `out=` into
+            # views of the output, which torch.compile does not propagate to the returned tensor
             if normalize:
-                torch.sub(z, z.mean(dim=-1, keepdim=True), out=seen)
+                seen = z - z.mean(dim=-1, keepdim=True)
                 variance = torch.linalg.vector_norm(seen, dim=-1, keepdim=True).square_().div_(classes)
                 spread = variance.add_(HEAD_NORMSOFTMAX_EPS).sqrt_()
                 sigma[start:stop] = spread
                 seen.mul_(factor / spread)
             else:
-                torch.mul(z, factor, out=seen)
+                seen = z * factor
+            out[start:stop] = seen
             if out.dtype != compute_dtype:
-                out[start:stop] = seen
-                seen.copy_(out[start:stop])  # the loss is the cross-entropy of the logits actually returned
+                seen = out[start:stop].to(compute_dtype)  # the loss is the cross-entropy of the logits returned
             row_lse = torch.logsumexp(seen, dim=-1)
             lse[start:stop] = row_lse
             labels = target[start:stop]
@@ -368,18 +368,17 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
             seen = out[start:stop].to(compute_dtype)
-            grad = grad_logits[start:stop] if grad_logits.dtype == compute_dtype else torch.empty_like(seen)
             if loss_weight is not None:
                 # d loss / d seen = (softmax(seen) - onehot(label)) * weight, zero for ignored rows
                 labels = target[start:stop]
                 valid = (labels != ctx.ignore_index).unsqueeze(-1)
-                torch.sub(seen, lse[start:stop].unsqueeze(-1), out=grad).exp_()
+                grad = (seen - lse[start:stop].unsqueeze(-1)).exp_()
                 grad.scatter_add_(-1, torch.where(valid, labels.unsqueeze(-1), 0), -torch.ones_like(grad[:, :1]))
                 grad.mul_(torch.where(valid, loss_weight, 0.0))
                 if grad_out is not None:
                     grad.add_(grad_out[start:stop].to(compute_dtype))
             else:
-                grad.copy_(grad_out[start:stop])
+                grad = grad_out[start:stop].to(compute_dtype, copy=True)
             if ctx.normalize:
                 # dz = (gamma / sigma) * (G - mean(G) - seen * mean(G * seen) / gamma^2)
                 mean_grad = grad.mean(dim=-1, keepdim=True)
@@ -387,8 +386,7 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
                 grad.sub_(mean_grad).addcmul_(seen, mean_grad_seen, value=-1.0).mul_(factor / sigma[start:stop])
             else:
                 grad.mul_(factor)
-            if grad_logits.dtype != compute_dtype:
-                grad_logits[start:stop] = grad
+            grad_logits[start:stop] = grad
         return grad_logits, None, None, None, None, None
 
 
@@ -417,6 +415,11 @@ def head_logits_and_loss(
         return training_logits(raw_logits, config), None
     if _uses_default_head_softmax(config):
         return raw_logits, head_cross_entropy(raw_logits, labels, num_items_in_batch, ignore_index)
+    if torch.compiler.is_compiling():
+        # Inductor fuses the separate ops itself; and compiling the chunked op lets the backward overwrite the
+        # returned logits (their buffer is reused), so it is for eager mode only.
+        logits = training_logits(raw_logits, config)
+        return logits, head_cross_entropy(logits, labels, num_items_in_batch, ignore_index)
     normalize = getattr(config, "loss_softmax", "softmax") == "normsoftmax"
     factor = float(config.loss_normsoftmax_gamma if normalize else config.logit_inverse_temperature)
     shape = raw_logits.shape

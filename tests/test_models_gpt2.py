@@ -310,3 +310,23 @@ def test_resize_token_embeddings_with_a_sigma_reparam_tied_head():
     model.train()
     model(ids, labels=ids).loss.backward()
     assert head.reparam_scale.grad is not None and torch.isfinite(head.weight.grad).all()
+
+
+def test_output_attentions_are_the_normsoftmax_weights():
+    """GPT-2 drops `output_attentions` before the attention call; the weights are still materialised."""
+    from hf_normsoftmax.normsoftmax import norm_softmax
+
+    torch.manual_seed(0)
+    model = H.NormSoftmaxGPT2Model(H.NormSoftmaxGPT2Config(**TINY_GPT2, attention_softmax="normsoftmax")).eval()
+    calls = []
+    model.h[1].attn._normsoftmax_recorder = lambda **kw: calls.append(kw)
+    ids = _ids((1, 6))
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+    weights = out.attentions[1]
+    assert weights.shape == (1, TINY_GPT2["n_head"], 6, 6)
+    assert torch.equal(weights.triu(1), torch.zeros_like(weights))  # causal
+    call = calls[0]
+    logits = call["query"] @ call["key"].transpose(-1, -2) * call["scaling"]
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert torch.allclose(weights, norm_softmax(logits, mask=causal, gamma=call["gamma"]), atol=1e-6)

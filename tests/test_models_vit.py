@@ -188,3 +188,21 @@ def test_stock_base_checkpoint_loads(tmp_path):
     path = save(ViTModel(ViTConfig(**TINY_VIT)), tmp_path / "base")
     _, info = H.NormSoftmaxViTModel.from_pretrained(path, output_loading_info=True, **ALL_ON)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+
+
+def test_output_attentions_are_normsoftmax_weights():
+    torch.manual_seed(0)
+    model = H.NormSoftmaxViTModel(H.NormSoftmaxViTConfig(**TINY_VIT, attention_softmax="normsoftmax",
+                                                         normsoftmax_gamma=2.0)).eval()
+    calls = []
+    model.layers[0].attention._normsoftmax_recorder = lambda **kw: calls.append(kw)
+    with torch.no_grad():
+        out = model(_pixels(1), output_attentions=True)
+    weights = out.attentions[0]
+    assert weights.shape == (1, TINY_VIT["num_attention_heads"], 17, 17)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 4, 17), atol=1e-5)
+    # NormSoftmax: the log-weights of every row have spread gamma * std / sqrt(var + eps) over the keys
+    logits = calls[0]["query"] @ calls[0]["key"].transpose(-1, -2) * calls[0]["scaling"]
+    variance = logits.var(-1, unbiased=False)
+    expected = 2.0 * torch.sqrt(variance / (variance + 1e-6))
+    assert torch.allclose(weights.log().std(-1, unbiased=False), expected, atol=1e-4)

@@ -64,7 +64,8 @@ def summarize(args, specs, results, command) -> dict:
         row = [str(num_heads), str(64 // num_heads if 64 % num_heads == 0 else "-")]
         accs = {}
         for attention in ATTENTIONS:
-            runs = [results[s["name"]] for s in specs if s["num_heads"] == num_heads and s["attention_softmax"] == attention]
+            runs = [results[s["name"]] for s in specs
+                    if s["num_heads"] == num_heads and s["attention_softmax"] == attention]
             values = [r["final"]["accuracy"] for r in runs]
             accs[attention] = values
             per_attention[attention].extend(values)

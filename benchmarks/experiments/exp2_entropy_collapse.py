@@ -14,10 +14,11 @@ in two settings, each with a learning-rate sweep:
   lr in {0.01, 0.03, 0.1, 0.3, 1}.
 
 Every 10 steps the attention entropy per layer and head is measured on a fixed probe batch of 256 test images
-(``collect_stability_stats``). A run counts as *collapsed* when, averaged over its last 3 measurements, some layer's
-mean entropy is below 10% of its value at initialisation (or the run diverged to a non-finite loss). The per-layer
-entropy figure of each setting shows the smallest learning rate at which the baseline collapses in at least half
-of the seeds (the largest swept learning rate if it never does).
+(``collect_stability_stats``). A run counts as *collapsed* when, averaged over its last 3 measurements (before a
+divergence, if any), some layer's mean entropy is below 10% of its value at initialisation, and as *diverged* when
+its loss becomes non-finite. The per-layer entropy figure of each setting shows the smallest learning rate at which
+the baseline collapses or diverges in at least half of the seeds (the largest swept learning rate if it never
+does).
 
 Usage::
 
@@ -100,17 +101,20 @@ def run_metrics(result) -> dict:
 
     final = [finite_mean([m["entropy_mean"][i] for m in tail]) for i in range(layers)]
     final_min_heads = [finite_mean([m["entropy_min"][i] for m in tail]) for i in range(layers)]
-    fraction = [f / i if i else float("nan") for f, i in zip(final, initial)]
+    fraction = [f / i if i else float("nan") for f, i in zip(final, initial, strict=True)]
     lowest_over_time = min((v for m in stability[1:] for v in m["entropy_mean"] if v is not None),
                            default=float("nan"))
     losses = [v for v in result["train_loss"] if v is not None]
     quarter = losses[len(losses) * 3 // 4:] if losses else []
     diverged = result["diverged_at"] is not None
-    collapsed = diverged or any(not math.isfinite(f) or f < COLLAPSE_FRACTION for f in fraction)
+    collapsed = any(not math.isfinite(f) or f < COLLAPSE_FRACTION for f in fraction)
     tail_mean = sum(quarter) / len(quarter) if quarter else float("nan")
-    tail_std = (sum((v - tail_mean) ** 2 for v in quarter) / max(1, len(quarter) - 1)) ** 0.5 if quarter else float("nan")
+    tail_std = float("nan")
+    if quarter:
+        tail_std = (sum((v - tail_mean) ** 2 for v in quarter) / max(1, len(quarter) - 1)) ** 0.5
     return {
-        "collapsed": collapsed, "diverged": diverged, "diverged_at": result["diverged_at"],
+        "collapsed": collapsed, "diverged": diverged, "unstable": collapsed or diverged,
+        "diverged_at": result["diverged_at"],
         "initial_entropy": initial, "final_entropy": final, "final_entropy_min_head": final_min_heads,
         "final_entropy_fraction_min_layer": min(fraction) if fraction else float("nan"),
         "final_entropy_min_layer": min(final) if final else float("nan"),
@@ -136,6 +140,7 @@ def summarize(args, specs, results, command) -> dict:
                 row = {
                     "setting": setting, "lr": lr, "method": method, "n": n,
                     "collapsed": sum(m["collapsed"] for m in metrics),
+                    "unstable": sum(m["unstable"] for m in metrics),
                     "diverged": sum(m["diverged"] for m in metrics),
                     "final_entropy_min_layer": [m["final_entropy_min_layer"] for m in metrics],
                     "final_entropy_fraction_min_layer": [m["final_entropy_fraction_min_layer"] for m in metrics],
@@ -143,7 +148,7 @@ def summarize(args, specs, results, command) -> dict:
                     "last_quarter_loss_mean": [m["last_quarter_loss_mean"] for m in metrics],
                     "last_quarter_loss_std": [m["last_quarter_loss_std"] for m in metrics],
                     "test_accuracy": [m["test_accuracy"] for m in metrics],
-                    "per_run": {s["name"]: m for s, m in zip(group, metrics)},
+                    "per_run": {s["name"]: m for s, m in zip(group, metrics, strict=True)},
                 }
                 rows.append(row)
                 table.append([
@@ -155,12 +160,13 @@ def summarize(args, specs, results, command) -> dict:
                     R.fmt_mean_std(row["test_accuracy"], 100),
                 ])
         baseline_collapse = [r for r in rows if r["setting"] == setting and r["method"] == "baseline"
-                             and r["collapsed"] * 2 >= r["n"] and r["n"]]
+                             and r["unstable"] * 2 >= r["n"] and r["n"]]
         chosen[setting] = min(r["lr"] for r in baseline_collapse) if baseline_collapse else max(lrs)
         markdown_parts.append(
             f"**{SETTINGS[setting]['label']}** ({setting}; figure at lr = {chosen[setting]:g}, "
-            + ("the smallest lr where the baseline collapses" if baseline_collapse else
-               "the largest lr swept: the baseline never collapsed") + ")\n\n"
+            + ("the smallest lr where the baseline collapses or diverges in at least half of the seeds"
+               if baseline_collapse else "the largest lr swept: the baseline never collapsed nor diverged")
+            + ")\n\n"
             + R.markdown_table(
                 ["lr", "method", "collapsed", "diverged", "final entropy, lowest layer (nats)",
                  "lowest layer entropy at any time", "loss, last 25% of steps", "loss std, last 25%",
@@ -168,8 +174,9 @@ def summarize(args, specs, results, command) -> dict:
     markdown = "\n\n".join(markdown_parts)
     markdown += (f"\n\nEntropy: mean over heads and probe rows, natural log; maximum ln 17 = {math.log(17):.2f}. "
                  f"Collapsed: some layer's entropy (mean of the last {LAST_MEASUREMENTS} measurements) below "
-                 f"{COLLAPSE_FRACTION:.0%} of its initial value, or a non-finite loss. n = {len(args_seeds(specs))} "
-                 f"seeds per cell. Compute: {R.total_seconds(results):.0f} s of training in total.")
+                 f"{COLLAPSE_FRACTION:.0%} of its initial value (before a divergence, if any). "
+                 f"Diverged: non-finite loss. n = {len(args_seeds(specs))} seeds per cell. "
+                 f"Compute: {R.total_seconds(results):.0f} s of training in total.")
     summary = {"experiment": "exp2_entropy_collapse", "rows": rows, "figure_lr": chosen,
                "total_train_seconds": R.total_seconds(results)}
     R.write_summary(args.output_dir, summary, markdown, command)

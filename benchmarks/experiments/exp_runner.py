@@ -279,7 +279,7 @@ def build_model(spec: Mapping[str, Any]):
 def remove_layernorms(model: torch.nn.Module) -> int:
     """Replace every ``nn.LayerNorm`` of ``model`` by ``nn.Identity`` (sigmaReparam paper's hardest setting)."""
     count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.LayerNorm):
                 setattr(module, child_name, torch.nn.Identity())
@@ -500,11 +500,11 @@ def _existing_result(path: Path, spec: Mapping[str, Any]) -> dict | None:
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
-        warnings.warn(f"{path}: unreadable result, recomputing it")
+        warnings.warn(f"{path}: unreadable result, recomputing it", stacklevel=2)
         return None
     wanted = _clean({**BASE_SPEC, **spec})
     if result.get("version") != RESULT_VERSION or result.get("spec") != wanted:
-        warnings.warn(f"{path}: saved for another spec (or result version), recomputing it")
+        warnings.warn(f"{path}: saved for another spec (or result version), recomputing it", stacklevel=2)
         return None
     return result
 

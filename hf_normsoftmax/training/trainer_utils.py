@@ -14,6 +14,10 @@ What lives here, and why:
   before training starts.
 * :func:`load_accuracy_metric`: accuracy as an ``evaluate`` metric that works offline (``evaluate.load("accuracy")``
   downloads its script from the Hub; see the function).
+* Trainer plumbing: :func:`training_arguments_from_args`, :func:`stability_callbacks`, :func:`finish_trainer_run`
+  (save, final evaluation, metrics, run files, card) and :func:`resumable_trainer_class` (a ``Trainer`` whose
+  ``resume_from_checkpoint`` also restores weights saved under legacy key names, which transformers 5.23's own
+  resume silently skips for ViT).
 * run-dir files: :func:`save_results` (``{split}_results.json`` + ``all_results.json``, the layout of
   ``Trainer.save_metrics``), :func:`write_run_config` (``run_config.json``, read by the model card),
   :func:`finish_run_dir` (stability plots and the model card ``README.md``).
@@ -21,7 +25,7 @@ What lives here, and why:
   starts independent single-process runs unless the CPU backend is requested: the examples request it),
   :func:`dump_rank_state` (each process's weights and buffers, to check that ranks agree), and the FSDP2 helpers
   :func:`fully_shard_model`, :func:`all_reduce_unsharded_grads`, :func:`clip_grad_norm_mixed`,
-  :func:`full_state_dict`.
+  :func:`full_state_dict`, :func:`stability_stats_fsdp2`.
 
 Usage (inside an example)::
 
@@ -52,25 +56,36 @@ __all__ = [
     "BAD_INPUT_ERRORS",
     "BadInputError",
     "VARIANT_FLAG_OPTIONS",
+    "accuracy_from_logits",
     "add_run_arguments",
     "add_variant_arguments",
     "all_reduce_unsharded_grads",
     "check_output_dir",
+    "check_training_length",
     "clip_grad_norm_mixed",
     "cpu_distributed_launch",
     "default_report_to",
     "dump_rank_state",
+    "eval_split_name",
     "exit_on_bad_input",
     "finish_run_dir",
+    "finish_trainer_run",
+    "fraction",
     "full_state_dict",
     "fully_shard_model",
     "label_names_of",
     "load_accuracy_metric",
+    "non_negative_float",
     "non_negative_int",
     "positive_float",
     "positive_int",
     "resolve_learning_rate",
+    "resolve_resume_checkpoint",
+    "resumable_trainer_class",
     "save_results",
+    "stability_callbacks",
+    "stability_stats_fsdp2",
+    "training_arguments_from_args",
     "variant_flags_from_args",
     "write_json",
     "write_run_config",
