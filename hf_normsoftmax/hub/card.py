@@ -19,7 +19,8 @@ the card instead of failing; pickles such as ``training_args.bin`` are never rea
 - ``config.json``: the model config (type, architecture, variant flags). Taken from the run dir itself when it
   holds a saved model (``Trainer.save_model``), otherwise from the highest ``checkpoint-N/``. Required.
 - ``trainer_state.json`` (run dir first, then the model's checkpoint dir): ``log_history`` (loss summary,
-  non-finite losses, last eval metrics, last value of other logged series such as stability diagnostics),
+  non-finite losses, last eval metrics, last value of other logged series; the ``stability/...`` series of
+  ``StabilityCallback`` are reduced to a few headline numbers such as the final attention entropy),
   ``global_step``, ``epoch``, ``best_metric``, ``train_batch_size``, ``max_steps``, ``num_train_epochs``.
 - ``train_results.json``, ``all_results.json``, ``eval_results.json``, ``test_results.json``: final metrics;
   ``eval_*`` and ``test_*`` keys become the model-index (when the dataset is named), ``train_*`` keys the
@@ -341,6 +342,7 @@ class CardInputs:
     plots: list = field(default_factory=list)
     sources: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    code_in_repo: bool | None = None  # the repo holds the remote code (auto_map + .py files); None: unknown = no
 
     @property
     def family(self) -> str:
@@ -444,18 +446,74 @@ def _summarise_log_history(history) -> dict:
     for entry in history:
         if isinstance(entry, Mapping) and "train_loss" in entry:
             summary["final train_loss"] = entry["train_loss"]
-    # last value of any other logged numeric series (e.g. stability diagnostics written by the training code)
-    last = {}
+    # last value of any other logged numeric series; the StabilityCallback's ``stability/...`` series (per layer,
+    # per head, per sigmaReparam layer: hundreds of keys) are summarised into a few headline numbers instead
+    last, stability = {}, {}
     for entry in history:
         if not isinstance(entry, Mapping):
             continue
         for key, value in entry.items():
             if (_is_number(value) and key not in _BOOKKEEPING and key not in ("loss", "train_loss")
                     and not key.startswith(("eval_", "test_")) and not _is_secret_key(key)):
-                last[key] = value
+                stripped = _stability_key(key)
+                if stripped is not None:
+                    stability[stripped] = value
+                else:
+                    last[key] = value
     for key in sorted(last):
         summary[f"last {key}"] = last[key]
+    summary.update(_summarise_stability(stability))
     return summary
+
+
+def _stability_key(key: str):
+    """``stability/...`` or ``train/stability/...`` (as reporting integrations prefix it) -> the part after
+    ``stability/``; None for other keys."""
+    for prefix in ("stability/", "train/stability/"):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return None
+
+
+def _finite(values) -> list:
+    return [float(v) for v in values if _is_number(v) and math.isfinite(v)]
+
+
+def _summarise_stability(last: Mapping) -> dict:
+    """Headline numbers from the last value of each stability key (keys without the ``stability/`` prefix).
+
+    Per-layer and per-head series are aggregated over layers / heads; per-layer sigmaReparam values are left out
+    (the run dir's ``stability_history.jsonl`` and plots hold them all).
+    """
+    groups: dict = {}
+    for key, value in last.items():
+        quantity, _, rest = key.partition("/")
+        item = rest.rpartition("/")[2] if rest else ""
+        groups.setdefault(quantity, []).append((rest, item, value))
+
+    def pick(quantity, items):
+        return _finite(v for rest, item, v in groups.get(quantity, ()) if item in items
+                       or (item.startswith("head_") and "head" in items))
+
+    out = {}
+    means = pick("entropy", ("mean",)) or pick("entropy", ("head",))
+    if means:
+        out["final attention entropy (mean over layers and heads)"] = sum(means) / len(means)
+    mins = pick("entropy", ("min", "head"))
+    if mins:
+        out["final attention entropy (min over heads)"] = min(mins)
+    stds = pick("logit_std", ("max", "head"))
+    if stds:
+        out["final attention logit std (max over heads)"] = max(stds)
+    norms = pick("qk_spectral_norm", ("max", "head"))
+    if norms:
+        out["final W_Q W_K^T spectral norm (max over heads)"] = max(norms)
+    for quantity, label in (("logit_norm", "final output logit norm"), ("probe_loss", "final probe loss"),
+                            ("alarms", "stability alarms")):
+        values = [v for rest, _, v in groups.get(quantity, ()) if not rest and _is_number(v)]
+        if values:
+            out[label] = int(values[-1]) if quantity == "alarms" else values[-1]
+    return out
 
 
 def _last_eval_from_history(history) -> dict:
@@ -553,6 +611,7 @@ def collect_run_dir(run_dir, *, repo_id: str | None = None, model_name: str | No
 
     plots = sorted(p.name for p in run_dir.glob("stability*.png") if p.is_file())
     sources.extend(plots)
+    code_in_repo = _has_remote_code(model_dir, config)
 
     if _is_number(hyper.get("max_steps")) and hyper["max_steps"] > 0:
         hyper.pop("num_train_epochs", None)  # Trainer ignores num_train_epochs when max_steps > 0
@@ -580,7 +639,25 @@ def collect_run_dir(run_dir, *, repo_id: str | None = None, model_name: str | No
         plots=plots,
         sources=sources,
         notes=notes,
+        code_in_repo=code_in_repo,
     )
+
+
+def _has_remote_code(model_dir: Path, config: Mapping) -> bool:
+    """True when ``config.json`` has an ``auto_map`` and every Python file it names sits in ``model_dir``."""
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, Mapping) or not auto_map:
+        return False
+    for ref in auto_map.values():
+        for item in (ref if isinstance(ref, (list, tuple)) else [ref]):
+            if item and not (model_dir / f"{str(item).split('--')[-1].split('.')[0]}.py").is_file():
+                return False
+    return True
+
+
+def _image_mode(num_channels):
+    """PIL mode the images must be converted to for a ViT with ``num_channels`` input channels (None: no PIL mode)."""
+    return {1: "L", 3: "RGB", 4: "RGBA"}.get(num_channels if _is_number(num_channels) else 3)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -685,6 +762,9 @@ def build_template_context(inputs: CardInputs) -> tuple:
         "auto_class": auto_class,
         "pipeline_task": pipeline_tag,
         "is_variant": inputs.is_variant,
+        "code_in_repo": bool(inputs.is_variant and inputs.code_in_repo),
+        "num_channels": config.get("num_channels", 3),
+        "image_mode": _image_mode(config.get("num_channels", 3)),
         "base_model_text": base_text,
         "size": {k: config.get(k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                              "n_layer", "n_embd", "n_head", "intermediate_size", "vocab_size",
@@ -759,11 +839,17 @@ def write_card(run_dir, output=None, *, repo_id: str | None = None, model_name: 
     target = Path(output) if output is not None else Path(run_dir) / "README.md"
     if target.is_dir() or (output is not None and str(output).endswith(("/", os.sep))):
         target = target / "README.md"
+    return _write_text_atomically(target, str(card))
+
+
+def _write_text_atomically(target: Path, text: str) -> Path:
+    """Write ``text`` to ``target`` through a temporary file in the same directory and ``os.replace``."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(str(card))
+            handle.write(text)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -324,6 +324,7 @@ def stage_model(model, staging_dir, *, processor=None, repo_id: str | None = Non
         fields = dict(card_fields or {})
         fields.setdefault("plots", plot_names)
         fields.setdefault("sources", ["the in-memory model config"])
+        fields.setdefault("code_in_repo", _is_variant_config(model.config))  # staged with auto_map + code
         card = render_card(card_inputs_from_config(model.config, model_name=name, repo_id=repo_id, **fields))
     (staging / "README.md").write_text(str(card), encoding="utf-8")
     return _validate_staging(staging)
@@ -375,6 +376,7 @@ def stage_run_dir(run_dir, staging_dir, *, repo_id: str | None = None, model_nam
             shutil.copyfile(run_dir / name, staging / name)
 
     inputs = collect_run_dir(run_dir, repo_id=repo_id, model_name=model_name)
+    inputs.code_in_repo = _is_variant_config(config)  # variants are re-saved above with auto_map + code
     card = render_card(inputs)
     for plot in inputs.plots:  # the card embeds them with their path relative to the run dir = repo root
         target = staging / plot

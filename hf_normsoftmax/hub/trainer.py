@@ -1,0 +1,124 @@
+"""``trainer.push_to_hub()`` with the hf_normsoftmax model card, ``auto_map`` and remote code.
+
+A stock ``transformers.Trainer`` pushes ``args.output_dir`` with the generic card of ``Trainer.create_model_card``
+(it overwrites ``README.md``) and saves a ``normsoftmax_*`` variant without ``auto_map`` nor its code, so the pushed
+repo cannot be loaded with ``trust_remote_code=True``. :class:`NormSoftmaxCardMixin` fixes both for variants:
+
+* every save of a variant (``Trainer.save_model``, checkpoints, the save inside ``push_to_hub``) registers the
+  model class for its Auto class (and the config class for ``AutoConfig``) for the duration of the save only, so
+  ``config.json`` gets ``auto_map`` and the modeling / configuration files are written next to the weights;
+* ``create_model_card`` (called by ``push_to_hub``) renders the card of :mod:`hf_normsoftmax.hub.card` into
+  ``args.output_dir/README.md``, from what the output dir holds plus the in-memory training log. Stock models
+  keep transformers' own card.
+
+Usage::
+
+    from transformers import Trainer
+    from hf_normsoftmax.hub import NormSoftmaxCardMixin, normsoftmax_trainer_class
+
+    class MyTrainer(NormSoftmaxCardMixin, Trainer):      # the mixin goes first
+        ...
+
+    TrainerCls = normsoftmax_trainer_class()            # Trainer + mixin
+    TrainerCls = normsoftmax_trainer_class(resumable_trainer_class())   # on top of another Trainer subclass
+    trainer = TrainerCls(model=model, args=TrainingArguments(..., hub_model_id="alice/run"), ...)
+    trainer.train()
+    trainer.push_to_hub()
+
+The push itself is transformers' (``upload_folder`` of the output dir); its other behaviour is unchanged (it also
+uploads ``training_args.bin``, which ``hf-normsoftmax push`` never does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .card import (
+    _last_eval_from_history,
+    _split_metrics,
+    _summarise_log_history,
+    _write_text_atomically,
+    collect_run_dir,
+    render_card,
+)
+from .push import _is_variant_config, _RegisteredForAutoClass, auto_class_for
+
+__all__ = ["NormSoftmaxCardMixin", "normsoftmax_trainer_class"]
+
+_NO_STATE_NOTE = "No `trainer_state.json` was found: the training log is not summarised."
+
+
+class NormSoftmaxCardMixin:
+    """Mixin for ``transformers.Trainer`` subclasses (put it first in the bases): variant saves carry
+    ``auto_map`` + code, and ``push_to_hub`` publishes the hf_normsoftmax model card. See the module docstring."""
+
+    def _normsoftmax_unwrapped_model(self):
+        model = self.model
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None:
+            model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        return model
+
+    def _normsoftmax_is_variant(self) -> bool:
+        model = self._normsoftmax_unwrapped_model()
+        return hasattr(model, "config") and hasattr(model, "save_pretrained") and _is_variant_config(model.config)
+
+    def _save(self, output_dir=None, state_dict=None):
+        if not self._normsoftmax_is_variant():
+            return super()._save(output_dir, state_dict=state_dict)
+        model = self._normsoftmax_unwrapped_model()
+        with _RegisteredForAutoClass(model, auto_class_for(type(model).__name__)):
+            return super()._save(output_dir, state_dict=state_dict)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs):
+        """Write the hf_normsoftmax card of a variant to ``args.output_dir/README.md`` (stock models: transformers'
+        card). The arguments are those of ``Trainer.create_model_card``; ``tags`` and ``dataset_args`` are not
+        shown in the hf_normsoftmax card."""
+        if not self._normsoftmax_is_variant():
+            return super().create_model_card(language=language, license=license, tags=tags, model_name=model_name,
+                                             finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
+                                             dataset=dataset, dataset_args=dataset_args, **kwargs)
+        if not self.is_world_process_zero():
+            return None
+        output_dir = Path(self.args.output_dir)
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        inputs = collect_run_dir(output_dir, repo_id=repo_id, model_name=model_name)
+        if _NO_STATE_NOTE in inputs.notes and self.state.log_history:
+            # push_to_hub saves the model but not the state: summarise the in-memory training log instead
+            inputs.notes.remove(_NO_STATE_NOTE)
+            history = self.state.log_history
+            summary = {"global_step": self.state.global_step, "epoch": self.state.epoch}
+            summary.update(_summarise_log_history(history))
+            summary.update(inputs.training_summary)
+            inputs.training_summary = {k: v for k, v in summary.items() if v is not None}
+            inputs.sources.append("the Trainer's in-memory log history")
+            if not inputs.eval_metrics:
+                inputs.eval_metrics = _split_metrics(_last_eval_from_history(history), "validation")
+        if language is not None:
+            inputs.language = language
+        if license is not None:
+            inputs.license = license
+        if finetuned_from is not None:
+            inputs.base_model = finetuned_from
+        if isinstance(tasks, str):
+            inputs.task = tasks
+        if dataset is not None and not inputs.dataset_name:
+            inputs.dataset_name = _first(dataset)
+        if dataset_tags is not None and not inputs.dataset_hub_id:
+            inputs.dataset_hub_id = _first(dataset_tags)
+        return _write_text_atomically(output_dir / "README.md", str(render_card(inputs)))
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+def normsoftmax_trainer_class(base=None):
+    """``base`` (default ``transformers.Trainer``) with :class:`NormSoftmaxCardMixin` mixed in."""
+    if base is None:
+        from transformers import Trainer as base
+    if issubclass(base, NormSoftmaxCardMixin):
+        return base
+    name = f"NormSoftmaxCard{base.__name__}"
+    return type(name, (NormSoftmaxCardMixin, base), {"__module__": __name__, "__qualname__": name})
