@@ -62,13 +62,14 @@ def time_paths(paths, args, causal, padded, reps):
         step(p, q, k, v, mask, causal, grad_out)
     for _ in range(reps):
         for p in paths:  # interleaved so load changes hit every path alike
+            clock = time.process_time if args.clock == "cpu" else time.perf_counter
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             step(p, q, k, v, mask, causal, grad_out)
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            times[p].append(time.perf_counter() - t0)
+            times[p].append(clock() - t0)
     return {p: statistics.median(t) for p, t in times.items()}
 
 
@@ -113,6 +114,11 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow materialising reference")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="wall clock, or process CPU time (steadier on a shared machine; use with --threads 1)",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -123,12 +129,14 @@ def main(argv=None):
         return peak_memory_child(
             args.memory_child, args.batch, args.heads, args.length, args.dim, args.causal, args.padded, args.device
         )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.batch, args.heads, args.length, args.mem_length, args.reps = 2, 2, 64, 256, 3
 
     paths = ["sdpa", "normsoftmax_fast"] + ([] if args.no_reference else ["normsoftmax_reference"])
     print(f"# NormSoftmax attention, forward+backward, B={args.batch} H={args.heads} d={args.dim} fp32 {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.reps}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, median of {args.reps}")
     print()
     print(f"| N | mask | path | time vs SDPA | peak memory vs SDPA (N={args.mem_length}) |")
     print("|---|---|---|---|---|")
