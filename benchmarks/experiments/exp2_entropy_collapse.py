@@ -105,8 +105,9 @@ def run_metrics(result) -> dict:
     lowest_over_time = min((v for m in stability[1:] for v in m["entropy_mean"] if v is not None),
                            default=float("nan"))
     losses = [v for v in result["train_loss"] if v is not None]
-    quarter = losses[len(losses) * 3 // 4:] if losses else []
     diverged = result["diverged_at"] is not None
+    # loss level / oscillation over the last quarter of the steps: undefined for a run that diverged
+    quarter = losses[len(losses) * 3 // 4:] if losses and not diverged else []
     collapsed = any(not math.isfinite(f) or f < COLLAPSE_FRACTION for f in fraction)
     tail_mean = sum(quarter) / len(quarter) if quarter else float("nan")
     tail_std = float("nan")
@@ -169,7 +170,7 @@ def summarize(args, specs, results, command) -> dict:
             + ")\n\n"
             + R.markdown_table(
                 ["lr", "method", "collapsed", "diverged", "final entropy, lowest layer (nats)",
-                 "lowest layer entropy at any time", "loss, last 25% of steps", "loss std, last 25%",
+                 "lowest layer entropy at any time", "loss, last 25% of steps (finite runs)", "loss std, last 25%",
                  "test acc % (finite runs)"], table))
     markdown = "\n\n".join(markdown_parts)
     markdown += (f"\n\nEntropy: mean over heads and probe rows, natural log; maximum ln 17 = {math.log(17):.2f}. "
@@ -249,6 +250,10 @@ def plot_sweep(args, rows, settings):
                 for r in points:
                     ax.scatter([r["lr"]] * len(r[key]), [scale * v if v is not None else float("nan")
                                                          for v in r[key]], s=8, color=colors[method], alpha=0.4)
+                    if row_index == 1 and r["diverged"]:
+                        ax.annotate(f"{labels[method]}: {r['diverged']}/{r['n']} diverged", (r["lr"], 0.5),
+                                    xycoords=("data", "axes fraction"), fontsize=7, ha="center",
+                                    rotation=90, color=colors[method])
                 ax.set_xscale("log")
                 ax.set_xlabel("learning rate (constant, no warmup)")
                 ax.set_ylabel(ylabel, fontsize=8)

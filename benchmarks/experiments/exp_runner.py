@@ -392,7 +392,12 @@ def train_run(spec: Mapping[str, Any], progress: bool = False) -> dict[str, Any]
     }
 
     def measure_stability(step: int) -> None:
-        stats = collect_stability_stats(model, probe)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # the last step made the weights non-finite: nothing to measure (spectral norms would fail); the next
+            # step's loss is non-finite and ends the run as diverged
+            stats = {}
+        else:
+            stats = collect_stability_stats(model, probe)
         record["stability"].append({"step": step, **_attention_summary(stats, spec["num_layers"])})
 
     record["initial_logit_norm"] = logit_norm_of(model, probe["pixel_values"])
