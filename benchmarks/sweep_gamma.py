@@ -90,7 +90,7 @@ def train_vit(flags, seed, steps, data):
         loss.backward()
         optimizer.step()
         if step < 50:
-            early.append(float(loss))
+            early.append(loss.item())
     model.eval()
     with torch.no_grad():
         out = model(pixel_values=val_x, labels=val_y)
@@ -123,7 +123,7 @@ def train_lm(flags, seed, steps, data):
         loss.backward()
         optimizer.step()
         if step < 50:
-            early.append(float(loss))
+            early.append(loss.item())
     model.eval()
     val = windows(val_ids, 64, torch.Generator().manual_seed(99))
     with torch.no_grad():

@@ -380,3 +380,25 @@ def test_auto_model_for_sequence_classification_from_stock_checkpoint(tmp_path):
     saved = save(model, tmp_path / "variant")
     again = AutoModelForSequenceClassification.from_pretrained(saved)
     assert type(again) is H.NormSoftmaxBertForSequenceClassification and again.config.loss_softmax == "normsoftmax"
+
+
+def test_trainer_with_gradient_accumulation(tmp_path):
+    """Trainer passes num_items_in_batch to the variant (it accepts loss kwargs) and trains."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=2, **ALL_ON))
+    ids = torch.randint(3, TINY_BERT["vocab_size"], (16, L))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+        learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    assert trainer.model_accepts_loss_kwargs
+    scales = [m.reparam_scale.detach().clone() for m in model.modules() if isinstance(m, H.SigmaReparamMixin)]
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    after = [m.reparam_scale.detach() for m in model.modules() if isinstance(m, H.SigmaReparamMixin)]
+    assert any(not torch.equal(a, b) for a, b in zip(scales, after, strict=True))  # the new parameters train
