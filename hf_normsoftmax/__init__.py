@@ -384,6 +384,7 @@ __all__ = [
     "NormSoftmaxViTModel",
     "REFERENCE_ATTENTION_IMPLEMENTATION",
     "SigmaReparamConv1D",
+    "StabilityCallback",
     "SigmaReparamConv2d",
     "SigmaReparamLinear",
     "SigmaReparamMixin",
@@ -403,3 +404,13 @@ __all__ = [
     "sigma_reparam_",
     "training_logits",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # StabilityCallback lives with the training code; importing it lazily keeps `import hf_normsoftmax` from
+    # loading the Trainer stack.
+    if name == "StabilityCallback":
+        from .training.callbacks import StabilityCallback
+
+        return StabilityCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

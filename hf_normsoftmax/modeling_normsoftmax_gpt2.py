@@ -87,6 +87,13 @@ class NormSoftmaxGPT2LMHeadModel(NormSoftmaxGPT2PreTrainedMixin, GPT2LMHeadModel
     >>> generate("To be, or not to be", max_new_tokens=10, do_sample=False)
     ```"""
 
+    def __init__(self, config):
+        super().__init__(config)
+        # The loss shifts the labels inside. Naming the loss type makes Trainer count the *shifted* labels for
+        # `num_items_in_batch`; with the class-name default (None) it counts every label and the trained and logged
+        # loss comes out (L - 1) / L of the mean next-token loss.
+        self.loss_type = "ForCausalLM"
+
     @can_return_tuple
     def forward(
         self,

@@ -330,3 +330,24 @@ def test_output_attentions_are_the_normsoftmax_weights():
     logits = call["query"] @ call["key"].transpose(-1, -2) * call["scaling"]
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
     assert torch.allclose(weights, norm_softmax(logits, mask=causal, gamma=call["gamma"]), atol=1e-6)
+
+
+def test_trainer_loss_is_the_mean_next_token_loss(tmp_path):
+    """Trainer's num_items_in_batch must count the shifted labels: the logged loss equals the model's own mean loss."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = H.NormSoftmaxGPT2LMHeadModel(H.NormSoftmaxGPT2Config(**TINY_GPT2, **ALL_ON))
+    ids = _ids((4, L))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
+                             use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    model.eval()  # no dropout in the reference loss
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss.item()
+    model.train()
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged and abs(logged[0] - expected) < 1e-4 * max(1.0, abs(expected))

@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..configuration_normsoftmax import DEFAULT_LOSS_NORMSOFTMAX_GAMMA
+
 __all__ = [
     "FAMILIES",
     "CardInputs",
@@ -718,7 +720,7 @@ def build_template_context(inputs: CardInputs) -> tuple:
     limitations = []
     for key, where in active:
         if key == "normsoftmax" and where == "loss":
-            gamma = flags.get("loss_normsoftmax_gamma", 1.0)
+            gamma = flags.get("loss_normsoftmax_gamma", DEFAULT_LOSS_NORMSOFTMAX_GAMMA)
             k = config.get("num_labels") or len(config.get("id2label") or {}) or None
             if family == "gpt2" or "LMHead" in (inputs.architecture or "") or "MaskedLM" in (inputs.architecture or ""):
                 k = config.get("vocab_size")
