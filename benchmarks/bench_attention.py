@@ -27,7 +27,9 @@ PATHS = {
     "sdpa": lambda q, k, v, mask, causal: F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal and mask is None
     ),
-    "normsoftmax_fast": lambda q, k, v, mask, causal: normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal)[0],
+    "normsoftmax_fast": lambda q, k, v, mask, causal: normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal)[
+        0
+    ],
     "normsoftmax_reference": lambda q, k, v, mask, causal: normsoftmax_attention_reference(
         q, k, v, attn_mask=mask, is_causal=causal
     )[0],
@@ -55,7 +57,9 @@ def step(path, q, k, v, mask, causal, grad_out):
 
 
 def time_paths(paths, args, causal, padded, reps):
-    q, k, v, mask = make_inputs(args.batch, args.heads, args.length, args.dim, padded, causal, args.device, torch.float32)
+    q, k, v, mask = make_inputs(
+        args.batch, args.heads, args.length, args.dim, padded, causal, args.device, torch.float32
+    )
     grad_out = torch.randn_like(q)
     times = {p: [] for p in paths}
     for p in paths:  # warm-up
@@ -95,8 +99,20 @@ def peak_memory_child(path, batch, heads, length, dim, causal, padded, device):
 
 def peak_memory(path, args, causal, padded):
     cmd = [
-        sys.executable, __file__, "--memory-child", path, "--batch", str(args.batch), "--heads", str(args.heads),
-        "--length", str(args.mem_length), "--dim", str(args.dim), "--device", args.device,
+        sys.executable,
+        __file__,
+        "--memory-child",
+        path,
+        "--batch",
+        str(args.batch),
+        "--heads",
+        str(args.heads),
+        "--length",
+        str(args.mem_length),
+        "--dim",
+        str(args.dim),
+        "--device",
+        args.device,
     ]
     cmd += ["--causal"] if causal else []
     cmd += ["--padded"] if padded else []
@@ -116,7 +132,9 @@ def main(argv=None):
     parser.add_argument("--no-reference", action="store_true", help="skip the slow materialising reference")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
-        "--clock", choices=("wall", "cpu"), default="wall",
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
         help="wall clock, or process CPU time (steadier on a shared machine; use with --threads 1)",
     )
     parser.add_argument("--no-memory", action="store_true")
@@ -135,8 +153,10 @@ def main(argv=None):
         args.batch, args.heads, args.length, args.mem_length, args.reps = 2, 2, 64, 256, 3
 
     paths = ["sdpa", "normsoftmax_fast"] + ([] if args.no_reference else ["normsoftmax_reference"])
-    print(f"# NormSoftmax attention, forward+backward, B={args.batch} H={args.heads} d={args.dim} fp32 {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, median of {args.reps}")
+    print(
+        f"# NormSoftmax attention, forward+backward, B={args.batch} H={args.heads} d={args.dim} fp32 {args.device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, median of {args.reps}"
+    )
     print()
     print(f"| N | mask | path | time vs SDPA | peak memory vs SDPA (N={args.mem_length}) |")
     print("|---|---|---|---|---|")

@@ -69,7 +69,9 @@ def _check_inputs(query, key, value, scale, max_temperature, eps, statistic, dro
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}"
+            )
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (batch, heads, length, head_dim), got shape {tuple(t.shape)}")
     if query.dtype != key.dtype or key.dtype != value.dtype:
@@ -77,9 +79,7 @@ def _check_inputs(query, key, value, scale, max_temperature, eps, statistic, dro
     if key.shape[:3] != value.shape[:3]:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree on (batch, heads, length)")
     if query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
-        raise ValueError(
-            f"query {tuple(query.shape)} and key {tuple(key.shape)} must agree on batch size and head_dim"
-        )
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must agree on batch size and head_dim")
     if query.shape[1] % key.shape[1] != 0:
         raise ValueError(
             f"the number of query heads ({query.shape[1]}) must be a multiple of the number of key/value heads "
@@ -353,6 +353,8 @@ def _centred_keys(k, key_weight):
 
 # Row block for the non-causal backward: bounds its temporaries to a few (B, H, block, D) tensors.
 _BACKWARD_BLOCK = 512
+
+
 def _key_blocks(kc, w, L: int, chunk_size: int):
     """Walk the query blocks of a causal pass: yield (start, stop, kc_block, w_block, moments before the block).
 
@@ -510,12 +512,22 @@ def normsoftmax_attention(
         _check_mask_shape(attn_mask, B, H, L, S)
     if L > S and is_causal:
         raise ValueError(f"a causal mask needs query_len <= key_len, got query_len={L}, key_len={S}")
-    structure = None if return_weights or L <= _REFERENCE_MAX_QUERY_LEN else decompose_mask(
-        attn_mask, is_causal, B, L, S
+    structure = (
+        None if return_weights or L <= _REFERENCE_MAX_QUERY_LEN else decompose_mask(attn_mask, is_causal, B, L, S)
     )
     if structure is None:
         return normsoftmax_attention_reference(
-            query, key, value, attn_mask, is_causal, scale, gamma, max_temperature, eps, statistic, dropout_p,
+            query,
+            key,
+            value,
+            attn_mask,
+            is_causal,
+            scale,
+            gamma,
+            max_temperature,
+            eps,
+            statistic,
+            dropout_p,
             return_weights,
         )
     key, value = _expand_kv(query, key, value)
@@ -542,8 +554,13 @@ def normsoftmax_attention(
         sdpa_mask = _causal_valid(L, S, query.device)
 
     out = F.scaled_dot_product_attention(
-        q, key, value, attn_mask=sdpa_mask, dropout_p=dropout_p,
-        is_causal=causal and sdpa_mask is None, scale=1.0,
+        q,
+        key,
+        value,
+        attn_mask=sdpa_mask,
+        dropout_p=dropout_p,
+        is_causal=causal and sdpa_mask is None,
+        scale=1.0,
     )
     if rows_without_keys is not None:
         out = out.masked_fill(rows_without_keys.expand(B, 1, L, 1), 0.0)

@@ -141,7 +141,12 @@ def attention_statistics(
         var = torch.where(valid, (logits - mean).square(), 0).sum(dim=-1) / n
         if softmax == "normsoftmax":
             z = normalize_logits(
-                logits, dim=-1, mask=valid, gamma=gamma, max_temperature=max_temperature, eps=eps,
+                logits,
+                dim=-1,
+                mask=valid,
+                gamma=gamma,
+                max_temperature=max_temperature,
+                eps=eps,
                 statistic=statistic,
             )
         else:

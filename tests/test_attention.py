@@ -20,7 +20,11 @@ def naive_attention(q, k, v, valid, scale, gamma=1.0, cap=None, eps=1e-6, statis
     weights = torch.zeros(B, H, L, k.shape[-2], dtype=torch.float64)
     for b in range(B):
         for h in range(H):
-            g = gamma if not isinstance(gamma, torch.Tensor) else float(gamma.reshape(-1)[h] if gamma.numel() > 1 else gamma)
+            g = (
+                gamma
+                if not isinstance(gamma, torch.Tensor)
+                else float(gamma.reshape(-1)[h] if gamma.numel() > 1 else gamma)
+            )
             for i in range(L):
                 idx = valid[b, h, i].nonzero().flatten()
                 if len(idx) == 0:
@@ -91,7 +95,9 @@ def test_fast_and_reference_match_naive(name, L, S, causal, lengths, left, gamma
     scale = 1 / math.sqrt(D)
     expected, expected_w = naive_attention(q, k, v, valid, scale, gamma)
     fast, _ = normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma)
-    ref, w = normsoftmax_attention_reference(q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma, return_weights=True)
+    ref, w = normsoftmax_attention_reference(
+        q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma, return_weights=True
+    )
     torch.testing.assert_close(ref, expected, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(w, expected_w, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(fast, expected, atol=1e-9, rtol=1e-7)
@@ -214,7 +220,7 @@ def test_float32_gradients_close_to_float64_truth(causal):
         q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
         out, _ = fn(q32, k32, v32, attn_mask=mask, is_causal=causal, gamma=2.0)
         got = (out, *torch.autograd.grad(out, (q32, k32, v32), grad_out.float()))
-        for name, a, b in zip(("out", "dq", "dk", "dv"), got, truth):
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, truth, strict=True):
             assert (a.double() - b).abs().max().item() < (2e-6 if name == "out" else atol), (fn.__name__, name)
 
 
@@ -240,13 +246,19 @@ def test_decode_steps_match_full_forward():
     full, _ = normsoftmax_attention(q, k, v, attn_mask=key_valid[:, None, None, :], is_causal=True)
     prompt = 12
     prefill, _ = normsoftmax_attention(
-        q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], attn_mask=key_valid[:, None, None, :prompt],
+        q[:, :, :prompt],
+        k[:, :, :prompt],
+        v[:, :, :prompt],
+        attn_mask=key_valid[:, None, None, :prompt],
         is_causal=True,
     )
     steps = [prefill]
     for t in range(prompt, L):
         out, _ = normsoftmax_attention(
-            q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], attn_mask=key_valid[:, None, None, : t + 1],
+            q[:, :, t : t + 1],
+            k[:, :, : t + 1],
+            v[:, :, : t + 1],
+            attn_mask=key_valid[:, None, None, : t + 1],
             is_causal=True,
         )
         steps.append(out)

@@ -51,7 +51,9 @@ def test_chunked_statistics_match_materialised(softmax, causal):
         valid = valid & torch.ones(L, L, dtype=torch.bool).tril()
     logits = q @ k.transpose(-1, -2) / math.sqrt(D)
     if softmax == "normsoftmax":
-        _, w = normsoftmax_attention_reference(q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma, return_weights=True)
+        _, w = normsoftmax_attention_reference(
+            q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma, return_weights=True
+        )
     else:
         w = torch.softmax(logits.masked_fill(~valid, float("-inf")), -1).nan_to_num()
     has_key = valid.any(-1)
