@@ -39,6 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from hf_normsoftmax.training.trainer_utils import positive_int  # noqa: E402  (re-exported for the scripts as R.positive_int)
+
 RESULT_VERSION = 1
 DATASETS = ("fashion_mnist", "mnist5k")
 
@@ -120,16 +122,6 @@ def int_list(text: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def base_parser(description: str, default_output_dir: str, default_seeds: str = "0,1,2") -> argparse.ArgumentParser:
