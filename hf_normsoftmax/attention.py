@@ -46,6 +46,7 @@ __all__ = [
     "normsoftmax_attention",
     "normsoftmax_attention_reference",
     "rescaled_queries",
+    "valid_from_mask",
 ]
 
 # Below this many query rows the reference path is cheaper than computing key covariances (decode steps).
@@ -128,9 +129,16 @@ def _causal_valid(L: int, S: int, device) -> torch.Tensor:
     return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal=S - L)
 
 
+def valid_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The bool form (True = attend) of a bool or additive float mask: very negative entries mean 'masked'."""
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return attn_mask
+    return attn_mask > torch.finfo(attn_mask.dtype).min / 2
+
+
 def _split_float_mask(attn_mask: torch.Tensor):
-    """An additive mask -> (bool valid mask, additive bias or None). Very negative entries mean 'masked'."""
-    valid = attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    """An additive mask -> (bool valid mask, additive bias or None)."""
+    valid = valid_from_mask(attn_mask)
     bias = torch.where(valid, attn_mask, torch.zeros((), dtype=attn_mask.dtype, device=attn_mask.device))
     if not bool(bias.any()):
         bias = None

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .attention import valid_from_mask
 from .normsoftmax import normalize_logits
 
 __all__ = ["attention_entropy", "attention_statistics", "masked_row_mean", "row_entropy"]
@@ -72,11 +73,9 @@ def attention_entropy(weights: torch.Tensor, query_mask: torch.Tensor | None = N
 def _chunk_valid(attn_mask, is_causal, start, stop, L, S, device):
     valid = None
     if attn_mask is not None:
-        m = attn_mask
+        m = valid_from_mask(attn_mask)
         while m.dim() < 4:
             m = m.unsqueeze(0)
-        if m.dtype != torch.bool:
-            m = m > torch.finfo(m.dtype).min / 2
         valid = m[:, :, start:stop, :] if m.shape[2] != 1 else m
     if is_causal:
         rows = torch.arange(start, stop, device=device)[:, None]

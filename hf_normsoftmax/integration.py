@@ -48,7 +48,7 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .attention import normsoftmax_attention, normsoftmax_attention_reference
+from .attention import normsoftmax_attention, normsoftmax_attention_reference, valid_from_mask
 from .configuration_normsoftmax import DEFAULT_NORMSOFTMAX_GAMMA, NORMSOFTMAX_FLAGS, check_flag_combination
 from .losses import inverse_temperature_cross_entropy
 from .normsoftmax import normalize_logits
@@ -102,12 +102,6 @@ def attention_gamma(module: nn.Module) -> float | torch.Tensor:
     return getattr(getattr(module, "config", None), "normsoftmax_gamma", DEFAULT_NORMSOFTMAX_GAMMA)
 
 
-def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    if attention_mask is None or attention_mask.dtype == torch.bool:
-        return attention_mask
-    return attention_mask > torch.finfo(attention_mask.dtype).min / 2
-
-
 def _with_position_bias(attention_mask, position_bias):
     """Fold an additive position bias into an additive float mask (masked entries: most negative value)."""
     bias = position_bias.to(torch.float32)
@@ -135,7 +129,7 @@ def _softmax_attention_reference(query, key, value, attention_mask, is_causal, s
         if attention_mask.dtype == torch.bool:
             valid = attention_mask
         else:
-            valid = _bool_mask(attention_mask)
+            valid = valid_from_mask(attention_mask)
             logits = logits + torch.where(valid, attention_mask.to(compute_dtype), 0.0)
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(diagonal=S - L)
@@ -181,7 +175,7 @@ def _normsoftmax_attention_forward(
     recorder = getattr(module, RECORDER_ATTRIBUTE, None)
     if recorder is not None:
         recorder(
-            module=module, query=query, key=key, attention_mask=_bool_mask(attention_mask), is_causal=causal,
+            module=module, query=query, key=key, attention_mask=valid_from_mask(attention_mask), is_causal=causal,
             scaling=scaling, softmax=softmax_kind, gamma=gamma, max_temperature=max_temperature, eps=eps,
         )
 
