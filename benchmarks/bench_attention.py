@@ -3,7 +3,8 @@
 Each configuration measures stock ``F.scaled_dot_product_attention`` (same mask), the fast NormSoftmax path and the
 plain materialising reference in the same run, interleaved, and reports medians over repetitions and their ratios
 to SDPA (the machines are shared and noisy: ratios, never bare times). Peak memory is measured in a fresh
-subprocess per path with the allocator's high-water mark (RSS) on CPU, or ``torch.cuda.max_memory_allocated``.
+subprocess per path: the resident-set high-water mark on CPU (Linux; large allocations mmapped so that frees return
+memory), ``torch.cuda.max_memory_allocated`` on GPU.
 
     python benchmarks/bench_attention.py                # the issue's settings: B=4, H=12, d=64, fp32
     python benchmarks/bench_attention.py --quick        # small smoke run
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -77,23 +79,40 @@ def time_paths(paths, args, causal, padded, reps):
     return {p: statistics.median(t) for p, t in times.items()}
 
 
-def peak_memory_child(path, batch, heads, length, dim, causal, padded, device):
-    """Run one forward+backward in this (fresh) process and print the peak memory above the inputs, in bytes."""
-    import resource
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def peak_memory_child(path, batch, heads, length, dim, causal, padded, device):
+    """Run one forward+backward in this (fresh) process and print the peak memory above the inputs, in bytes.
+
+    CPU: the resident-set high-water mark (VmHWM), reset after a warm-up step, minus the resident set before the
+    measured step. The parent sets MALLOC_MMAP_THRESHOLD_ so that glibc serves large tensors by mmap and returns
+    them to the system when freed: the high-water mark then follows the live tensors instead of heap leftovers.
+    """
     q, k, v, mask = make_inputs(batch, heads, length, dim, padded, causal, device, torch.float32)
     grad_out = torch.randn_like(q)
+    step(path, q, k, v, mask, causal, grad_out)  # warm-up: thread pools, lazy initialisation
+    for t in (q, k, v):
+        t.grad = None
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident set
+        base = _proc_status_bytes("VmRSS")
     step(path, q, k, v, mask, causal, grad_out)
     if device == "cuda":
+        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _proc_status_bytes("VmHWM") - base
     print(json.dumps({"peak": peak}))
 
 
@@ -116,7 +135,8 @@ def peak_memory(path, args, causal, padded):
     ]
     cmd += ["--causal"] if causal else []
     cmd += ["--padded"] if padded else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # see peak_memory_child
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 

@@ -45,12 +45,13 @@ __all__ = [
     "decompose_mask",
     "normsoftmax_attention",
     "normsoftmax_attention_reference",
-    "rescaled_queries",
     "valid_from_mask",
 ]
 
 # Below this many query rows the reference path is cheaper than computing key covariances (decode steps).
 _REFERENCE_MAX_QUERY_LEN = 8
+# Query rows per step when checking a mask's structure: bounds the (B, rows, S) temporaries.
+_MASK_CHECK_ROWS = 256
 
 
 class MaskStructure(NamedTuple):
@@ -182,18 +183,21 @@ def decompose_mask(attn_mask: torch.Tensor | None, is_causal: bool, batch_size: 
         if not bool((mask == mask[:, :1]).all()):
             return None
         mask = mask[:, :1]
-    mask = mask[:, 0].expand(mask.shape[0], L, S)  # (B', L, S)
-    causal = _causal_valid(L, S, mask.device)
-    if is_causal:
-        mask = mask & causal
+    mask = mask[:, 0].expand(mask.shape[0], L, S)  # (B', L, S), a view
     # The last query row sees every key that is not padding (for causal masks as well: bottom-right alignment).
     key_valid = mask[:, -1, :]
-    if bool((mask == key_valid[:, None, :]).all()):
-        found_causal = False
-    elif bool((mask == (key_valid[:, None, :] & causal)).all()):
-        found_causal = True
-    else:
-        return None
+    padding_only = causal_form = True
+    for start in range(0, L, _MASK_CHECK_ROWS):  # row blocks: no (B, L, S) temporaries for long sequences
+        rows = mask[:, start : start + _MASK_CHECK_ROWS]
+        causal_rows = torch.ones(rows.shape[1], S, dtype=torch.bool, device=mask.device).tril(S - L + start)
+        if is_causal:
+            rows = rows & causal_rows
+        expected = key_valid[:, None, :].expand_as(rows)
+        padding_only = padding_only and bool((rows == expected).all())
+        causal_form = causal_form and bool((rows == (expected & causal_rows)).all())
+        if not (padding_only or causal_form):
+            return None
+    found_causal = not padding_only
     key_valid = key_valid.expand(batch_size, S)
     if bool(key_valid.all()):
         key_valid = None
@@ -269,6 +273,14 @@ def normsoftmax_attention_reference(
 # fast path
 # ----------------------------------------------------------------------------------------------------------------
 
+# Causal rows go in blocks of query rows: a block's own keys give a small c x c tile of logits, every key before
+# the block enters through its running moments (a D vector and a D x D matrix per block). Blocks are processed
+# together, vectorised, in groups whose D x D moments stay below _GROUP_MOMENT_FLOATS floats (bounds memory).
+_CAUSAL_BLOCK, _CAUSAL_BLOCK_LONG, _CAUSAL_LONG_FROM = 64, 128, 1024
+_GROUP_MOMENT_FLOATS = 2**18
+# Query rows per step of the non-causal statistics: bounds their (B, H, rows, D) temporaries.
+_ROW_BLOCK = 1024
+
 
 def _temperature(var: torch.Tensor, gamma, max_temperature, eps: float, statistic: str) -> torch.Tensor:
     """Per-row divisor T of the logits, from the per-row variance of the (scaled) logits."""
@@ -281,20 +293,53 @@ def _temperature(var: torch.Tensor, gamma, max_temperature, eps: float, statisti
     return temperature
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product over the last dim, keeping it: (..., D), (..., D) -> (..., 1); (B, H, L, D) inputs go
+    in row blocks, so the product's temporary stays small."""
+    if a.dim() != 4:
+        return (a * b).sum(dim=-1, keepdim=True)
+    out = a.new_empty(*a.shape[:-1], 1)
+    for start in range(0, a.shape[-2], _ROW_BLOCK):
+        rows = slice(start, start + _ROW_BLOCK)
+        torch.sum(a[:, :, rows] * b[:, :, rows], dim=-1, keepdim=True, out=out[:, :, rows])
+    return out
+
+
+def _key_mean(k, key_weight):
+    """Mean of the valid keys (B, H, 1, D), key weights w (B, 1, S) (ones without padding), their number
+    (B, 1, 1, 1). The variance of q . k_j does not depend on a shift of the keys; centring them on their mean keeps
+    the moment formulas from cancelling. Keys are centred slice by slice (:func:`_centred`), never all at once."""
+    B, S = k.shape[0], k.shape[-2]
+    if key_weight is None:
+        w = torch.ones(B, 1, S, dtype=k.dtype, device=k.device)
+        return k.mean(dim=-2, keepdim=True), w, torch.full((B, 1, 1, 1), float(S), dtype=k.dtype, device=k.device)
+    w = key_weight[:, None, :]
+    count = w.sum(dim=-1)[..., None, None]
+    return torch.matmul(w[..., None, :], k) / count.clamp(min=1.0), w, count  # no weighted copy of k
+
+
+def _centred(k_rows, mean, w_rows):
+    """Keys of a slice minus the mean, zeroed at invalid keys (w_rows None: no padding). k_rows (B, H, ..., D),
+    w_rows (B, 1, ...)."""
+    centred = k_rows - mean.view(*mean.shape[:2], *[1] * (k_rows.dim() - 3), -1)
+    return centred if w_rows is None else centred.mul_(w_rows[..., None])
+
+
 def _inner_weight(w, c: int):
-    """(B, 1, c, c) weights of a block's own keys: key b is valid and b <= a."""
+    """(..., c, c) weights of a block's own keys: key b is valid and b <= a. w: (..., c)."""
     lower = torch.ones(c, c, dtype=torch.bool, device=w.device).tril()
-    return w[:, :, None, :] * lower
+    return w[..., None, :] * lower
 
 
-def _chunk_variance(q, kc, w, sum_before, outer_before, count_before):
-    """Variance of the logits of a block of c query rows whose keys are: every key before the block (given by
+def _block_variance(q, kc, w, sum_before, outer_before, count_before):
+    """Variance of the logits of blocks of c query rows whose keys are: every key before the block (given by
     its moments) plus the keys of the block itself up to the row (causal). Chan et al.'s pairwise merge of the
     two groups; the in-block group uses two passes, exact for the first rows of a sequence where few keys make
     the variance small next to the squared mean.
 
-    q, kc: (B, H, c, D) (kc centred and zeroed at invalid keys); w: (B, 1, c) key weights; sum_before (B, H, D),
-    outer_before (B, H, D, D), count_before (B, 1, 1). Returns var (B, H, c), count (B, 1, c).
+    q, kc: (B, H, n, c, D) for n blocks (kc centred and zeroed at invalid keys); w: (B, 1, n, c) key weights;
+    sum_before (B, H, n, D), outer_before (B, H, n, D, D), count_before (B, 1, n, 1).
+    Returns var (B, H, n, c), count (B, 1, n, c).
     """
     inner_weight = _inner_weight(w, q.shape[-2])
     inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)  # (in-place: runs without autograd)
@@ -302,15 +347,15 @@ def _chunk_variance(q, kc, w, sum_before, outer_before, count_before):
     inner_mean = inner.sum(dim=-1) / inner_count.clamp(min=1.0)
     inner_m2 = inner.sub_(inner_mean[..., None]).mul_(inner_weight).square_().sum(dim=-1)
     mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before.clamp(min=1.0)
-    m2_before = ((torch.matmul(q, outer_before) * q).sum(dim=-1) - count_before * mean_before.square()).clamp(min=0.0)
+    m2_before = (_rowdot(torch.matmul(q, outer_before), q)[..., 0] - count_before * mean_before.square()).clamp(min=0.0)
     count = count_before + inner_count
     delta = inner_mean - mean_before
     m2 = m2_before + inner_m2 + delta.square() * count_before * inner_count / count.clamp(min=1.0)
     return m2 / count.clamp(min=1.0), count
 
 
-def _chunk_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count_before):
-    """Hand-written backward of :func:`_chunk_variance` (recomputes its forward quantities).
+def _block_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count_before):
+    """Hand-written backward of :func:`_block_variance` (recomputes its forward quantities).
 
     Returns the gradients w.r.t. q, kc (through the in-block logits only), sum_before and outer_before.
     """
@@ -322,7 +367,7 @@ def _chunk_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count
     count_before_c = count_before.clamp(min=1.0)
     q_outer = torch.matmul(q, outer_before)
     mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before_c
-    m2_before_raw = (q_outer * q).sum(dim=-1) - count_before * mean_before.square()
+    m2_before_raw = _rowdot(q_outer, q)[..., 0] - count_before * mean_before.square()
     count_c = (count_before + inner_count).clamp(min=1.0)
     delta = inner_mean - mean_before
 
@@ -337,159 +382,435 @@ def _chunk_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count
     grad_mean_before = grad_mean_before / count_before_c
     grad_q = torch.matmul(grad_inner, kc)
     grad_q.addcmul_(q_outer, (2.0 * grad_m2_before)[..., None])
-    grad_q.addcmul_(grad_mean_before[..., None], sum_before[:, :, None, :])
+    grad_q.addcmul_(grad_mean_before[..., None], sum_before[..., None, :])
     grad_kc = torch.matmul(grad_inner.transpose(-1, -2), q)
-    grad_outer = torch.matmul((q * grad_m2_before[..., None]).transpose(-1, -2), q)
-    grad_sum = (q * grad_mean_before[..., None]).sum(dim=-2)
+    q_weighted = q * grad_m2_before[..., None]
+    grad_outer = torch.matmul(q_weighted.transpose(-1, -2), q)
+    grad_sum = torch.matmul(grad_mean_before[..., None, :], q)[..., 0, :]
     return grad_q, grad_kc, grad_sum, grad_outer
 
 
-def _centred_keys(k, key_weight):
-    """Keys minus the mean of the valid keys, zeroed at invalid keys; (B, 1, S, 1) weights; (B, 1, 1, 1) count.
-
-    The variance of q . k_j does not depend on the shift; centring keeps the moment formulas from cancelling.
-    """
-    if key_weight is None:
-        w = torch.ones(k.shape[0], 1, k.shape[-2], 1, dtype=k.dtype, device=k.device)
-    else:
-        w = key_weight[:, None, :, None]
-    count = w.sum(dim=-2, keepdim=True)
-    mean = torch.matmul(w.transpose(-1, -2), k) / count.clamp(min=1.0)  # no weighted copy of k
-    kc = k - mean
-    return kc.mul_(w), w, count
+def _moments_before_blocks(block_moment: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """Per block b (dim 2): ``run`` + the sum of the blocks before b. (A loop of adds over the few blocks of a
+    group: cumsum along a middle dim is a slow strided loop on CPU.)"""
+    before = torch.empty_like(block_moment)
+    before[:, :, 0] = run
+    for b in range(1, block_moment.shape[2]):
+        torch.add(before[:, :, b - 1], block_moment[:, :, b - 1], out=before[:, :, b])
+    return before
 
 
-# Row block for the non-causal backward: bounds its temporaries to a few (B, H, block, D) tensors.
-_BACKWARD_BLOCK = 512
+def _moments_after_blocks(block_grad: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
+    """Per block b (dim 2): ``carry`` + the sum of the blocks after b."""
+    after = torch.empty_like(block_grad)
+    after[:, :, -1] = carry
+    for b in range(block_grad.shape[2] - 2, -1, -1):
+        torch.add(after[:, :, b + 1], block_grad[:, :, b + 1], out=after[:, :, b])
+    return after
 
 
-def _key_blocks(kc, w, L: int, chunk_size: int):
-    """Walk the query blocks of a causal pass: yield (start, stop, kc_block, w_block, moments before the block).
+class _CausalGroup(NamedTuple):
+    """Query rows [start, start + n * c) as n blocks of c rows, with the key moments of everything before them."""
 
-    Keys before the first query (a KV cache of S - L entries) are seen by every query and start the moments.
-    """
-    offset = kc.shape[-2] - L
-    run_sum = kc[:, :, :offset].sum(dim=-2)
-    run_outer = torch.matmul(kc[:, :, :offset].transpose(-1, -2), kc[:, :, :offset])
-    run_count = w[:, :, :offset].sum(dim=-1, keepdim=True)
-    for start in range(0, L, chunk_size):
-        stop = min(start + chunk_size, L)
-        kc_block, w_block = kc[:, :, offset + start : offset + stop], w[:, :, offset + start : offset + stop]
-        yield start, stop, kc_block, w_block, (run_sum, run_outer, run_count)
-        run_sum = run_sum + kc_block.sum(dim=-2)
-        run_outer = run_outer + torch.matmul(kc_block.transpose(-1, -2), kc_block)
-        run_count = run_count + w_block.sum(dim=-1, keepdim=True)
+    start: int
+    n: int
+    c: int
+    run_sum: torch.Tensor  # (B, H, D)
+    run_outer: torch.Tensor  # (B, H, D, D)
+    run_count: torch.Tensor  # (B, 1)
+
+    def rows(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(B, H, L, D) -> this group's rows as (B, H, n, c, D); ``offset`` skips a KV-cache prefix."""
+        return x[..., offset + self.start : offset + self.start + self.n * self.c, :].unflatten(-2, (self.n, self.c))
+
+    def weights(self, w: torch.Tensor, offset: int) -> torch.Tensor:
+        """(B, 1, S) key weights -> (B, 1, n, c)."""
+        return w[..., offset + self.start : offset + self.start + self.n * self.c].unflatten(-1, (self.n, self.c))
+
+    def moments_before(self, kc_rows, w_rows):
+        """Moments of the keys before each block (running moments + earlier blocks of the group), and the
+        moments of the whole group including its own blocks."""
+        block_sum = kc_rows.sum(dim=-2)  # (B, H, n, D)
+        block_outer = torch.matmul(kc_rows.transpose(-1, -2), kc_rows)  # (B, H, n, D, D)
+        block_count = w_rows.sum(dim=-1)  # (B, 1, n)
+        sum_before = _moments_before_blocks(block_sum, self.run_sum)
+        outer_before = _moments_before_blocks(block_outer, self.run_outer)
+        count_before = _moments_before_blocks(block_count, self.run_count)
+        after = (
+            sum_before[:, :, -1] + block_sum[:, :, -1],
+            outer_before[:, :, -1] + block_outer[:, :, -1],
+            count_before[:, :, -1] + block_count[:, :, -1],
+        )
+        return (sum_before, outer_before, count_before[..., None]), after
 
 
-class _RowVariance(torch.autograd.Function):
-    """Per query row, the variance of ``q_i . k_j`` over the row's valid keys, and their number.
+def _causal_spans(L: int, block: int, moment_floats: int) -> list[tuple[int, int, int]]:
+    """(start, n, c) per group: n blocks of c query rows; groups hold at most _GROUP_MOMENT_FLOATS of moments."""
+    per_group = max(1, _GROUP_MOMENT_FLOATS // moment_floats)
+    full = L // block
+    spans = [(b * block, min(per_group, full - b), block) for b in range(0, full, per_group)]
+    if L % block:
+        spans.append((full * block, 1, L % block))
+    return spans
 
-    A custom autograd function so that nothing of size L x D beyond q and k themselves is kept for backward
-    (the price of NormSoftmax attention over SDPA is then one rescaled copy of the queries). Non-causal rows
-    share the key covariance C: var_i = q_i^T C q_i, with a closed-form backward. Causal rows go block by block
-    over the queries with running key moments; the backward walks the blocks in reverse with a hand-written
-    block backward, carrying the gradient of the running moments.
-    """
 
-    @staticmethod
-    def forward(ctx, q, k, key_weight, causal: bool, chunk_size: int):
-        B, H, L, D = q.shape
-        kc, w, total = _centred_keys(k, key_weight)
-        ctx.causal, ctx.chunk_size = causal, chunk_size
-        ctx.save_for_backward(q, k, key_weight)
-        if not causal:
-            cov = torch.matmul(kc.transpose(-1, -2), kc) / total.clamp(min=1.0)
-            var = (torch.matmul(q, cov) * q).sum(dim=-1, keepdim=True).clamp(min=0.0)
-            return var, total.expand(B, 1, L, 1)
-        var = q.new_empty(B, H, L)
-        count = q.new_empty(B, 1, L)
-        for start, stop, kc_block, w_block, before in _key_blocks(kc, w[..., 0], L, chunk_size):
-            var[:, :, start:stop], count[:, :, start:stop] = _chunk_variance(
-                q[:, :, start:stop], kc_block, w_block, *before
+def _causal_statistics(q, k, mean, w, padded: bool, block: int):
+    """Causal rows: per-row logit variance (B, H, L, 1), valid-key count (B, 1, L, 1) and the groups (with their
+    running key moments, kept for the backward). mean: of the valid keys; w: (B, 1, S) key weights."""
+    B, H, L, D = q.shape
+    offset = k.shape[-2] - L
+    prefix = _centred(k[:, :, :offset], mean, w[:, :, :offset] if padded else None)  # a KV cache: seen by all
+    run_sum, run_outer = prefix.sum(dim=-2), torch.matmul(prefix.transpose(-1, -2), prefix)
+    run_count = w[:, :, :offset].sum(dim=-1)
+    var, count = q.new_empty(B, H, L), q.new_empty(B, 1, L)
+    groups = []
+    for start, n, c in _causal_spans(L, block, B * H * D * D):
+        group = _CausalGroup(start, n, c, run_sum, run_outer, run_count)
+        groups.append(group)
+        w_rows = group.weights(w, offset)
+        kc_rows = _centred(group.rows(k, offset), mean, w_rows if padded else None)
+        before, (run_sum, run_outer, run_count) = group.moments_before(kc_rows, w_rows)
+        g_var, g_cnt = _block_variance(group.rows(q), kc_rows, w_rows, *before)
+        var[:, :, start : start + n * c], count[:, :, start : start + n * c] = g_var.flatten(-2), g_cnt.flatten(-2)
+    return var[..., None], count[..., None], groups
+
+
+class _FastSettings(NamedTuple):
+    """Everything about one fast-path call that is not a tensor the gradients flow to."""
+
+    scale: float
+    max_temperature: float | None
+    eps: float
+    statistic: str
+    dropout_p: float
+    causal: bool  # rows see growing key sets (causal statistics)
+    block: int  # query rows per causal block
+    sdpa_mask: torch.Tensor | None  # bool mask for SDPA, or None
+    sdpa_is_causal: bool
+    # (B, 1, L, 1) query rows without any valid key, or None: they would give NaN inside SDPA (and NaN gradients),
+    # so they attend everywhere and their output is zeroed afterwards
+    rows_without_keys: torch.Tensor | None
+
+
+def _row_statistics(q, k, key_weight, settings: _FastSettings):
+    """Per query row: variance of q_i . k_j over its valid keys (B, H, L, 1), their number (broadcastable to
+    (B, 1, L, 1)), and the key statistics the backward reuses (the covariance and mean, or the causal groups)."""
+    mean, w, total = _key_mean(k, key_weight)
+    if not settings.causal:
+        # every row sees the same keys: var_i = q_i^T C q_i with C their covariance
+        cov = torch.zeros(*k.shape[:2], k.shape[-1], k.shape[-1], dtype=k.dtype, device=k.device)
+        for start in range(0, k.shape[-2], _ROW_BLOCK):
+            kc = _centred(
+                k[:, :, start : start + _ROW_BLOCK],
+                mean,
+                None if key_weight is None else w[:, :, start : start + _ROW_BLOCK],
             )
-        return var[..., None], count[..., None]
-
-    @staticmethod
-    def backward(ctx, grad_var, grad_count):
-        q, k, key_weight = ctx.saved_tensors
-        kc, w, total = _centred_keys(k, key_weight)
-        grad_var = grad_var[..., 0]  # (B, H, L)
-        if not ctx.causal:
-            cov = torch.matmul(kc.transpose(-1, -2), kc) / total.clamp(min=1.0)
-            grad_q = torch.empty_like(q)
-            grad_cov = torch.zeros_like(cov)
-            for start in range(0, q.shape[-2], _BACKWARD_BLOCK):
-                q_block = q[:, :, start : start + _BACKWARD_BLOCK]
-                g_block = grad_var[:, :, start : start + _BACKWARD_BLOCK, None]
-                torch.mul(torch.matmul(q_block, cov), g_block * 2.0, out=grad_q[:, :, start : start + _BACKWARD_BLOCK])
-                grad_cov += torch.matmul((q_block * g_block).transpose(-1, -2), q_block)  # symmetric
-            # kc = (k - mean) * w and sum_j w_j (k_j - mean) = 0, so the mean's own gradient term vanishes
-            grad_cov *= 2.0 / total.clamp(min=1.0)
-            for start in range(0, kc.shape[-2], _BACKWARD_BLOCK):  # in place, block by block: kc becomes grad_k
-                block = kc[:, :, start : start + _BACKWARD_BLOCK]
-                block.copy_(torch.matmul(block, grad_cov))
-            return grad_q, kc, None, None, None
-
-        L = q.shape[-2]
-        offset = k.shape[-2] - L
-        w = w[..., 0]
-        blocks = list(_key_blocks(kc, w, L, ctx.chunk_size))  # keeps only the small per-block moments
-        grad_q = torch.empty_like(q)
-        grad_kc = torch.empty_like(kc)
-        # gradient w.r.t. the running moments, summed over all blocks after the current one (the outer-product
-        # gradient is symmetric, so d(sum_j kc_j kc_j^T)/d kc_j contributes 2 * carry_outer @ kc_j)
-        carry_sum = torch.zeros_like(blocks[0][4][0])
-        carry_outer = torch.zeros_like(blocks[0][4][1])
-        for start, stop, kc_block, w_block, before in reversed(blocks):
-            g_q, g_kc, g_sum, g_outer = _chunk_variance_backward(
-                grad_var[:, :, start:stop], q[:, :, start:stop], kc_block, w_block, *before
-            )
-            grad_q[:, :, start:stop] = g_q
-            # this block's keys enter the running moments of every later block
-            grad_kc[:, :, offset + start : offset + stop] = (
-                g_kc + carry_sum[:, :, None, :] + 2.0 * torch.matmul(kc_block, carry_outer)
-            )
-            carry_sum = carry_sum + g_sum
-            carry_outer = carry_outer + g_outer
-        if offset:
-            prefix = kc[:, :, :offset]
-            grad_kc[:, :, :offset] = carry_sum[:, :, None, :] + 2.0 * torch.matmul(prefix, carry_outer)
-        # kc = (k - mean) * w: the variance ignores the shift, so the mean's gradient is zero analytically and
-        # the mean is treated as a constant
-        return grad_q, grad_kc.mul_(w[..., None]), None, None, None
+            cov += torch.matmul(kc.transpose(-1, -2), kc)
+        cov.div_(total.clamp(min=1.0))
+        var = q.new_empty(*q.shape[:-1], 1)
+        for start in range(0, q.shape[-2], _ROW_BLOCK):
+            rows = q[:, :, start : start + _ROW_BLOCK]
+            var[:, :, start : start + _ROW_BLOCK] = _rowdot(torch.matmul(rows, cov), rows)
+        return var.clamp_(min=0.0), total, (cov, mean)
+    return _causal_statistics(q, k, mean, w, key_weight is not None, settings.block)
 
 
-def rescaled_queries(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    structure: MaskStructure,
-    scale: float,
-    gamma: float | torch.Tensor = 1.0,
-    max_temperature: float | None = None,
-    eps: float = 1e-6,
-    statistic: str = "std",
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Queries ``q_i * scale / T_i`` such that plain softmax attention on them (scale 1) is NormSoftmax attention.
+def _row_factor(var, count, gamma, settings: _FastSettings) -> torch.Tensor:
+    """scale / T per row. A row with a single valid key attends to it with probability 1 whatever q is, so its
+    gradient is exactly zero; dividing by T = sqrt(eps) / gamma would instead amplify SDPA's rounding into a
+    spurious gradient: such rows (and rows without keys) get factor 0."""
+    temperature = _temperature(
+        var * settings.scale**2, gamma, settings.max_temperature, settings.eps, settings.statistic
+    )
+    return torch.where(count > 1, settings.scale / temperature, 0.0)
 
-    ``key`` must already have as many heads as ``query``. Computed in float32 (float64 stays float64) and
-    returned in the query dtype.
-    """
-    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+
+def _sdpa(q_scaled, key, value, settings: _FastSettings):
+    mask = settings.sdpa_mask
+    if settings.rows_without_keys is not None:
+        mask = mask | settings.rows_without_keys
+    return F.scaled_dot_product_attention(
+        q_scaled,
+        key,
+        value,
+        attn_mask=mask,
+        dropout_p=settings.dropout_p,
+        is_causal=settings.sdpa_is_causal,
+        scale=1.0,
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _covariance_backward(grad_q, grad_k, q_base, inv_scale, row_scale, grad_var, k, key_weight, stats, total):
+    """Non-causal rows, var_i = q_i^T C q_i with C the covariance of the valid keys: adds 2 grad_var_i C q_i to
+    grad_q and the gradient through C to grad_k, in place. q_i = q_base_i * inv_scale_i (inv_scale None: 1)."""
+    cov, mean = stats
+    coef = grad_var if inv_scale is None else grad_var * inv_scale.square()
+    grad_cov = torch.zeros_like(cov)
+    for start in range(0, q_base.shape[-2], _ROW_BLOCK):
+        stop = start + _ROW_BLOCK
+        rows = q_base[:, :, start:stop]
+        weighted = rows * coef[:, :, start:stop]  # = grad_var_i q_i / scale_i (or grad_var_i q_i)
+        grad_cov += torch.matmul(weighted.transpose(-1, -2), rows)  # sum_i grad_var_i q_i q_i^T
+        if row_scale is None:
+            grad_q[:, :, start:stop].add_(torch.matmul(weighted, cov), alpha=2.0)
+        else:
+            grad_q[:, :, start:stop].addcmul_(torch.matmul(weighted, cov), row_scale[:, :, start:stop], value=2.0)
+    # C = (k - mean)^T W (k - mean) / n and sum_j w_j (k_j - mean) = 0: the mean's own gradient term vanishes
+    grad_cov.mul_(2.0 / total.clamp(min=1.0))
+    mean_term = torch.matmul(mean, grad_cov)
+    for start in range(0, k.shape[-2], _ROW_BLOCK):
+        block = grad_k[:, :, start : start + _ROW_BLOCK]
+        block.add_(torch.matmul(k[:, :, start : start + _ROW_BLOCK], grad_cov)).sub_(mean_term)
+        if key_weight is not None:  # padded keys get no gradient (they affect no output)
+            block.mul_(key_weight[:, None, start : start + _ROW_BLOCK, None])
+
+
+def _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight, groups):
+    """Causal rows: walks the groups in reverse with the hand-written block backward, carrying the gradient of
+    the running key moments to the keys of earlier blocks; adds into grad_q and grad_k in place."""
+    mean, w, _ = _key_mean(k, key_weight)
+    L = q_base.shape[-2]
+    offset = k.shape[-2] - L
+    grad_var = grad_var[..., 0]
+    carry_sum = torch.zeros_like(groups[0].run_sum)
+    carry_outer = torch.zeros_like(groups[0].run_outer)
+    for group in reversed(groups):
+        w_rows = group.weights(w, offset)
+        kc_rows = _centred(group.rows(k, offset), mean, None if key_weight is None else w_rows)
+        before, _ = group.moments_before(kc_rows, w_rows)
+        q_rows = group.rows(q_base)
+        if inv_scale is not None:
+            q_rows = q_rows * group.rows(inv_scale)
+        g_var = grad_var[:, :, group.start : group.start + group.n * group.c].unflatten(-1, (group.n, group.c))
+        g_q, g_kc, g_sum, g_outer = _block_variance_backward(g_var, q_rows, kc_rows, w_rows, *before)
+        group.rows(grad_q).add_(g_q)
+        # a block's keys enter the moments of the later blocks of its group and of every later group; the
+        # outer-product gradient is symmetric, so d(kc kc^T)/d kc contributes 2 kc G
+        sum_grad = _moments_after_blocks(g_sum, carry_sum)
+        outer_grad = _moments_after_blocks(g_outer, carry_outer)
+        g_kc.add_(sum_grad[..., None, :]).add_(torch.matmul(kc_rows, outer_grad), alpha=2.0)
+        if key_weight is not None:
+            g_kc.mul_(w_rows[..., None])
+        group.rows(grad_k, offset).add_(g_kc)
+        carry_sum, carry_outer = sum_grad[:, :, 0] + g_sum[:, :, 0], outer_grad[:, :, 0] + g_outer[:, :, 0]
+    if offset:
+        prefix = _centred(k[:, :, :offset], mean, None if key_weight is None else w[:, :, :offset])
+        prefix_grad = torch.matmul(prefix, carry_outer).mul_(2.0).add_(carry_sum[:, :, None])
+        grad_k[:, :, :offset].add_(prefix_grad.mul_(w[..., :offset, None]))
+    # kc = (k - mean) * w: the variance ignores the shift, so the mean's gradient is zero analytically
+
+
+# torch's CPU flash-attention kernel, called directly so that the fast path keeps the input queries (which stock SDPA
+# keeps too) instead of their rescaled copy, and rescales them again in the backward: same memory as stock SDPA.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _uses_cpu_flash(query: torch.Tensor, settings: _FastSettings) -> bool:
+    return (
+        _CPU_FLASH is not None
+        and _CPU_FLASH_BACKWARD is not None
+        and query.device.type == "cpu"
+        and settings.dropout_p == 0.0  # the CPU kernel has no dropout
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _additive_mask(settings: _FastSettings, dtype: torch.dtype) -> torch.Tensor | None:
+    """The CPU kernel takes an additive mask in the query dtype (SDPA converts bool masks the same way)."""
+    if settings.sdpa_mask is None:
+        return None
+    mask = torch.where(settings.sdpa_mask, 0.0, float("-inf")).to(dtype)
+    if settings.rows_without_keys is not None:
+        mask.masked_fill_(settings.rows_without_keys, 0.0)
+    return mask
+
+
+# Above this many bytes of queries, the CPU backward goes in slices of (batch, heads): the rescaled queries and the
+# kernel's own buffers then exist one slice at a time (peak memory), for one extra copy of the gradients.
+_BACKWARD_SLICE_BYTES = 2**24
+
+
+def _head_slices(B: int, H: int, n: int):
+    """About n (batch, heads) index slices covering (B, H): whole batch rows when they divide evenly, else heads."""
+    per = -(-B * H // n)
+    if per >= H:
+        step = per // H
+        return [(slice(b, min(b + step, B)), slice(None)) for b in range(0, B, step)]
+    return [(slice(b, b + 1), slice(h, min(h + per, H))) for b in range(B) for h in range(0, H, per)]
+
+
+def _cpu_flash_backward(grad_out, q, factor, dtype, key, value, out, logsumexp, mask, settings: _FastSettings):
+    """The CPU kernel's gradients w.r.t. (q * factor, key, value), the rescaled queries rebuilt on the fly."""
+
+    def kernel(index):
+        mask_slice = None if mask is None else mask[index[0]]  # (B, 1, ., S): heads broadcast
+        grad_slice = grad_out[index]
+        if settings.rows_without_keys is not None:  # those rows' output is the constant 0
+            grad_slice = grad_slice.masked_fill(settings.rows_without_keys[index[0]], 0.0)
+        return _CPU_FLASH_BACKWARD(
+            grad_slice,
+            q[index].mul(factor[index]).to(dtype),
+            key[index],
+            value[index],
+            out[index],
+            logsumexp[index],
+            0.0,
+            settings.sdpa_is_causal,
+            attn_mask=mask_slice,
+            scale=1.0,
+        )
+
+    B, H = q.shape[:2]
+    n = -(-q.numel() * torch.finfo(dtype).bits // 8 // _BACKWARD_SLICE_BYTES)
+    if n <= 1:
+        return kernel((slice(None), slice(None)))
+    grads = (torch.empty(q.shape, dtype=dtype), torch.empty_like(key), torch.empty_like(value))
+    for index in _head_slices(B, H, n):
+        for full, part in zip(grads, kernel(index), strict=True):
+            full[index] = part
+    return grads
+
+
+def _fast_attention_no_grad(query, key, value, gamma, key_weight, settings: _FastSettings):
+    """The fast path when no gradient is needed (inference): the same computation without keeping anything."""
+    with torch.autocast(query.device.type, enabled=False):
+        return _fast_attention_no_grad_impl(query, key, value, gamma, key_weight, settings)
+
+
+def _fast_attention_no_grad_impl(query, key, value, gamma, key_weight, settings: _FastSettings):
+    compute_dtype = _compute_dtype(query.dtype)
     q = query.to(compute_dtype)
-    k = key.to(compute_dtype)
-    key_weight = None if structure.key_valid is None else structure.key_valid.to(compute_dtype)
-    causal = structure.is_causal and query.shape[-2] > 1
-    if chunk_size is None:
-        # block size trades the in-block c x c logits against per-block D x D key moments
-        chunk_size = 64 if query.shape[-2] <= 1024 else 128
-    var, count = _RowVariance.apply(q, k, key_weight, causal, chunk_size)
-    temperature = _temperature(var * scale**2, gamma, max_temperature, eps, statistic)
-    # A row with a single valid key attends to it with probability 1 whatever q is, so its gradient is exactly
-    # zero; dividing by T = sqrt(eps) / gamma would instead amplify SDPA's rounding into a spurious gradient.
-    # The factor is formed on the small (B, H, L, 1) tensor so the query tensor is touched once.
-    factor = torch.where(count > 1, scale / temperature, 0.0)
-    return (q * factor).to(query.dtype)
+    var, count, _ = _row_statistics(q, key.to(compute_dtype), key_weight, settings)
+    factor = _row_factor(var, count, gamma, settings)
+    q_scaled = q.mul(factor).to(query.dtype)
+    if _uses_cpu_flash(query, settings):  # the kernel the training path calls: bit-identical outputs
+        mask = _additive_mask(settings, query.dtype)
+        out = _CPU_FLASH(q_scaled, key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0)[0]
+    else:
+        out = _sdpa(q_scaled, key, value, settings)
+    if settings.rows_without_keys is not None:
+        out.masked_fill_(settings.rows_without_keys, 0.0)
+    return out
+
+
+class _FastAttention(torch.autograd.Function):
+    """NormSoftmax attention as SDPA on rescaled queries, with one backward for the whole computation.
+
+    Forward: per-row logit variance from key moments, the row factor ``scale / T_i``, then SDPA on
+    ``q_i * scale / T_i``. The backward takes SDPA's gradients and folds the factor and variance terms into them
+    in place (no second query-sized gradient). On CPU (no dropout) torch's flash kernel is called directly and the
+    input queries are kept, as stock SDPA keeps them; elsewhere SDPA runs on detached inputs inside its own small
+    graph, and the queries are recovered as ``q_scaled / factor`` (half precision keeps the input instead).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, gamma, key_weight, settings: _FastSettings):
+        with torch.autocast(query.device.type, enabled=False):  # statistics in float32 by design
+            return _FastAttention._forward(ctx, query, key, value, gamma, key_weight, settings)
+
+    @staticmethod
+    def _forward(ctx, query, key, value, gamma, key_weight, settings: _FastSettings):
+        compute_dtype = _compute_dtype(query.dtype)
+        q = query.detach().to(compute_dtype)
+        var, count, stats = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings)
+        gamma_leaf = gamma.detach().requires_grad_(gamma.requires_grad) if isinstance(gamma, torch.Tensor) else gamma
+        var_leaf = var.detach().requires_grad_()
+        with torch.enable_grad():
+            factor = _row_factor(var_leaf, count, gamma_leaf, settings)  # small (B, H, L, 1) graph
+        ctx.factor_graph = (factor, var_leaf, gamma_leaf)
+        ctx.stats, ctx.count, ctx.settings = stats, count, settings
+        q_scaled = q.mul(factor.detach()).to(query.dtype)
+        ctx.cpu_flash = _uses_cpu_flash(query, settings)
+        if ctx.cpu_flash:
+            mask = _additive_mask(settings, query.dtype)
+            out, logsumexp = _CPU_FLASH(q_scaled, key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0)
+            if settings.rows_without_keys is not None:  # in place: their gradient is zeroed in the backward
+                out.masked_fill_(settings.rows_without_keys, 0.0)
+            ctx.save_for_backward(query, key, value, key_weight, out, logsumexp, mask)
+            return out
+        with torch.enable_grad():
+            q_scaled.requires_grad_()
+            key_leaf = key.detach().requires_grad_()
+            value_leaf = value.detach().requires_grad_()
+            out = _sdpa(q_scaled, key_leaf, value_leaf, settings)
+        # the SDPA graph is held here (not saved) so that the first backward can free it as it goes; a second
+        # backward through a retained graph (retain_graph=True, gradcheck) rebuilds it from the saved tensors
+        ctx.sdpa_graph = (out, q_scaled, key_leaf, value_leaf)
+        ctx.save_for_backward(q_scaled, key, value, key_weight, None if query.dtype == compute_dtype else query)
+        if settings.rows_without_keys is not None:
+            return out.detach().masked_fill(settings.rows_without_keys, 0.0)
+        return out.detach()
+
+    @staticmethod
+    def _sdpa_gradients(ctx, grad_out):
+        """SDPA's gradients w.r.t. (q_scaled, key, value), and the queries as ``q_base * inv_scale`` per row
+        (``inv_scale`` None: ``q_base`` are the queries) with ``row_scale`` = 1 / inv_scale."""
+        settings = ctx.settings
+        factor = ctx.factor_graph[0].detach()
+        if ctx.cpu_flash:
+            query, key, value, key_weight, out, logsumexp, mask = ctx.saved_tensors
+            q = query.to(factor.dtype)
+            grads = _cpu_flash_backward(grad_out, q, factor, query.dtype, key, value, out, logsumexp, mask, settings)
+            return grads, key, key_weight, q, None, None
+        q_scaled, key, value, key_weight, query_half = ctx.saved_tensors
+        if ctx.sdpa_graph is not None:
+            out, q_leaf, key_leaf, value_leaf = ctx.sdpa_graph
+            ctx.sdpa_graph = None
+        elif settings.dropout_p > 0:
+            raise RuntimeError(
+                "NormSoftmax attention with dropout_p > 0 cannot be backpropagated a second time "
+                "(retain_graph=True): its dropout mask is not kept. Use dropout_p=0 or normsoftmax_attention_reference."
+            )
+        else:
+            q_leaf, key_leaf, value_leaf = (t.detach().requires_grad_() for t in (q_scaled, key, value))
+            with torch.enable_grad():
+                out = _sdpa(q_leaf, key_leaf, value_leaf, settings)
+        if settings.rows_without_keys is not None:  # those rows' output is the constant 0
+            grad_out = grad_out.masked_fill(settings.rows_without_keys, 0.0)
+        grads = torch.autograd.grad(out, (q_leaf, key_leaf, value_leaf), grad_out)
+        if query_half is not None:
+            return grads, key, key_weight, query_half.to(factor.dtype), None, None
+        # q_i = q_scaled_i / factor_i (rows with factor 0 get no variance gradient)
+        return grads, key, key_weight, q_scaled.detach(), torch.where(factor > 0, 1.0 / factor, 0.0), factor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _FastAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        (grad_q, grad_k, grad_v), key, key_weight, q_base, inv_scale, row_scale = _FastAttention._sdpa_gradients(
+            ctx, grad_out
+        )
+        factor, var_leaf, gamma_leaf = ctx.factor_graph
+        compute_dtype = factor.dtype
+        factor_value = factor.detach()
+        query_dtype = grad_q.dtype
+        grad_q = grad_q.to(compute_dtype)
+        grad_factor = _rowdot(grad_q, q_base)
+        if inv_scale is not None:
+            grad_factor.mul_(inv_scale)
+        wants_gamma = isinstance(gamma_leaf, torch.Tensor) and gamma_leaf.requires_grad
+        leaves = (var_leaf, gamma_leaf) if wants_gamma else (var_leaf,)
+        grads = torch.autograd.grad(factor, leaves, grad_factor, retain_graph=True)
+        grad_var, grad_gamma = grads[0], (grads[1] if wants_gamma else None)
+        grad_q.mul_(factor_value)
+        grad_k = grad_k.to(compute_dtype)
+        k = key.to(compute_dtype)
+        if ctx.settings.causal:
+            _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight, ctx.stats)
+        else:
+            _covariance_backward(
+                grad_q, grad_k, q_base, inv_scale, row_scale, grad_var, k, key_weight, ctx.stats, ctx.count
+            )
+        return grad_q.to(query_dtype), grad_k.to(key.dtype), grad_v, grad_gamma, None, None
 
 
 def normsoftmax_attention(
@@ -540,36 +861,40 @@ def normsoftmax_attention(
         )
     key, value = _expand_kv(query, key, value)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    q = rescaled_queries(query, key, structure, scale, gamma, max_temperature, eps, statistic)
-
     key_valid, causal = structure
-    sdpa_mask = None
-    rows_without_keys = None  # (B, 1, L, 1) bool, or None when every query row has a valid key
-    if key_valid is not None:
-        if causal:
-            mask = key_valid[:, None, None, :] & _causal_valid(L, S, query.device)  # (B, 1, L, S)
-            has_key = mask.any(dim=-1, keepdim=True)
-        else:
-            mask = key_valid[:, None, None, :]  # (B, 1, 1, S): broadcast, no L x S tensor
-            has_key = mask.any(dim=-1, keepdim=True)
-        if not bool(has_key.all()):
-            # fully masked rows would give NaN inside SDPA (and NaN gradients): let them attend everywhere,
-            # then zero their output below
-            rows_without_keys = ~has_key
-            mask = mask | rows_without_keys
-        sdpa_mask = mask
-    elif causal and L != S:
-        sdpa_mask = _causal_valid(L, S, query.device)
-
-    out = F.scaled_dot_product_attention(
-        q,
-        key,
-        value,
-        attn_mask=sdpa_mask,
+    sdpa_mask, rows_without_keys = _sdpa_mask(attn_mask, is_causal, key_valid, causal, B, L, S, query.device)
+    settings = _FastSettings(
+        scale=scale,
+        max_temperature=max_temperature,
+        eps=eps,
+        statistic=statistic,
         dropout_p=dropout_p,
-        is_causal=causal and sdpa_mask is None,
-        scale=1.0,
+        causal=causal,
+        block=_CAUSAL_BLOCK if L <= _CAUSAL_LONG_FROM else _CAUSAL_BLOCK_LONG,
+        sdpa_mask=sdpa_mask,
+        sdpa_is_causal=causal and sdpa_mask is None,
+        rows_without_keys=rows_without_keys,
     )
-    if rows_without_keys is not None:
-        out = out.masked_fill(rows_without_keys.expand(B, 1, L, 1), 0.0)
+    compute_dtype = _compute_dtype(query.dtype)
+    key_weight = None if key_valid is None else key_valid.to(compute_dtype)
+    inputs = (query, key, value) + ((gamma,) if isinstance(gamma, torch.Tensor) else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        out = _FastAttention.apply(query, key, value, gamma, key_weight, settings)
+    else:
+        out = _fast_attention_no_grad(query, key, value, gamma, key_weight, settings)
     return out, None
+
+
+def _sdpa_mask(attn_mask, is_causal, key_valid, causal, B, L, S, device):
+    """The bool mask SDPA needs for a decomposed mask (None when ``is_causal`` alone says it), and the query rows
+    without any valid key (B, 1, L, 1) or None (see :class:`_FastSettings`)."""
+    if key_valid is None:
+        return (_causal_valid(L, S, device) if causal and L != S else None), None
+    if not causal:
+        mask = key_valid[:, None, None, :]  # (B, 1, 1, S): broadcast, no L x S tensor
+    elif not is_causal and attn_mask.dtype == torch.bool and attn_mask.shape == (B, 1, L, S):
+        mask = attn_mask  # the caller's causal + padding mask, already verified by decompose_mask
+    else:
+        mask = key_valid[:, None, None, :] & _causal_valid(L, S, device)
+    has_key = mask.any(dim=-1, keepdim=True)
+    return mask, (None if bool(has_key.all()) else ~has_key)

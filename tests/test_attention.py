@@ -334,3 +334,128 @@ def test_softmax_attention_limit_of_sdpa_is_not_normsoftmax():
     out, _ = normsoftmax_attention(q, k, v, gamma=3.0)
     plain = F.scaled_dot_product_attention(q, k, v)
     assert not torch.allclose(out, plain, atol=1e-3)
+
+
+@pytest.fixture
+def small_causal_blocks(monkeypatch):
+    """Blocks of 4 query rows, 2 blocks per group: several groups plus a partial last block at test sizes."""
+    import hf_normsoftmax.attention as attention
+
+    monkeypatch.setattr(attention, "_CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(attention, "_GROUP_MOMENT_FLOATS", 2 * 2 * 1 * 4 * 4)  # B * H * D * D * 2 blocks
+    monkeypatch.setattr(attention, "_ROW_BLOCK", 5)  # several row blocks in the non-causal statistics too
+
+
+BLOCK_CASES = [c for c in CASES if c[0] in ("plain", "padded", "causal", "causal_left_pad", "cache_prefill_left_pad")]
+
+
+@pytest.mark.parametrize("name,L,S,causal,lengths,left", BLOCK_CASES, ids=[c[0] for c in BLOCK_CASES])
+def test_blocked_statistics_match_naive_and_gradcheck(small_causal_blocks, name, L, S, causal, lengths, left):
+    """The fast path's grouped causal blocks, partial last block and row blocks: forward against the naive
+    oracle, gradients by float64 gradcheck (per-head gamma tensor included)."""
+    B, H, D = 2, 1, 4
+    q, k, v = make_qkv(B, H, L, S, D, requires_grad=True)
+    key_valid = None if lengths is None else padding_mask(B, S, lengths, left)
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    expected, _ = naive_attention(q, k, v, full_valid(key_valid, causal, B, H, L, S), 1 / math.sqrt(D), 1.3)
+    fast, _ = normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal, gamma=1.3)
+    torch.testing.assert_close(fast, expected, atol=1e-9, rtol=1e-7)
+    gamma = torch.tensor([1.3], dtype=torch.float64, requires_grad=True).view(1, 1, 1)
+
+    def fn(q, k, v, gamma):
+        return normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma)[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, gamma), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_path_gradients_equal_reference_in_float64(causal):
+    """Sizes where the default blocks matter (several causal blocks of 64 rows and a partial one)."""
+    B, H, L, D = 1, 2, 150, 8
+    q, k, v = make_qkv(B, H, L, L, D, requires_grad=True)
+    key_valid = padding_mask(B, L, [131], left=True)
+    mask = key_valid[:, None, None, :]
+    grad_out = torch.randn(B, H, L, D, dtype=torch.float64)
+    results = []
+    for fn in (normsoftmax_attention, normsoftmax_attention_reference):
+        out, _ = fn(q, k, v, attn_mask=mask, is_causal=causal, gamma=2.0)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=name)
+
+
+def test_second_backward_through_retained_graph_and_no_grad_path():
+    """retain_graph=True: a second backward rebuilds SDPA's graph and gives the same gradients; without
+    gradients the fast path gives the same output; non-contiguous (transposed) inputs as in transformers."""
+    B, H, L, D = 2, 3, 20, 8
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(B, H, L, L, D, dtype=torch.float32))
+    q = q.transpose(1, 2).contiguous().view(B, L, H, D).transpose(1, 2).requires_grad_()  # (B, H, L, D) view
+    k, v = k.requires_grad_(), v.requires_grad_()
+    mask = padding_mask(B, L, [20, 13], left=True)[:, None, None, :]
+    out, _ = normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=True)
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), grad_out)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with torch.no_grad():
+        inference, _ = normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=True)
+    torch.testing.assert_close(inference, out.detach(), atol=1e-6, rtol=1e-6)
+    ref, _ = normsoftmax_attention_reference(q, k, v, attn_mask=mask, is_causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_second_backward_with_dropout_is_refused_clearly():
+    q, k, v = make_qkv(1, 2, 16, 16, 8, dtype=torch.float32, requires_grad=True)
+    out, _ = normsoftmax_attention(q, k, v, dropout_p=0.3)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        out.sum().backward()
+
+
+def test_long_mask_check_is_blockwise_and_exact():
+    """decompose_mask checks long masks block by block; a single wrong entry deep in the mask is still found."""
+    B, L = 2, 700
+    key_valid = padding_mask(B, L, [700, 650], left=True)
+    mask = key_valid[:, None, None, :] & torch.ones(L, L, dtype=torch.bool).tril()
+    assert decompose_mask(mask, False, B, L, L).is_causal
+    broken = mask.clone()
+    broken[1, 0, 600, 300] = False
+    assert decompose_mask(broken, False, B, L, L) is None
+
+
+@pytest.fixture
+def generic_sdpa_backend(monkeypatch):
+    """Force the device-generic backend (SDPA in its own graph), which CPU calls use only with dropout."""
+    import hf_normsoftmax.attention as attention
+
+    monkeypatch.setattr(attention, "_CPU_FLASH", None)
+
+
+@pytest.mark.parametrize("name,L,S,causal,lengths,left", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_generic_backend_gradcheck_and_retained_graph(generic_sdpa_backend, name, L, S, causal, lengths, left):
+    test_fast_path_gradcheck(name, L, S, causal, lengths, left)
+    test_second_backward_through_retained_graph_and_no_grad_path()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_in_head_slices_equals_whole(monkeypatch, causal):
+    """Large inputs run the CPU backward in (batch, heads) slices: same gradients as in one piece."""
+    import hf_normsoftmax.attention as attention
+
+    B, H, L, D = 3, 4, 24, 8
+    q, k, v = make_qkv(B, H, L, L, D, dtype=torch.float32, requires_grad=True)
+    mask = padding_mask(B, L, [24, 10, 0], left=True)[:, None, None, :]  # one sequence fully padded
+    grad_out = torch.randn(B, H, L, D)
+
+    def grads():
+        out, _ = normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    whole = grads()
+    for slice_bytes in (B * H * L * D * 4 // 3, B * H * L * D * 4 // 7):  # whole batch rows, then head groups
+        monkeypatch.setattr(attention, "_BACKWARD_SLICE_BYTES", slice_bytes)
+        for a, b in zip(grads(), whole, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert torch.equal(whole[0][2], torch.zeros_like(whole[0][2]))
+    assert torch.equal(whole[1][2], torch.zeros_like(whole[1][2]))
