@@ -313,6 +313,10 @@ def convert_stock_model(model: PreTrainedModel, **flags) -> PreTrainedModel:
 def save_pretrained_with_code(model: PreTrainedModel, save_directory, auto_class: str | None = None, **kwargs):
     """``save_pretrained`` with the model's code, so the folder loads with ``trust_remote_code=True`` anywhere.
 
+    A variant's plain ``model.save_pretrained(path)`` already does this by default (opt out with
+    ``save_pretrained(path, save_remote_code=False)`` or ``model.save_remote_code = False``). This function saves
+    the code whatever that default is, and lets you choose the Auto class written to ``auto_map``.
+
     Equivalent to ``config.register_for_auto_class(); model.register_for_auto_class(auto_class)`` followed by
     ``save_pretrained``, without their side effect: that registration is class-wide and sticks to the config
     instance, so every later save in the process would carry ``auto_map`` (possibly without the code files).
@@ -345,7 +349,7 @@ def save_pretrained_with_code(model: PreTrainedModel, save_directory, auto_class
     try:
         model.config.register_for_auto_class()
         model.register_for_auto_class(auto_class)
-        model.save_pretrained(save_directory, **kwargs)
+        model.save_pretrained(save_directory, **{"save_remote_code": True, **kwargs})
     finally:
         model_class._auto_class, config_class._auto_class = saved_state[0], saved_state[1]
         if saved_state[2] is None:

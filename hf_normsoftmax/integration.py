@@ -11,7 +11,8 @@ checkpoints, so it only imports torch, transformers and same-folder modules):
   the selected layers of a model and finish their initialisation from the weights actually loaded;
 * the head helpers: the logits a head returns are exactly what its training softmax sees (``beta * z``, or the
   normalised logits under ``loss_softmax="normsoftmax"``) and the loss is the cross-entropy of those logits,
-  computed by one fused, chunked op (cheap even for a 50k vocabulary);
+  computed by one fused, chunked op (cheap even for a 50k vocabulary); ``normsoftmax_head_forward`` builds every
+  variant head's ``forward`` from the stock one (same signature, stock loss replaced);
 * ``NormSoftmaxPreTrainedMixin``, the behaviour every variant model class shares (attention choice, conversion,
   init after loading, refusal of checkpoints of another architecture).
 
@@ -35,6 +36,7 @@ computation, with the exact inputs the attention is computed from.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
 from typing import Any
 
@@ -47,6 +49,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 from .attention import normsoftmax_attention, normsoftmax_attention_reference, valid_from_mask
 from .configuration_normsoftmax import DEFAULT_NORMSOFTMAX_GAMMA, NORMSOFTMAX_FLAGS, check_flag_combination
@@ -145,7 +148,7 @@ def _softmax_attention_reference(query, key, value, attention_mask, is_causal, s
 
 
 def _normsoftmax_attention_forward(
-    module, query, key, value, attention_mask, dropout, scaling, is_causal, reference, kwargs
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, *, reference, **kwargs
 ):
     if kwargs.get("softcap") is not None:
         raise ValueError(
@@ -217,28 +220,19 @@ def normsoftmax_attention_forward(
     attention. Causality comes from ``module.is_causal`` (or an explicit ``is_causal``).
     """
     return _normsoftmax_attention_forward(
-        module, query, key, value, attention_mask, dropout, scaling, is_causal, False, kwargs
+        module, query, key, value, attention_mask, dropout, scaling, is_causal, reference=False, **kwargs
     )
 
 
 def normsoftmax_reference_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention function registered as ``"normsoftmax_reference"``: materialised logits, same results.
 
+    Arguments (``dropout``, ``scaling``, ``is_causal``, ...) and result as :func:`normsoftmax_attention_forward`.
     What a NormSoftmax variant runs when asked for ``attn_implementation="eager"``.
     """
-    return _normsoftmax_attention_forward(
-        module, query, key, value, attention_mask, dropout, scaling, is_causal, True, kwargs
-    )
+    return _normsoftmax_attention_forward(module, query, key, value, attention_mask, reference=True, **kwargs)
 
 
 def register_normsoftmax_attention() -> None:
@@ -573,6 +567,89 @@ def pop_loss_kwargs(kwargs: dict) -> dict:
     return {name: kwargs.pop(name) for name in ("num_items_in_batch", "ignore_index", "shift_labels") if name in kwargs}
 
 
+# What a head's training softmax runs over, and its loss (see `head_outputs`).
+HEAD_KINDS = ("cross_entropy", "causal_lm", "sequence_classification", "question_answering")
+# The target arguments of the stock head forwards; the variant forward takes them out of the stock call.
+_HEAD_TARGETS = ("labels", "start_positions", "end_positions")
+
+
+def head_outputs(model: PreTrainedModel, outputs: Any, head: str, targets: dict, loss_kwargs: dict) -> dict:
+    """The output fields a variant head replaces: its logits as the training softmax sees them, and their loss.
+
+    ``outputs`` is the stock head's output (computed without targets), ``targets`` its target arguments by name,
+    ``loss_kwargs`` what :func:`pop_loss_kwargs` took out. ``head`` is one of:
+
+    * ``"cross_entropy"``: ``logits (..., C)`` against ``labels (...)`` (masked LM, token classification,
+      multiple choice), via :func:`head_logits_and_loss`;
+    * ``"causal_lm"``: next-token loss with the labels shifted inside, via :func:`causal_lm_head`;
+    * ``"sequence_classification"``: per problem type, via :func:`sequence_classification_head`;
+    * ``"question_answering"``: start/end logits over the positions, via :func:`question_answering_head`.
+    """
+    config = model.config
+    num_items_in_batch = loss_kwargs.get("num_items_in_batch")
+    ignore_index = loss_kwargs.get("ignore_index", -100)
+    if head == "question_answering":
+        start_logits, end_logits, loss = question_answering_head(
+            outputs.start_logits, outputs.end_logits, targets["start_positions"], targets["end_positions"], config
+        )
+        return {"loss": loss, "start_logits": start_logits, "end_logits": end_logits}
+    labels = targets["labels"]
+    if head == "cross_entropy":
+        logits, loss = head_logits_and_loss(outputs.logits, labels, config, num_items_in_batch, ignore_index)
+    elif head == "causal_lm":
+        shift_labels = loss_kwargs.get("shift_labels")
+        logits, loss = causal_lm_head(outputs.logits, labels, config, num_items_in_batch, ignore_index, shift_labels)
+    elif head == "sequence_classification":
+        num_labels = model.num_labels
+        logits, loss = sequence_classification_head(outputs.logits, labels, config, num_labels, num_items_in_batch)
+    else:
+        raise ValueError(f"Invalid value for `head`: {head!r}. Allowed: {', '.join(map(repr, HEAD_KINDS))}.")
+    return {"loss": loss, "logits": logits}
+
+
+def normsoftmax_head_forward(stock_forward, head: str, *, no_cache_with_labels: bool = False):
+    """The ``forward`` of a variant head class, built from the ``forward`` of the stock head class.
+
+    It calls the stock forward without the targets (so the stock loss is never computed), then returns the stock
+    output with the logits replaced by what the training softmax sees and ``loss`` set to their cross-entropy
+    (:func:`head_outputs`); hidden states, attentions and cache are passed through. The signature shown is the stock
+    one (Trainer, ``generate`` and pipelines read it to choose their inputs), ``return_dict=False`` gives a tuple.
+    ``no_cache_with_labels``: with labels, run the stock forward with ``use_cache=False``, as a stock head that
+    drops the cache when it gets labels (``BertLMHeadModel``) would have.
+
+    ```python
+    >>> class NormSoftmaxBertForMaskedLM(NormSoftmaxBertPreTrainedMixin, BertForMaskedLM):
+    ...     forward = normsoftmax_head_forward(BertForMaskedLM.forward, "cross_entropy")
+    ```
+    """
+    if head not in HEAD_KINDS:
+        raise ValueError(f"Invalid value for `head`: {head!r}. Allowed: {', '.join(map(repr, HEAD_KINDS))}.")
+    parameters = list(inspect.signature(stock_forward).parameters.values())[1:]  # without `self`
+    positional = tuple(p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    target_names = tuple(name for name in _HEAD_TARGETS if name in positional)
+
+    def forward(self, *args, **kwargs):
+        if len(args) > len(positional):
+            raise TypeError(f"forward() takes at most {len(positional)} positional arguments, {len(args)} given")
+        for name, value in zip(positional, args, strict=False):  # the arguments given by position
+            if name in kwargs:
+                raise TypeError(f"forward() got multiple values for argument {name!r}")
+            kwargs[name] = value
+        targets = {name: kwargs.pop(name, None) for name in target_names}
+        loss_kwargs = pop_loss_kwargs(kwargs)
+        if no_cache_with_labels and targets["labels"] is not None:
+            kwargs["use_cache"] = False
+        outputs = stock_forward(self, return_dict=True, **kwargs)
+        return type(outputs)(**{**outputs, **head_outputs(self, outputs, head, targets, loss_kwargs)})
+
+    forward.__wrapped__ = stock_forward  # `inspect.signature` follows it: the stock signature is shown
+    forward.__doc__ = (
+        f"`{stock_forward.__qualname__}` with the NormSoftmax head: the logits returned are what the training "
+        f"softmax sees and `loss` is their cross-entropy.\n{stock_forward.__doc__ or ''}"
+    )
+    return can_return_tuple(forward)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # sigmaReparam
 # ---------------------------------------------------------------------------------------------------------------
@@ -837,9 +914,163 @@ class NormSoftmaxPreTrainedMixin:
             check_loaded_weights(model, loading_info, pretrained_model_name_or_path)
         return (model, loading_info) if output_loading_info else model
 
+    # -- saving with the code, pushing to the Hub ----------------------------------------------------------------
+    #: Default of ``save_pretrained(save_remote_code=...)``. Set ``model.save_remote_code = False`` to keep the code
+    #: out of saves you do not call yourself (``Trainer`` checkpoints, ``trainer.push_to_hub()``).
+    save_remote_code: bool = True
+    _normsoftmax_auto_class_suffixes = (
+        ("ForImageClassification", "AutoModelForImageClassification"),
+        ("ForMaskedImageModeling", "AutoModelForMaskedImageModeling"),
+        ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+        ("ForTokenClassification", "AutoModelForTokenClassification"),
+        ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+        ("ForMultipleChoice", "AutoModelForMultipleChoice"),
+        ("ForMaskedLM", "AutoModelForMaskedLM"),
+        ("LMHeadModel", "AutoModelForCausalLM"),
+        ("ForCausalLM", "AutoModelForCausalLM"),
+    )
+
+    @classmethod
+    def normsoftmax_auto_class(cls) -> str:
+        """The Auto class name written to ``auto_map`` (a ``register_for_auto_class`` choice wins)."""
+        registered = getattr(cls, "_auto_class", None)
+        if registered:
+            return registered
+        return next((auto for suffix, auto in cls._normsoftmax_auto_class_suffixes if cls.__name__.endswith(suffix)),
+                    "AutoModel")
+
+    def save_pretrained(self, save_directory, *args, save_remote_code: bool | None = None, **kwargs):
+        """``PreTrainedModel.save_pretrained`` that, by default, also writes the model's code and ``auto_map``.
+
+        The folder then holds ``configuration_normsoftmax.py``, ``modeling_normsoftmax_*.py`` and the files they
+        import, and ``config.json`` maps ``AutoConfig`` and the model's Auto class to them: with the package
+        installed it loads with the package's classes (no prompt); without it, ``trust_remote_code=True`` loads it
+        and leaving it out gives transformers' "contains custom code ... pass trust_remote_code=True" error.
+
+        Args:
+            save_remote_code: ``False`` writes a plain folder (no code files, no ``auto_map``; it then loads only
+                where hf_normsoftmax is imported). Default: the model's ``save_remote_code`` attribute (``True``).
+            *args, **kwargs: as for ``PreTrainedModel.save_pretrained``.
+
+        Nothing sticks: the classes' Auto registration and the config's ``auto_map`` are as before afterwards.
+        """
+        if save_remote_code is None:
+            save_remote_code = getattr(self, "save_remote_code", True)
+        if not isinstance(save_remote_code, bool):
+            raise TypeError(f"Invalid value for `save_remote_code`: {save_remote_code!r}. Allowed: True, False, None.")
+        model_class, config_class, config = type(self), type(self.config), self.config
+        if save_remote_code and model_class.__module__ == "__main__":
+            logger.warning(f"{model_class.__name__} is defined in __main__: its code cannot be saved with the "
+                           "checkpoint (save_remote_code ignored).")
+            save_remote_code = False
+
+        def is_ours(ref) -> bool:  # an auto_map entry naming our files (possibly as "repo--module.Class")
+            refs = ref if isinstance(ref, (list, tuple)) else [ref]
+            return any(isinstance(r, str) and ("configuration_normsoftmax." in r or "modeling_normsoftmax_" in r)
+                       for r in refs)
+
+        missing = object()
+        saved_classes = [(cls, cls.__dict__.get("_auto_class", missing)) for cls in (model_class, config_class)]
+        saved_map = config.__dict__.get("auto_map", missing)
+        kept = {k: v for k, v in saved_map.items() if not is_ours(v)} if isinstance(saved_map, dict) else {}
+        auto_class = model_class.normsoftmax_auto_class() if save_remote_code else None
+        try:
+            model_class._auto_class = auto_class
+            config_class._auto_class = (getattr(config_class, "_auto_class", None) or "AutoConfig") \
+                if save_remote_code else None
+            if save_remote_code or kept:
+                config.auto_map = dict(kept)  # custom_object_save adds the model's and the config's entries
+            else:
+                config.__dict__.pop("auto_map", None)
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            for cls, value in saved_classes:
+                if value is missing:
+                    try:
+                        delattr(cls, "_auto_class")
+                    except AttributeError:
+                        pass
+                else:
+                    cls._auto_class = value
+            if saved_map is missing:
+                config.__dict__.pop("auto_map", None)
+            else:
+                config.auto_map = saved_map
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        processing_class=None,
+        tokenizer=None,
+        card_fields: dict | None = None,
+    ):
+        """Upload the model with the hf_normsoftmax model card, its code + ``auto_map``, safetensors weights, the
+        config and the tokenizer / processor, in ONE commit (``hf_normsoftmax.hub.push_model``).
+
+        Args:
+            repo_id, commit_message, commit_description, private, token, revision, create_pr, max_shard_size, tags:
+                as for ``PreTrainedModel.push_to_hub`` (``tags`` are added to the card's metadata).
+            processing_class: the tokenizer / image processor / processor to upload (``tokenizer=`` is an alias).
+                Default: the processor files saved in the local folder the model was loaded from
+                (``model.name_or_path``), if any; otherwise a warning says the repo gets none.
+            card_fields: extra card fields (``dataset_name``, ``eval_metrics``, ``base_model``, ``license``, ...;
+                see ``hf_normsoftmax.hub.card.CardInputs``).
+
+        Returns:
+            ``huggingface_hub.CommitInfo`` of the commit.
+
+        Where hf_normsoftmax cannot be imported (a model loaded with ``trust_remote_code=True``), this falls back
+        to transformers' own ``push_to_hub`` (generic card; the code and ``auto_map`` are still saved) with a
+        warning, and pushes ``processing_class`` in a second commit.
+        """
+        if processing_class is not None and tokenizer is not None and processing_class is not tokenizer:
+            raise ValueError("Invalid arguments: pass the tokenizer / processor once, as `processing_class` "
+                             "(`tokenizer` is an alias), not two different objects.")
+        processing_class = processing_class if processing_class is not None else tokenizer
+        try:  # lazily, by name: remote-code copies of this file must not depend on the package
+            import importlib
+
+            hub = importlib.import_module("hf_normsoftmax.hub")
+        except ImportError as exc:
+            import warnings
+
+            warnings.warn(
+                f"push_to_hub: hf_normsoftmax cannot be imported ({exc}), so transformers' own push_to_hub is used: "
+                "the repo gets transformers' generic model card instead of the hf_normsoftmax card (the code and "
+                "auto_map are still uploaded). Install the hf_normsoftmax package for the full push.",
+                UserWarning, stacklevel=2,
+            )
+            if card_fields:
+                warnings.warn("push_to_hub: `card_fields` are ignored without hf_normsoftmax.", UserWarning,
+                              stacklevel=2)
+            stock_kwargs = {} if tags is None else {"tags": tags}  # transformers iterates `tags` if passed
+            result = super().push_to_hub(
+                repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
+                token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, **stock_kwargs,
+            )
+            if processing_class is not None:
+                processing_class.push_to_hub(repo_id, commit_message=commit_message, private=private, token=token,
+                                             revision=revision, create_pr=create_pr)
+            return result
+        return hub.push_model(
+            self, repo_id, processor=processing_class, commit_message=commit_message,
+            commit_description=commit_description, private=private, token=token, revision=revision,
+            create_pr=create_pr, max_shard_size=max_shard_size, tags=tags, card_fields=card_fields,
+        )
+
 
 __all__ = [
     "ATTENTION_IMPLEMENTATION",
+    "HEAD_KINDS",
     "LEARNABLE_GAMMA_PARAMETER",
     "NormSoftmaxPreTrainedMixin",
     "REFERENCE_ATTENTION_IMPLEMENTATION",
@@ -850,7 +1081,9 @@ __all__ = [
     "finish_normsoftmax_init",
     "head_cross_entropy",
     "head_logits_and_loss",
+    "head_outputs",
     "normsoftmax_attention_forward",
+    "normsoftmax_head_forward",
     "normsoftmax_reference_attention_forward",
     "question_answering_head",
     "register_normsoftmax_attention",

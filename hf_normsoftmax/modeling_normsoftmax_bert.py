@@ -23,15 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import torch
-from transformers.modeling_outputs import (
-    CausalLMOutputWithCrossAttentions,
-    MaskedLMOutput,
-    MultipleChoiceModelOutput,
-    QuestionAnsweringModelOutput,
-    SequenceClassifierOutput,
-    TokenClassifierOutput,
-)
 from transformers.models.bert.modeling_bert import (
     BertCrossAttention,
     BertForMaskedLM,
@@ -43,17 +34,9 @@ from transformers.models.bert.modeling_bert import (
     BertModel,
     BertSelfAttention,
 )
-from transformers.utils.generic import can_return_tuple
 
 from .configuration_normsoftmax import NormSoftmaxBertConfig
-from .integration import (
-    NormSoftmaxPreTrainedMixin,
-    causal_lm_head,
-    head_logits_and_loss,
-    pop_loss_kwargs,
-    question_answering_head,
-    sequence_classification_head,
-)
+from .integration import NormSoftmaxPreTrainedMixin, normsoftmax_head_forward
 
 
 class NormSoftmaxBertPreTrainedMixin(NormSoftmaxPreTrainedMixin):
@@ -84,6 +67,10 @@ class NormSoftmaxBertModel(NormSoftmaxBertPreTrainedMixin, BertModel):
     ```"""
 
 
+# The head classes keep the stock forward and its signature; `normsoftmax_head_forward` runs it without the targets,
+# then returns the logits the training softmax sees and their cross-entropy (see integration.head_outputs).
+
+
 class NormSoftmaxBertForMaskedLM(NormSoftmaxBertPreTrainedMixin, BertForMaskedLM):
     r"""
     BERT with a masked-language-modeling head. `logits` are the per-token vocabulary logits the training softmax
@@ -98,97 +85,24 @@ class NormSoftmaxBertForMaskedLM(NormSoftmaxBertPreTrainedMixin, BertForMaskedLM
     >>> fill("The capital of France is [MASK].")
     ```"""
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | MaskedLMOutput:
-        loss_kwargs = pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            labels=None,
-            return_dict=True,
-            **kwargs,
-        )
-        logits, loss = head_logits_and_loss(
-            outputs.logits, labels, self.config, loss_kwargs.get("num_items_in_batch"),
-            loss_kwargs.get("ignore_index", -100),
-        )
-        return MaskedLMOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    forward = normsoftmax_head_forward(BertForMaskedLM.forward, "cross_entropy")
 
 
 class NormSoftmaxBertLMHeadModel(NormSoftmaxBertPreTrainedMixin, BertLMHeadModel):
     r"""
     BERT decoder (`is_decoder=True`) with a causal language-modeling head; logits/loss as in
-    [`NormSoftmaxBertForMaskedLM`], with labels shifted inside like [`BertLMHeadModel`]. Supports `generate()`.
-    """
+    [`NormSoftmaxBertForMaskedLM`], with labels shifted inside like [`BertLMHeadModel`] (which also turns the cache
+    off when given labels). Supports `generate()`.
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        past_key_values=None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | CausalLMOutputWithCrossAttentions:
-        loss_kwargs = pop_loss_kwargs(kwargs)
-        if labels is not None:
-            use_cache = False
-        outputs = super().forward(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            labels=None,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            return_dict=True,
-            **kwargs,
-        )
-        logits, loss = causal_lm_head(
-            outputs.logits,
-            labels,
-            self.config,
-            loss_kwargs.get("num_items_in_batch"),
-            loss_kwargs.get("ignore_index", -100),
-            loss_kwargs.get("shift_labels"),
-        )
-        return CausalLMOutputWithCrossAttentions(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions,
-        )
+    Example:
+
+    ```python
+    >>> model = NormSoftmaxBertLMHeadModel(NormSoftmaxBertConfig(is_decoder=True, loss_softmax="normsoftmax"))
+    >>> out = model(input_ids, labels=input_ids)  # out.loss: next-token cross-entropy of out.logits
+    >>> model.generate(input_ids, max_new_tokens=5)
+    ```"""
+
+    forward = normsoftmax_head_forward(BertLMHeadModel.forward, "causal_lm", no_cache_with_labels=True)
 
 
 class NormSoftmaxBertForSequenceClassification(NormSoftmaxBertPreTrainedMixin, BertForSequenceClassification):
@@ -207,70 +121,22 @@ class NormSoftmaxBertForSequenceClassification(NormSoftmaxBertPreTrainedMixin, B
     >>> classify("a gripping, beautifully shot film")
     ```"""
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | SequenceClassifierOutput:
-        loss_kwargs = pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            labels=None,
-            return_dict=True,
-            **kwargs,
-        )
-        logits, loss = sequence_classification_head(
-            outputs.logits, labels, self.config, self.num_labels, loss_kwargs.get("num_items_in_batch")
-        )
-        return SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    forward = normsoftmax_head_forward(BertForSequenceClassification.forward, "sequence_classification")
 
 
 class NormSoftmaxBertForMultipleChoice(NormSoftmaxBertPreTrainedMixin, BertForMultipleChoice):
     r"""
     BERT with a multiple-choice head: `logits` `(batch, num_choices)` as the training softmax over the choices
     sees them, `loss` their cross-entropy.
-    """
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | MultipleChoiceModelOutput:
-        loss_kwargs = pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            labels=None,
-            return_dict=True,
-            **kwargs,
-        )
-        logits, loss = head_logits_and_loss(
-            outputs.logits, labels, self.config, loss_kwargs.get("num_items_in_batch")
-        )
-        return MultipleChoiceModelOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    Example:
+
+    ```python
+    >>> out = model(input_ids=choice_ids, attention_mask=choice_mask, labels=torch.tensor([1]))  # (1, choices, L)
+    >>> out.logits.argmax(-1)  # the chosen answer
+    ```"""
+
+    forward = normsoftmax_head_forward(BertForMultipleChoice.forward, "cross_entropy")
 
 
 class NormSoftmaxBertForTokenClassification(NormSoftmaxBertPreTrainedMixin, BertForTokenClassification):
@@ -286,78 +152,24 @@ class NormSoftmaxBertForTokenClassification(NormSoftmaxBertPreTrainedMixin, Bert
     >>> tag("Alice flew to Paris")
     ```"""
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | TokenClassifierOutput:
-        loss_kwargs = pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            labels=None,
-            return_dict=True,
-            **kwargs,
-        )
-        logits, loss = head_logits_and_loss(
-            outputs.logits, labels, self.config, loss_kwargs.get("num_items_in_batch"),
-            loss_kwargs.get("ignore_index", -100),
-        )
-        return TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    forward = normsoftmax_head_forward(BertForTokenClassification.forward, "cross_entropy")
 
 
 class NormSoftmaxBertForQuestionAnswering(NormSoftmaxBertPreTrainedMixin, BertForQuestionAnswering):
     r"""
     BERT with an extractive question-answering head. `start_logits`/`end_logits` `(batch, seq_len)` are what the
-    training softmax over positions sees (`beta * z` or normalised over the positions); `total_loss` is the mean
+    training softmax over positions sees (`beta * z` or normalised over the positions); `loss` is the mean
     of the two cross-entropies, positions outside the sequence ignored as in [`BertForQuestionAnswering`].
-    """
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        start_positions: torch.Tensor | None = None,
-        end_positions: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | QuestionAnsweringModelOutput:
-        pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            start_positions=None,
-            end_positions=None,
-            return_dict=True,
-            **kwargs,
-        )
-        start_logits, end_logits, total_loss = question_answering_head(
-            outputs.start_logits, outputs.end_logits, start_positions, end_positions, self.config
-        )
-        return QuestionAnsweringModelOutput(
-            loss=total_loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> answer = pipeline("question-answering", model=model, tokenizer=tokenizer)
+    >>> answer(question="Where did Alice fly?", context="Alice flew to Paris.")
+    ```"""
+
+    forward = normsoftmax_head_forward(BertForQuestionAnswering.forward, "question_answering")
 
 
 __all__ = [

@@ -24,13 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import torch
-from transformers.modeling_outputs import (
-    CausalLMOutputWithCrossAttentions,
-    QuestionAnsweringModelOutput,
-    SequenceClassifierOutputWithPast,
-    TokenClassifierOutput,
-)
 from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Attention,
     GPT2ForQuestionAnswering,
@@ -39,17 +32,9 @@ from transformers.models.gpt2.modeling_gpt2 import (
     GPT2LMHeadModel,
     GPT2Model,
 )
-from transformers.utils.generic import can_return_tuple
 
 from .configuration_normsoftmax import NormSoftmaxGPT2Config
-from .integration import (
-    NormSoftmaxPreTrainedMixin,
-    causal_lm_head,
-    head_logits_and_loss,
-    pop_loss_kwargs,
-    question_answering_head,
-    sequence_classification_head,
-)
+from .integration import NormSoftmaxPreTrainedMixin, normsoftmax_head_forward
 
 
 class NormSoftmaxGPT2PreTrainedMixin(NormSoftmaxPreTrainedMixin):
@@ -73,6 +58,10 @@ class NormSoftmaxGPT2Model(NormSoftmaxGPT2PreTrainedMixin, GPT2Model):
     ```"""
 
 
+# The head classes keep the stock forward and its signature; `normsoftmax_head_forward` runs it without the targets,
+# then returns the logits the training softmax sees and their cross-entropy (see integration.head_outputs).
+
+
 class NormSoftmaxGPT2LMHeadModel(NormSoftmaxGPT2PreTrainedMixin, GPT2LMHeadModel):
     r"""
     GPT-2 with a language-modeling head (tied to the input embeddings). `logits` are what the training softmax
@@ -87,6 +76,8 @@ class NormSoftmaxGPT2LMHeadModel(NormSoftmaxGPT2PreTrainedMixin, GPT2LMHeadModel
     >>> generate("To be, or not to be", max_new_tokens=10, do_sample=False)
     ```"""
 
+    forward = normsoftmax_head_forward(GPT2LMHeadModel.forward, "causal_lm")
+
     def __init__(self, config):
         super().__init__(config)
         # The loss shifts the labels inside. Naming the loss type makes Trainer count the *shifted* labels for
@@ -94,182 +85,54 @@ class NormSoftmaxGPT2LMHeadModel(NormSoftmaxGPT2PreTrainedMixin, GPT2LMHeadModel
         # loss comes out (L - 1) / L of the mean next-token loss.
         self.loss_type = "ForCausalLM"
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | CausalLMOutputWithCrossAttentions:
-        loss_kwargs = pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            labels=None,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            return_dict=True,
-            **kwargs,
-        )
-        logits, loss = causal_lm_head(
-            outputs.logits,
-            labels,
-            self.config,
-            loss_kwargs.get("num_items_in_batch"),
-            loss_kwargs.get("ignore_index", -100),
-            loss_kwargs.get("shift_labels"),
-        )
-        return CausalLMOutputWithCrossAttentions(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions,
-        )
-
 
 class NormSoftmaxGPT2ForSequenceClassification(NormSoftmaxGPT2PreTrainedMixin, GPT2ForSequenceClassification):
     r"""
     GPT-2 with a sequence classification head on the last non-padding token (needs `pad_token_id` for batches).
     Logits/loss per problem type as in [`NormSoftmaxBertForSequenceClassification`]: single-label logits are what
     the training softmax sees, multi-label logits are `beta * z` (BCE), regression outputs are raw (MSE).
-    """
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | SequenceClassifierOutputWithPast:
-        loss_kwargs = pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            labels=None,
-            use_cache=use_cache,
-            return_dict=True,
-            **kwargs,
-        )
-        logits, loss = sequence_classification_head(
-            outputs.logits, labels, self.config, self.num_labels, loss_kwargs.get("num_items_in_batch")
-        )
-        return SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+    Example:
+
+    ```python
+    >>> model = NormSoftmaxGPT2ForSequenceClassification.from_pretrained(
+    ...     "path/to/gpt2", num_labels=2, pad_token_id=tokenizer.eos_token_id, logit_inverse_temperature=0.5
+    ... )
+    >>> batch = tokenizer(["a gripping film", "dull"], return_tensors="pt", padding=True)  # pad = eos
+    >>> model(**batch, labels=torch.tensor([1, 0])).loss  # cross-entropy of 0.5 * z at each last real token
+    ```"""
+
+    forward = normsoftmax_head_forward(GPT2ForSequenceClassification.forward, "sequence_classification")
 
 
 class NormSoftmaxGPT2ForTokenClassification(NormSoftmaxGPT2PreTrainedMixin, GPT2ForTokenClassification):
     r"""
     GPT-2 with a token classification head: per-token logits as the training softmax sees them, and their
     cross-entropy (labels -100 ignored).
-    """
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | TokenClassifierOutput:
-        loss_kwargs = pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            labels=None,
-            use_cache=use_cache,
-            return_dict=True,
-            **kwargs,
-        )
-        logits, loss = head_logits_and_loss(
-            outputs.logits, labels, self.config, loss_kwargs.get("num_items_in_batch"),
-            loss_kwargs.get("ignore_index", -100),
-        )
-        return TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    Example:
+
+    ```python
+    >>> out = model(input_ids, attention_mask=mask, labels=tags.masked_fill(mask == 0, -100))  # padding ignored
+    >>> out.logits.argmax(-1)  # one tag per token
+    ```"""
+
+    forward = normsoftmax_head_forward(GPT2ForTokenClassification.forward, "cross_entropy")
 
 
 class NormSoftmaxGPT2ForQuestionAnswering(NormSoftmaxGPT2PreTrainedMixin, GPT2ForQuestionAnswering):
     r"""
     GPT-2 with an extractive question-answering head; start/end logits and loss as in
     [`NormSoftmaxBertForQuestionAnswering`].
-    """
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        start_positions: torch.LongTensor | None = None,
-        end_positions: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | QuestionAnsweringModelOutput:
-        pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            start_positions=None,
-            end_positions=None,
-            return_dict=True,
-            **kwargs,
-        )
-        start_logits, end_logits, total_loss = question_answering_head(
-            outputs.start_logits, outputs.end_logits, start_positions, end_positions, self.config
-        )
-        return QuestionAnsweringModelOutput(
-            loss=total_loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+    Example:
+
+    ```python
+    >>> out = model(input_ids, start_positions=torch.tensor([2]), end_positions=torch.tensor([4]))
+    >>> out.start_logits.argmax(-1), out.end_logits.argmax(-1)  # the predicted answer span
+    ```"""
+
+    forward = normsoftmax_head_forward(GPT2ForQuestionAnswering.forward, "question_answering")
 
 
 __all__ = [

@@ -23,19 +23,16 @@ Example:
 
 from __future__ import annotations
 
-import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.vit.modeling_vit import (
     ViTAttention,
     ViTForImageClassification,
     ViTForMaskedImageModeling,
     ViTModel,
 )
-from transformers.utils.generic import can_return_tuple
 
 from .configuration_normsoftmax import NormSoftmaxViTConfig
-from .integration import NormSoftmaxPreTrainedMixin, pop_loss_kwargs, sequence_classification_head
+from .integration import NormSoftmaxPreTrainedMixin, normsoftmax_head_forward
 
 
 class NormSoftmaxViTPreTrainedMixin(NormSoftmaxPreTrainedMixin):
@@ -80,30 +77,7 @@ class NormSoftmaxViTForImageClassification(NormSoftmaxViTPreTrainedMixin, ViTFor
     >>> classify(image)
     ```"""
 
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor] | ImageClassifierOutput:
-        loss_kwargs = pop_loss_kwargs(kwargs)
-        outputs = super().forward(
-            pixel_values,
-            labels=None,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            attention_mask=attention_mask,
-            return_dict=True,
-            **kwargs,
-        )
-        logits, loss = sequence_classification_head(
-            outputs.logits, labels, self.config, self.num_labels, loss_kwargs.get("num_items_in_batch")
-        )
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    forward = normsoftmax_head_forward(ViTForImageClassification.forward, "sequence_classification")
 
 
 class NormSoftmaxViTForMaskedImageModeling(NormSoftmaxViTPreTrainedMixin, ViTForMaskedImageModeling):

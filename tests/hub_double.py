@@ -231,6 +231,11 @@ class HubTestDouble:
         with self._lock:
             return len(self._get_repo_or_keyerror(repo_type, repo_id).commits)
 
+    def commit_messages(self, repo_id: str, repo_type: str = "model") -> list:
+        """Commit summaries of a repo, oldest first (the first one is the creation commit)."""
+        with self._lock:
+            return [c.message for c in self._get_repo_or_keyerror(repo_type, repo_id).commits]
+
     def is_private(self, repo_id: str, repo_type: str = "model") -> bool:
         with self._lock:
             return self._get_repo_or_keyerror(repo_type, repo_id).private

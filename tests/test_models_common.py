@@ -534,6 +534,53 @@ def test_fused_head_op_in_bfloat16_is_the_cross_entropy_of_the_returned_logits()
     assert torch.allclose(loss, F.cross_entropy(logits.float(), labels), atol=1e-6)
 
 
+VARIANT_HEADS = {
+    H.NormSoftmaxBertForMaskedLM: "BertForMaskedLM", H.NormSoftmaxBertLMHeadModel: "BertLMHeadModel",
+    H.NormSoftmaxBertForSequenceClassification: "BertForSequenceClassification",
+    H.NormSoftmaxBertForMultipleChoice: "BertForMultipleChoice",
+    H.NormSoftmaxBertForTokenClassification: "BertForTokenClassification",
+    H.NormSoftmaxBertForQuestionAnswering: "BertForQuestionAnswering",
+    H.NormSoftmaxGPT2LMHeadModel: "GPT2LMHeadModel",
+    H.NormSoftmaxGPT2ForSequenceClassification: "GPT2ForSequenceClassification",
+    H.NormSoftmaxGPT2ForTokenClassification: "GPT2ForTokenClassification",
+    H.NormSoftmaxGPT2ForQuestionAnswering: "GPT2ForQuestionAnswering",
+    H.NormSoftmaxViTForImageClassification: "ViTForImageClassification",
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_HEADS), ids=lambda cls: cls.__name__)
+def test_head_forward_shows_the_stock_signature(variant):
+    """Trainer (column pruning, loss kwargs), generate() and pipelines read the forward signature."""
+    import inspect
+
+    import transformers
+
+    stock = getattr(transformers, VARIANT_HEADS[variant])
+    assert issubclass(variant, stock)
+    assert inspect.signature(variant.forward) == inspect.signature(stock.forward)
+    assert "NormSoftmax head" in variant.forward.__doc__
+
+
+def test_head_forward_takes_arguments_by_position_and_refuses_duplicates():
+    import hf_normsoftmax.integration as integration
+
+    torch.manual_seed(0)
+    config = H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=3, loss_softmax="normsoftmax")
+    model = H.NormSoftmaxBertForSequenceClassification(config).eval()
+    ids, mask, labels = torch.randint(0, 97, (2, 5)), torch.ones(2, 5, dtype=torch.long), torch.tensor([0, 2])
+    by_keyword = model(input_ids=ids, attention_mask=mask, labels=labels)
+    by_position = model(ids, mask, None, None, None, labels)  # labels is the 6th parameter of the stock forward
+    assert torch.equal(by_position.loss, by_keyword.loss) and torch.equal(by_position.logits, by_keyword.logits)
+    as_tuple = model(ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert torch.equal(as_tuple[0], by_keyword.loss) and torch.equal(as_tuple[1], by_keyword.logits)
+    with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
+        model(ids, input_ids=ids)
+    with pytest.raises(TypeError, match="positional arguments"):
+        model(ids, mask, None, None, None, labels, None)
+    with pytest.raises(ValueError, match="`head`"):
+        integration.normsoftmax_head_forward(BertForSequenceClassification.forward, "sequence-classification")
+
+
 class _AttentionStub(torch.nn.Module):
     """The attributes transformers' attention modules expose to the attention function."""
 

@@ -1,5 +1,7 @@
-"""Checkpoints that carry their code: saved after ``register_for_auto_class``, they load with
-``trust_remote_code=True`` in a process where hf_normsoftmax cannot be imported, and compute the same outputs.
+"""Checkpoints that carry their code: a variant's ``save_pretrained`` writes the code files and ``auto_map`` by
+default (``save_remote_code=False`` opts out), as do ``save_pretrained_with_code`` and the documented
+``register_for_auto_class`` route. Such a folder loads with the package's own classes where hf_normsoftmax is
+imported, and with ``trust_remote_code=True`` in a process where it cannot be imported, with the same outputs.
 
 The loading side runs in a subprocess: clean working directory, no PYTHONPATH, a meta-path hook that refuses any
 ``hf_normsoftmax`` import (the package may be installed), stdin from /dev/null (transformers prompts on stdin
@@ -57,6 +59,11 @@ LOADER = textwrap.dedent(
         with torch.no_grad():
             out = model(**torch.load(job["inputs"]))
         torch.save({k: v for k, v in out.items() if isinstance(v, torch.Tensor)}, job["inputs"] + ".out")
+        # re-saving the remote-code model (its own save_pretrained, without the package) keeps the code
+        resaved = job["path"] + "-resaved"
+        model.save_pretrained(resaved)
+        report["resaved_auto_map"] = json.load(open(resaved + "/config.json")).get("auto_map")
+        report["resaved_files"] = sorted(__import__("os").listdir(resaved))
     print()  # the trust prompt leaves the line open
     print("REPORT:" + json.dumps(reports))
     """
@@ -112,18 +119,21 @@ def _inputs(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("route", ["register_for_auto_class", "save_pretrained_with_code"])
+@pytest.mark.parametrize("route", ["save_pretrained", "register_for_auto_class", "save_pretrained_with_code"])
 def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
     jobs, references = [], {}
     for name, (model_class, config_class, tiny, auto_name) in sorted(CASES.items()):
         torch.manual_seed(0)
         model = model_class(config_class(**tiny, **ALL_ON)).eval()
         path = tmp_path / name
-        if route == "register_for_auto_class":
+        if route == "save_pretrained":  # the default
+            model.save_pretrained(path)
+        elif route == "register_for_auto_class":
             save_with_code_by_registration(model, auto_name, path)
         else:
             H.save_pretrained_with_code(model, path)
         saved = json.loads((path / "config.json").read_text())
+        assert set(saved["auto_map"]) == {"AutoConfig", auto_name}, saved["auto_map"]
         assert saved["auto_map"]["AutoConfig"] == f"configuration_normsoftmax.{config_class.__name__}"
         assert saved["auto_map"][auto_name].endswith(f".{model_class.__name__}")
         for needed in ("integration.py", "configuration_normsoftmax.py", "attention.py", "normsoftmax.py",
@@ -134,11 +144,13 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         with torch.no_grad():
             references[name] = model(**inputs).logits
         jobs.append({"name": name, "path": str(path), "auto_class": auto_name, "inputs": str(tmp_path / f"{name}.pt")})
-        # nothing leaks into later saves of the same classes / config
+        # nothing leaks into later saves of the same classes / config: the opt-out gives a plain folder
         plain = tmp_path / f"{name}-plain"
-        model.save_pretrained(plain)
+        model.save_pretrained(plain, save_remote_code=False)
         assert "auto_map" not in json.loads((plain / "config.json").read_text())
-        assert not (plain / "integration.py").exists()
+        assert not list(plain.glob("*.py"))
+        assert "_auto_class" not in type(model).__dict__ or type(model)._auto_class is None
+        assert getattr(model.config, "auto_map", None) is None
 
     reports = run_hidden(jobs, tmp_path)
     for name, (model_class, _, _, _) in CASES.items():
@@ -147,28 +159,153 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         assert report["class"].startswith("transformers_modules.") and report["class"].endswith(model_class.__name__)
         assert report["attn_implementation"] == "normsoftmax"
         assert "trust_remote_code=True" in report["without_trust"], report["without_trust"]
+        assert set(report["resaved_auto_map"]) == {"AutoConfig", CASES[name][3]}, report["resaved_auto_map"]
+        assert f"modeling_normsoftmax_{name}.py" in report["resaved_files"], report["resaved_files"]
         outputs = torch.load(tmp_path / f"{name}.pt.out")
         assert torch.allclose(outputs["logits"], references[name], atol=1e-6), name
 
 
-@pytest.mark.slow
-def test_checkpoint_without_code_and_without_package_fails_clearly(tmp_path):
-    """Without code in the checkpoint transformers cannot know the model type; its error names it."""
-    model = H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=2))
-    path = tmp_path / "checkpoint"
-    model.save_pretrained(path)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = LOADER.split("reports = {}")[0] + textwrap.dedent(
-        f"""
+NO_TRUST = textwrap.dedent(
+    """
+    for path in json.loads(sys.argv[1]):
         try:
-            transformers.AutoModelForSequenceClassification.from_pretrained({str(path)!r})
+            transformers.AutoModelForSequenceClassification.from_pretrained(path)
         except Exception as err:
-            print(type(err).__name__, err)
-        """
-    )
+            print()  # the trust prompt leaves the line open
+            print("ERROR " + json.dumps(f"{type(err).__name__}: {err}"))
+        else:
+            print()
+            print("ERROR " + json.dumps("loaded"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_without_package_and_without_trust_the_error_names_the_fix(tmp_path):
+    """What a user without the package sees when loading a variant folder without trust_remote_code.
+
+    Default save (code + auto_map): transformers' own custom-code error, naming ``trust_remote_code=True`` (in a
+    terminal transformers first asks "Do you wish to run the custom code? [y/N]" for 15 s; with stdin closed, as
+    here, the answer is the same error). Its text is fixed and no code of ours runs before it, so it cannot name
+    ``pip install hf-normsoftmax``; the model card does. With ``save_remote_code=False`` transformers cannot know
+    the model type and says so, naming it.
+    """
+    model = H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=2))
+    with_code, without_code = tmp_path / "with-code", tmp_path / "without-code"
+    model.save_pretrained(with_code)
+    model.save_pretrained(without_code, save_remote_code=False)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = LOADER.split("reports = {}")[0] + NO_TRUST
     work = tmp_path / "cwd"
     work.mkdir()
-    result = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", code, json.dumps([str(with_code), str(without_code)])], cwd=work,
+                            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "ValueError" in result.stdout and "normsoftmax_bert" in result.stdout
+    errors = [json.loads(line[len("ERROR "):]) for line in result.stdout.splitlines() if line.startswith("ERROR ")]
+    assert len(errors) == 2, result.stdout
+    default, opted_out = errors
+    assert default.startswith("ValueError: "), default
+    assert f"The repository {with_code} contains custom code which must be executed" in default, default
+    assert "Please pass the argument `trust_remote_code=True`" in default, default
+    assert "does not recognize this architecture" not in default and "upgrade" not in default, default
+    assert opted_out.startswith("ValueError: "), opted_out
+    assert "`normsoftmax_bert`" in opted_out and "does not recognize this architecture" in opted_out, opted_out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the default save (in process)
+# ------------------------------------------------------------------------------------------------------------
+def test_auto_class_of_every_variant_class_matches_its_registration():
+    """The Auto class a save writes into auto_map is the one the package registers the class with."""
+    for auto_classes in H._AUTO_REGISTRY.values():
+        for auto_class, model_class in auto_classes.items():
+            assert model_class.normsoftmax_auto_class() == auto_class.__name__, model_class.__name__
+
+
+def _saved(path):
+    return json.loads((path / "config.json").read_text()).get("auto_map"), sorted(p.name for p in path.glob("*.py"))
+
+
+def test_default_save_writes_code_and_loads_with_the_package_classes(tmp_path):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=3)).eval()
+    model.save_pretrained(tmp_path / "a")
+    auto_map, py = _saved(tmp_path / "a")
+    assert auto_map == {
+        "AutoConfig": "configuration_normsoftmax.NormSoftmaxBertConfig",
+        "AutoModelForSequenceClassification": "modeling_normsoftmax_bert.NormSoftmaxBertForSequenceClassification",
+    }
+    assert {"configuration_normsoftmax.py", "modeling_normsoftmax_bert.py", "integration.py"} <= set(py)
+    # nothing sticks to the classes or the config instance
+    for cls in (type(model), type(model.config)):
+        assert cls.__dict__.get("_auto_class") is None, cls
+    assert getattr(model.config, "auto_map", None) is None
+
+    # the package is imported here: its own classes load the folder, without any trust prompt (pytest's captured
+    # stdin would turn a prompt into an error) and also when trust_remote_code=True is passed
+    inputs = _inputs("bert")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    for kwargs in ({}, {"trust_remote_code": True}):
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a", **kwargs).eval()
+        assert type(loaded) is H.NormSoftmaxBertForSequenceClassification
+        with torch.no_grad():
+            assert torch.equal(loaded(**inputs).logits, reference)
+
+    # a loaded config carries auto_map; re-saving under another head replaces our entries, adds no stale ones
+    base = AutoModel.from_pretrained(tmp_path / "a")
+    assert type(base) is H.NormSoftmaxBertModel and base.config.auto_map  # read from config.json
+    base.save_pretrained(tmp_path / "b")
+    assert _saved(tmp_path / "b")[0] == {"AutoConfig": "configuration_normsoftmax.NormSoftmaxBertConfig",
+                                         "AutoModel": "modeling_normsoftmax_bert.NormSoftmaxBertModel"}
+    # opting out drops the loaded auto_map too (it would name code files the folder does not have)
+    base.save_pretrained(tmp_path / "c", save_remote_code=False)
+    assert _saved(tmp_path / "c") == (None, [])
+    assert "AutoModelForSequenceClassification" in base.config.auto_map  # the instance keeps what it loaded
+
+
+def test_save_remote_code_opt_outs(tmp_path):
+    model = H.NormSoftmaxGPT2LMHeadModel(H.NormSoftmaxGPT2Config(**TINY_GPT2))
+    model.save_pretrained(tmp_path / "kwarg", save_remote_code=False)
+    assert _saved(tmp_path / "kwarg") == (None, [])
+    model.save_remote_code = False  # for saves you do not call yourself (Trainer checkpoints)
+    model.save_pretrained(tmp_path / "attribute")
+    assert _saved(tmp_path / "attribute") == (None, [])
+    model.save_pretrained(tmp_path / "forced", save_remote_code=True)  # the keyword wins
+    assert set(_saved(tmp_path / "forced")[0]) == {"AutoConfig", "AutoModelForCausalLM"}
+    H.save_pretrained_with_code(model, tmp_path / "with_code")  # always saves the code
+    assert set(_saved(tmp_path / "with_code")[0]) == {"AutoConfig", "AutoModelForCausalLM"}
+    with pytest.raises(TypeError, match="save_remote_code"):
+        model.save_pretrained(tmp_path / "bad", save_remote_code="yes")
+    # a class registered by the user keeps its Auto class
+    try:
+        type(model).register_for_auto_class("AutoModel")
+        model.save_pretrained(tmp_path / "registered", save_remote_code=True)
+        assert set(_saved(tmp_path / "registered")[0]) == {"AutoConfig", "AutoModel"}
+        assert type(model)._auto_class == "AutoModel"  # and stays registered
+    finally:
+        del type(model)._auto_class
+
+
+def test_remote_code_files_import_nothing_transformers_would_refuse():
+    """The files a save copies import only same-folder modules and installed libraries: transformers'
+    check_imports (run before executing remote code) must find nothing missing, and in particular not the package
+    (the lazy import of hf_normsoftmax.hub in push_to_hub goes through importlib with a string)."""
+    import ast
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    root = Path(H.__file__).parent
+    for name in ("vit", "bert", "gpt2"):
+        modeling = root / f"modeling_normsoftmax_{name}.py"
+        for path in [modeling, *map(Path, get_relative_import_files(modeling))]:
+            assert path.parent == root, path
+            assert "hf_normsoftmax" not in get_imports(path), path
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0:
+                    assert not (node.module or "").startswith("hf_normsoftmax"), (path, node.module)
+                if isinstance(node, ast.Import):
+                    assert not any(a.name.startswith("hf_normsoftmax") for a in node.names), path

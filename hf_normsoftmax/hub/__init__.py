@@ -7,7 +7,12 @@ Usage::
     write_card("runs/bert-sst")                                  # README.md into the run dir, offline
     push_run_dir("runs/bert-sst", "alice/bert-sst-normsoftmax", private=True, token=token)
     push_model(model, "alice/tiny-gpt2", processor=tokenizer, token=token)
+    model.push_to_hub("alice/tiny-gpt2", processing_class=tokenizer)   # a variant: the same as push_model
     normsoftmax_trainer_class()(model=model, args=args, ...).push_to_hub()   # card + auto_map + code for variants
+
+A variant's ``save_pretrained`` writes its code and ``auto_map`` by default (``save_remote_code=False`` opts out),
+so a stock ``Trainer`` also uploads them; only the card needs :class:`NormSoftmaxCardMixin` (see
+:mod:`hf_normsoftmax.hub.trainer` for why).
 
 The command line front end is ``hf-normsoftmax`` (:mod:`hf_normsoftmax.cli`). Training code is never needed to
 load a pushed checkpoint: the files a checkpoint needs sit directly in ``hf_normsoftmax/`` (see docs/design.md).

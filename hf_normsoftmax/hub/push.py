@@ -22,12 +22,17 @@ What a push uploads:
 The token is passed to huggingface_hub only: it is never printed, logged or written, and a push is refused if
 the token's text appears in any staged file.
 
+``model.push_to_hub(repo_id, processing_class=...)`` of a variant runs :func:`push_model` (the override lives in
+``NormSoftmaxPreTrainedMixin``); with no processor given it uploads the tokenizer / processor files saved in the
+local folder the model was loaded from, and warns when there are none.
+
 Usage::
 
     from hf_normsoftmax.hub.push import push_model, push_run_dir
 
     push_run_dir("runs/vit-mnist", "alice/vit-mnist-normsoftmax", private=True, token=os.environ["HF_TOKEN"])
     push_model(model, "alice/tiny-gpt2", processor=tokenizer, card_fields={"dataset_name": "shakespeare"})
+    model.push_to_hub("alice/tiny-gpt2", processing_class=tokenizer, private=True)   # the same, for a variant
 
 The Hub endpoint is huggingface_hub's (``HF_ENDPOINT`` environment variable, read when huggingface_hub is
 first imported).
@@ -35,10 +40,12 @@ first imported).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,6 +80,7 @@ _AUTO_CLASS_BY_SUFFIX = (
     ("ForTokenClassification", "AutoModelForTokenClassification"),
     ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
     ("ForMaskedImageModeling", "AutoModelForMaskedImageModeling"),
+    ("ForMultipleChoice", "AutoModelForMultipleChoice"),
     ("ForMaskedLM", "AutoModelForMaskedLM"),
     ("ForPreTraining", "AutoModelForPreTraining"),
     ("LMHeadModel", "AutoModelForCausalLM"),
@@ -101,7 +109,7 @@ def _check_repo_id(repo_id) -> str:
 
 
 def _check_token(token):
-    if token is None:
+    if token is None or token is True:  # True: transformers' spelling of "the saved login"
         return None
     if not isinstance(token, str) or not token.strip():
         raise ValueError("token must be a non-empty string or None (None: huggingface_hub's HF_TOKEN / login)")
@@ -114,6 +122,28 @@ def auto_class_for(model_class_name: str) -> str:
         if model_class_name.endswith(suffix):
             return auto
     return "AutoModel"
+
+
+def auto_class_of(model) -> str:
+    """The Auto class a model instance is saved under: the variant's own choice when it has one."""
+    own = getattr(type(model), "normsoftmax_auto_class", None)
+    return own() if callable(own) else auto_class_for(type(model).__name__)
+
+
+def save_with_code(model, directory, **kwargs) -> None:
+    """Save a ``normsoftmax_*`` model with ``auto_map`` and its code, whatever its ``save_remote_code`` default.
+
+    Variant classes take ``save_remote_code=True``; older remote-code copies of the classes do not, and get the
+    temporary Auto registration only.
+    """
+    try:
+        takes_flag = "save_remote_code" in inspect.signature(model.save_pretrained).parameters
+    except (TypeError, ValueError):
+        takes_flag = False
+    if takes_flag:
+        kwargs["save_remote_code"] = True
+    with _RegisteredForAutoClass(model, auto_class_of(model)):
+        model.save_pretrained(directory, **kwargs)
 
 
 def _is_variant_config(config) -> bool:
@@ -292,8 +322,49 @@ def _scrub(text: str, token: str | None) -> str:
 # ------------------------------------------------------------------------------------------------------------
 # staging
 # ------------------------------------------------------------------------------------------------------------
+def local_processor_dir(model) -> Path | None:
+    """The local folder the model was loaded from (``model.name_or_path``) if it holds tokenizer / processor files."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        return None
+    try:
+        directory = Path(name)
+        found = directory.is_dir() and _has_processor(_processor_files(directory))
+    except (OSError, TypeError, ValueError):
+        return None
+    return directory if found else None
+
+
+def _resolve_processor(model, processor, repo_id):
+    """``(processor_object, processor_dir)`` for a push: the given object, else the files next to the model.
+
+    ``processor=False`` pushes without one on purpose; ``None`` with nothing found warns (a repo without its
+    tokenizer / processor cannot be used with ``AutoTokenizer`` / ``AutoImageProcessor`` / ``pipeline``).
+    """
+    if processor is False:
+        return None, None
+    if processor is not None:
+        if not hasattr(processor, "save_pretrained"):
+            raise TypeError(f"processor must have save_pretrained (a tokenizer or processor), got "
+                            f"{type(processor).__name__}")
+        return processor, None
+    directory = local_processor_dir(model)
+    if directory is None:
+        name = getattr(model, "name_or_path", None) or ""
+        where = (f"the folder the model was loaded from ({name}) has no {' / '.join(_PROCESSOR_MARKERS)}"
+                 if name and Path(name).is_dir() else
+                 "the model was not loaded from a local folder" + (f" (name_or_path {name!r})" if name else ""))
+        warnings.warn(
+            f"Pushing to {repo_id!r} WITHOUT a tokenizer or processor: none was given and {where}. "
+            "AutoTokenizer / AutoImageProcessor / pipeline() will not work from that repo. Pass "
+            "`processing_class=` to model.push_to_hub (`processor=` to push_model), or `processor=False` to push "
+            "without one on purpose.", UserWarning, stacklevel=3)
+    return None, directory
+
+
 def stage_model(model, staging_dir, *, processor=None, repo_id: str | None = None, model_name: str | None = None,
-                card=None, card_fields: Mapping[str, Any] | None = None, plots: Iterable = ()) -> list:
+                card=None, card_fields: Mapping[str, Any] | None = None, plots: Iterable = (),
+                processor_dir=None, max_shard_size=None, tags: Iterable[str] | None = None) -> list:
     """Write what :func:`push_model` uploads into ``staging_dir`` (empty or new); returns the staged paths.
 
     Args:
@@ -304,6 +375,9 @@ def stage_model(model, staging_dir, *, processor=None, repo_id: str | None = Non
         card_fields: extra :class:`~hf_normsoftmax.hub.card.CardInputs` fields (``dataset_name``,
             ``eval_metrics``, ``hyperparameters``, ``base_model``, ``license``, ...).
         plots: image files to include in the repo (shown in the card when it is rendered here).
+        processor_dir: a folder whose tokenizer / processor files are copied (when ``processor`` is None).
+        max_shard_size: passed to ``save_pretrained`` (default: transformers').
+        tags: extra tags for the rendered card's metadata (with the model's ``model_tags``).
     """
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -311,13 +385,16 @@ def stage_model(model, staging_dir, *, processor=None, repo_id: str | None = Non
         raise TypeError(f"processor must have save_pretrained (a tokenizer or processor), got "
                         f"{type(processor).__name__}")
     staging = _prepare_staging(staging_dir)
+    save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     if _is_variant_config(model.config):
-        with _RegisteredForAutoClass(model, auto_class_for(type(model).__name__)):
-            model.save_pretrained(staging)
+        save_with_code(model, staging, **save_kwargs)
     else:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, **save_kwargs)
     if processor is not None:
         processor.save_pretrained(staging)
+    elif processor_dir is not None:
+        for name in _processor_files(Path(processor_dir)):
+            shutil.copyfile(Path(processor_dir) / name, staging / name)
     plot_names = _copy_plots(plots, staging)
     if card is None:
         name = model_name or (repo_id.split("/")[-1] if repo_id else None) or type(model).__name__
@@ -326,6 +403,9 @@ def stage_model(model, staging_dir, *, processor=None, repo_id: str | None = Non
         fields.setdefault("sources", ["the in-memory model config"])
         fields.setdefault("code_in_repo", _is_variant_config(model.config))  # staged with auto_map + code
         card = render_card(card_inputs_from_config(model.config, model_name=name, repo_id=repo_id, **fields))
+        extra = [t for t in [*(tags or ()), *(getattr(model, "model_tags", None) or ())] if isinstance(t, str)]
+        if extra:
+            card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *extra]))
     (staging / "README.md").write_text(str(card), encoding="utf-8")
     return _validate_staging(staging)
 
@@ -353,8 +433,7 @@ def stage_run_dir(run_dir, staging_dir, *, repo_id: str | None = None, model_nam
 
     if _is_variant_config(config):
         model = _load_variant(model_dir)
-        with _RegisteredForAutoClass(model, auto_class_for(type(model).__name__)):
-            model.save_pretrained(staging)
+        save_with_code(model, staging)
         _assert_same_weights(model_dir, staging)
         if (model_dir / "generation_config.json").is_file() and not (staging / "generation_config.json").exists():
             shutil.copyfile(model_dir / "generation_config.json", staging / "generation_config.json")
@@ -389,9 +468,9 @@ def stage_run_dir(run_dir, staging_dir, *, repo_id: str | None = None, model_nam
 # ------------------------------------------------------------------------------------------------------------
 # pushing
 # ------------------------------------------------------------------------------------------------------------
-def _stale_remote_files(api, repo_id: str, staged: set) -> list:
+def _stale_remote_files(api, repo_id: str, staged: set, revision: str | None = None) -> list:
     """Remote weights / code / processor files that the new upload does not replace (they would mix in)."""
-    remote = api.list_repo_files(repo_id)
+    remote = api.list_repo_files(repo_id, revision=revision)
     stale = []
     for path in remote:
         if path in staged or "/" in path:
@@ -401,8 +480,9 @@ def _stale_remote_files(api, repo_id: str, staged: set) -> list:
     return stale
 
 
-def _upload(staging: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str,
-            source: str):
+def _upload(staging: Path, repo_id: str, *, private: bool | None, token: str | None, commit_message: str,
+            source: str, commit_description: str | None = None, revision: str | None = None,
+            create_pr: bool = False):
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -416,7 +496,9 @@ def _upload(staging: Path, repo_id: str, *, private: bool, token: str | None, co
         if private and not info.private:
             raise HubPushError(f"{repo_id!r} already exists and is PUBLIC, but a private push was requested; "
                                "nothing was uploaded. Make the repo private first, or push without --private.")
-        stale = _stale_remote_files(api, repo_id, set(staged))
+        if revision not in (None, "main") and not str(revision).startswith("refs/pr"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)  # as transformers' push_to_hub does
+        stale = _stale_remote_files(api, repo_id, set(staged), revision=revision)
     except HfHubHTTPError as exc:
         raise HubPushError(f"could not create or access Hub repo {repo_id!r} at {api.endpoint}: "
                            f"{_scrub(str(exc), scan_token)}. Nothing was uploaded; {source} was not "
@@ -428,7 +510,8 @@ def _upload(staging: Path, repo_id: str, *, private: bool, token: str | None, co
         # streams a folder in several commits (and retries them), so a failure could publish part of a
         # checkpoint. A single commit is all-or-nothing.
         return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
-                                 repo_type="model")
+                                 commit_description=commit_description, repo_type="model", revision=revision,
+                                 create_pr=create_pr)
     except Exception as exc:  # noqa: BLE001 - HTTP errors, dropped connections, timeouts: all end the push
         raise HubPushError(
             f"upload to {repo_id!r} at {api.endpoint} failed during the commit: {type(exc).__name__}: "
@@ -468,22 +551,38 @@ def push_run_dir(run_dir, repo_id: str, *, private: bool = False, token: str | N
                        source=f"run dir {run_dir}")
 
 
-def push_model(model, repo_id: str, *, processor=None, private: bool = False, token: str | None = None,
+def push_model(model, repo_id: str, *, processor=None, private: bool | None = False, token: str | None = None,
                commit_message: str | None = None, model_name: str | None = None, card=None,
-               card_fields: Mapping[str, Any] | None = None, plots: Iterable = ()):
+               card_fields: Mapping[str, Any] | None = None, plots: Iterable = (),
+               commit_description: str | None = None, revision: str | None = None, create_pr: bool = False,
+               max_shard_size=None, tags: Iterable[str] | None = None):
     """Push an in-memory model (and its tokenizer / processor) with a generated card, in one commit.
 
-    ``normsoftmax_*`` variants are saved with ``auto_map`` and their code for ``trust_remote_code`` loading.
-    See :func:`stage_model` for ``processor``, ``card``, ``card_fields`` and ``plots``, and
-    :func:`push_run_dir` for ``private`` and ``token``. Returns the ``CommitInfo``.
+    ``normsoftmax_*`` variants are saved with ``auto_map`` and their code for ``trust_remote_code`` loading. This
+    is what ``model.push_to_hub(...)`` of a variant runs.
+
+    Args:
+        processor: the tokenizer / image processor / processor to upload. ``None`` (default): the processor files
+            saved in the local folder the model was loaded from (``model.name_or_path``), if any, else a
+            ``UserWarning`` says the repo gets none. ``False``: push without one, silently.
+        private: ``None`` leaves the choice to the Hub (public unless the namespace defaults to private).
+        revision, create_pr, commit_description: as in ``HfApi.create_commit`` (a missing branch is created).
+        max_shard_size: passed to ``save_pretrained``.
+        tags: extra card metadata tags (the model's ``model_tags`` are added too).
+
+    See :func:`stage_model` for ``card``, ``card_fields`` and ``plots``, and :func:`push_run_dir` for ``token``.
+    Returns the ``CommitInfo``.
     """
     _check_repo_id(repo_id)
     token = _check_token(token)
+    processor, processor_dir = _resolve_processor(model, processor, repo_id)
     with tempfile.TemporaryDirectory(prefix="hf_normsoftmax_push_") as tmp:
         staging = Path(tmp) / "repo"
         files = stage_model(model, staging, processor=processor, repo_id=repo_id, model_name=model_name,
-                            card=card, card_fields=card_fields, plots=plots)
+                            card=card, card_fields=card_fields, plots=plots, processor_dir=processor_dir,
+                            max_shard_size=max_shard_size, tags=tags)
         message = commit_message or f"Upload {model.config.model_type} from hf_normsoftmax"
         logger.info("pushing %d files of %s to %s", len(files), type(model).__name__, repo_id)
         return _upload(staging, repo_id, private=private, token=token, commit_message=message,
-                       source="the in-memory model")
+                       source="the in-memory model", commit_description=commit_description, revision=revision,
+                       create_pr=create_pr)

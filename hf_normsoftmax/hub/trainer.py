@@ -1,12 +1,18 @@
 """``trainer.push_to_hub()`` with the hf_normsoftmax model card, ``auto_map`` and remote code.
 
-A stock ``transformers.Trainer`` pushes ``args.output_dir`` with the generic card of ``Trainer.create_model_card``
-(it overwrites ``README.md``) and saves a ``normsoftmax_*`` variant without ``auto_map`` nor its code, so the pushed
-repo cannot be loaded with ``trust_remote_code=True``. :class:`NormSoftmaxCardMixin` fixes both for variants:
+A stock ``transformers.Trainer`` holding a ``normsoftmax_*`` variant already uploads the code and ``auto_map``:
+the variant's ``save_pretrained`` (called by ``Trainer.save_model``) writes them by default, so the pushed repo
+loads with ``trust_remote_code=True``. Its card, though, is transformers' generic one, and that cannot be changed
+from the model: ``Trainer.push_to_hub`` runs ``save_model`` (the only place model code runs), THEN
+``Trainer.create_model_card``, which overwrites ``args.output_dir/README.md`` with ``TrainingSummary``'s card, then
+``upload_folder`` of the output dir; nothing of the model is called after the card is written. (The one callback
+into the model there, ``create_or_update_model_card``, only runs when the README.md present before had
+``library_name: peft``: using it would mean writing false metadata into every saved folder. Not done.)
+:class:`NormSoftmaxCardMixin` is the clean way, for variants:
 
-* every save of a variant (``Trainer.save_model``, checkpoints, the save inside ``push_to_hub``) registers the
-  model class for its Auto class (and the config class for ``AutoConfig``) for the duration of the save only, so
-  ``config.json`` gets ``auto_map`` and the modeling / configuration files are written next to the weights;
+* every save of a variant (``Trainer.save_model``, checkpoints, the save inside ``push_to_hub``) writes
+  ``auto_map`` and the modeling / configuration files next to the weights (unless ``model.save_remote_code`` was
+  set to False), with the Auto class registered for the duration of the save only;
 * ``create_model_card`` (called by ``push_to_hub``) renders the card of :mod:`hf_normsoftmax.hub.card` into
   ``args.output_dir/README.md``, from what the output dir holds plus the in-memory training log. Stock models
   keep transformers' own card.
@@ -27,6 +33,8 @@ Usage::
 
 The push itself is transformers' (``upload_folder`` of the output dir); its other behaviour is unchanged (it also
 uploads ``training_args.bin``, which ``hf-normsoftmax push`` never does).
+``model.push_to_hub(...)`` of a variant (no Trainer) always publishes the hf_normsoftmax card: see
+:func:`hf_normsoftmax.hub.push.push_model`.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from .card import (
     collect_run_dir,
     render_card,
 )
-from .push import _is_variant_config, _RegisteredForAutoClass, auto_class_for
+from .push import _is_variant_config, _RegisteredForAutoClass, auto_class_of
 
 __all__ = ["NormSoftmaxCardMixin", "normsoftmax_trainer_class"]
 
@@ -67,7 +75,7 @@ class NormSoftmaxCardMixin:
         if not self._normsoftmax_is_variant():
             return super()._save(output_dir, state_dict=state_dict)
         model = self._normsoftmax_unwrapped_model()
-        with _RegisteredForAutoClass(model, auto_class_for(type(model).__name__)):
+        with _RegisteredForAutoClass(model, auto_class_of(model)):
             return super()._save(output_dir, state_dict=state_dict)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
