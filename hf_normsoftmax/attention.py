@@ -48,8 +48,11 @@ __all__ = [
     "valid_from_mask",
 ]
 
-# Below this many query rows the reference path is cheaper than computing key covariances (decode steps).
+# The reference path is cheaper than the fast path's key statistics for very few query rows (decode steps) and
+# for short sequences: up to this many logits per head it materialises them (measured on CPU, fp32, d=64: the
+# reference wins up to about 100 tokens, the fast path from about 128; benchmarks/bench_attention.py --length).
 _REFERENCE_MAX_QUERY_LEN = 8
+_REFERENCE_MAX_LOGITS = 96 * 96
 # Query rows per step when checking a mask's structure: bounds the (B, rows, S) temporaries.
 _MASK_CHECK_ROWS = 256
 
@@ -831,7 +834,8 @@ def normsoftmax_attention(
 
     Same arguments and result as :func:`normsoftmax_attention_reference`. Takes the reference path (and says so
     in nothing but cost) when weights are requested, for masks that are not key padding and/or causal (see
-    :func:`decompose_mask`), and for very short query blocks (decode steps), where it is cheaper.
+    :func:`decompose_mask`), and where it is cheaper: very short query blocks (decode steps) and short sequences
+    (at most ``_REFERENCE_MAX_LOGITS`` logits per head, a ``96 x 96`` tile).
     """
     _check_inputs(query, key, value, scale, max_temperature, eps, statistic, dropout_p)
     _check_gamma(gamma, query)
@@ -841,9 +845,8 @@ def normsoftmax_attention(
         _check_mask_shape(attn_mask, B, H, L, S)
     if L > S and is_causal:
         raise ValueError(f"a causal mask needs query_len <= key_len, got query_len={L}, key_len={S}")
-    structure = (
-        None if return_weights or L <= _REFERENCE_MAX_QUERY_LEN else decompose_mask(attn_mask, is_causal, B, L, S)
-    )
+    use_reference = return_weights or L <= _REFERENCE_MAX_QUERY_LEN or L * S <= _REFERENCE_MAX_LOGITS
+    structure = None if use_reference else decompose_mask(attn_mask, is_causal, B, L, S)
     if structure is None:
         return normsoftmax_attention_reference(
             query,

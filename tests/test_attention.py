@@ -459,3 +459,22 @@ def test_backward_in_head_slices_equals_whole(monkeypatch, causal):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert torch.equal(whole[0][2], torch.zeros_like(whole[0][2]))
     assert torch.equal(whole[1][2], torch.zeros_like(whole[1][2]))
+
+
+def test_short_sequences_take_the_reference_path(monkeypatch):
+    """Up to _REFERENCE_MAX_LOGITS logits per head the fast entry point materialises them (cheaper there); above,
+    it does not. Checked by which implementation runs."""
+    import hf_normsoftmax.attention as attention
+
+    monkeypatch.setattr(attention, "_REFERENCE_MAX_LOGITS", 20 * 20)
+    calls = []
+    reference = attention.normsoftmax_attention_reference
+    monkeypatch.setattr(
+        attention, "normsoftmax_attention_reference", lambda *a, **k: calls.append(a[0].shape[-2]) or reference(*a, **k)
+    )
+    for L in (20, 21):
+        q, k, v = make_qkv(1, 2, L, L, 8)
+        out, _ = attention.normsoftmax_attention(q, k, v, is_causal=True)
+        expected, _ = naive_attention(q, k, v, full_valid(None, True, 1, 2, L, L), 1 / math.sqrt(8))
+        torch.testing.assert_close(out, expected, atol=1e-9, rtol=1e-7)
+    assert calls == [20]
