@@ -19,6 +19,13 @@ per optimizer step (gradient accumulation), a recomputed forward (gradient check
 all see the same ``u``, ``v``; and a module restored from a state dict continues exactly like the original.
 In eval mode no step is taken, and the effective weight is cached while no gradient is needed.
 
+Cost on CPU: a training forward reads the weight three times for the power iteration (the check ``W^T v``,
+then ``W u`` and ``W^T v'`` when it steps); the first read is the one that counts (right after an optimizer
+step the weight is no longer in cache; the other two reads and the layer's own matmul find it there). Linear /
+Conv1D layers fold ``s / sigma`` into the matmul and keep the per-step scalars as Python numbers; the weight
+gradient gets the rank-one term of ``d sigma / dW`` in place (:class:`_ReparamMatmul`), one inner product and
+one rank-one update over the weight. Everything else is per-layer Python, kept to a few tensor ops.
+
 Usage::
 
     import torch
@@ -53,6 +60,7 @@ _LAYOUTS = ("out_in", "in_out", "conv")
 # torch.compile, the step is computed and selected with torch.where: no device sync, no graph break.
 _HOST_DECIDED_DEVICES = ("cpu",)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+_FAST_DTYPES = (torch.float32, torch.float64)  # power iteration in the weight's own dtype: the CPU fast path
 
 # Counts optimizer steps process-wide (a global torch.optim hook, registered on first use). Part of the eval
 # cache key: fused optimizers change weights without bumping their version counters.
@@ -86,6 +94,30 @@ def _read(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buffer.to(dtype, copy=True)
 
 
+def _normalize(vector: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(vector, dim=0)`` for a 1-D CPU vector: the same bits (same norm, floor and division).
+
+    The floor is applied only when needed, decided on the host (free on CPU): one tensor op fewer per call.
+    A nan norm compares False and propagates exactly as through ``clamp_min``.
+    """
+    norm = torch.linalg.vector_norm(vector)
+    if norm.item() < 1e-12:
+        norm = norm.clamp_min(1e-12)
+    return vector / norm
+
+
+_ZEROS: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _cpu_zero(dtype: torch.dtype) -> torch.Tensor:
+    """A shared 0-dim CPU zero: the ignored ``input`` of ``addmm(..., beta=0)`` (never written)."""
+    zero = _ZEROS.get(dtype)
+    if zero is None:
+        with torch.inference_mode(False):  # a normal tensor even if first needed under inference_mode
+            zero = _ZEROS[dtype] = torch.zeros((), dtype=dtype, device="cpu")
+    return zero
+
+
 def _full_precision(method):
     """Runs ``method`` with autocast off on the weight's device: the power iteration must not drop to half."""
 
@@ -100,9 +132,16 @@ def _full_precision(method):
     return wrapper
 
 
+_MISSING = object()
+_SIGMA_FLOORS: dict[torch.dtype, float] = {}
+
+
 def _sigma_floor(dtype: torch.dtype) -> float:
     # Keeps s / sigma finite for an all-zero weight (W_hat is then 0 either way).
-    return torch.finfo(dtype).tiny ** 0.5
+    floor = _SIGMA_FLOORS.get(dtype)
+    if floor is None:
+        floor = _SIGMA_FLOORS[dtype] = torch.finfo(dtype).tiny ** 0.5
+    return floor
 
 
 class _ScaledWeight(torch.autograd.Function):
@@ -151,37 +190,46 @@ class _ScaledWeight(torch.autograd.Function):
 
 
 class _ReparamMatmul(torch.autograd.Function):
-    """``y = bias + (scale / sigma) * x @ W_mm`` for 2-D ``x`` (``W_mm = W^T`` for "out_in", ``W`` for "in_out").
+    """``y = bias + alpha * x @ W_mm`` for 2-D ``x``, ``alpha = scale / sigma`` (``W_mm = W^T`` for "out_in", ``W``
+    for "in_out").
 
     The training path of Linear / Conv1D layers on CPU: the factor goes into the BLAS call's alpha, so no
     W_hat is materialised forward and the weight gradient gets its rank-one correction in place. Same
     gradients as :class:`_ScaledWeight` followed by the matmul (see there); double backward goes through a
-    differentiable recomputation. Not used under autocast or torch.compile, nor off the CPU (``alpha`` is read
-    as a Python number, which would sync an accelerator).
+    differentiable recomputation. Not used under autocast or torch.compile, nor off the CPU (the per-step
+    scalars are Python numbers, which would sync an accelerator).
+
+    ``state = (u, v, alpha, sigma, layout, w_mm)``: the power-iteration vectors of this forward (fresh tensors,
+    never the buffers, which a later forward may overwrite before this backward), ``alpha = scale.item() / sigma``
+    and ``sigma = v^T W u`` (clamped to the floor) as Python floats, and ``W_mm`` when the caller already holds
+    that view of the weight (else None). Only ``x``, ``weight``, ``bias`` and ``scale`` are autograd inputs:
+    fewer inputs, less per-call bookkeeping.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, u, v, sigma, layout):
-        alpha = float(scale.to(sigma.dtype) / sigma)
-        w_mm = weight.t() if layout == "out_in" else weight
+    def forward(ctx, x, weight, bias, scale, state):
+        alpha, layout, w_mm = state[2], state[4], state[5]
+        if w_mm is None:
+            w_mm = weight.t() if layout == "out_in" else weight
         if bias is not None:
             out = torch.addmm(bias, x, w_mm, alpha=alpha)
         else:
-            out = torch.addmm(x.new_zeros(()), x, w_mm, beta=0, alpha=alpha)
-        ctx.save_for_backward(x, weight, scale, u, v, sigma)
-        ctx.layout, ctx.alpha = layout, alpha
+            out = torch.addmm(_cpu_zero(x.dtype), x, w_mm, beta=0, alpha=alpha)
+        ctx.save_for_backward(x, weight, scale)
+        ctx.state = state
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, scale, u, v, sigma = ctx.saved_tensors
-        layout = ctx.layout
-        need_x, need_w, need_b, need_s = (ctx.needs_input_grad[i] for i in range(4))
+        x, weight, scale = ctx.saved_tensors
+        u, v, alpha, sigma, layout, _ = ctx.state
+        need_x, need_w, need_b, need_s, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_s = None
         if need_b:
             grad_b = grad_out.sum(0)
         if torch.is_grad_enabled():  # create_graph: differentiable recomputation for double backward
             compute_dtype = _compute_dtype(weight.dtype)
+            u, v = u.to(compute_dtype), v.to(compute_dtype)
             sigma_d = torch.dot(torch.mv(_matrix(weight, layout).t().to(compute_dtype), v), u)
             alpha_d = scale.to(compute_dtype) / sigma_d.clamp(min=_sigma_floor(compute_dtype))
             w_hat = weight * alpha_d
@@ -197,14 +245,11 @@ class _ReparamMatmul(torch.autograd.Function):
                     coef_v = v * (-(scale.to(compute_dtype) / sigma_d.square()) * inner)
                     correction = _outer_in_layout(coef_v, u, layout, weight.shape).to(weight.dtype)
                     grad_w = grad_w_hat * alpha_d.to(weight.dtype) + correction
-            return grad_x, grad_w, grad_b, grad_s, None, None, None, None
-        # CPU only (see the class docstring): per-step scalars are read as Python numbers, which costs nothing
-        # here and saves a dozen tiny tensor ops per layer.
-        alpha = ctx.alpha
-        zero = grad_out.new_zeros(())
+            return grad_x, grad_w, grad_b, grad_s, None
+        # First-order backward on CPU: the scalars are Python numbers, which saves a dozen tiny tensor ops.
+        zero = _cpu_zero(grad_out.dtype)
         if need_x:
-            w_mm_t = weight if layout == "out_in" else weight.t()
-            grad_x = torch.addmm(zero, grad_out, w_mm_t, beta=0, alpha=alpha)
+            grad_x = torch.addmm(zero, grad_out, weight if layout == "out_in" else weight.t(), beta=0, alpha=alpha)
         if need_w or need_s:
             # alpha * dL/dW_hat straight from BLAS; <dL/dW_hat, W> recovered by dividing alpha back out.
             scale_by = alpha if alpha != 0.0 else 1.0
@@ -212,25 +257,27 @@ class _ReparamMatmul(torch.autograd.Function):
                 grad_w = torch.addmm(zero, grad_out.t(), x, beta=0, alpha=scale_by)
             else:
                 grad_w = torch.addmm(zero, x.t(), grad_out, beta=0, alpha=scale_by)
+            flat_w = weight.view(-1) if weight.is_contiguous() else weight.reshape(-1)
             if grad_w.dtype in _HALF_DTYPES:
-                inner = float(torch.dot(grad_w.reshape(-1).float(), weight.reshape(-1).float())) / scale_by
+                inner = torch.dot(grad_w.view(-1).float(), flat_w.float()).item() / scale_by
             else:
-                inner = float(torch.dot(grad_w.reshape(-1), weight.reshape(-1))) / scale_by
-            sigma_value, scale_value = float(sigma), float(scale)
+                inner = torch.dot(grad_w.view(-1), flat_w).item() / scale_by
             if need_s:
-                grad_s = torch.full_like(scale, inner / sigma_value)
+                grad_s = torch.full_like(scale, inner / sigma)
             if need_w:
                 if alpha == 0.0:
                     grad_w.zero_()
-                coef_v = v.to(grad_w.dtype) * (-(scale_value / sigma_value**2) * inner)
-                u_w = u.to(grad_w.dtype)
+                # dL/dW = alpha * G - (alpha / sigma) <G, W> v u^T, the rank-one term added in place.
+                coef = -(alpha / sigma) * inner
+                if grad_w.dtype != u.dtype:
+                    u, v = u.to(grad_w.dtype), v.to(grad_w.dtype)
                 if layout == "in_out":
-                    grad_w.addr_(u_w, coef_v)
+                    grad_w.addr_(u, v, alpha=coef)
                 else:
-                    grad_w.addr_(coef_v, u_w)
+                    grad_w.addr_(v, u, alpha=coef)
             else:
                 grad_w = None
-        return grad_x, grad_w, grad_b, grad_s, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_s, None
 
 
 def _matrix(weight: torch.Tensor, layout: str) -> torch.Tensor:
@@ -479,13 +526,49 @@ class SigmaReparamMixin:
         """Current spectral-norm estimate ``v^T W u`` (no grad; float32 for half weights)."""
         return self._reparam_vectors(step=False)[2]
 
-    def _cache_key(self):
-        weight, scale, u, v = self.weight, self.reparam_scale, self.reparam_u, self.reparam_v
+    def _tensors(self) -> tuple:
+        """``(weight, bias, reparam_scale, reparam_u, reparam_v)``, read from the module's own dicts.
+
+        ``self.weight`` goes through ``Module.__getattr__`` (a failed attribute lookup first): five of those
+        cost as much as the rest of a cached eval forward. Falls back to attribute access for anything not
+        registered under its usual name (e.g. a weight turned into a plain attribute by a hook).
+        """
+        params, buffers = self._parameters, self._buffers
+        weight = params.get("weight")
+        if weight is None:
+            weight = self.weight
+        bias = params.get("bias", _MISSING)
+        if bias is _MISSING:
+            bias = getattr(self, "bias", None)
+        scale = params.get("reparam_scale")
+        if scale is None:
+            scale = self.reparam_scale
+        u = buffers.get("reparam_u")
+        if u is None:
+            u = self.reparam_u
+        v = buffers.get("reparam_v")
+        if v is None:
+            v = self.reparam_v
+        return weight, bias, scale, u, v
+
+    def _cache_key(self, weight: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple:
         # _version counts in-place writes (optimizer steps, load_state_dict, copy_); the ids and data pointers
         # catch replaced tensors; the optimizer step count catches fused optimizers, which bump no versions.
+        # Written out flat: it is evaluated on every eval forward.
         return (
             _optimizer_steps,
-            *((id(t), t.data_ptr(), t._version) for t in (weight, scale, u, v)),
+            id(weight),
+            weight.data_ptr(),
+            weight._version,
+            id(scale),
+            scale.data_ptr(),
+            scale._version,
+            id(u),
+            u.data_ptr(),
+            u._version,
+            id(v),
+            v.data_ptr(),
+            v._version,
             weight.dtype,
             weight.device,
         )
@@ -500,7 +583,10 @@ class SigmaReparamMixin:
         outside an optimizer step, which bypass the version counter; clear ``_reparam_cache`` (or switch
         mode) after such edits. (Training forwards compare the weight's content, so they always see them.)
         """
-        weight, scale = self.weight, self.reparam_scale
+        weight, _, scale, u, v = self._tensors()
+        return self._effective_weight(weight, scale, u, v)
+
+    def _effective_weight(self, weight: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
         needs_grad = torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)
         use_cache = (
             self.cache_effective_weight and not needs_grad and not weight.is_meta and not torch.compiler.is_compiling()
@@ -509,7 +595,7 @@ class SigmaReparamMixin:
         if use_cache:
             _ensure_optimizer_step_hook()
             try:
-                key = self._cache_key()
+                key = self._cache_key(weight, scale, u, v)
             except RuntimeError:  # inference tensors have no version counter: just don't cache
                 key = None
             cached = self._reparam_cache
@@ -525,41 +611,95 @@ class SigmaReparamMixin:
             self._reparam_cache = (key, weight_hat)
         return weight_hat
 
-    def _can_fuse(self, input: torch.Tensor) -> bool:
-        weight, bias = self.weight, getattr(self, "bias", None)
+    def _cpu_training_vectors(self, weight: torch.Tensor, u_stored: torch.Tensor, v_stored: torch.Tensor):
+        """The CPU fast path of ``_reparam_vectors(step=True)``: ``(u, v, sigma, W_mm)`` or None.
+
+        ``sigma`` is not clamped; ``W_mm`` is the (in, out) view of the detached weight, the fused matmul's
+        operand for Linear and Conv1D layouts.
+
+        Taken for a plain float32 / float64 CPU weight with buffers of its dtype, outside autocast and
+        torch.compile. The same operations in the same order as the general path (so the same bits: a run may
+        switch between the two), minus its dtype round trips, buffer copies and no-grad context. No graph is
+        recorded with grad mode on: the weight is detached and the buffers need no grad. The returned u, v are
+        fresh tensors (autograd keeps them while later forwards may overwrite the buffers).
+        """
+        if not (
+            weight.is_cpu
+            and weight.dtype in _FAST_DTYPES
+            and u_stored.dtype is weight.dtype
+            and v_stored.dtype is weight.dtype
+            and "cpu" in _HOST_DECIDED_DEVICES
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            return None
+        detached = weight.detach()
+        if type(detached) is not torch.Tensor:  # tensor subclasses (DTensor, fake / functional tensors)
+            return None
+        layout = self.weight_layout
+        if layout == "out_in":
+            matrix, matrix_t = detached, detached.t()
+        elif layout == "in_out":
+            matrix, matrix_t = detached.t(), detached
+        else:
+            matrix = detached.reshape(detached.shape[0], -1)
+            matrix_t = matrix.t()
+        wt_v = torch.mv(matrix_t, v_stored)
+        u_now = _normalize(wt_v)
+        if torch.equal(u_now, u_stored):  # u is still the image of v: the weight has not changed
+            return u_now, v_stored.clone(), torch.dot(wt_v, u_now), matrix_t
+        v_now = _normalize(torch.mv(matrix, u_stored))
+        wt_v = torch.mv(matrix_t, v_now)
+        u_now = _normalize(wt_v)
+        u_stored.copy_(u_now)
+        v_stored.copy_(v_now)
+        return u_now, v_now, torch.dot(wt_v, u_now), matrix_t
+
+    def _can_fuse(self, input: torch.Tensor, weight: torch.Tensor, bias) -> bool:
         return (
             self.fused_cpu_matmul
             and self.weight_layout != "conv"
-            and input.device.type == "cpu"
-            and weight.device.type == "cpu"
-            and input.dtype == weight.dtype
-            and (bias is None or bias.dtype == weight.dtype)
+            and input.is_cpu
+            and weight.is_cpu
+            and input.dtype is weight.dtype
+            and (bias is None or bias.dtype is weight.dtype)
             and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu")
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         layout = self.weight_layout
+        weight, bias, scale, u, v = self._tensors()
         if self.training:
-            u, v, sigma = self._reparam_vectors(step=True)
-            if self._can_fuse(input):
-                out_features = self.weight.shape[0] if layout == "out_in" else self.weight.shape[1]
-                flat = input.reshape(-1, input.shape[-1])
-                out = _ReparamMatmul.apply(
-                    flat, self.weight, getattr(self, "bias", None), self.reparam_scale, u, v, sigma, layout
-                )
-                return out.view(input.shape[:-1] + (out_features,))
-            weight = _ScaledWeight.apply(self.weight, self.reparam_scale, u, v, sigma, layout)
+            vectors = self._cpu_training_vectors(weight, u, v)
+            if vectors is None:
+                u, v, sigma = self._reparam_vectors(step=True)
+                w_mm = None
+            else:
+                u, v, sigma, w_mm = vectors
+            if self._can_fuse(input, weight, bias):
+                sigma_value = sigma.item()
+                floor = _sigma_floor(sigma.dtype)
+                if sigma_value < floor:
+                    sigma_value = floor
+                state = (u, v, scale.item() / sigma_value, sigma_value, layout, w_mm)
+                if input.dim() == 2:
+                    return _ReparamMatmul.apply(input, weight, bias, scale, state)
+                out = _ReparamMatmul.apply(input.reshape(-1, input.shape[-1]), weight, bias, scale, state)
+                if input.dim() == 3:
+                    return out.view(input.shape[0], input.shape[1], out.shape[1])
+                return out.view(input.shape[:-1] + (out.shape[1],))
+            sigma = sigma.clamp(min=_sigma_floor(sigma.dtype))
+            weight = _ScaledWeight.apply(weight, scale, u, v, sigma, layout)
         else:
-            weight = self.effective_weight()
+            weight = self._effective_weight(weight, scale, u, v)
         if layout == "out_in":
-            return F.linear(input, weight, self.bias)
+            return F.linear(input, weight, bias)
         if layout == "conv":
-            return self._conv_forward(input, weight, self.bias)
+            return self._conv_forward(input, weight, bias)
         # "in_out" (transformers' Conv1D): weight (in, out)
         size_out = input.shape[:-1] + (weight.shape[1],)
         flat = input.reshape(-1, input.shape[-1])
-        bias = getattr(self, "bias", None)
         out = torch.addmm(bias, flat, weight) if bias is not None else torch.mm(flat, weight)
         return out.view(size_out)
 

@@ -236,6 +236,56 @@ def test_weight_replaced_by_new_parameter_triggers_a_step():
     assert not torch.equal(layer.reparam_u, u)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalize_helper_is_bitwise_f_normalize(dtype):
+    """The CPU fast path's normalisation must give F.normalize's bits (checks compare vectors exactly)."""
+    from hf_normsoftmax.sigma_reparam import _normalize
+
+    g = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(n, generator=g, dtype=dtype) * 10.0**e for n in (1, 3, 8, 17, 384, 1536) for e in (-6, 0, 6)]
+    vectors += [torch.zeros(5, dtype=dtype), torch.full((4,), 1e-14, dtype=dtype)]
+    for vector in vectors:
+        assert torch.equal(_normalize(vector), F.normalize(vector, dim=0))
+    for bad in (torch.tensor([1.0, float("nan")], dtype=dtype), torch.tensor([float("inf"), 1.0], dtype=dtype)):
+        torch.testing.assert_close(_normalize(bad), F.normalize(bad, dim=0), equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_fast_path_matches_general_path_bitwise(kind, dtype):
+    """Training forwards on CPU take a leaner copy of the power iteration; it must give the general path's bits."""
+    _, fast, x = converted(kind, dtype=dtype)
+    randomize_vectors(fast)
+    general = copy.deepcopy(fast)
+    general._cpu_training_vectors = lambda *args: None  # instance attribute: this module takes the general path
+    for model in (fast, general):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        for _ in range(3):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model(x)  # the step for the last update
+    for (name, a), b in zip(fast.state_dict().items(), general.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(fast.sigma, general.sigma)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_weight_held_as_plain_attribute(training):
+    """Parameters are read from _parameters for speed; a weight kept elsewhere (as hooks do) still works."""
+    _, layer, x = converted("linear")
+    randomize_vectors(layer)
+    weight = layer.weight.detach().clone() * 1.1
+    del layer._parameters["weight"]
+    layer.weight = weight  # a plain tensor attribute now
+    layer.train(training)
+    u, v = layer.reparam_u.clone(), layer.reparam_v.clone()
+    y = layer(x)
+    if training:
+        u, v = layer.reparam_u.clone(), layer.reparam_v.clone()
+    torch.testing.assert_close(y, exact_output(layer, x, u, v), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # gradients
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,7 +336,8 @@ def test_float64_gradcheck_module(kind):
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_float64_gradcheck_fused_training_op(layout, bias):
+@pytest.mark.parametrize("given_w_mm", [False, True])
+def test_float64_gradcheck_fused_training_op(layout, bias, given_w_mm):
     """The CPU training op (scale / sigma folded into the matmul), with sigma = v^T W u evaluated at each W."""
     from hf_normsoftmax.sigma_reparam import _ReparamMatmul
 
@@ -302,12 +353,40 @@ def test_float64_gradcheck_fused_training_op(layout, bias):
 
     def fn(x, weight, scale, *maybe_bias):
         matrix = weight.detach() if layout == "out_in" else weight.detach().t()
-        sigma = v @ (matrix @ u)
-        return _ReparamMatmul.apply(x, weight, maybe_bias[0] if maybe_bias else None, scale, u, v, sigma, layout)
+        sigma = float(v @ (matrix @ u))
+        w_mm = (weight.detach().t() if layout == "out_in" else weight.detach()) if given_w_mm else None
+        state = (u, v, scale.item() / sigma, sigma, layout, w_mm)
+        return _ReparamMatmul.apply(x, weight, maybe_bias[0] if maybe_bias else None, scale, state)
 
     args = (x, weight, scale) + ((b,) if bias else ())
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize(
+    "kind, input_dims", [(kind, dims) for kind in ("linear", "conv1d") for dims in (2, 3, 4)] + [("conv", 4)]
+)
+def test_float64_training_forward_and_gradients_match_plain_formula(kind, input_dims):
+    """The CPU training path (fast power iteration, then the fused matmul or the scaled weight) in float64, against
+    the textbook formula with the u, v that forward used: outputs and every gradient, to float64 rounding."""
+    _, layer, x = converted(kind, dtype=torch.float64)
+    randomize_vectors(layer)
+    with torch.no_grad():
+        layer.reparam_scale.mul_(0.8)
+    if kind != "conv":
+        x = x.reshape(-1, x.shape[-1]) if input_dims == 2 else x.reshape(2, 3, 2, -1) if input_dims == 4 else x
+    x = x.clone().requires_grad_(True)
+    y = layer(x)  # takes one power-iteration step (random u, v)
+    u, v = layer.reparam_u.clone(), layer.reparam_v.clone()
+    upstream = torch.randn_like(y)
+    params = [x, layer.weight, layer.reparam_scale, layer.bias]
+    got = torch.autograd.grad(y, params, upstream)
+    want_y = exact_output(layer, x, u, v)
+    want = torch.autograd.grad(want_y, params, upstream)
+    assert y.shape == want_y.shape
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
