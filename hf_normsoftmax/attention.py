@@ -547,23 +547,26 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _covariance_backward(grad_q, grad_k, q_base, inv_scale, row_scale, grad_var, k, key_weight, stats, total):
-    """Non-causal rows, var_i = q_i^T C q_i with C the covariance of the valid keys: adds 2 grad_var_i C q_i to
-    grad_q and the gradient through C to grad_k, in place. q_i = q_base_i * inv_scale_i (inv_scale None: 1)."""
+def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, row_scale, grad_var, k, key_weight, stats, total):
+    """Non-causal rows, var_i = q_i^T C q_i with C the covariance of the valid keys. Turns SDPA's gradient w.r.t.
+    the rescaled queries into grad_q = factor_i * grad_q_i + 2 grad_var_i C q_i, and adds the gradient through C to
+    grad_k, in place. q_i = q_base_i * inv_scale_i (inv_scale None: 1; row_scale = 1 / inv_scale)."""
     cov, mean = stats
-    coef = grad_var if inv_scale is None else grad_var * inv_scale.square()
+    coef = 2.0 * grad_var if inv_scale is None else 2.0 * grad_var * inv_scale.square()
     grad_cov = torch.zeros_like(cov)
     for start in range(0, q_base.shape[-2], _ROW_BLOCK):
-        stop = start + _ROW_BLOCK
-        rows = q_base[:, :, start:stop]
-        weighted = rows * coef[:, :, start:stop]  # = grad_var_i q_i / scale_i (or grad_var_i q_i)
-        grad_cov += torch.matmul(weighted.transpose(-1, -2), rows)  # sum_i grad_var_i q_i q_i^T
-        if row_scale is None:
-            grad_q[:, :, start:stop].add_(torch.matmul(weighted, cov), alpha=2.0)
+        rows, grad_rows = q_base[:, :, start : start + _ROW_BLOCK], grad_q[:, :, start : start + _ROW_BLOCK]
+        weighted = rows * coef[:, :, start : start + _ROW_BLOCK]  # 2 grad_var_i q_i (/ scale_i)
+        grad_cov += torch.matmul(weighted.transpose(-1, -2), rows)  # 2 sum_i grad_var_i q_i q_i^T
+        factor_rows = factor[:, :, start : start + _ROW_BLOCK]
+        if row_scale is None:  # one pass: grad_rows = 2 grad_var C q + factor * grad_rows
+            torch.addcmul(torch.matmul(weighted, cov), grad_rows, factor_rows, out=grad_rows)
         else:
-            grad_q[:, :, start:stop].addcmul_(torch.matmul(weighted, cov), row_scale[:, :, start:stop], value=2.0)
+            grad_rows.mul_(factor_rows).addcmul_(
+                torch.matmul(weighted, cov), row_scale[:, :, start : start + _ROW_BLOCK]
+            )
     # C = (k - mean)^T W (k - mean) / n and sum_j w_j (k_j - mean) = 0: the mean's own gradient term vanishes
-    grad_cov.mul_(2.0 / total.clamp(min=1.0))
+    grad_cov.div_(total.clamp(min=1.0))
     mean_term = torch.matmul(mean, grad_cov)
     for start in range(0, k.shape[-2], _ROW_BLOCK):
         block = grad_k[:, :, start : start + _ROW_BLOCK]
@@ -804,14 +807,24 @@ class _FastAttention(torch.autograd.Function):
         leaves = (var_leaf, gamma_leaf) if wants_gamma else (var_leaf,)
         grads = torch.autograd.grad(factor, leaves, grad_factor, retain_graph=True)
         grad_var, grad_gamma = grads[0], (grads[1] if wants_gamma else None)
-        grad_q.mul_(factor_value)
         grad_k = grad_k.to(compute_dtype)
         k = key.to(compute_dtype)
         if ctx.settings.causal:
+            grad_q.mul_(factor_value)
             _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight, ctx.stats)
         else:
             _covariance_backward(
-                grad_q, grad_k, q_base, inv_scale, row_scale, grad_var, k, key_weight, ctx.stats, ctx.count
+                grad_q,
+                grad_k,
+                factor_value,
+                q_base,
+                inv_scale,
+                row_scale,
+                grad_var,
+                k,
+                key_weight,
+                ctx.stats,
+                ctx.count,
             )
         return grad_q.to(query_dtype), grad_k.to(key.dtype), grad_v, grad_gamma, None, None
 
