@@ -71,6 +71,20 @@ def shakespeare_chars(max_chars=600_000):
     return ids[:split], ids[split:], len(alphabet)
 
 
+def _train(model, optimizer, next_loss, steps: int) -> list[float]:
+    """``steps`` optimizer steps on ``next_loss()``; returns the losses of the first 50 steps."""
+    early = []
+    model.train()
+    for step in range(steps):
+        loss = next_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step < 50:
+            early.append(loss.item())
+    return early
+
+
 def train_vit(flags, seed, steps, data):
     (train_x, train_y), (val_x, val_y) = data
     torch.manual_seed(seed)
@@ -81,16 +95,11 @@ def train_vit(flags, seed, steps, data):
     model = H.NormSoftmaxViTForImageClassification(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    early = []
-    model.train()
-    for step in range(steps):
+    def vit_loss():
         batch = torch.randint(0, len(train_y), (64,), generator=generator)
-        loss = model(pixel_values=train_x[batch], labels=train_y[batch]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step < 50:
-            early.append(loss.item())
+        return model(pixel_values=train_x[batch], labels=train_y[batch]).loss
+
+    early = _train(model, optimizer, vit_loss, steps)
     model.eval()
     with torch.no_grad():
         out = model(pixel_values=val_x, labels=val_y)
@@ -114,16 +123,11 @@ def train_lm(flags, seed, steps, data):
         starts = torch.randint(0, len(ids) - length, (count,), generator=gen)
         return torch.stack([ids[s:s + length] for s in starts])
 
-    early = []
-    model.train()
-    for step in range(steps):
+    def lm_loss():
         batch = windows(train_ids, 16, generator)
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step < 50:
-            early.append(loss.item())
+        return model(batch, labels=batch).loss
+
+    early = _train(model, optimizer, lm_loss, steps)
     model.eval()
     val = windows(val_ids, 64, torch.Generator().manual_seed(99))
     with torch.no_grad():

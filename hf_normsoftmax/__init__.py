@@ -73,6 +73,7 @@ from .integration import (
     ATTENTION_IMPLEMENTATION,
     LEARNABLE_GAMMA_PARAMETER,
     REFERENCE_ATTENTION_IMPLEMENTATION,
+    NormSoftmaxPreTrainedMixin,
     SigmaReparamConv1D,
     apply_sigma_reparam,
     register_normsoftmax_attention,
@@ -317,9 +318,9 @@ def save_pretrained_with_code(model: PreTrainedModel, save_directory, auto_class
     ``save_pretrained(path, save_remote_code=False)`` or ``model.save_remote_code = False``). This function saves
     the code whatever that default is, and lets you choose the Auto class written to ``auto_map``.
 
-    Equivalent to ``config.register_for_auto_class(); model.register_for_auto_class(auto_class)`` followed by
-    ``save_pretrained``, without their side effect: that registration is class-wide and sticks to the config
-    instance, so every later save in the process would carry ``auto_map`` (possibly without the code files).
+    Equivalent to ``model.save_pretrained(save_directory, save_remote_code=True, auto_class=auto_class)``; unlike
+    ``config.register_for_auto_class(); model.register_for_auto_class(auto_class)`` it leaves no class-wide
+    registration behind (which would make every later save in the process carry ``auto_map``).
 
     Args:
         model: a NormSoftmax variant model.
@@ -335,27 +336,12 @@ def save_pretrained_with_code(model: PreTrainedModel, save_directory, auto_class
     >>> AutoModelForSequenceClassification.from_pretrained("out/", trust_remote_code=True)  # no package needed
     ```
     """
-    model_class, config_class = type(model), type(model.config)
-    if auto_class is None:
-        registry = _AUTO_REGISTRY.get(config_class, {})
-        auto_class = next((a.__name__ for a, c in registry.items() if c is model_class), None)
-        if auto_class is None:
-            raise ValueError(
-                f"Invalid value for `model`: {model_class.__name__} is not a NormSoftmax variant class. Allowed: "
-                "instances of the classes exported by hf_normsoftmax (or pass `auto_class`)."
-            )
-    saved_state = (model_class.__dict__.get("_auto_class"), config_class.__dict__.get("_auto_class"),
-                   model.config.__dict__.get("auto_map"))
-    try:
-        model.config.register_for_auto_class()
-        model.register_for_auto_class(auto_class)
-        model.save_pretrained(save_directory, **{"save_remote_code": True, **kwargs})
-    finally:
-        model_class._auto_class, config_class._auto_class = saved_state[0], saved_state[1]
-        if saved_state[2] is None:
-            model.config.__dict__.pop("auto_map", None)
-        else:
-            model.config.auto_map = saved_state[2]
+    if not isinstance(model, NormSoftmaxPreTrainedMixin):
+        raise ValueError(
+            f"Invalid value for `model`: {type(model).__name__} is not a NormSoftmax variant class. Allowed: "
+            "instances of the classes exported by hf_normsoftmax."
+        )
+    model.save_pretrained(save_directory, **{**kwargs, "save_remote_code": True, "auto_class": auto_class})
 
 
 __all__ = [

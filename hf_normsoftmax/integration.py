@@ -939,7 +939,9 @@ class NormSoftmaxPreTrainedMixin:
         return next((auto for suffix, auto in cls._normsoftmax_auto_class_suffixes if cls.__name__.endswith(suffix)),
                     "AutoModel")
 
-    def save_pretrained(self, save_directory, *args, save_remote_code: bool | None = None, **kwargs):
+    def save_pretrained(
+        self, save_directory, *args, save_remote_code: bool | None = None, auto_class: str | None = None, **kwargs
+    ):
         """``PreTrainedModel.save_pretrained`` that, by default, also writes the model's code and ``auto_map``.
 
         The folder then holds ``configuration_normsoftmax.py``, ``modeling_normsoftmax_*.py`` and the files they
@@ -950,6 +952,8 @@ class NormSoftmaxPreTrainedMixin:
         Args:
             save_remote_code: ``False`` writes a plain folder (no code files, no ``auto_map``; it then loads only
                 where hf_normsoftmax is imported). Default: the model's ``save_remote_code`` attribute (``True``).
+            auto_class: the Auto class name mapped in ``auto_map`` (default: the class's registered Auto class, or
+                the one its name implies, e.g. ``"AutoModelForSequenceClassification"``).
             *args, **kwargs: as for ``PreTrainedModel.save_pretrained``.
 
         Nothing sticks: the classes' Auto registration and the config's ``auto_map`` are as before afterwards.
@@ -973,7 +977,7 @@ class NormSoftmaxPreTrainedMixin:
         saved_classes = [(cls, cls.__dict__.get("_auto_class", missing)) for cls in (model_class, config_class)]
         saved_map = config.__dict__.get("auto_map", missing)
         kept = {k: v for k, v in saved_map.items() if not is_ours(v)} if isinstance(saved_map, dict) else {}
-        auto_class = model_class.normsoftmax_auto_class() if save_remote_code else None
+        auto_class = (auto_class or model_class.normsoftmax_auto_class()) if save_remote_code else None
         try:
             model_class._auto_class = auto_class
             config_class._auto_class = (getattr(config_class, "_auto_class", None) or "AutoConfig") \

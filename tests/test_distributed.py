@@ -25,7 +25,6 @@ models are tiny and the runs 4 steps long to keep this affordable.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -34,6 +33,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_examples import load_example  # examples/ is not a package: one loader for both files
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
@@ -52,17 +52,6 @@ VIT_ARGS = [
     "--max-train-samples", "128", "--max-eval-samples", "32", "--stability-every", "2", "--logging-steps", "1",
     "--report-to", "none", "--learning-rate", "3e-3",
 ]
-
-
-def load_example(name: str):
-    module_name = f"_example_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
