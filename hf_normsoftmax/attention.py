@@ -281,6 +281,10 @@ def normsoftmax_attention_reference(
 # together, vectorised, in groups whose D x D moments stay below _GROUP_MOMENT_FLOATS floats (bounds memory).
 _CAUSAL_BLOCK, _CAUSAL_BLOCK_LONG, _CAUSAL_LONG_FROM = 64, 128, 1024
 _GROUP_MOMENT_FLOATS = 2**18
+# Up to this many bytes (per call), the causal forward keeps its in-block logits and query-moment products for the
+# backward instead of recomputing them there (three of its ten block matmuls); above it they are recomputed, so
+# long sequences keep stock SDPA's memory.
+_KEEP_BLOCK_PRODUCTS_BYTES = 2**25
 # Query rows per step of the non-causal statistics: bounds their (B, H, rows, D) temporaries.
 _ROW_BLOCK = 1024
 
@@ -334,7 +338,7 @@ def _inner_weight(w, c: int):
     return w[..., None, :] * lower
 
 
-def _block_variance(q, kc, w, sum_before, outer_before, count_before):
+def _block_variance(q, kc, w, sum_before, outer_before, count_before, keep: bool = False):
     """Variance of the logits of blocks of c query rows whose keys are: every key before the block (given by
     its moments) plus the keys of the block itself up to the row (causal). Chan et al.'s pairwise merge of the
     two groups; the in-block group uses two passes, exact for the first rows of a sequence where few keys make
@@ -342,33 +346,41 @@ def _block_variance(q, kc, w, sum_before, outer_before, count_before):
 
     q, kc: (B, H, n, c, D) for n blocks (kc centred and zeroed at invalid keys); w: (B, 1, n, c) key weights;
     sum_before (B, H, n, D), outer_before (B, H, n, D, D), count_before (B, 1, n, 1).
-    Returns var (B, H, n, c), count (B, 1, n, c).
+    Returns var (B, H, n, c), count (B, 1, n, c) and, if ``keep``, the two block products the backward needs
+    (else None: it recomputes them).
     """
     inner_weight = _inner_weight(w, q.shape[-2])
     inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)  # (in-place: runs without autograd)
     inner_count = inner_weight.sum(dim=-1)
     inner_mean = inner.sum(dim=-1) / inner_count.clamp(min=1.0)
-    inner_m2 = inner.sub_(inner_mean[..., None]).mul_(inner_weight).square_().sum(dim=-1)
+    centred = inner.sub_(inner_mean[..., None]).mul_(inner_weight)
+    inner_m2 = (centred.square() if keep else centred.square_()).sum(dim=-1)
+    q_outer = torch.matmul(q, outer_before)
     mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before.clamp(min=1.0)
-    m2_before = (_rowdot(torch.matmul(q, outer_before), q)[..., 0] - count_before * mean_before.square()).clamp(min=0.0)
+    m2_before = (_rowdot(q_outer, q)[..., 0] - count_before * mean_before.square()).clamp(min=0.0)
     count = count_before + inner_count
     delta = inner_mean - mean_before
     m2 = m2_before + inner_m2 + delta.square() * count_before * inner_count / count.clamp(min=1.0)
-    return m2 / count.clamp(min=1.0), count
+    return m2 / count.clamp(min=1.0), count, ((centred, inner_mean, q_outer) if keep else None)
 
 
-def _block_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count_before):
-    """Hand-written backward of :func:`_block_variance` (recomputes its forward quantities).
+def _block_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count_before, kept=None):
+    """Hand-written backward of :func:`_block_variance` (recomputes the forward products it did not keep).
 
     Returns the gradients w.r.t. q, kc (through the in-block logits only), sum_before and outer_before.
     """
     inner_weight = _inner_weight(w, q.shape[-2])
-    inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)
     inner_count = inner_weight.sum(dim=-1)
     inner_count_c = inner_count.clamp(min=1.0)
-    inner_mean = inner.sum(dim=-1) / inner_count_c
+    if kept is None:
+        inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)
+        inner_mean = inner.sum(dim=-1) / inner_count_c
+        centred = inner.sub_(inner_mean[..., None])
+        q_outer = torch.matmul(q, outer_before)
+    else:
+        centred, inner_mean, q_outer = kept
+        centred = centred.mul(inner_weight)  # a copy: a second backward (retain_graph) reads the kept one again
     count_before_c = count_before.clamp(min=1.0)
-    q_outer = torch.matmul(q, outer_before)
     mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before_c
     m2_before_raw = _rowdot(q_outer, q)[..., 0] - count_before * mean_before.square()
     count_c = (count_before + inner_count).clamp(min=1.0)
@@ -379,9 +391,9 @@ def _block_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count
     grad_delta = grad_m2 * 2.0 * delta * count_before * inner_count / count_c
     grad_mean_before = -grad_delta - grad_m2_before * 2.0 * count_before * mean_before
     # d m2_inner / d mean_inner = -2 sum_b W (I - mean) = 0, so the in-block mean only carries delta's gradient
-    grad_inner = (
-        inner.sub_(inner_mean[..., None]).mul_(2.0 * grad_m2[..., None]).add_((grad_delta / inner_count_c)[..., None])
-    ).mul_(inner_weight)
+    grad_inner = (centred.mul_(2.0 * grad_m2[..., None]).add_((grad_delta / inner_count_c)[..., None])).mul_(
+        inner_weight
+    )
     grad_mean_before = grad_mean_before / count_before_c
     grad_q = torch.matmul(grad_inner, kc)
     grad_q.addcmul_(q_outer, (2.0 * grad_m2_before)[..., None])
@@ -405,6 +417,8 @@ def _moments_before_blocks(block_moment: torch.Tensor, run: torch.Tensor) -> tor
 
 def _moments_after_blocks(block_grad: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
     """Per block b (dim 2): ``carry`` + the sum of the blocks after b."""
+    if block_grad.shape[2] == 1:
+        return carry[:, :, None]
     after = torch.empty_like(block_grad)
     after[:, :, -1] = carry
     for b in range(block_grad.shape[2] - 2, -1, -1):
@@ -421,6 +435,7 @@ class _CausalGroup(NamedTuple):
     run_sum: torch.Tensor  # (B, H, D)
     run_outer: torch.Tensor  # (B, H, D, D)
     run_count: torch.Tensor  # (B, 1)
+    kept: tuple | None = None  # block products of the forward, for the backward (see _KEEP_BLOCK_PRODUCTS_BYTES)
 
     def rows(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """(B, H, L, D) -> this group's rows as (B, H, n, c, D); ``offset`` skips a KV-cache prefix."""
@@ -430,12 +445,24 @@ class _CausalGroup(NamedTuple):
         """(B, 1, S) key weights -> (B, 1, n, c)."""
         return w[..., offset + self.start : offset + self.start + self.n * self.c].unflatten(-1, (self.n, self.c))
 
-    def moments_before(self, kc_rows, w_rows):
-        """Moments of the keys before each block (running moments + earlier blocks of the group), and the
-        moments of the whole group including its own blocks."""
+    def moments_before(self, kc_rows, w_rows, with_after: bool = True):
+        """Moments of the keys before each block (running moments + earlier blocks of the group), and (if
+        ``with_after``) the moments of the whole group including its own blocks. A one-block group's moments
+        before are its running moments: nothing is computed for them (the backward asks for nothing else)."""
+        n = self.n
+        if n == 1 and not with_after:
+            return (self.run_sum[:, :, None], self.run_outer[:, :, None], self.run_count[..., None, None]), None
         block_sum = kc_rows.sum(dim=-2)  # (B, H, n, D)
         block_outer = torch.matmul(kc_rows.transpose(-1, -2), kc_rows)  # (B, H, n, D, D)
         block_count = w_rows.sum(dim=-1)  # (B, 1, n)
+        if n == 1:
+            before = (self.run_sum[:, :, None], self.run_outer[:, :, None], self.run_count[..., None, None])
+            after = (
+                self.run_sum + block_sum[:, :, 0],
+                block_outer[:, :, 0].add_(self.run_outer),
+                self.run_count + block_count[:, :, 0],
+            )
+            return before, after
         sum_before = _moments_before_blocks(block_sum, self.run_sum)
         outer_before = _moments_before_blocks(block_outer, self.run_outer)
         count_before = _moments_before_blocks(block_count, self.run_count)
@@ -457,10 +484,12 @@ def _causal_spans(L: int, block: int, moment_floats: int) -> list[tuple[int, int
     return spans
 
 
-def _causal_statistics(q, k, mean, w, padded: bool, block: int):
+def _causal_statistics(q, k, mean, w, padded: bool, block: int, for_backward: bool):
     """Causal rows: per-row logit variance (B, H, L, 1), valid-key count (B, 1, L, 1) and the groups (with their
-    running key moments, kept for the backward). mean: of the valid keys; w: (B, 1, S) key weights."""
+    running key moments and, when small enough, their block products, kept for the backward). mean: of the valid
+    keys; w: (B, 1, S) key weights."""
     B, H, L, D = q.shape
+    keep = for_backward and B * H * L * (block + D) * q.element_size() <= _KEEP_BLOCK_PRODUCTS_BYTES
     offset = k.shape[-2] - L
     prefix = _centred(k[:, :, :offset], mean, w[:, :, :offset] if padded else None)  # a KV cache: seen by all
     run_sum, run_outer = prefix.sum(dim=-2), torch.matmul(prefix.transpose(-1, -2), prefix)
@@ -469,11 +498,11 @@ def _causal_statistics(q, k, mean, w, padded: bool, block: int):
     groups = []
     for start, n, c in _causal_spans(L, block, B * H * D * D):
         group = _CausalGroup(start, n, c, run_sum, run_outer, run_count)
-        groups.append(group)
         w_rows = group.weights(w, offset)
         kc_rows = _centred(group.rows(k, offset), mean, w_rows if padded else None)
         before, (run_sum, run_outer, run_count) = group.moments_before(kc_rows, w_rows)
-        g_var, g_cnt = _block_variance(group.rows(q), kc_rows, w_rows, *before)
+        g_var, g_cnt, kept = _block_variance(group.rows(q), kc_rows, w_rows, *before, keep=keep)
+        groups.append(group._replace(kept=kept))
         var[:, :, start : start + n * c], count[:, :, start : start + n * c] = g_var.flatten(-2), g_cnt.flatten(-2)
     return var[..., None], count[..., None], groups
 
@@ -495,7 +524,7 @@ class _FastSettings(NamedTuple):
     rows_without_keys: torch.Tensor | None
 
 
-def _row_statistics(q, k, key_weight, settings: _FastSettings):
+def _row_statistics(q, k, key_weight, settings: _FastSettings, for_backward: bool = False):
     """Per query row: variance of q_i . k_j over its valid keys (B, H, L, 1), their number (broadcastable to
     (B, 1, L, 1)), and the key statistics the backward reuses (the covariance and mean, or the causal groups)."""
     mean, w, total = _key_mean(k, key_weight)
@@ -515,7 +544,7 @@ def _row_statistics(q, k, key_weight, settings: _FastSettings):
             rows = q[:, :, start : start + _ROW_BLOCK]
             var[:, :, start : start + _ROW_BLOCK] = _rowdot(torch.matmul(rows, cov), rows)
         return var.clamp_(min=0.0), total, (cov, mean)
-    return _causal_statistics(q, k, mean, w, key_weight is not None, settings.block)
+    return _causal_statistics(q, k, mean, w, key_weight is not None, settings.block, for_backward)
 
 
 def _row_factor(var, count, gamma, settings: _FastSettings) -> torch.Tensor:
@@ -587,12 +616,12 @@ def _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight,
     for group in reversed(groups):
         w_rows = group.weights(w, offset)
         kc_rows = _centred(group.rows(k, offset), mean, None if key_weight is None else w_rows)
-        before, _ = group.moments_before(kc_rows, w_rows)
+        before, _ = group.moments_before(kc_rows, w_rows, with_after=False)
         q_rows = group.rows(q_base)
         if inv_scale is not None:
             q_rows = q_rows * group.rows(inv_scale)
         g_var = grad_var[:, :, group.start : group.start + group.n * group.c].unflatten(-1, (group.n, group.c))
-        g_q, g_kc, g_sum, g_outer = _block_variance_backward(g_var, q_rows, kc_rows, w_rows, *before)
+        g_q, g_kc, g_sum, g_outer = _block_variance_backward(g_var, q_rows, kc_rows, w_rows, *before, group.kept)
         group.rows(grad_q).add_(g_q)
         # a block's keys enter the moments of the later blocks of its group and of every later group; the
         # outer-product gradient is symmetric, so d(kc kc^T)/d kc contributes 2 kc G
@@ -723,7 +752,7 @@ class _FastAttention(torch.autograd.Function):
     def _forward(ctx, query, key, value, gamma, key_weight, settings: _FastSettings):
         compute_dtype = _compute_dtype(query.dtype)
         q = query.detach().to(compute_dtype)
-        var, count, stats = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings)
+        var, count, stats = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, for_backward=True)
         gamma_leaf = gamma.detach().requires_grad_(gamma.requires_grad) if isinstance(gamma, torch.Tensor) else gamma
         var_leaf = var.detach().requires_grad_()
         with torch.enable_grad():

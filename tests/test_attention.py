@@ -346,11 +346,23 @@ def small_causal_blocks(monkeypatch):
     monkeypatch.setattr(attention, "_ROW_BLOCK", 5)  # several row blocks in the non-causal statistics too
 
 
+@pytest.fixture(params=["kept", "recomputed"])
+def block_products(request, monkeypatch):
+    """Both ways the causal backward gets the forward's block products: kept from the forward (small calls) and
+    recomputed (calls above _KEEP_BLOCK_PRODUCTS_BYTES)."""
+    import hf_normsoftmax.attention as attention
+
+    monkeypatch.setattr(attention, "_KEEP_BLOCK_PRODUCTS_BYTES", 2**62 if request.param == "kept" else 0)
+    return request.param
+
+
 BLOCK_CASES = [c for c in CASES if c[0] in ("plain", "padded", "causal", "causal_left_pad", "cache_prefill_left_pad")]
 
 
 @pytest.mark.parametrize("name,L,S,causal,lengths,left", BLOCK_CASES, ids=[c[0] for c in BLOCK_CASES])
-def test_blocked_statistics_match_naive_and_gradcheck(small_causal_blocks, name, L, S, causal, lengths, left):
+def test_blocked_statistics_match_naive_and_gradcheck(
+    small_causal_blocks, block_products, name, L, S, causal, lengths, left
+):
     """The fast path's grouped causal blocks, partial last block and row blocks: forward against the naive
     oracle, gradients by float64 gradcheck (per-head gamma tensor included)."""
     B, H, D = 2, 1, 4
@@ -369,7 +381,7 @@ def test_blocked_statistics_match_naive_and_gradcheck(small_causal_blocks, name,
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_fast_path_gradients_equal_reference_in_float64(causal):
+def test_fast_path_gradients_equal_reference_in_float64(block_products, causal):
     """Sizes where the default blocks matter (several causal blocks of 64 rows and a partial one)."""
     B, H, L, D = 1, 2, 150, 8
     q, k, v = make_qkv(B, H, L, L, D, requires_grad=True)
@@ -384,7 +396,7 @@ def test_fast_path_gradients_equal_reference_in_float64(causal):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=name)
 
 
-def test_second_backward_through_retained_graph_and_no_grad_path():
+def test_second_backward_through_retained_graph_and_no_grad_path(block_products):
     """retain_graph=True: a second backward rebuilds SDPA's graph and gives the same gradients; without
     gradients the fast path gives the same output; non-contiguous (transposed) inputs as in transformers."""
     B, H, L, D = 2, 3, 20, 8
@@ -433,9 +445,11 @@ def generic_sdpa_backend(monkeypatch):
 
 
 @pytest.mark.parametrize("name,L,S,causal,lengths,left", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
-def test_generic_backend_gradcheck_and_retained_graph(generic_sdpa_backend, name, L, S, causal, lengths, left):
+def test_generic_backend_gradcheck_and_retained_graph(
+    generic_sdpa_backend, block_products, name, L, S, causal, lengths, left
+):
     test_fast_path_gradcheck(name, L, S, causal, lengths, left)
-    test_second_backward_through_retained_graph_and_no_grad_path()
+    test_second_backward_through_retained_graph_and_no_grad_path(block_products)
 
 
 @pytest.mark.parametrize("causal", [False, True])
