@@ -281,9 +281,9 @@ def normsoftmax_attention_reference(
 # together, vectorised, in groups whose D x D moments stay below _GROUP_MOMENT_FLOATS floats (bounds memory).
 _CAUSAL_BLOCK, _CAUSAL_BLOCK_LONG, _CAUSAL_LONG_FROM = 64, 128, 1024
 _GROUP_MOMENT_FLOATS = 2**18
-# Up to this many bytes (per call), the causal forward keeps its in-block logits and query-moment products for the
-# backward instead of recomputing them there (three of its ten block matmuls); above it they are recomputed, so
-# long sequences keep stock SDPA's memory.
+# Up to this many bytes (per call), the causal forward keeps its in-block logits, query-moment products and centred
+# keys for the backward instead of recomputing them there (two of its nine block matmuls and several passes); above
+# it they are recomputed, so long sequences keep stock SDPA's memory.
 _KEEP_BLOCK_PRODUCTS_BYTES = 2**25
 # Query rows per step of the non-causal statistics: bounds their (B, H, rows, D) temporaries.
 _ROW_BLOCK = 1024
@@ -338,6 +338,13 @@ def _inner_weight(w, c: int):
     return w[..., None, :] * lower
 
 
+def _baddbmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """out += alpha * a @ b in place, for a contiguous ``out`` (..., m, n) and a, b of the same batch shape: one
+    batched GEMM that accumulates into ``out`` (no product temporary, no separate add pass)."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), alpha=alpha)
+    return out
+
+
 def _block_variance(q, kc, w, sum_before, outer_before, count_before, keep: bool = False):
     """Variance of the logits of blocks of c query rows whose keys are: every key before the block (given by
     its moments) plus the keys of the block itself up to the row (causal). Chan et al.'s pairwise merge of the
@@ -346,28 +353,30 @@ def _block_variance(q, kc, w, sum_before, outer_before, count_before, keep: bool
 
     q, kc: (B, H, n, c, D) for n blocks (kc centred and zeroed at invalid keys); w: (B, 1, n, c) key weights;
     sum_before (B, H, n, D), outer_before (B, H, n, D, D), count_before (B, 1, n, 1).
-    Returns var (B, H, n, c), count (B, 1, n, c) and, if ``keep``, the two block products the backward needs
-    (else None: it recomputes them).
+    Returns var (B, H, n, c), count (B, 1, n, c) and, if ``keep``, what the backward would otherwise recompute
+    (the centred in-block logits, their mean, the query-moment product and kc), else None.
     """
-    inner_weight = _inner_weight(w, q.shape[-2])
+    inner_weight = _inner_weight(w, q.shape[-2])  # 0/1 entries
     inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)  # (in-place: runs without autograd)
     inner_count = inner_weight.sum(dim=-1)
     inner_mean = inner.sum(dim=-1) / inner_count.clamp(min=1.0)
-    centred = inner.sub_(inner_mean[..., None]).mul_(inner_weight)
-    inner_m2 = (centred.square() if keep else centred.square_()).sum(dim=-1)
+    centred = inner.addcmul_(inner_weight, inner_mean[..., None], value=-1.0)  # (I - mean) W in one pass
+    inner_m2 = torch.linalg.vector_norm(centred, dim=-1).square()  # sum of squares, no temporary
     q_outer = torch.matmul(q, outer_before)
     mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before.clamp(min=1.0)
     m2_before = (_rowdot(q_outer, q)[..., 0] - count_before * mean_before.square()).clamp(min=0.0)
     count = count_before + inner_count
     delta = inner_mean - mean_before
     m2 = m2_before + inner_m2 + delta.square() * count_before * inner_count / count.clamp(min=1.0)
-    return m2 / count.clamp(min=1.0), count, ((centred, inner_mean, q_outer) if keep else None)
+    return m2 / count.clamp(min=1.0), count, ((centred, inner_mean, q_outer, kc) if keep else None)
 
 
 def _block_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count_before, kept=None):
     """Hand-written backward of :func:`_block_variance` (recomputes the forward products it did not keep).
 
-    Returns the gradients w.r.t. q, kc (through the in-block logits only), sum_before and outer_before.
+    Returns the gradient w.r.t. q, the gradient w.r.t. the in-block logits (zero at pairs outside the causal
+    block, so that ``grad_inner^T q`` is kc's gradient through them) and the gradients w.r.t. sum_before and
+    outer_before.
     """
     inner_weight = _inner_weight(w, q.shape[-2])
     inner_count = inner_weight.sum(dim=-1)
@@ -375,11 +384,10 @@ def _block_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count
     if kept is None:
         inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)
         inner_mean = inner.sum(dim=-1) / inner_count_c
-        centred = inner.sub_(inner_mean[..., None])
+        centred = inner.addcmul_(inner_weight, inner_mean[..., None], value=-1.0)
         q_outer = torch.matmul(q, outer_before)
     else:
-        centred, inner_mean, q_outer = kept
-        centred = centred.mul(inner_weight)  # a copy: a second backward (retain_graph) reads the kept one again
+        centred, inner_mean, q_outer = kept[:3]  # read only: a second backward (retain_graph) reads them again
     count_before_c = count_before.clamp(min=1.0)
     mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before_c
     m2_before_raw = _rowdot(q_outer, q)[..., 0] - count_before * mean_before.square()
@@ -390,19 +398,18 @@ def _block_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count
     grad_m2_before = grad_m2 * (m2_before_raw > 0)  # clamp(min=0) passes no gradient where it clipped
     grad_delta = grad_m2 * 2.0 * delta * count_before * inner_count / count_c
     grad_mean_before = -grad_delta - grad_m2_before * 2.0 * count_before * mean_before
-    # d m2_inner / d mean_inner = -2 sum_b W (I - mean) = 0, so the in-block mean only carries delta's gradient
-    grad_inner = (centred.mul_(2.0 * grad_m2[..., None]).add_((grad_delta / inner_count_c)[..., None])).mul_(
-        inner_weight
-    )
+    # d m2_inner / d mean_inner = -2 sum_b W (I - mean) = 0, so the in-block mean only carries delta's gradient;
+    # centred is already zero where W is
+    grad_inner = torch.mul(inner_weight, (grad_delta / inner_count_c)[..., None])
+    grad_inner.addcmul_(centred, (2.0 * grad_m2)[..., None])
     grad_mean_before = grad_mean_before / count_before_c
-    grad_q = torch.matmul(grad_inner, kc)
-    grad_q.addcmul_(q_outer, (2.0 * grad_m2_before)[..., None])
+    grad_q = torch.mul(q_outer, (2.0 * grad_m2_before)[..., None])
     grad_q.addcmul_(grad_mean_before[..., None], sum_before[..., None, :])
-    grad_kc = torch.matmul(grad_inner.transpose(-1, -2), q)
+    _baddbmm_(grad_q, grad_inner, kc)
     q_weighted = q * grad_m2_before[..., None]
     grad_outer = torch.matmul(q_weighted.transpose(-1, -2), q)
     grad_sum = torch.matmul(grad_mean_before[..., None, :], q)[..., 0, :]
-    return grad_q, grad_kc, grad_sum, grad_outer
+    return grad_q, grad_inner, grad_sum, grad_outer
 
 
 def _moments_before_blocks(block_moment: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
@@ -489,7 +496,7 @@ def _causal_statistics(q, k, mean, w, padded: bool, block: int, for_backward: bo
     running key moments and, when small enough, their block products, kept for the backward). mean: of the valid
     keys; w: (B, 1, S) key weights."""
     B, H, L, D = q.shape
-    keep = for_backward and B * H * L * (block + D) * q.element_size() <= _KEEP_BLOCK_PRODUCTS_BYTES
+    keep = for_backward and B * H * L * (block + 2 * D) * q.element_size() <= _KEEP_BLOCK_PRODUCTS_BYTES
     offset = k.shape[-2] - L
     prefix = _centred(k[:, :, :offset], mean, w[:, :, :offset] if padded else None)  # a KV cache: seen by all
     run_sum, run_outer = prefix.sum(dim=-2), torch.matmul(prefix.transpose(-1, -2), prefix)
@@ -615,23 +622,31 @@ def _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight,
     carry_outer = torch.zeros_like(groups[0].run_outer)
     for group in reversed(groups):
         w_rows = group.weights(w, offset)
-        kc_rows = _centred(group.rows(k, offset), mean, None if key_weight is None else w_rows)
+        if group.kept is None:
+            kc_rows = _centred(group.rows(k, offset), mean, None if key_weight is None else w_rows)
+        else:
+            kc_rows = group.kept[3]
         before, _ = group.moments_before(kc_rows, w_rows, with_after=False)
         q_rows = group.rows(q_base)
         if inv_scale is not None:
             q_rows = q_rows * group.rows(inv_scale)
         g_var = grad_var[:, :, group.start : group.start + group.n * group.c].unflatten(-1, (group.n, group.c))
-        g_q, g_kc, g_sum, g_outer = _block_variance_backward(g_var, q_rows, kc_rows, w_rows, *before, group.kept)
+        g_q, g_inner, g_sum, g_outer = _block_variance_backward(g_var, q_rows, kc_rows, w_rows, *before, group.kept)
         group.rows(grad_q).add_(g_q)
         # a block's keys enter the moments of the later blocks of its group and of every later group; the
-        # outer-product gradient is symmetric, so d(kc kc^T)/d kc contributes 2 kc G
+        # outer-product gradient is symmetric, so d(kc kc^T)/d kc contributes 2 kc G. kc and g_inner are zero
+        # at padded keys; the sum term is masked explicitly (padded keys get no gradient)
         sum_grad = _moments_after_blocks(g_sum, carry_sum)
         outer_grad = _moments_after_blocks(g_outer, carry_outer)
-        g_kc.add_(sum_grad[..., None, :]).add_(torch.matmul(kc_rows, outer_grad), alpha=2.0)
-        if key_weight is not None:
-            g_kc.mul_(w_rows[..., None])
+        g_kc = torch.matmul(g_inner.transpose(-1, -2), q_rows)
+        _baddbmm_(g_kc, kc_rows, outer_grad, alpha=2.0)
+        if key_weight is None:
+            g_kc.add_(sum_grad[..., None, :])
+        else:
+            g_kc.addcmul_(w_rows[..., None], sum_grad[..., None, :])
         group.rows(grad_k, offset).add_(g_kc)
-        carry_sum, carry_outer = sum_grad[:, :, 0] + g_sum[:, :, 0], outer_grad[:, :, 0] + g_outer[:, :, 0]
+        carry_sum = sum_grad[:, :, 0] + g_sum[:, :, 0]
+        carry_outer = outer_grad[:, :, 0].add_(g_outer[:, :, 0])  # in place: outer_grad is ours and used above
     if offset:
         prefix = _centred(k[:, :, :offset], mean, None if key_weight is None else w[:, :, :offset])
         prefix_grad = torch.matmul(prefix, carry_outer).mul_(2.0).add_(carry_sum[:, :, None])
