@@ -332,84 +332,11 @@ def _centred(k_rows, mean, w_rows):
     return centred if w_rows is None else centred.mul_(w_rows[..., None])
 
 
-def _inner_weight(w, c: int):
-    """(..., c, c) weights of a block's own keys: key b is valid and b <= a. w: (..., c)."""
-    lower = torch.ones(c, c, dtype=torch.bool, device=w.device).tril()
-    return w[..., None, :] * lower
-
-
 def _baddbmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """out += alpha * a @ b in place, for a contiguous ``out`` (..., m, n) and a, b of the same batch shape: one
     batched GEMM that accumulates into ``out`` (no product temporary, no separate add pass)."""
     out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), alpha=alpha)
     return out
-
-
-def _block_variance(q, kc, w, sum_before, outer_before, count_before, keep: bool = False):
-    """Variance of the logits of blocks of c query rows whose keys are: every key before the block (given by
-    its moments) plus the keys of the block itself up to the row (causal). Chan et al.'s pairwise merge of the
-    two groups; the in-block group uses two passes, exact for the first rows of a sequence where few keys make
-    the variance small next to the squared mean.
-
-    q, kc: (B, H, n, c, D) for n blocks (kc centred and zeroed at invalid keys); w: (B, 1, n, c) key weights;
-    sum_before (B, H, n, D), outer_before (B, H, n, D, D), count_before (B, 1, n, 1).
-    Returns var (B, H, n, c), count (B, 1, n, c) and, if ``keep``, what the backward would otherwise recompute
-    (the centred in-block logits, their mean, the query-moment product and kc), else None.
-    """
-    inner_weight = _inner_weight(w, q.shape[-2])  # 0/1 entries
-    inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)  # (in-place: runs without autograd)
-    inner_count = inner_weight.sum(dim=-1)
-    inner_mean = inner.sum(dim=-1) / inner_count.clamp(min=1.0)
-    centred = inner.addcmul_(inner_weight, inner_mean[..., None], value=-1.0)  # (I - mean) W in one pass
-    inner_m2 = torch.linalg.vector_norm(centred, dim=-1).square()  # sum of squares, no temporary
-    q_outer = torch.matmul(q, outer_before)
-    mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before.clamp(min=1.0)
-    m2_before = (_rowdot(q_outer, q)[..., 0] - count_before * mean_before.square()).clamp(min=0.0)
-    count = count_before + inner_count
-    delta = inner_mean - mean_before
-    m2 = m2_before + inner_m2 + delta.square() * count_before * inner_count / count.clamp(min=1.0)
-    return m2 / count.clamp(min=1.0), count, ((centred, inner_mean, q_outer, kc) if keep else None)
-
-
-def _block_variance_backward(grad_var, q, kc, w, sum_before, outer_before, count_before, kept=None):
-    """Hand-written backward of :func:`_block_variance` (recomputes the forward products it did not keep).
-
-    Returns the gradient w.r.t. q, the gradient w.r.t. the in-block logits (zero at pairs outside the causal
-    block, so that ``grad_inner^T q`` is kc's gradient through them) and the gradients w.r.t. sum_before and
-    outer_before.
-    """
-    inner_weight = _inner_weight(w, q.shape[-2])
-    inner_count = inner_weight.sum(dim=-1)
-    inner_count_c = inner_count.clamp(min=1.0)
-    if kept is None:
-        inner = torch.matmul(q, kc.transpose(-1, -2)).mul_(inner_weight)
-        inner_mean = inner.sum(dim=-1) / inner_count_c
-        centred = inner.addcmul_(inner_weight, inner_mean[..., None], value=-1.0)
-        q_outer = torch.matmul(q, outer_before)
-    else:
-        centred, inner_mean, q_outer = kept[:3]  # read only: a second backward (retain_graph) reads them again
-    count_before_c = count_before.clamp(min=1.0)
-    mean_before = torch.matmul(q, sum_before[..., None])[..., 0] / count_before_c
-    m2_before_raw = _rowdot(q_outer, q)[..., 0] - count_before * mean_before.square()
-    count_c = (count_before + inner_count).clamp(min=1.0)
-    delta = inner_mean - mean_before
-
-    grad_m2 = grad_var / count_c
-    grad_m2_before = grad_m2 * (m2_before_raw > 0)  # clamp(min=0) passes no gradient where it clipped
-    grad_delta = grad_m2 * 2.0 * delta * count_before * inner_count / count_c
-    grad_mean_before = -grad_delta - grad_m2_before * 2.0 * count_before * mean_before
-    # d m2_inner / d mean_inner = -2 sum_b W (I - mean) = 0, so the in-block mean only carries delta's gradient;
-    # centred is already zero where W is
-    grad_inner = torch.mul(inner_weight, (grad_delta / inner_count_c)[..., None])
-    grad_inner.addcmul_(centred, (2.0 * grad_m2)[..., None])
-    grad_mean_before = grad_mean_before / count_before_c
-    grad_q = torch.mul(q_outer, (2.0 * grad_m2_before)[..., None])
-    grad_q.addcmul_(grad_mean_before[..., None], sum_before[..., None, :])
-    _baddbmm_(grad_q, grad_inner, kc)
-    q_weighted = q * grad_m2_before[..., None]
-    grad_outer = torch.matmul(q_weighted.transpose(-1, -2), q)
-    grad_sum = torch.matmul(grad_mean_before[..., None, :], q)[..., 0, :]
-    return grad_q, grad_inner, grad_sum, grad_outer
 
 
 def _moments_before_blocks(block_moment: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
@@ -439,46 +366,33 @@ class _CausalGroup(NamedTuple):
     start: int
     n: int
     c: int
-    run_sum: torch.Tensor  # (B, H, D)
-    run_outer: torch.Tensor  # (B, H, D, D)
-    run_count: torch.Tensor  # (B, 1)
+    run_sum: torch.Tensor  # (B, H, D): sum of the centred keys before the group
+    run_outer: torch.Tensor  # (B, H, D, D): sum of their outer products
     kept: tuple | None = None  # block products of the forward, for the backward (see _KEEP_BLOCK_PRODUCTS_BYTES)
 
     def rows(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """(B, H, L, D) -> this group's rows as (B, H, n, c, D); ``offset`` skips a KV-cache prefix."""
         return x[..., offset + self.start : offset + self.start + self.n * self.c, :].unflatten(-2, (self.n, self.c))
 
-    def weights(self, w: torch.Tensor, offset: int) -> torch.Tensor:
-        """(B, 1, S) key weights -> (B, 1, n, c)."""
-        return w[..., offset + self.start : offset + self.start + self.n * self.c].unflatten(-1, (self.n, self.c))
+    def values(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(..., L) per-row values (or (..., S) per-key weights with ``offset``) -> (..., n, c)."""
+        return x[..., offset + self.start : offset + self.start + self.n * self.c].unflatten(-1, (self.n, self.c))
 
-    def moments_before(self, kc_rows, w_rows, with_after: bool = True):
-        """Moments of the keys before each block (running moments + earlier blocks of the group), and (if
-        ``with_after``) the moments of the whole group including its own blocks. A one-block group's moments
-        before are its running moments: nothing is computed for them (the backward asks for nothing else)."""
-        n = self.n
-        if n == 1 and not with_after:
-            return (self.run_sum[:, :, None], self.run_outer[:, :, None], self.run_count[..., None, None]), None
+    def moments_before(self, kc_rows, with_after: bool = True):
+        """Key moments (sum, outer-product sum) before each block: the running moments plus the earlier blocks of
+        the group; and (if ``with_after``) the moments after the whole group. A one-block group's moments before
+        are its running moments: nothing is computed for them (the backward asks for nothing else)."""
+        if self.n == 1 and not with_after:
+            return (self.run_sum[:, :, None], self.run_outer[:, :, None]), None
         block_sum = kc_rows.sum(dim=-2)  # (B, H, n, D)
         block_outer = torch.matmul(kc_rows.transpose(-1, -2), kc_rows)  # (B, H, n, D, D)
-        block_count = w_rows.sum(dim=-1)  # (B, 1, n)
-        if n == 1:
-            before = (self.run_sum[:, :, None], self.run_outer[:, :, None], self.run_count[..., None, None])
-            after = (
-                self.run_sum + block_sum[:, :, 0],
-                block_outer[:, :, 0].add_(self.run_outer),
-                self.run_count + block_count[:, :, 0],
-            )
-            return before, after
+        if self.n == 1:
+            before = (self.run_sum[:, :, None], self.run_outer[:, :, None])
+            return before, (self.run_sum + block_sum[:, :, 0], block_outer[:, :, 0].add_(self.run_outer))
         sum_before = _moments_before_blocks(block_sum, self.run_sum)
         outer_before = _moments_before_blocks(block_outer, self.run_outer)
-        count_before = _moments_before_blocks(block_count, self.run_count)
-        after = (
-            sum_before[:, :, -1] + block_sum[:, :, -1],
-            outer_before[:, :, -1] + block_outer[:, :, -1],
-            count_before[:, :, -1] + block_count[:, :, -1],
-        )
-        return (sum_before, outer_before, count_before[..., None]), after
+        after = (sum_before[:, :, -1] + block_sum[:, :, -1], outer_before[:, :, -1] + block_outer[:, :, -1])
+        return (sum_before, outer_before), after
 
 
 def _causal_spans(L: int, block: int, moment_floats: int) -> list[tuple[int, int, int]]:
@@ -491,27 +405,148 @@ def _causal_spans(L: int, block: int, moment_floats: int) -> list[tuple[int, int
     return spans
 
 
+class _CausalRows(NamedTuple):
+    """Per-row terms of the causal variance, (B, H, L) or counts (B, 1, L); kept for the backward.
+
+    Row i's keys are split in two groups: every valid key before its block ("before": count, mean logit, sum of
+    squared deviations m2) and the valid keys of its own block up to i ("inner"). Chan et al.'s pairwise merge:
+    m2 = m2_before + m2_inner + delta^2 * count_before * count_inner / count, delta = mean_inner - mean_before.
+    The inner group uses two passes (exact for the first rows of a sequence, where few keys make the variance
+    small next to the squared mean); the before group comes from the key moments, m2 = q^T O q - n mean^2.
+    """
+
+    count: torch.Tensor
+    count_before: torch.Tensor
+    count_inner: torch.Tensor
+    mean_inner: torch.Tensor
+    mean_before: torch.Tensor
+    m2_before_raw: torch.Tensor  # before clamping at 0 (rounding): the clamp passes no gradient where it clipped
+    delta: torch.Tensor
+
+
+def _causal_counts(w, L: int, offset: int, block: int):
+    """Valid keys per row (B, 1, L): in all, before the row's block, and in the block up to the row."""
+    seen = w.cumsum(dim=-1)  # (B, 1, S): valid keys up to each key
+    count = seen[..., offset : offset + L]
+    block_start = torch.arange(L, device=w.device) // block * block + offset  # key index where the row's block starts
+    before = seen.index_select(-1, (block_start - 1).clamp(min=0)) * (block_start > 0)
+    return count, before, count - before
+
+
+def _block_weight(lower, w_rows, padded: bool):
+    """(B, 1, n, c, c) 0/1 weights of a block's own keys for its rows (key b valid and b <= a), or the shared
+    lower triangle (c, c) without padding."""
+    c = w_rows.shape[-1]
+    return w_rows[..., None, :] * lower[:c, :c] if padded else lower[:c, :c]
+
+
 def _causal_statistics(q, k, mean, w, padded: bool, block: int, for_backward: bool):
-    """Causal rows: per-row logit variance (B, H, L, 1), valid-key count (B, 1, L, 1) and the groups (with their
-    running key moments and, when small enough, their block products, kept for the backward). mean: of the valid
-    keys; w: (B, 1, S) key weights."""
+    """Causal rows: per-row logit variance (B, H, L, 1), valid-key count (B, 1, L, 1), and for the backward the
+    groups (running key moments and, when small enough, their block products) with the per-row terms.
+    mean: of the valid keys; w: (B, 1, S) key weights.
+
+    The loop over blocks computes only what needs the keys (block matmuls and their row reductions); the merge of
+    the two key groups of every row runs once, vectorised over all rows (see :class:`_CausalRows`)."""
     B, H, L, D = q.shape
     keep = for_backward and B * H * L * (block + 2 * D) * q.element_size() <= _KEEP_BLOCK_PRODUCTS_BYTES
     offset = k.shape[-2] - L
     prefix = _centred(k[:, :, :offset], mean, w[:, :, :offset] if padded else None)  # a KV cache: seen by all
     run_sum, run_outer = prefix.sum(dim=-2), torch.matmul(prefix.transpose(-1, -2), prefix)
-    run_count = w[:, :, :offset].sum(dim=-1)
-    var, count = q.new_empty(B, H, L), q.new_empty(B, 1, L)
+    count, count_before, count_inner = _causal_counts(w, L, offset, block)
+    inv_inner = 1.0 / count_inner.clamp(min=1.0)
+    lower = torch.ones(block, block, dtype=q.dtype, device=q.device).tril_()
+    mean_inner, m2_inner, dot_sum, dot_outer = (q.new_empty(B, H, L) for _ in range(4))
     groups = []
     for start, n, c in _causal_spans(L, block, B * H * D * D):
-        group = _CausalGroup(start, n, c, run_sum, run_outer, run_count)
-        w_rows = group.weights(w, offset)
-        kc_rows = _centred(group.rows(k, offset), mean, w_rows if padded else None)
-        before, (run_sum, run_outer, run_count) = group.moments_before(kc_rows, w_rows)
-        g_var, g_cnt, kept = _block_variance(group.rows(q), kc_rows, w_rows, *before, keep=keep)
-        groups.append(group._replace(kept=kept))
-        var[:, :, start : start + n * c], count[:, :, start : start + n * c] = g_var.flatten(-2), g_cnt.flatten(-2)
-    return var[..., None], count[..., None], groups
+        group = _CausalGroup(start, n, c, run_sum, run_outer)
+        kc_rows = _centred(group.rows(k, offset), mean, group.values(w, offset) if padded else None)
+        (sum_before, outer_before), (run_sum, run_outer) = group.moments_before(kc_rows)
+        weight = _block_weight(lower, group.values(w, offset), padded)
+        q_rows = group.rows(q)
+        inner = torch.matmul(q_rows, kc_rows.transpose(-1, -2)).mul_(weight)  # (in-place: runs without autograd)
+        block_mean = group.values(mean_inner)
+        torch.mul(inner.sum(dim=-1), group.values(inv_inner), out=block_mean)
+        centred = inner.addcmul_(weight, block_mean[..., None], value=-1.0)  # (logit - mean) * weight, one pass
+        group.values(m2_inner).copy_(torch.linalg.vector_norm(centred, dim=-1).square_())
+        q_outer = torch.matmul(q_rows, outer_before)
+        group.values(dot_outer).copy_(torch.linalg.vecdot(q_outer, q_rows))
+        group.values(dot_sum).copy_(torch.matmul(q_rows, sum_before[..., None])[..., 0])
+        groups.append(group._replace(kept=(centred, q_outer, kc_rows) if keep else None))
+    mean_before = dot_sum / count_before.clamp(min=1.0)
+    m2_before_raw = dot_outer - count_before * mean_before.square()
+    delta = mean_inner - mean_before
+    total = count.clamp(min=1.0)
+    m2 = m2_before_raw.clamp(min=0.0) + m2_inner + delta.square() * count_before * count_inner / total
+    terms = _CausalRows(count, count_before, count_inner, mean_inner, mean_before, m2_before_raw, delta)
+    return (m2 / total)[..., None], count[..., None], (groups, terms)
+
+
+def _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight, stats, block: int):
+    """Causal rows: the per-row gradient coefficients first (vectorised), then the groups in reverse, carrying the
+    gradient of the running key moments to the keys of earlier blocks; adds into grad_q and grad_k in place."""
+    groups, terms = stats
+    padded = key_weight is not None
+    mean, w, _ = _key_mean(k, key_weight)
+    L = q_base.shape[-2]
+    offset = k.shape[-2] - L
+    total = terms.count.clamp(min=1.0)
+    grad_m2 = grad_var[..., 0] / total
+    grad_m2_before = torch.where(terms.m2_before_raw > 0, grad_m2, 0.0)
+    grad_delta = 2.0 * grad_m2 * terms.delta * terms.count_before * terms.count_inner / total
+    # gradient w.r.t. q . sum_before (through mean_before); the inner mean only carries delta's gradient, since
+    # d m2_inner / d mean_inner = -2 sum_b W (logit - mean) = 0
+    coef_sum = (-grad_delta - 2.0 * grad_m2_before * terms.count_before * terms.mean_before) / terms.count_before.clamp(
+        min=1.0
+    )
+    coef_centred, coef_weight = 2.0 * grad_m2, grad_delta / terms.count_inner.clamp(min=1.0)
+    coef_outer = 2.0 * grad_m2_before
+    lower = torch.ones(block, block, dtype=q_base.dtype, device=q_base.device).tril_()
+    carry_sum = torch.zeros_like(groups[0].run_sum)
+    carry_outer = torch.zeros_like(groups[0].run_outer)
+    for group in reversed(groups):
+        w_rows = group.values(w, offset)
+        weight = _block_weight(lower, w_rows, padded)
+        q_rows = group.rows(q_base)
+        if inv_scale is not None:
+            q_rows = q_rows * group.rows(inv_scale)
+        if group.kept is None:
+            kc_rows = _centred(group.rows(k, offset), mean, w_rows if padded else None)
+            (sum_before, outer_before), _ = group.moments_before(kc_rows, with_after=False)
+            inner = torch.matmul(q_rows, kc_rows.transpose(-1, -2)).mul_(weight)
+            centred = inner.addcmul_(weight, group.values(terms.mean_inner)[..., None], value=-1.0)
+            q_outer = torch.matmul(q_rows, outer_before)
+        else:
+            centred, q_outer, kc_rows = group.kept  # read only: a second backward (retain_graph) reads them again
+            (sum_before, outer_before), _ = group.moments_before(kc_rows, with_after=False)
+        # gradient w.r.t. the in-block logits, zero outside the causal block (so g_inner^T q is kc's gradient)
+        g_inner = torch.mul(weight, group.values(coef_weight)[..., None])
+        g_inner.addcmul_(centred, group.values(coef_centred)[..., None])
+        g_q = torch.mul(q_outer, group.values(coef_outer)[..., None])
+        block_coef_sum = group.values(coef_sum)
+        g_q.addcmul_(block_coef_sum[..., None], sum_before[..., None, :])
+        _baddbmm_(g_q, g_inner, kc_rows)
+        group.rows(grad_q).add_(g_q)
+        g_outer = torch.matmul((q_rows * group.values(grad_m2_before)[..., None]).transpose(-1, -2), q_rows)
+        g_sum = torch.matmul(block_coef_sum[..., None, :], q_rows)[..., 0, :]
+        # a block's keys enter the moments of the later blocks of its group and of every later group; the
+        # outer-product gradient is symmetric, so d(kc kc^T)/d kc contributes 2 kc G. kc and g_inner are zero
+        # at padded keys; the sum term is masked explicitly (padded keys get no gradient)
+        sum_grad = _moments_after_blocks(g_sum, carry_sum)
+        outer_grad = _moments_after_blocks(g_outer, carry_outer)
+        g_kc = torch.matmul(g_inner.transpose(-1, -2), q_rows)
+        _baddbmm_(g_kc, kc_rows, outer_grad, alpha=2.0)
+        if padded:
+            g_kc.addcmul_(w_rows[..., None], sum_grad[..., None, :])
+        else:
+            g_kc.add_(sum_grad[..., None, :])
+        group.rows(grad_k, offset).add_(g_kc)
+        carry_sum = sum_grad[:, :, 0] + g_sum[:, :, 0]
+        carry_outer = outer_grad[:, :, 0].add_(g_outer[:, :, 0])  # in place: outer_grad is ours and used above
+    if offset:
+        prefix = _centred(k[:, :, :offset], mean, w[:, :, :offset] if padded else None)
+        prefix_grad = torch.matmul(prefix, carry_outer).mul_(2.0).add_(carry_sum[:, :, None])
+        grad_k[:, :, :offset].add_(prefix_grad.mul_(w[..., :offset, None]))
+    # kc = (k - mean) * w: the variance ignores the shift, so the mean's gradient is zero analytically
 
 
 class _FastSettings(NamedTuple):
@@ -611,69 +646,37 @@ def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, row_scale, g
             block.mul_(key_weight[:, None, start : start + _ROW_BLOCK, None])
 
 
-def _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight, groups):
-    """Causal rows: walks the groups in reverse with the hand-written block backward, carrying the gradient of
-    the running key moments to the keys of earlier blocks; adds into grad_q and grad_k in place."""
-    mean, w, _ = _key_mean(k, key_weight)
-    L = q_base.shape[-2]
-    offset = k.shape[-2] - L
-    grad_var = grad_var[..., 0]
-    carry_sum = torch.zeros_like(groups[0].run_sum)
-    carry_outer = torch.zeros_like(groups[0].run_outer)
-    for group in reversed(groups):
-        w_rows = group.weights(w, offset)
-        if group.kept is None:
-            kc_rows = _centred(group.rows(k, offset), mean, None if key_weight is None else w_rows)
-        else:
-            kc_rows = group.kept[3]
-        before, _ = group.moments_before(kc_rows, w_rows, with_after=False)
-        q_rows = group.rows(q_base)
-        if inv_scale is not None:
-            q_rows = q_rows * group.rows(inv_scale)
-        g_var = grad_var[:, :, group.start : group.start + group.n * group.c].unflatten(-1, (group.n, group.c))
-        g_q, g_inner, g_sum, g_outer = _block_variance_backward(g_var, q_rows, kc_rows, w_rows, *before, group.kept)
-        group.rows(grad_q).add_(g_q)
-        # a block's keys enter the moments of the later blocks of its group and of every later group; the
-        # outer-product gradient is symmetric, so d(kc kc^T)/d kc contributes 2 kc G. kc and g_inner are zero
-        # at padded keys; the sum term is masked explicitly (padded keys get no gradient)
-        sum_grad = _moments_after_blocks(g_sum, carry_sum)
-        outer_grad = _moments_after_blocks(g_outer, carry_outer)
-        g_kc = torch.matmul(g_inner.transpose(-1, -2), q_rows)
-        _baddbmm_(g_kc, kc_rows, outer_grad, alpha=2.0)
-        if key_weight is None:
-            g_kc.add_(sum_grad[..., None, :])
-        else:
-            g_kc.addcmul_(w_rows[..., None], sum_grad[..., None, :])
-        group.rows(grad_k, offset).add_(g_kc)
-        carry_sum = sum_grad[:, :, 0] + g_sum[:, :, 0]
-        carry_outer = outer_grad[:, :, 0].add_(g_outer[:, :, 0])  # in place: outer_grad is ours and used above
-    if offset:
-        prefix = _centred(k[:, :, :offset], mean, None if key_weight is None else w[:, :, :offset])
-        prefix_grad = torch.matmul(prefix, carry_outer).mul_(2.0).add_(carry_sum[:, :, None])
-        grad_k[:, :, :offset].add_(prefix_grad.mul_(w[..., :offset, None]))
-    # kc = (k - mean) * w: the variance ignores the shift, so the mean's gradient is zero analytically
-
-
 # torch's CPU flash-attention kernel, called directly so that the fast path keeps the input queries (which stock SDPA
 # keeps too) instead of their rescaled copy, and rescales them again in the backward: same memory as stock SDPA.
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _uses_cpu_flash(query: torch.Tensor, settings: _FastSettings) -> bool:
+def _cpu_flash_available(device: torch.device, dropout_p: float) -> bool:
     return (
         _CPU_FLASH is not None
         and _CPU_FLASH_BACKWARD is not None
-        and query.device.type == "cpu"
-        and settings.dropout_p == 0.0  # the CPU kernel has no dropout
+        and device.type == "cpu"
+        and dropout_p == 0.0  # the CPU kernel has no dropout
         and not torch.compiler.is_compiling()
     )
+
+
+def _uses_cpu_flash(query: torch.Tensor, settings: _FastSettings) -> bool:
+    return _cpu_flash_available(query.device, settings.dropout_p)
 
 
 def _additive_mask(settings: _FastSettings, dtype: torch.dtype) -> torch.Tensor | None:
     """The CPU kernel takes an additive mask in the query dtype (SDPA converts bool masks the same way)."""
     if settings.sdpa_mask is None:
         return None
+    if settings.sdpa_is_causal:
+        # a (B, 1, 1, S) key-padding mask beside the kernel's own causal mask: rows without keys cannot be given a
+        # row of their own, so padded keys get the most negative finite value instead of -inf; such a row then
+        # attends to its (padded) keys with finite weights (its output and gradient are zeroed), while any row with
+        # a valid key gives exactly zero weight to padded ones
+        padded = ~settings.sdpa_mask
+        return torch.zeros(padded.shape, dtype=dtype, device=padded.device).masked_fill_(padded, torch.finfo(dtype).min)
     mask = torch.where(settings.sdpa_mask, 0.0, float("-inf")).to(dtype)
     if settings.rows_without_keys is not None:
         mask.masked_fill_(settings.rows_without_keys, 0.0)
@@ -855,7 +858,7 @@ class _FastAttention(torch.autograd.Function):
         k = key.to(compute_dtype)
         if ctx.settings.causal:
             grad_q.mul_(factor_value)
-            _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight, ctx.stats)
+            _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight, ctx.stats, ctx.settings.block)
         else:
             _covariance_backward(
                 grad_q,
@@ -922,7 +925,9 @@ def normsoftmax_attention(
     key, value = _expand_kv(query, key, value)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     key_valid, causal = structure
-    sdpa_mask, rows_without_keys = _sdpa_mask(attn_mask, is_causal, key_valid, causal, B, L, S, query.device)
+    sdpa_mask, rows_without_keys, sdpa_is_causal = _sdpa_mask(
+        attn_mask, is_causal, key_valid, causal, B, L, S, query.device, _cpu_flash_available(query.device, dropout_p)
+    )
     settings = _FastSettings(
         scale=scale,
         max_temperature=max_temperature,
@@ -932,7 +937,7 @@ def normsoftmax_attention(
         causal=causal,
         block=_CAUSAL_BLOCK if L <= _CAUSAL_LONG_FROM else _CAUSAL_BLOCK_LONG,
         sdpa_mask=sdpa_mask,
-        sdpa_is_causal=causal and sdpa_mask is None,
+        sdpa_is_causal=sdpa_is_causal,
         rows_without_keys=rows_without_keys,
     )
     compute_dtype = _compute_dtype(query.dtype)
@@ -945,11 +950,17 @@ def normsoftmax_attention(
     return out, None
 
 
-def _sdpa_mask(attn_mask, is_causal, key_valid, causal, B, L, S, device):
-    """The bool mask SDPA needs for a decomposed mask (None when ``is_causal`` alone says it), and the query rows
-    without any valid key (B, 1, L, 1) or None (see :class:`_FastSettings`)."""
+def _sdpa_mask(attn_mask, is_causal, key_valid, causal, B, L, S, device, cpu_flash: bool):
+    """The mask the attention kernel needs for a decomposed mask: (bool mask or None, query rows without any valid
+    key (B, 1, L, 1) or None (see :class:`_FastSettings`), whether the kernel applies the causal mask itself).
+    torch's CPU kernel takes its causal flag together with a key-padding mask, so causal + padding on a square
+    block needs no L x S mask there; SDPA refuses that pair, so elsewhere it gets the full mask."""
     if key_valid is None:
-        return (_causal_valid(L, S, device) if causal and L != S else None), None
+        mask = _causal_valid(L, S, device) if causal and L != S else None
+        return mask, None, causal and mask is None
+    if causal and L == S and cpu_flash:
+        has_key = key_valid.cumsum(dim=-1) > 0  # row i has a key iff some key j <= i is valid
+        return key_valid[:, None, None, :], (None if bool(has_key.all()) else ~has_key[:, None, :, None]), True
     if not causal:
         mask = key_valid[:, None, None, :]  # (B, 1, 1, S): broadcast, no L x S tensor
     elif not is_causal and attn_mask.dtype == torch.bool and attn_mask.shape == (B, 1, L, S):
@@ -957,4 +968,4 @@ def _sdpa_mask(attn_mask, is_causal, key_valid, causal, B, L, S, device):
     else:
         mask = key_valid[:, None, None, :] & _causal_valid(L, S, device)
     has_key = mask.any(dim=-1, keepdim=True)
-    return mask, (None if bool(has_key.all()) else ~has_key)
+    return mask, (None if bool(has_key.all()) else ~has_key), False
