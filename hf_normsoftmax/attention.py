@@ -281,10 +281,11 @@ def normsoftmax_attention_reference(
 # together, vectorised, in groups whose D x D moments stay below _GROUP_MOMENT_FLOATS floats (bounds memory).
 _CAUSAL_BLOCK, _CAUSAL_BLOCK_LONG, _CAUSAL_LONG_FROM = 64, 128, 1024
 _GROUP_MOMENT_FLOATS = 2**18
-# Up to this many bytes (per call), the causal forward keeps its in-block logits, query-moment products and centred
-# keys for the backward instead of recomputing them there (two of its nine block matmuls and several passes); above
-# it they are recomputed, so long sequences keep stock SDPA's memory.
-_KEEP_BLOCK_PRODUCTS_BYTES = 2**25
+# Up to this many bytes (per call), the forward keeps for the backward what it would otherwise recompute there: the
+# rescaled queries (CPU kernel) and, causal, the in-block logits, query-moment products and centred keys (two of
+# the nine block matmuls and several passes). Above it they are recomputed, so long sequences keep stock SDPA's
+# memory.
+_KEEP_FOR_BACKWARD_BYTES = 2**25
 # Query rows per step of the non-causal statistics: bounds their (B, H, rows, D) temporaries.
 _ROW_BLOCK = 1024
 
@@ -368,7 +369,7 @@ class _CausalGroup(NamedTuple):
     c: int
     run_sum: torch.Tensor  # (B, H, D): sum of the centred keys before the group
     run_outer: torch.Tensor  # (B, H, D, D): sum of their outer products
-    kept: tuple | None = None  # block products of the forward, for the backward (see _KEEP_BLOCK_PRODUCTS_BYTES)
+    kept: tuple | None = None  # block products of the forward, for the backward (see _KEEP_FOR_BACKWARD_BYTES)
 
     def rows(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """(B, H, L, D) -> this group's rows as (B, H, n, c, D); ``offset`` skips a KV-cache prefix."""
@@ -440,7 +441,7 @@ def _block_weight(lower, w_rows, padded: bool):
     return w_rows[..., None, :] * lower[:c, :c] if padded else lower[:c, :c]
 
 
-def _causal_statistics(q, k, mean, w, padded: bool, block: int, for_backward: bool):
+def _causal_statistics(q, k, mean, w, padded: bool, block: int, keep: bool):
     """Causal rows: per-row logit variance (B, H, L, 1), valid-key count (B, 1, L, 1), and for the backward the
     groups (running key moments and, when small enough, their block products) with the per-row terms.
     mean: of the valid keys; w: (B, 1, S) key weights.
@@ -448,7 +449,6 @@ def _causal_statistics(q, k, mean, w, padded: bool, block: int, for_backward: bo
     The loop over blocks computes only what needs the keys (block matmuls and their row reductions); the merge of
     the two key groups of every row runs once, vectorised over all rows (see :class:`_CausalRows`)."""
     B, H, L, D = q.shape
-    keep = for_backward and B * H * L * (block + 2 * D) * q.element_size() <= _KEEP_BLOCK_PRODUCTS_BYTES
     offset = k.shape[-2] - L
     prefix = _centred(k[:, :, :offset], mean, w[:, :, :offset] if padded else None)  # a KV cache: seen by all
     run_sum, run_outer = prefix.sum(dim=-2), torch.matmul(prefix.transpose(-1, -2), prefix)
@@ -481,9 +481,10 @@ def _causal_statistics(q, k, mean, w, padded: bool, block: int, for_backward: bo
     return (m2 / total)[..., None], count[..., None], (groups, terms)
 
 
-def _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight, stats, block: int):
+def _causal_backward(grad_q, grad_k, factor, q_base, inv_scale, grad_var, k, key_weight, stats, block: int):
     """Causal rows: the per-row gradient coefficients first (vectorised), then the groups in reverse, carrying the
-    gradient of the running key moments to the keys of earlier blocks; adds into grad_q and grad_k in place."""
+    gradient of the running key moments to the keys of earlier blocks. Turns SDPA's gradient w.r.t. the rescaled
+    queries into grad_q = factor * grad_q + (variance term), and adds the keys' variance term to grad_k, in place."""
     groups, terms = stats
     padded = key_weight is not None
     mean, w, _ = _key_mean(k, key_weight)
@@ -525,7 +526,8 @@ def _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight,
         block_coef_sum = group.values(coef_sum)
         g_q.addcmul_(block_coef_sum[..., None], sum_before[..., None, :])
         _baddbmm_(g_q, g_inner, kc_rows)
-        group.rows(grad_q).add_(g_q)
+        grad_q_rows = group.rows(grad_q)
+        torch.addcmul(g_q, grad_q_rows, group.rows(factor), out=grad_q_rows)
         g_outer = torch.matmul((q_rows * group.values(grad_m2_before)[..., None]).transpose(-1, -2), q_rows)
         g_sum = torch.matmul(block_coef_sum[..., None, :], q_rows)[..., 0, :]
         # a block's keys enter the moments of the later blocks of its group and of every later group; the
@@ -566,7 +568,7 @@ class _FastSettings(NamedTuple):
     rows_without_keys: torch.Tensor | None
 
 
-def _row_statistics(q, k, key_weight, settings: _FastSettings, for_backward: bool = False):
+def _row_statistics(q, k, key_weight, settings: _FastSettings, keep: bool = False):
     """Per query row: variance of q_i . k_j over its valid keys (B, H, L, 1), their number (broadcastable to
     (B, 1, L, 1)), and the key statistics the backward reuses (the covariance and mean, or the causal groups)."""
     mean, w, total = _key_mean(k, key_weight)
@@ -586,7 +588,16 @@ def _row_statistics(q, k, key_weight, settings: _FastSettings, for_backward: boo
             rows = q[:, :, start : start + _ROW_BLOCK]
             var[:, :, start : start + _ROW_BLOCK] = _rowdot(torch.matmul(rows, cov), rows)
         return var.clamp_(min=0.0), total, (cov, mean)
-    return _causal_statistics(q, k, mean, w, key_weight is not None, settings.block, for_backward)
+    return _causal_statistics(q, k, mean, w, key_weight is not None, settings.block, keep)
+
+
+def _keeps_for_backward(query: torch.Tensor, settings: _FastSettings, cpu_flash: bool) -> bool:
+    """Whether this call's backward gets what it would recompute (see _KEEP_FOR_BACKWARD_BYTES)."""
+    B, H, L, D = query.shape
+    compute_bytes = torch.finfo(_compute_dtype(query.dtype)).bits // 8
+    kept = (B * H * L * (settings.block + 2 * D) * compute_bytes) if settings.causal else 0
+    kept += query.numel() * query.element_size() if cpu_flash else 0
+    return kept <= _KEEP_FOR_BACKWARD_BYTES
 
 
 def _row_factor(var, count, gamma, settings: _FastSettings) -> torch.Tensor:
@@ -697,8 +708,11 @@ def _head_slices(B: int, H: int, n: int):
     return [(slice(b, b + 1), slice(h, min(h + per, H))) for b in range(B) for h in range(0, H, per)]
 
 
-def _cpu_flash_backward(grad_out, q, factor, dtype, key, value, out, logsumexp, mask, settings: _FastSettings):
-    """The CPU kernel's gradients w.r.t. (q * factor, key, value), the rescaled queries rebuilt on the fly."""
+def _cpu_flash_backward(
+    grad_out, q, factor, q_scaled, dtype, key, value, out, logsumexp, mask, settings: _FastSettings
+):
+    """The CPU kernel's gradients w.r.t. (q * factor, key, value); the rescaled queries are ``q_scaled`` when the
+    forward kept them, else rebuilt on the fly."""
 
     def kernel(index):
         mask_slice = None if mask is None else mask[index[0]]  # (B, 1, ., S): heads broadcast
@@ -707,7 +721,7 @@ def _cpu_flash_backward(grad_out, q, factor, dtype, key, value, out, logsumexp, 
             grad_slice = grad_slice.masked_fill(settings.rows_without_keys[index[0]], 0.0)
         return _CPU_FLASH_BACKWARD(
             grad_slice,
-            q[index].mul(factor[index]).to(dtype),
+            q[index].mul(factor[index]).to(dtype) if q_scaled is None else q_scaled[index],
             key[index],
             value[index],
             out[index],
@@ -770,7 +784,9 @@ class _FastAttention(torch.autograd.Function):
     def _forward(ctx, query, key, value, gamma, key_weight, settings: _FastSettings):
         compute_dtype = _compute_dtype(query.dtype)
         q = query.detach().to(compute_dtype)
-        var, count, stats = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, for_backward=True)
+        ctx.cpu_flash = _uses_cpu_flash(query, settings)
+        keep = _keeps_for_backward(query, settings, ctx.cpu_flash)
+        var, count, stats = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, keep)
         gamma_leaf = gamma.detach().requires_grad_(gamma.requires_grad) if isinstance(gamma, torch.Tensor) else gamma
         var_leaf = var.detach().requires_grad_()
         with torch.enable_grad():
@@ -778,8 +794,8 @@ class _FastAttention(torch.autograd.Function):
         ctx.factor_graph = (factor, var_leaf, gamma_leaf)
         ctx.stats, ctx.count, ctx.settings = stats, count, settings
         q_scaled = q.mul(factor.detach()).to(query.dtype)
-        ctx.cpu_flash = _uses_cpu_flash(query, settings)
         if ctx.cpu_flash:
+            ctx.q_scaled = q_scaled if keep else None  # else rebuilt in the backward
             mask = _additive_mask(settings, query.dtype)
             out, logsumexp = _CPU_FLASH(q_scaled, key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0)
             if settings.rows_without_keys is not None:  # in place: their gradient is zeroed in the backward
@@ -808,7 +824,9 @@ class _FastAttention(torch.autograd.Function):
         if ctx.cpu_flash:
             query, key, value, key_weight, out, logsumexp, mask = ctx.saved_tensors
             q = query.to(factor.dtype)
-            grads = _cpu_flash_backward(grad_out, q, factor, query.dtype, key, value, out, logsumexp, mask, settings)
+            grads = _cpu_flash_backward(
+                grad_out, q, factor, ctx.q_scaled, query.dtype, key, value, out, logsumexp, mask, settings
+            )
             return grads, key, key_weight, q, None, None
         q_scaled, key, value, key_weight, query_half = ctx.saved_tensors
         if ctx.sdpa_graph is not None:
@@ -857,8 +875,9 @@ class _FastAttention(torch.autograd.Function):
         grad_k = grad_k.to(compute_dtype)
         k = key.to(compute_dtype)
         if ctx.settings.causal:
-            grad_q.mul_(factor_value)
-            _causal_backward(grad_q, grad_k, q_base, inv_scale, grad_var, k, key_weight, ctx.stats, ctx.settings.block)
+            _causal_backward(
+                grad_q, grad_k, factor_value, q_base, inv_scale, grad_var, k, key_weight, ctx.stats, ctx.settings.block
+            )
         else:
             _covariance_backward(
                 grad_q,

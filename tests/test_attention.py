@@ -349,10 +349,10 @@ def small_causal_blocks(monkeypatch):
 @pytest.fixture(params=["kept", "recomputed"])
 def block_products(request, monkeypatch):
     """Both ways the causal backward gets the forward's block products: kept from the forward (small calls) and
-    recomputed (calls above _KEEP_BLOCK_PRODUCTS_BYTES)."""
+    recomputed (calls above _KEEP_FOR_BACKWARD_BYTES)."""
     import hf_normsoftmax.attention as attention
 
-    monkeypatch.setattr(attention, "_KEEP_BLOCK_PRODUCTS_BYTES", 2**62 if request.param == "kept" else 0)
+    monkeypatch.setattr(attention, "_KEEP_FOR_BACKWARD_BYTES", 2**62 if request.param == "kept" else 0)
     return request.param
 
 
