@@ -302,8 +302,11 @@ def _temperature(var: torch.Tensor, gamma, max_temperature, eps: float, statisti
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product over the last dim, keeping it: (..., D), (..., D) -> (..., 1); (B, H, L, D) inputs go
-    in row blocks, so the product's temporary stays small."""
+    """Row-wise dot product over the last dim, keeping it: (..., D), (..., D) -> (..., 1). Contiguous inputs go
+    through a batched (1 x D) @ (D x 1) product (no product temporary); others in row blocks for (B, H, L, D)
+    inputs, so the product's temporary stays small."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1))[..., 0]
     if a.dim() != 4:
         return (a * b).sum(dim=-1, keepdim=True)
     out = a.new_empty(*a.shape[:-1], 1)
@@ -586,16 +589,23 @@ def _row_statistics(q, k, key_weight, settings: _FastSettings, keep: bool = Fals
         var = q.new_empty(*q.shape[:-1], 1)
         for start in range(0, q.shape[-2], _ROW_BLOCK):
             rows = q[:, :, start : start + _ROW_BLOCK]
-            var[:, :, start : start + _ROW_BLOCK] = _rowdot(torch.matmul(rows, cov), rows)
-        return var.clamp_(min=0.0), total, (cov, mean)
+            q_cov = torch.matmul(rows, cov)
+            var[:, :, start : start + _ROW_BLOCK] = _rowdot(q_cov, rows)
+        # kept (one row block each way): C q_i is the variance's gradient direction, and the centred keys
+        # (zero at padded keys) carry the gradient through C
+        keep = keep and max(q.shape[-2], k.shape[-2]) <= _ROW_BLOCK
+        return var.clamp_(min=0.0), total, (cov, mean, q_cov if keep else None, kc if keep else None)
     return _causal_statistics(q, k, mean, w, key_weight is not None, settings.block, keep)
 
 
-def _keeps_for_backward(query: torch.Tensor, settings: _FastSettings, cpu_flash: bool) -> bool:
+def _keeps_for_backward(query: torch.Tensor, S: int, settings: _FastSettings, cpu_flash: bool) -> bool:
     """Whether this call's backward gets what it would recompute (see _KEEP_FOR_BACKWARD_BYTES)."""
     B, H, L, D = query.shape
     compute_bytes = torch.finfo(_compute_dtype(query.dtype)).bits // 8
-    kept = (B * H * L * (settings.block + 2 * D) * compute_bytes) if settings.causal else 0
+    if settings.causal:  # block logits, query-moment products, centred keys
+        kept = B * H * L * (settings.block + 2 * D) * compute_bytes
+    else:  # C q and the centred keys
+        kept = B * H * (L + S) * D * compute_bytes
     kept += query.numel() * query.element_size() if cpu_flash else 0
     return kept <= _KEEP_FOR_BACKWARD_BYTES
 
@@ -633,7 +643,7 @@ def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, row_scale, g
     """Non-causal rows, var_i = q_i^T C q_i with C the covariance of the valid keys. Turns SDPA's gradient w.r.t.
     the rescaled queries into grad_q = factor_i * grad_q_i + 2 grad_var_i C q_i, and adds the gradient through C to
     grad_k, in place. q_i = q_base_i * inv_scale_i (inv_scale None: 1; row_scale = 1 / inv_scale)."""
-    cov, mean = stats
+    cov, mean, q_cov, kc = stats
     coef = 2.0 * grad_var if inv_scale is None else 2.0 * grad_var * inv_scale.square()
     grad_cov = torch.zeros_like(cov)
     for start in range(0, q_base.shape[-2], _ROW_BLOCK):
@@ -641,7 +651,9 @@ def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, row_scale, g
         weighted = rows * coef[:, :, start : start + _ROW_BLOCK]  # 2 grad_var_i q_i (/ scale_i)
         grad_cov += torch.matmul(weighted.transpose(-1, -2), rows)  # 2 sum_i grad_var_i q_i q_i^T
         factor_rows = factor[:, :, start : start + _ROW_BLOCK]
-        if row_scale is None:  # one pass: grad_rows = 2 grad_var C q + factor * grad_rows
+        if q_cov is not None:  # kept by the forward (one row block): grad_rows = factor * grad_rows + 2 grad_var C q
+            grad_rows.mul_(factor_rows).addcmul_(q_cov, 2.0 * grad_var)
+        elif row_scale is None:  # one pass: grad_rows = 2 grad_var C q + factor * grad_rows
             torch.addcmul(torch.matmul(weighted, cov), grad_rows, factor_rows, out=grad_rows)
         else:
             grad_rows.mul_(factor_rows).addcmul_(
@@ -649,6 +661,9 @@ def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, row_scale, g
             )
     # C = (k - mean)^T W (k - mean) / n and sum_j w_j (k_j - mean) = 0: the mean's own gradient term vanishes
     grad_cov.div_(total.clamp(min=1.0))
+    if kc is not None:  # the centred keys, zero at padded ones (which get no gradient: they affect no output)
+        grad_k.add_(torch.matmul(kc, grad_cov))
+        return
     mean_term = torch.matmul(mean, grad_cov)
     for start in range(0, k.shape[-2], _ROW_BLOCK):
         block = grad_k[:, :, start : start + _ROW_BLOCK]
@@ -785,7 +800,7 @@ class _FastAttention(torch.autograd.Function):
         compute_dtype = _compute_dtype(query.dtype)
         q = query.detach().to(compute_dtype)
         ctx.cpu_flash = _uses_cpu_flash(query, settings)
-        keep = _keeps_for_backward(query, settings, ctx.cpu_flash)
+        keep = _keeps_for_backward(query, key.shape[-2], settings, ctx.cpu_flash)
         var, count, stats = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, keep)
         gamma_leaf = gamma.detach().requires_grad_(gamma.requires_grad) if isinstance(gamma, torch.Tensor) else gamma
         var_leaf = var.detach().requires_grad_()
