@@ -571,31 +571,46 @@ class _FastSettings(NamedTuple):
     rows_without_keys: torch.Tensor | None
 
 
+def _scratch(like: torch.Tensor, rows: int) -> torch.Tensor:
+    """An uninitialised contiguous (B, H, rows, D) buffer; ``_rows_of(buffer, n)`` views its first n rows."""
+    return like.new_empty(*like.shape[:2], rows, like.shape[-1])
+
+
+def _rows_of(buffer: torch.Tensor, n: int) -> torch.Tensor:
+    """The contiguous (B, H, n, D) view at the start of a scratch buffer's storage."""
+    return buffer.view(-1)[: buffer.shape[0] * buffer.shape[1] * n * buffer.shape[-1]].view(*buffer.shape[:2], n, -1)
+
+
+def _covariance_statistics(q, k, mean, w, total):
+    """Non-causal rows: every row sees the same keys, var_i = q_i^T C q_i with C their covariance. Keys and rows
+    go in blocks of _ROW_BLOCK through one scratch buffer (centred keys, then C q), returned for reuse: with a
+    single block it holds nothing needed any more. w: (B, 1, S) key weights or None (no padding)."""
+    L, S = q.shape[-2], k.shape[-2]
+    scratch = _scratch(q, min(max(L, S), _ROW_BLOCK))
+    cov = torch.zeros(*k.shape[:2], k.shape[-1], k.shape[-1], dtype=k.dtype, device=k.device)
+    for start in range(0, S, _ROW_BLOCK):
+        keys = k[:, :, start : start + _ROW_BLOCK]
+        kc = torch.sub(keys, mean, out=_rows_of(scratch, keys.shape[-2]))
+        if w is not None:
+            kc.mul_(w[:, :, start : start + _ROW_BLOCK, None])
+        _baddbmm_(cov, kc.transpose(-1, -2), kc)
+    cov.div_(total.clamp(min=1.0))
+    var = q.new_empty(*q.shape[:-1], 1)
+    for start in range(0, L, _ROW_BLOCK):
+        rows = q[:, :, start : start + _ROW_BLOCK]
+        q_cov = torch.matmul(rows, cov, out=_rows_of(scratch, rows.shape[-2]))
+        var[:, :, start : start + _ROW_BLOCK] = _rowdot(q_cov, rows)
+    return var.clamp_(min=0.0), total, (cov, mean), scratch
+
+
 def _row_statistics(q, k, key_weight, settings: _FastSettings, keep: bool = False):
     """Per query row: variance of q_i . k_j over its valid keys (B, H, L, 1), their number (broadcastable to
-    (B, 1, L, 1)), and the key statistics the backward reuses (the covariance and mean, or the causal groups)."""
+    (B, 1, L, 1)), the key statistics the backward reuses (the covariance and mean, or the causal groups), and a
+    free q-shaped scratch buffer or None."""
     mean, w, total = _key_mean(k, key_weight)
     if not settings.causal:
-        # every row sees the same keys: var_i = q_i^T C q_i with C their covariance
-        cov = torch.zeros(*k.shape[:2], k.shape[-1], k.shape[-1], dtype=k.dtype, device=k.device)
-        for start in range(0, k.shape[-2], _ROW_BLOCK):
-            kc = _centred(
-                k[:, :, start : start + _ROW_BLOCK],
-                mean,
-                None if key_weight is None else w[:, :, start : start + _ROW_BLOCK],
-            )
-            cov += torch.matmul(kc.transpose(-1, -2), kc)
-        cov.div_(total.clamp(min=1.0))
-        var = q.new_empty(*q.shape[:-1], 1)
-        for start in range(0, q.shape[-2], _ROW_BLOCK):
-            rows = q[:, :, start : start + _ROW_BLOCK]
-            q_cov = torch.matmul(rows, cov)
-            var[:, :, start : start + _ROW_BLOCK] = _rowdot(q_cov, rows)
-        # kept (one row block each way): C q_i is the variance's gradient direction, and the centred keys
-        # (zero at padded keys) carry the gradient through C
-        keep = keep and max(q.shape[-2], k.shape[-2]) <= _ROW_BLOCK
-        return var.clamp_(min=0.0), total, (cov, mean, q_cov if keep else None, kc if keep else None)
-    return _causal_statistics(q, k, mean, w, key_weight is not None, settings.block, keep)
+        return _covariance_statistics(q, k, mean, w if key_weight is not None else None, total)
+    return (*_causal_statistics(q, k, mean, w, key_weight is not None, settings.block, keep), None)
 
 
 def _keeps_for_backward(query: torch.Tensor, S: int, settings: _FastSettings, cpu_flash: bool) -> bool:
@@ -604,8 +619,8 @@ def _keeps_for_backward(query: torch.Tensor, S: int, settings: _FastSettings, cp
     compute_bytes = torch.finfo(_compute_dtype(query.dtype)).bits // 8
     if settings.causal:  # block logits, query-moment products, centred keys
         kept = B * H * L * (settings.block + 2 * D) * compute_bytes
-    else:  # C q and the centred keys
-        kept = B * H * (L + S) * D * compute_bytes
+    else:
+        kept = 0
     kept += query.numel() * query.element_size() if cpu_flash else 0
     return kept <= _KEEP_FOR_BACKWARD_BYTES
 
@@ -635,41 +650,51 @@ def _sdpa(q_scaled, key, value, settings: _FastSettings):
     )
 
 
+def _rescaled(q, factor, dtype, scratch):
+    """q * factor in the query dtype, written into the statistics' scratch buffer when it fits (one large
+    allocation fewer per call: on CPU, fresh large allocations also cost page faults)."""
+    if scratch is not None and scratch.shape == q.shape and scratch.dtype == dtype:
+        return torch.mul(q, factor, out=scratch)
+    return q.mul(factor).to(dtype)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, row_scale, grad_var, k, key_weight, stats, total):
+def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, grad_var, k, key_weight, stats, total):
     """Non-causal rows, var_i = q_i^T C q_i with C the covariance of the valid keys. Turns SDPA's gradient w.r.t.
     the rescaled queries into grad_q = factor_i * grad_q_i + 2 grad_var_i C q_i, and adds the gradient through C to
-    grad_k, in place. q_i = q_base_i * inv_scale_i (inv_scale None: 1; row_scale = 1 / inv_scale)."""
-    cov, mean, q_cov, kc = stats
-    coef = 2.0 * grad_var if inv_scale is None else 2.0 * grad_var * inv_scale.square()
+    grad_k, in place. q_i = q_base_i * inv_scale_i (inv_scale None: 1). Rows and keys go in blocks of _ROW_BLOCK
+    through one scratch buffer (C q, then the weighted queries, then the keys' term)."""
+    cov, mean = stats
+    L, S = q_base.shape[-2], k.shape[-2]
+    scratch = _scratch(q_base, min(max(L, S), _ROW_BLOCK))
+    # C q = inv_scale * C q_base; sum_i 2 grad_var_i q_i q_i^T = sum_i 2 grad_var_i inv_scale_i^2 q_base_i q_base_i^T
+    coef_q = 2.0 * grad_var if inv_scale is None else 2.0 * grad_var * inv_scale
+    coef_cov = 2.0 * grad_var if inv_scale is None else 2.0 * grad_var * inv_scale.square()
     grad_cov = torch.zeros_like(cov)
-    for start in range(0, q_base.shape[-2], _ROW_BLOCK):
+    for start in range(0, L, _ROW_BLOCK):
         rows, grad_rows = q_base[:, :, start : start + _ROW_BLOCK], grad_q[:, :, start : start + _ROW_BLOCK]
-        weighted = rows * coef[:, :, start : start + _ROW_BLOCK]  # 2 grad_var_i q_i (/ scale_i)
-        grad_cov += torch.matmul(weighted.transpose(-1, -2), rows)  # 2 sum_i grad_var_i q_i q_i^T
-        factor_rows = factor[:, :, start : start + _ROW_BLOCK]
-        if q_cov is not None:  # kept by the forward (one row block): grad_rows = factor * grad_rows + 2 grad_var C q
-            grad_rows.mul_(factor_rows).addcmul_(q_cov, 2.0 * grad_var)
-        elif row_scale is None:  # one pass: grad_rows = 2 grad_var C q + factor * grad_rows
-            torch.addcmul(torch.matmul(weighted, cov), grad_rows, factor_rows, out=grad_rows)
-        else:
-            grad_rows.mul_(factor_rows).addcmul_(
-                torch.matmul(weighted, cov), row_scale[:, :, start : start + _ROW_BLOCK]
-            )
+        buffer = _rows_of(scratch, rows.shape[-2])
+        q_cov = torch.matmul(rows, cov, out=buffer)
+        grad_rows.mul_(factor[:, :, start : start + _ROW_BLOCK]).addcmul_(
+            q_cov, coef_q[:, :, start : start + _ROW_BLOCK]
+        )
+        weighted = torch.mul(rows, coef_cov[:, :, start : start + _ROW_BLOCK], out=buffer)
+        grad_cov += torch.matmul(weighted.transpose(-1, -2), rows)
     # C = (k - mean)^T W (k - mean) / n and sum_j w_j (k_j - mean) = 0: the mean's own gradient term vanishes
     grad_cov.div_(total.clamp(min=1.0))
-    if kc is not None:  # the centred keys, zero at padded ones (which get no gradient: they affect no output)
-        grad_k.add_(torch.matmul(kc, grad_cov))
-        return
     mean_term = torch.matmul(mean, grad_cov)
-    for start in range(0, k.shape[-2], _ROW_BLOCK):
-        block = grad_k[:, :, start : start + _ROW_BLOCK]
-        block.add_(torch.matmul(k[:, :, start : start + _ROW_BLOCK], grad_cov)).sub_(mean_term)
-        if key_weight is not None:  # padded keys get no gradient (they affect no output)
-            block.mul_(key_weight[:, None, start : start + _ROW_BLOCK, None])
+    for start in range(0, S, _ROW_BLOCK):
+        keys = k[:, :, start : start + _ROW_BLOCK]
+        term = torch.matmul(keys, grad_cov, out=_rows_of(scratch, keys.shape[-2])).sub_(mean_term)
+        if key_weight is None:
+            grad_k[:, :, start : start + _ROW_BLOCK].add_(term)
+        else:  # padded keys get no gradient (they affect no output)
+            grad_k[:, :, start : start + _ROW_BLOCK].addcmul_(
+                term, key_weight[:, None, start : start + _ROW_BLOCK, None]
+            )
 
 
 # torch's CPU flash-attention kernel, called directly so that the fast path keeps the input queries (which stock SDPA
@@ -767,9 +792,9 @@ def _fast_attention_no_grad(query, key, value, gamma, key_weight, settings: _Fas
 def _fast_attention_no_grad_impl(query, key, value, gamma, key_weight, settings: _FastSettings):
     compute_dtype = _compute_dtype(query.dtype)
     q = query.to(compute_dtype)
-    var, count, _ = _row_statistics(q, key.to(compute_dtype), key_weight, settings)
+    var, count, _, scratch = _row_statistics(q, key.to(compute_dtype), key_weight, settings)
     factor = _row_factor(var, count, gamma, settings)
-    q_scaled = q.mul(factor).to(query.dtype)
+    q_scaled = _rescaled(q, factor, query.dtype, scratch)
     if _uses_cpu_flash(query, settings):  # the kernel the training path calls: bit-identical outputs
         mask = _additive_mask(settings, query.dtype)
         out = _CPU_FLASH(q_scaled, key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0)[0]
@@ -801,14 +826,14 @@ class _FastAttention(torch.autograd.Function):
         q = query.detach().to(compute_dtype)
         ctx.cpu_flash = _uses_cpu_flash(query, settings)
         keep = _keeps_for_backward(query, key.shape[-2], settings, ctx.cpu_flash)
-        var, count, stats = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, keep)
+        var, count, stats, scratch = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, keep)
         gamma_leaf = gamma.detach().requires_grad_(gamma.requires_grad) if isinstance(gamma, torch.Tensor) else gamma
         var_leaf = var.detach().requires_grad_()
         with torch.enable_grad():
             factor = _row_factor(var_leaf, count, gamma_leaf, settings)  # small (B, H, L, 1) graph
         ctx.factor_graph = (factor, var_leaf, gamma_leaf)
         ctx.stats, ctx.count, ctx.settings = stats, count, settings
-        q_scaled = q.mul(factor.detach()).to(query.dtype)
+        q_scaled = _rescaled(q, factor.detach(), query.dtype, scratch)
         if ctx.cpu_flash:
             ctx.q_scaled = q_scaled if keep else None  # else rebuilt in the backward
             mask = _additive_mask(settings, query.dtype)
@@ -833,7 +858,7 @@ class _FastAttention(torch.autograd.Function):
     @staticmethod
     def _sdpa_gradients(ctx, grad_out):
         """SDPA's gradients w.r.t. (q_scaled, key, value), and the queries as ``q_base * inv_scale`` per row
-        (``inv_scale`` None: ``q_base`` are the queries) with ``row_scale`` = 1 / inv_scale."""
+        (``inv_scale`` None: ``q_base`` are the queries)."""
         settings = ctx.settings
         factor = ctx.factor_graph[0].detach()
         if ctx.cpu_flash:
@@ -842,7 +867,7 @@ class _FastAttention(torch.autograd.Function):
             grads = _cpu_flash_backward(
                 grad_out, q, factor, ctx.q_scaled, query.dtype, key, value, out, logsumexp, mask, settings
             )
-            return grads, key, key_weight, q, None, None
+            return grads, key, key_weight, q, None
         q_scaled, key, value, key_weight, query_half = ctx.saved_tensors
         if ctx.sdpa_graph is not None:
             out, q_leaf, key_leaf, value_leaf = ctx.sdpa_graph
@@ -860,9 +885,9 @@ class _FastAttention(torch.autograd.Function):
             grad_out = grad_out.masked_fill(settings.rows_without_keys, 0.0)
         grads = torch.autograd.grad(out, (q_leaf, key_leaf, value_leaf), grad_out)
         if query_half is not None:
-            return grads, key, key_weight, query_half.to(factor.dtype), None, None
+            return grads, key, key_weight, query_half.to(factor.dtype), None
         # q_i = q_scaled_i / factor_i (rows with factor 0 get no variance gradient)
-        return grads, key, key_weight, q_scaled.detach(), torch.where(factor > 0, 1.0 / factor, 0.0), factor
+        return grads, key, key_weight, q_scaled.detach(), torch.where(factor > 0, 1.0 / factor, 0.0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -872,9 +897,7 @@ class _FastAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        (grad_q, grad_k, grad_v), key, key_weight, q_base, inv_scale, row_scale = _FastAttention._sdpa_gradients(
-            ctx, grad_out
-        )
+        (grad_q, grad_k, grad_v), key, key_weight, q_base, inv_scale = _FastAttention._sdpa_gradients(ctx, grad_out)
         factor, var_leaf, gamma_leaf = ctx.factor_graph
         compute_dtype = factor.dtype
         factor_value = factor.detach()
@@ -895,17 +918,7 @@ class _FastAttention(torch.autograd.Function):
             )
         else:
             _covariance_backward(
-                grad_q,
-                grad_k,
-                factor_value,
-                q_base,
-                inv_scale,
-                row_scale,
-                grad_var,
-                k,
-                key_weight,
-                ctx.stats,
-                ctx.count,
+                grad_q, grad_k, factor_value, q_base, inv_scale, grad_var, k, key_weight, ctx.stats, ctx.count
             )
         return grad_q.to(query_dtype), grad_k.to(key.dtype), grad_v, grad_gamma, None, None
 
