@@ -583,8 +583,8 @@ def _rows_of(buffer: torch.Tensor, n: int) -> torch.Tensor:
 
 def _covariance_statistics(q, k, mean, w, total):
     """Non-causal rows: every row sees the same keys, var_i = q_i^T C q_i with C their covariance. Keys and rows
-    go in blocks of _ROW_BLOCK through one scratch buffer (centred keys, then C q), returned for reuse: with a
-    single block it holds nothing needed any more. w: (B, 1, S) key weights or None (no padding)."""
+    go in blocks of _ROW_BLOCK through one scratch buffer (centred keys, then C q), returned for reuse (it holds
+    nothing needed any more). w: (B, 1, S) key weights or None (no padding)."""
     L, S = q.shape[-2], k.shape[-2]
     scratch = _scratch(q, min(max(L, S), _ROW_BLOCK))
     cov = torch.zeros(*k.shape[:2], k.shape[-1], k.shape[-1], dtype=k.dtype, device=k.device)
@@ -613,14 +613,12 @@ def _row_statistics(q, k, key_weight, settings: _FastSettings, keep: bool = Fals
     return (*_causal_statistics(q, k, mean, w, key_weight is not None, settings.block, keep), None)
 
 
-def _keeps_for_backward(query: torch.Tensor, S: int, settings: _FastSettings, cpu_flash: bool) -> bool:
+def _keeps_for_backward(query: torch.Tensor, settings: _FastSettings, cpu_flash: bool) -> bool:
     """Whether this call's backward gets what it would recompute (see _KEEP_FOR_BACKWARD_BYTES)."""
     B, H, L, D = query.shape
     compute_bytes = torch.finfo(_compute_dtype(query.dtype)).bits // 8
-    if settings.causal:  # block logits, query-moment products, centred keys
-        kept = B * H * L * (settings.block + 2 * D) * compute_bytes
-    else:
-        kept = 0
+    # causal: block logits, query-moment products, centred keys; CPU kernel: the rescaled queries
+    kept = B * H * L * (settings.block + 2 * D) * compute_bytes if settings.causal else 0
     kept += query.numel() * query.element_size() if cpu_flash else 0
     return kept <= _KEEP_FOR_BACKWARD_BYTES
 
@@ -825,7 +823,7 @@ class _FastAttention(torch.autograd.Function):
         compute_dtype = _compute_dtype(query.dtype)
         q = query.detach().to(compute_dtype)
         ctx.cpu_flash = _uses_cpu_flash(query, settings)
-        keep = _keeps_for_backward(query, key.shape[-2], settings, ctx.cpu_flash)
+        keep = _keeps_for_backward(query, settings, ctx.cpu_flash)
         var, count, stats, scratch = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, keep)
         gamma_leaf = gamma.detach().requires_grad_(gamma.requires_grad) if isinstance(gamma, torch.Tensor) else gamma
         var_leaf = var.detach().requires_grad_()

@@ -238,6 +238,29 @@ def test_half_precision_close_to_float64(dtype):
         torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients_with_rows_without_keys(dtype):
+    """Causal + left padding on the CPU kernel path (its causal flag plus a key-padding mask whose padded keys get
+    the dtype's most negative finite value): rows with no valid key stay zero, every gradient is finite, and (fp16)
+    close to the float32 gradients. bf16 gradients are only checked for finiteness: its 8-bit mantissa on the
+    rescaled queries makes a row whose two keys give nearly equal logits (here row 10 of sequence 1) ill-conditioned
+    (error ~0.15, the same before this kernel path existed)."""
+    B, H, L, D = 2, 2, 24, 16
+    q, k, v = make_qkv(B, H, L, L, D, dtype=torch.float32)
+    mask = padding_mask(B, L, [24, 15], left=True)[:, None, None, :]  # 9 rows of sequence 1 see no valid key
+    grad_out = torch.randn(B, H, L, D)
+    results = []
+    for t in (torch.float32, dtype):
+        inputs = [x.to(t).requires_grad_() for x in (q, k, v)]
+        out, _ = normsoftmax_attention(*inputs, attn_mask=mask, is_causal=True)
+        results.append((out, *torch.autograd.grad(out, inputs, grad_out.to(t))))
+    assert torch.equal(results[1][0][1, :, :9], torch.zeros_like(results[1][0][1, :, :9]))
+    for name, full, half in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        assert torch.isfinite(half).all(), name
+        if dtype == torch.float16 or name == "out":
+            torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=2e-2, msg=name)
+
+
 def test_decode_steps_match_full_forward():
     """Incremental decoding against a growing KV cache equals the full causal forward."""
     B, H, L, D = 2, 2, 20, 8
