@@ -675,10 +675,9 @@ def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, grad_var, k,
     for start in range(0, L, _ROW_BLOCK):
         rows, grad_rows = q_base[:, :, start : start + _ROW_BLOCK], grad_q[:, :, start : start + _ROW_BLOCK]
         buffer = _rows_of(scratch, rows.shape[-2])
-        q_cov = torch.matmul(rows, cov, out=buffer)
-        grad_rows.mul_(factor[:, :, start : start + _ROW_BLOCK]).addcmul_(
-            q_cov, coef_q[:, :, start : start + _ROW_BLOCK]
-        )
+        # one pass over SDPA's (strided) gradient: grad_rows = factor * grad_rows + coef_q * (C q_base)
+        q_cov = torch.matmul(rows, cov, out=buffer).mul_(coef_q[:, :, start : start + _ROW_BLOCK])
+        torch.addcmul(q_cov, grad_rows, factor[:, :, start : start + _ROW_BLOCK], out=grad_rows)
         weighted = torch.mul(rows, coef_cov[:, :, start : start + _ROW_BLOCK], out=buffer)
         grad_cov += torch.matmul(weighted.transpose(-1, -2), rows)
     # C = (k - mean)^T W (k - mean) / n and sum_j w_j (k_j - mean) = 0: the mean's own gradient term vanishes
