@@ -956,22 +956,54 @@ class NormSoftmaxPreTrainedMixin:
                 the one its name implies, e.g. ``"AutoModelForSequenceClassification"``).
             *args, **kwargs: as for ``PreTrainedModel.save_pretrained``.
 
+        ``push_to_hub=True`` saves the folder as above, then uploads the model the way ``model.push_to_hub`` does
+        (``hf_normsoftmax.hub.save_and_push``: one commit, the hf_normsoftmax card, code + ``auto_map``): it takes
+        transformers' Hub arguments (``repo_id``, ``commit_message``, ``create_pr``, ``private``, ``token``) and
+        ``push_to_hub``'s (``processing_class``, ``tags``, ``card_fields``, ...), and refuses others by name.
+        Where hf_normsoftmax cannot be imported, transformers' own upload runs, with a warning.
+
         Nothing sticks: the classes' Auto registration and the config's ``auto_map`` are as before afterwards.
         """
+        if args:  # by name from here on, so that a positional push_to_hub is seen too
+            names = [
+                name
+                for name, p in inspect.signature(super().save_pretrained).parameters.items()
+                if p.kind is p.POSITIONAL_OR_KEYWORD
+            ][1:]
+            if len(args) > len(names):
+                raise TypeError(
+                    f"save_pretrained() takes at most {len(names) + 1} positional arguments after self "
+                    f"({len(args) + 1} given)"
+                )
+            for name, value in zip(names, args, strict=False):
+                if name in kwargs:
+                    raise TypeError(f"save_pretrained() got multiple values for argument {name!r}")
+                kwargs[name] = value
+        if kwargs.pop("push_to_hub", False):
+            hub = self._normsoftmax_hub_module("save_pretrained(push_to_hub=True)", "own upload")
+            if hub is not None:
+                return hub.save_and_push(
+                    self, save_directory, save_remote_code=save_remote_code, auto_class=auto_class, **kwargs
+                )
+            self._drop_hub_only_arguments(kwargs, "save_pretrained(push_to_hub=True)")
+            kwargs["push_to_hub"] = True
         if save_remote_code is None:
             save_remote_code = getattr(self, "save_remote_code", True)
         if not isinstance(save_remote_code, bool):
             raise TypeError(f"Invalid value for `save_remote_code`: {save_remote_code!r}. Allowed: True, False, None.")
         model_class, config_class, config = type(self), type(self.config), self.config
         if save_remote_code and model_class.__module__ == "__main__":
-            logger.warning(f"{model_class.__name__} is defined in __main__: its code cannot be saved with the "
-                           "checkpoint (save_remote_code ignored).")
+            logger.warning(
+                f"{model_class.__name__} is defined in __main__: its code cannot be saved with the "
+                "checkpoint (save_remote_code ignored)."
+            )
             save_remote_code = False
 
         def is_ours(ref) -> bool:  # an auto_map entry naming our files (possibly as "repo--module.Class")
             refs = ref if isinstance(ref, (list, tuple)) else [ref]
-            return any(isinstance(r, str) and ("configuration_normsoftmax." in r or "modeling_normsoftmax_" in r)
-                       for r in refs)
+            return any(
+                isinstance(r, str) and ("configuration_normsoftmax." in r or "modeling_normsoftmax_" in r) for r in refs
+            )
 
         missing = object()
         saved_classes = [(cls, cls.__dict__.get("_auto_class", missing)) for cls in (model_class, config_class)]
@@ -980,13 +1012,14 @@ class NormSoftmaxPreTrainedMixin:
         auto_class = (auto_class or model_class.normsoftmax_auto_class()) if save_remote_code else None
         try:
             model_class._auto_class = auto_class
-            config_class._auto_class = (getattr(config_class, "_auto_class", None) or "AutoConfig") \
-                if save_remote_code else None
+            config_class._auto_class = (
+                (getattr(config_class, "_auto_class", None) or "AutoConfig") if save_remote_code else None
+            )
             if save_remote_code or kept:
                 config.auto_map = dict(kept)  # custom_object_save adds the model's and the config's entries
             else:
                 config.__dict__.pop("auto_map", None)
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            return super().save_pretrained(save_directory, **kwargs)
         finally:
             for cls, value in saved_classes:
                 if value is missing:
@@ -1000,6 +1033,42 @@ class NormSoftmaxPreTrainedMixin:
                 config.__dict__.pop("auto_map", None)
             else:
                 config.auto_map = saved_map
+
+    @staticmethod
+    def _normsoftmax_hub_module(caller: str, stock: str):
+        """``hf_normsoftmax.hub``, or None with a warning where it cannot be imported (remote-code copies of this
+        file run without the package: ``caller`` then falls back to transformers' ``stock``)."""
+        import importlib
+        import warnings
+
+        try:  # lazily, by name: remote-code copies of this file must not depend on the package
+            return importlib.import_module("hf_normsoftmax.hub")
+        except ImportError as exc:
+            warnings.warn(
+                f"{caller}: hf_normsoftmax cannot be imported ({exc}), so this falls back to transformers' {stock}: "
+                "the repo gets transformers' generic model card instead of the hf_normsoftmax card (the code and "
+                "auto_map are still uploaded). Install the hf_normsoftmax package for the full push.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
+
+    @staticmethod
+    def _drop_hub_only_arguments(kwargs: dict, caller: str) -> None:
+        """Without the package, ``save_pretrained(push_to_hub=True)`` is transformers': take out the arguments only
+        hf_normsoftmax's push understands (transformers would hand them to ``HfApi.create_repo``)."""
+        import warnings
+
+        if kwargs.pop("card_fields", None):
+            warnings.warn(f"{caller}: `card_fields` are ignored without hf_normsoftmax.", UserWarning, stacklevel=3)
+        refused = sorted(
+            k for k in ("processing_class", "tokenizer", "tags", "commit_description", "revision") if k in kwargs
+        )
+        if refused:
+            raise TypeError(
+                f"{caller} without hf_normsoftmax is transformers' own, which does not take {refused}. "
+                "Call model.push_to_hub(repo_id, ...) instead: it takes them without the package too."
+            )
 
     def push_to_hub(
         self,
@@ -1033,43 +1102,104 @@ class NormSoftmaxPreTrainedMixin:
             ``huggingface_hub.CommitInfo`` of the commit.
 
         Where hf_normsoftmax cannot be imported (a model loaded with ``trust_remote_code=True``), this falls back
-        to transformers' own ``push_to_hub`` (generic card; the code and ``auto_map`` are still saved) with a
-        warning, and pushes ``processing_class`` in a second commit.
+        to transformers' upload (generic card; the code and ``auto_map`` are still saved) with a warning, still in
+        one commit with ``processing_class`` (:meth:`_push_to_hub_without_package`).
         """
         if processing_class is not None and tokenizer is not None and processing_class is not tokenizer:
-            raise ValueError("Invalid arguments: pass the tokenizer / processor once, as `processing_class` "
-                             "(`tokenizer` is an alias), not two different objects.")
+            raise ValueError(
+                "Invalid arguments: pass the tokenizer / processor once, as `processing_class` "
+                "(`tokenizer` is an alias), not two different objects."
+            )
         processing_class = processing_class if processing_class is not None else tokenizer
-        try:  # lazily, by name: remote-code copies of this file must not depend on the package
-            import importlib
-
-            hub = importlib.import_module("hf_normsoftmax.hub")
-        except ImportError as exc:
-            import warnings
-
-            warnings.warn(
-                f"push_to_hub: hf_normsoftmax cannot be imported ({exc}), so transformers' own push_to_hub is used: "
-                "the repo gets transformers' generic model card instead of the hf_normsoftmax card (the code and "
-                "auto_map are still uploaded). Install the hf_normsoftmax package for the full push.",
-                UserWarning, stacklevel=2,
-            )
+        hub = self._normsoftmax_hub_module("push_to_hub", "push_to_hub (in one commit with the processor)")
+        if hub is None:
             if card_fields:
-                warnings.warn("push_to_hub: `card_fields` are ignored without hf_normsoftmax.", UserWarning,
-                              stacklevel=2)
-            stock_kwargs = {} if tags is None else {"tags": tags}  # transformers iterates `tags` if passed
-            result = super().push_to_hub(
-                repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
-                token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, **stock_kwargs,
+                import warnings
+
+                warnings.warn(
+                    "push_to_hub: `card_fields` are ignored without hf_normsoftmax.", UserWarning, stacklevel=2
+                )
+            return self._push_to_hub_without_package(
+                repo_id,
+                processing_class,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                max_shard_size=max_shard_size,
+                tags=tags,
             )
-            if processing_class is not None:
-                processing_class.push_to_hub(repo_id, commit_message=commit_message, private=private, token=token,
-                                             revision=revision, create_pr=create_pr)
-            return result
         return hub.push_model(
-            self, repo_id, processor=processing_class, commit_message=commit_message,
-            commit_description=commit_description, private=private, token=token, revision=revision,
-            create_pr=create_pr, max_shard_size=max_shard_size, tags=tags, card_fields=card_fields,
+            self,
+            repo_id,
+            processor=processing_class,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            max_shard_size=max_shard_size,
+            tags=tags,
+            card_fields=card_fields,
         )
+
+    def _push_to_hub_without_package(
+        self,
+        repo_id,
+        processing_class,
+        *,
+        commit_message,
+        commit_description,
+        private,
+        token,
+        revision,
+        create_pr,
+        max_shard_size,
+        tags,
+    ):
+        """transformers' ``push_to_hub`` (repo creation, its generic card tagged with ``tags``, branch creation),
+        with the processor saved into the same temporary folder so that model and processor go up in ONE
+        ``HfApi.create_commit`` (pushing the processor with its own ``push_to_hub`` would be a second commit)."""
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from huggingface_hub import CommitOperationAdd, HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+        from transformers.utils.hub import create_and_tag_model_card
+
+        api = HfApi()
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        model_card = create_and_tag_model_card(repo_id, tags, token=token)
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            self.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
+            if processing_class is not None:
+                processing_class.save_pretrained(tmp_dir)
+            model_card.save(os.path.join(tmp_dir, "README.md"))
+            if revision is not None and not revision.startswith("refs/pr"):
+                try:
+                    api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
+                except HfHubHTTPError as exc:  # a PR to a repo we cannot write: its branch must already exist
+                    if not (create_pr and exc.response is not None and exc.response.status_code == 403):
+                        raise
+            operations = [
+                CommitOperationAdd(path_in_repo=path.relative_to(tmp_dir).as_posix(), path_or_fileobj=str(path))
+                for path in sorted(Path(tmp_dir).rglob("*"))
+                if path.is_file()
+            ]
+            default_message = "Upload model and processor" if processing_class is not None else "Upload model"
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or default_message,
+                commit_description=commit_description,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
 
 __all__ = [

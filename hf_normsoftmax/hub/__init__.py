@@ -8,6 +8,7 @@ Usage::
     push_run_dir("runs/bert-sst", "alice/bert-sst-normsoftmax", private=True, token=token)
     push_model(model, "alice/tiny-gpt2", processor=tokenizer, token=token)
     model.push_to_hub("alice/tiny-gpt2", processing_class=tokenizer)   # a variant: the same as push_model
+    model.save_pretrained("out", push_to_hub=True, repo_id="alice/tiny-gpt2")   # save_and_push: "out", then the same
     normsoftmax_trainer_class()(model=model, args=args, ...).push_to_hub()   # card + auto_map + code for variants
 
 A variant's ``save_pretrained`` writes its code and ``auto_map`` by default (``save_remote_code=False`` opts out),
@@ -19,7 +20,7 @@ load a pushed checkpoint: the files a checkpoint needs sit directly in ``hf_norm
 """
 
 from .card import CardInputs, card_inputs_from_config, collect_run_dir, find_model_dir, render_card, write_card
-from .push import HubPushError, push_model, push_run_dir, stage_model, stage_run_dir
+from .push import HubPushError, push_model, push_run_dir, save_and_push, stage_model, stage_run_dir
 from .trainer import NormSoftmaxCardMixin, normsoftmax_trainer_class
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "push_model",
     "push_run_dir",
     "render_card",
+    "save_and_push",
     "stage_model",
     "stage_run_dir",
     "write_card",

@@ -24,7 +24,9 @@ the token's text appears in any staged file.
 
 ``model.push_to_hub(repo_id, processing_class=...)`` of a variant runs :func:`push_model` (the override lives in
 ``NormSoftmaxPreTrainedMixin``); with no processor given it uploads the tokenizer / processor files saved in the
-local folder the model was loaded from, and warns when there are none.
+local folder the model was loaded from, and warns when there are none. ``model.save_pretrained(save_directory,
+push_to_hub=True, repo_id=...)`` of a variant runs :func:`save_and_push`: the usual local save, then
+:func:`push_model` (transformers' own would upload its generic card).
 
 Usage::
 
@@ -58,7 +60,7 @@ from .card import (
     render_card,
 )
 
-__all__ = ["HubPushError", "push_model", "push_run_dir", "stage_model", "stage_run_dir"]
+__all__ = ["HubPushError", "push_model", "push_run_dir", "save_and_push", "stage_model", "stage_run_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -335,36 +337,64 @@ def local_processor_dir(model) -> Path | None:
     return directory if found else None
 
 
-def _resolve_processor(model, processor, repo_id):
+def _resolve_processor(model, processor, repo_id, processor_dir=None):
     """``(processor_object, processor_dir)`` for a push: the given object, else the files next to the model.
 
-    ``processor=False`` pushes without one on purpose; ``None`` with nothing found warns (a repo without its
+    ``processor=False`` pushes without one on purpose; ``None`` takes the tokenizer / processor files of
+    ``processor_dir`` if it has any (``save_pretrained(push_to_hub=True)`` passes its ``save_directory``), else
+    those of the folder the model was loaded from, and warns when neither has any (a repo without its
     tokenizer / processor cannot be used with ``AutoTokenizer`` / ``AutoImageProcessor`` / ``pipeline``).
     """
     if processor is False:
         return None, None
     if processor is not None:
         if not hasattr(processor, "save_pretrained"):
-            raise TypeError(f"processor must have save_pretrained (a tokenizer or processor), got "
-                            f"{type(processor).__name__}")
+            raise TypeError(
+                f"processor must have save_pretrained (a tokenizer or processor), got {type(processor).__name__}"
+            )
         return processor, None
+    if (
+        processor_dir is not None
+        and Path(processor_dir).is_dir()
+        and _has_processor(_processor_files(Path(processor_dir)))
+    ):
+        return None, Path(processor_dir)
     directory = local_processor_dir(model)
     if directory is None:
         name = getattr(model, "name_or_path", None) or ""
-        where = (f"the folder the model was loaded from ({name}) has no {' / '.join(_PROCESSOR_MARKERS)}"
-                 if name and Path(name).is_dir() else
-                 "the model was not loaded from a local folder" + (f" (name_or_path {name!r})" if name else ""))
+        where = (
+            f"the folder the model was loaded from ({name}) has no {' / '.join(_PROCESSOR_MARKERS)}"
+            if name and Path(name).is_dir()
+            else "the model was not loaded from a local folder" + (f" (name_or_path {name!r})" if name else "")
+        )
+        if processor_dir is not None:
+            where = f"{processor_dir} has no tokenizer / processor files, and {where}"
         warnings.warn(
             f"Pushing to {repo_id!r} WITHOUT a tokenizer or processor: none was given and {where}. "
             "AutoTokenizer / AutoImageProcessor / pipeline() will not work from that repo. Pass "
             "`processing_class=` to model.push_to_hub (`processor=` to push_model), or `processor=False` to push "
-            "without one on purpose.", UserWarning, stacklevel=3)
+            "without one on purpose.",
+            UserWarning,
+            stacklevel=3,
+        )
     return None, directory
 
 
-def stage_model(model, staging_dir, *, processor=None, repo_id: str | None = None, model_name: str | None = None,
-                card=None, card_fields: Mapping[str, Any] | None = None, plots: Iterable = (),
-                processor_dir=None, max_shard_size=None, tags: Iterable[str] | None = None) -> list:
+def stage_model(
+    model,
+    staging_dir,
+    *,
+    processor=None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    card=None,
+    card_fields: Mapping[str, Any] | None = None,
+    plots: Iterable = (),
+    processor_dir=None,
+    max_shard_size=None,
+    tags: Iterable[str] | None = None,
+    save_kwargs: Mapping[str, Any] | None = None,
+) -> list:
     """Write what :func:`push_model` uploads into ``staging_dir`` (empty or new); returns the staged paths.
 
     Args:
@@ -378,14 +408,21 @@ def stage_model(model, staging_dir, *, processor=None, repo_id: str | None = Non
         processor_dir: a folder whose tokenizer / processor files are copied (when ``processor`` is None).
         max_shard_size: passed to ``save_pretrained`` (default: transformers').
         tags: extra tags for the rendered card's metadata (with the model's ``model_tags``).
+        save_kwargs: further ``save_pretrained`` keyword arguments (``state_dict``, ``variant``, ``auto_class``
+            of a variant, ...), so that the staged copy is saved like a local ``save_pretrained`` call.
     """
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if processor is not None and not hasattr(processor, "save_pretrained"):
-        raise TypeError(f"processor must have save_pretrained (a tokenizer or processor), got "
-                        f"{type(processor).__name__}")
+        raise TypeError(
+            f"processor must have save_pretrained (a tokenizer or processor), got {type(processor).__name__}"
+        )
     staging = _prepare_staging(staging_dir)
-    save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    save_kwargs = dict(save_kwargs or {})
+    if max_shard_size is not None:
+        save_kwargs["max_shard_size"] = max_shard_size
+    if isinstance(save_kwargs.get("state_dict"), Mapping):  # transformers' save empties the dict it is given
+        save_kwargs["state_dict"] = dict(save_kwargs["state_dict"])
     if _is_variant_config(model.config):
         save_with_code(model, staging, **save_kwargs)
     else:
@@ -551,38 +588,254 @@ def push_run_dir(run_dir, repo_id: str, *, private: bool = False, token: str | N
                        source=f"run dir {run_dir}")
 
 
-def push_model(model, repo_id: str, *, processor=None, private: bool | None = False, token: str | None = None,
-               commit_message: str | None = None, model_name: str | None = None, card=None,
-               card_fields: Mapping[str, Any] | None = None, plots: Iterable = (),
-               commit_description: str | None = None, revision: str | None = None, create_pr: bool = False,
-               max_shard_size=None, tags: Iterable[str] | None = None):
+def push_model(
+    model,
+    repo_id: str,
+    *,
+    processor=None,
+    private: bool | None = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    model_name: str | None = None,
+    card=None,
+    card_fields: Mapping[str, Any] | None = None,
+    plots: Iterable = (),
+    commit_description: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size=None,
+    tags: Iterable[str] | None = None,
+    processor_dir=None,
+    save_kwargs: Mapping[str, Any] | None = None,
+    card_dir=None,
+):
     """Push an in-memory model (and its tokenizer / processor) with a generated card, in one commit.
 
     ``normsoftmax_*`` variants are saved with ``auto_map`` and their code for ``trust_remote_code`` loading. This
-    is what ``model.push_to_hub(...)`` of a variant runs.
+    is what ``model.push_to_hub(...)`` and ``model.save_pretrained(..., push_to_hub=True)`` of a variant run.
 
     Args:
         processor: the tokenizer / image processor / processor to upload. ``None`` (default): the processor files
-            saved in the local folder the model was loaded from (``model.name_or_path``), if any, else a
-            ``UserWarning`` says the repo gets none. ``False``: push without one, silently.
+            in ``processor_dir``, else those saved in the local folder the model was loaded from
+            (``model.name_or_path``), if any, else a ``UserWarning`` says the repo gets none. ``False``: push
+            without one, silently.
         private: ``None`` leaves the choice to the Hub (public unless the namespace defaults to private).
         revision, create_pr, commit_description: as in ``HfApi.create_commit`` (a missing branch is created).
         max_shard_size: passed to ``save_pretrained``.
         tags: extra card metadata tags (the model's ``model_tags`` are added too).
+        processor_dir: a folder searched first for tokenizer / processor files when ``processor`` is None.
+        save_kwargs: further ``save_pretrained`` keyword arguments for the staged copy (see :func:`stage_model`).
+        card_dir: a folder that also gets the uploaded ``README.md``, once the commit succeeded (where
+            ``save_pretrained(push_to_hub=True)`` keeps the card, as transformers does with its own).
 
     See :func:`stage_model` for ``card``, ``card_fields`` and ``plots``, and :func:`push_run_dir` for ``token``.
     Returns the ``CommitInfo``.
     """
     _check_repo_id(repo_id)
     token = _check_token(token)
-    processor, processor_dir = _resolve_processor(model, processor, repo_id)
+    processor, processor_dir = _resolve_processor(model, processor, repo_id, processor_dir)
     with tempfile.TemporaryDirectory(prefix="hf_normsoftmax_push_") as tmp:
         staging = Path(tmp) / "repo"
-        files = stage_model(model, staging, processor=processor, repo_id=repo_id, model_name=model_name,
-                            card=card, card_fields=card_fields, plots=plots, processor_dir=processor_dir,
-                            max_shard_size=max_shard_size, tags=tags)
+        files = stage_model(
+            model,
+            staging,
+            processor=processor,
+            repo_id=repo_id,
+            model_name=model_name,
+            card=card,
+            card_fields=card_fields,
+            plots=plots,
+            processor_dir=processor_dir,
+            max_shard_size=max_shard_size,
+            tags=tags,
+            save_kwargs=save_kwargs,
+        )
         message = commit_message or f"Upload {model.config.model_type} from hf_normsoftmax"
         logger.info("pushing %d files of %s to %s", len(files), type(model).__name__, repo_id)
-        return _upload(staging, repo_id, private=private, token=token, commit_message=message,
-                       source="the in-memory model", commit_description=commit_description, revision=revision,
-                       create_pr=create_pr)
+        info = _upload(
+            staging,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=message,
+            source="the in-memory model",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+        if card_dir is not None:
+            shutil.copyfile(staging / "README.md", Path(card_dir) / "README.md")
+        return info
+
+
+# ------------------------------------------------------------------------------------------------------------
+# save_pretrained(push_to_hub=True)
+# ------------------------------------------------------------------------------------------------------------
+#: Hub arguments of ``PreTrainedModel.save_pretrained(push_to_hub=True, **kwargs)`` in transformers 5.23 that the
+#: push honours (the other ``HfApi.create_repo`` options transformers forwards are refused by name), followed by
+#: the further keyword arguments of a variant's ``model.push_to_hub``.
+SAVE_PUSH_ARGUMENTS = (
+    "repo_id",
+    "commit_message",
+    "create_pr",
+    "private",
+    "token",
+    "repo_type",
+    "commit_description",
+    "revision",
+    "tags",
+    "processing_class",
+    "tokenizer",
+    "card_fields",
+)
+#: ``save_pretrained`` arguments that only matter locally (not passed on to the staged copy).
+_LOCAL_ONLY_SAVE_ARGUMENTS = ("is_main_process", "distributed_checkpoint")
+
+
+def _save_pretrained_arguments() -> tuple:
+    """The keyword arguments of transformers' ``PreTrainedModel.save_pretrained`` that describe the local save."""
+    from transformers import PreTrainedModel
+
+    params = inspect.signature(PreTrainedModel.save_pretrained).parameters
+    return tuple(
+        name
+        for name, p in params.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and name not in ("self", "save_directory", "push_to_hub", "token")
+    )
+
+
+def _split_save_push_kwargs(kwargs: Mapping[str, Any]) -> tuple:
+    """``(save_kwargs, hub_kwargs)`` of a ``save_pretrained(push_to_hub=True, **kwargs)`` call; refuses the rest.
+
+    transformers hands every unknown keyword to ``HfApi.create_repo``: the ``create_repo`` options the one-commit
+    push has no use for (Space settings, ``visibility``, ``resource_group_id``, ...) raise a ``ValueError`` naming
+    them, anything else a ``TypeError``, before anything is saved or uploaded.
+    """
+    from huggingface_hub import HfApi
+
+    save_names = _save_pretrained_arguments()
+    save_kwargs = {k: v for k, v in kwargs.items() if k in save_names}
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in SAVE_PUSH_ARGUMENTS}
+    rest = sorted(set(kwargs) - set(save_kwargs) - set(hub_kwargs))
+    create_repo_options = set(inspect.signature(HfApi.create_repo).parameters) - {"self", "repo_id"}
+    unsupported = [k for k in rest if k in create_repo_options]
+    unknown = [k for k in rest if k not in create_repo_options]
+    if unknown:
+        raise TypeError(
+            f"save_pretrained(push_to_hub=True) got unexpected keyword argument(s) {unknown}. Accepted: "
+            f"the save arguments {list(save_names)}, and for the push {list(SAVE_PUSH_ARGUMENTS)}."
+        )
+    if unsupported:
+        raise ValueError(
+            f"save_pretrained(push_to_hub=True) of an hf_normsoftmax variant does not support the "
+            f"HfApi.create_repo option(s) {unsupported}: it pushes to a model repo, created with "
+            "`private=` only. Create the repo with HfApi.create_repo first if you need them."
+        )
+    if hub_kwargs.get("repo_type") not in (None, "model"):
+        raise ValueError(
+            f"Invalid value for `repo_type`: {hub_kwargs['repo_type']!r}. A model is pushed to a "
+            "model repo: allowed values are 'model' and None."
+        )
+    if save_kwargs.get("distributed_checkpoint"):
+        raise ValueError(
+            "save_pretrained(push_to_hub=True, distributed_checkpoint=True) is not supported for "
+            "hf_normsoftmax variants: the push saves the gathered model. Save the distributed "
+            "checkpoint without push_to_hub, and push a gathered copy with model.push_to_hub."
+        )
+    processor, tokenizer = hub_kwargs.get("processing_class"), hub_kwargs.get("tokenizer")
+    if processor is not None and tokenizer is not None and processor is not tokenizer:
+        raise ValueError(
+            "Invalid arguments: pass the tokenizer / processor once, as `processing_class` "
+            "(`tokenizer` is an alias), not two different objects."
+        )
+    return save_kwargs, hub_kwargs
+
+
+def _full_repo_id(repo_id: str, token) -> str:
+    """``namespace/name``: a bare name goes to the token's user, as ``HfApi.create_repo`` does with it."""
+    if "/" in repo_id:
+        return repo_id
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        user = HfApi().whoami(token=token if isinstance(token, str) else None)["name"]
+    except (HfHubHTTPError, OSError) as exc:
+        raise HubPushError(
+            f"repo_id {repo_id!r} has no namespace and the token's user could not be looked up "
+            f"({type(exc).__name__}); pass repo_id='namespace/name'. Nothing was saved or "
+            "uploaded."
+        ) from exc
+    return f"{user}/{repo_id}"
+
+
+def save_and_push(
+    model, save_directory, *, save_remote_code: bool | None = None, auto_class: str | None = None, **kwargs
+):
+    """``model.save_pretrained(save_directory, push_to_hub=True, **kwargs)`` of a variant: save, then push_model.
+
+    ``save_directory`` is written as by ``save_pretrained`` without ``push_to_hub`` (plus the uploaded
+    ``README.md``, where transformers would write its generic card); the Hub repo gets, in ONE commit, what
+    :func:`push_model` uploads: the hf_normsoftmax card, the code + ``auto_map``, safetensors, the config and the
+    tokenizer / processor (``processing_class=``, else the processor files already in ``save_directory``, else
+    those of the folder the model was loaded from).
+
+    Args:
+        save_remote_code, auto_class: as for the variant's ``save_pretrained``. The upload always carries the code
+            and ``auto_map`` (as ``model.push_to_hub`` does): ``save_remote_code=False`` only keeps them out of
+            ``save_directory``, with a warning.
+        **kwargs: transformers' ``save_pretrained`` arguments (``max_shard_size``, ``state_dict``, ``variant``,
+            ``is_main_process``, ...), its Hub arguments (``repo_id``, default the folder's name in the token
+            user's namespace; ``commit_message``, ``create_pr``, ``private``, ``token``, ``repo_type="model"``)
+            and those of a variant's ``model.push_to_hub`` (``commit_description``, ``revision``, ``tags``,
+            ``processing_class`` / ``tokenizer``, ``card_fields``). Anything else raises before anything is saved.
+
+    Returns:
+        ``huggingface_hub.CommitInfo`` of the commit, or None on a process that does not save
+        (``is_main_process=False`` or a non-zero distributed rank: transformers does not push from those either).
+    """
+    save_kwargs, hub_kwargs = _split_save_push_kwargs(kwargs)
+    if save_remote_code is False:
+        warnings.warn(
+            "save_pretrained(push_to_hub=True, save_remote_code=False): the Hub upload includes the code "
+            "and auto_map all the same (as model.push_to_hub does); only the local folder is saved "
+            "without them.",
+            UserWarning,
+            stacklevel=3,
+        )
+    token = _check_token(hub_kwargs.get("token"))
+    saves_here = model.should_save_on_this_rank(save_kwargs.get("is_main_process", True))
+    repo_id = None
+    if saves_here:  # the repo id is settled before anything is written
+        repo_id = _check_repo_id(_full_repo_id(hub_kwargs.get("repo_id") or Path(save_directory).name, token))
+    local_kwargs = dict(save_kwargs)
+    if isinstance(local_kwargs.get("state_dict"), Mapping):  # the staged save below needs the tensors as well
+        local_kwargs["state_dict"] = dict(local_kwargs["state_dict"])
+    model.save_pretrained(save_directory, save_remote_code=save_remote_code, auto_class=auto_class, **local_kwargs)
+    if not saves_here:
+        return None
+    staged_kwargs = {
+        k: v for k, v in save_kwargs.items() if k not in _LOCAL_ONLY_SAVE_ARGUMENTS and k != "max_shard_size"
+    }
+    if auto_class is not None:
+        staged_kwargs["auto_class"] = auto_class
+    processor = hub_kwargs.get("processing_class")
+    processor = processor if processor is not None else hub_kwargs.get("tokenizer")
+    return push_model(
+        model,
+        repo_id,
+        processor=processor,
+        private=hub_kwargs.get("private"),
+        token=token,
+        commit_message=hub_kwargs.get("commit_message"),
+        commit_description=hub_kwargs.get("commit_description"),
+        revision=hub_kwargs.get("revision"),
+        create_pr=hub_kwargs.get("create_pr", False),
+        max_shard_size=save_kwargs.get("max_shard_size"),
+        tags=hub_kwargs.get("tags"),
+        card_fields=hub_kwargs.get("card_fields"),
+        processor_dir=save_directory,
+        save_kwargs=staged_kwargs,
+        card_dir=save_directory,
+    )
