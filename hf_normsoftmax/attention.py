@@ -484,10 +484,10 @@ def _causal_statistics(q, k, mean, w, padded: bool, block: int, keep: bool):
     return (m2 / total)[..., None], count[..., None], (groups, terms)
 
 
-def _causal_backward(grad_q, grad_k, factor, q_base, inv_scale, grad_var, k, key_weight, stats, block: int):
+def _causal_backward(grad_q, grad_k, out_q, out_k, factor, q_base, inv_scale, grad_var, k, key_weight, stats, block):
     """Causal rows: the per-row gradient coefficients first (vectorised), then the groups in reverse, carrying the
-    gradient of the running key moments to the keys of earlier blocks. Turns SDPA's gradient w.r.t. the rescaled
-    queries into grad_q = factor * grad_q + (variance term), and adds the keys' variance term to grad_k, in place."""
+    gradient of the running key moments to the keys of earlier blocks. Writes factor * grad_q + (variance term)
+    into out_q and grad_k + (the keys' variance term) into out_k, every row once (out_* may be grad_* itself)."""
     groups, terms = stats
     padded = key_weight is not None
     mean, w, _ = _key_mean(k, key_weight)
@@ -529,8 +529,7 @@ def _causal_backward(grad_q, grad_k, factor, q_base, inv_scale, grad_var, k, key
         block_coef_sum = group.values(coef_sum)
         g_q.addcmul_(block_coef_sum[..., None], sum_before[..., None, :])
         _baddbmm_(g_q, g_inner, kc_rows)
-        grad_q_rows = group.rows(grad_q)
-        torch.addcmul(g_q, grad_q_rows, group.rows(factor), out=grad_q_rows)
+        torch.addcmul(g_q, group.rows(grad_q), group.rows(factor), out=group.rows(out_q))
         g_outer = torch.matmul((q_rows * group.values(grad_m2_before)[..., None]).transpose(-1, -2), q_rows)
         g_sum = torch.matmul(block_coef_sum[..., None, :], q_rows)[..., 0, :]
         # a block's keys enter the moments of the later blocks of its group and of every later group; the
@@ -544,13 +543,13 @@ def _causal_backward(grad_q, grad_k, factor, q_base, inv_scale, grad_var, k, key
             g_kc.addcmul_(w_rows[..., None], sum_grad[..., None, :])
         else:
             g_kc.add_(sum_grad[..., None, :])
-        group.rows(grad_k, offset).add_(g_kc)
+        torch.add(group.rows(grad_k, offset), g_kc, out=group.rows(out_k, offset))
         carry_sum = sum_grad[:, :, 0] + g_sum[:, :, 0]
         carry_outer = outer_grad[:, :, 0].add_(g_outer[:, :, 0])  # in place: outer_grad is ours and used above
     if offset:
         prefix = _centred(k[:, :, :offset], mean, w[:, :, :offset] if padded else None)
         prefix_grad = torch.matmul(prefix, carry_outer).mul_(2.0).add_(carry_sum[:, :, None])
-        grad_k[:, :, :offset].add_(prefix_grad.mul_(w[..., :offset, None]))
+        torch.add(grad_k[:, :, :offset], prefix_grad.mul_(w[..., :offset, None]), out=out_k[:, :, :offset])
     # kc = (k - mean) * w: the variance ignores the shift, so the mean's gradient is zero analytically
 
 
@@ -660,11 +659,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, grad_var, k, key_weight, stats, total):
-    """Non-causal rows, var_i = q_i^T C q_i with C the covariance of the valid keys. Turns SDPA's gradient w.r.t.
-    the rescaled queries into grad_q = factor_i * grad_q_i + 2 grad_var_i C q_i, and adds the gradient through C to
-    grad_k, in place. q_i = q_base_i * inv_scale_i (inv_scale None: 1). Rows and keys go in blocks of _ROW_BLOCK
-    through one scratch buffer (C q, then the weighted queries, then the keys' term)."""
+def _covariance_backward(
+    grad_q, grad_k, out_q, out_k, factor, q_base, inv_scale, grad_var, k, key_weight, stats, total
+):
+    """Non-causal rows, var_i = q_i^T C q_i with C the covariance of the valid keys. Writes factor_i * grad_q_i +
+    2 grad_var_i C q_i into out_q and grad_k + (the gradient through C) into out_k (out_* may be grad_* itself).
+    q_i = q_base_i * inv_scale_i (inv_scale None: 1). Rows and keys go in blocks of _ROW_BLOCK through one scratch
+    buffer (C q, then the weighted queries, then the keys' term)."""
     cov, mean = stats
     L, S = q_base.shape[-2], k.shape[-2]
     scratch = _scratch(q_base, min(max(L, S), _ROW_BLOCK))
@@ -677,7 +678,9 @@ def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, grad_var, k,
         buffer = _rows_of(scratch, rows.shape[-2])
         # one pass over SDPA's (strided) gradient: grad_rows = factor * grad_rows + coef_q * (C q_base)
         q_cov = torch.matmul(rows, cov, out=buffer).mul_(coef_q[:, :, start : start + _ROW_BLOCK])
-        torch.addcmul(q_cov, grad_rows, factor[:, :, start : start + _ROW_BLOCK], out=grad_rows)
+        torch.addcmul(
+            q_cov, grad_rows, factor[:, :, start : start + _ROW_BLOCK], out=out_q[:, :, start : start + _ROW_BLOCK]
+        )
         weighted = torch.mul(rows, coef_cov[:, :, start : start + _ROW_BLOCK], out=buffer)
         grad_cov += torch.matmul(weighted.transpose(-1, -2), rows)
     # C = (k - mean)^T W (k - mean) / n and sum_j w_j (k_j - mean) = 0: the mean's own gradient term vanishes
@@ -686,12 +689,12 @@ def _covariance_backward(grad_q, grad_k, factor, q_base, inv_scale, grad_var, k,
     for start in range(0, S, _ROW_BLOCK):
         keys = k[:, :, start : start + _ROW_BLOCK]
         term = torch.matmul(keys, grad_cov, out=_rows_of(scratch, keys.shape[-2])).sub_(mean_term)
+        keys_out = out_k[:, :, start : start + _ROW_BLOCK]
         if key_weight is None:
-            grad_k[:, :, start : start + _ROW_BLOCK].add_(term)
+            torch.add(grad_k[:, :, start : start + _ROW_BLOCK], term, out=keys_out)
         else:  # padded keys get no gradient (they affect no output)
-            grad_k[:, :, start : start + _ROW_BLOCK].addcmul_(
-                term, key_weight[:, None, start : start + _ROW_BLOCK, None]
-            )
+            weight = key_weight[:, None, start : start + _ROW_BLOCK, None]
+            torch.addcmul(grad_k[:, :, start : start + _ROW_BLOCK], term, weight, out=keys_out)
 
 
 # torch's CPU flash-attention kernel, called directly so that the fast path keeps the input queries (which stock SDPA
@@ -909,15 +912,15 @@ class _FastAttention(torch.autograd.Function):
         grad_var, grad_gamma = grads[0], (grads[1] if wants_gamma else None)
         grad_k = grad_k.to(compute_dtype)
         k = key.to(compute_dtype)
+        # the final gradients are written in the inputs' memory layout (the kernel's are (B, L, H, D)): a leaf
+        # query/key then takes them as they are, and a transposed projection output gets its own layout back
+        out_q, out_k = torch.empty_like(q_base), torch.empty_like(k)
+        args = (grad_q, grad_k, out_q, out_k, factor_value, q_base, inv_scale, grad_var, k, key_weight, ctx.stats)
         if ctx.settings.causal:
-            _causal_backward(
-                grad_q, grad_k, factor_value, q_base, inv_scale, grad_var, k, key_weight, ctx.stats, ctx.settings.block
-            )
+            _causal_backward(*args, ctx.settings.block)
         else:
-            _covariance_backward(
-                grad_q, grad_k, factor_value, q_base, inv_scale, grad_var, k, key_weight, ctx.stats, ctx.count
-            )
-        return grad_q.to(query_dtype), grad_k.to(key.dtype), grad_v, grad_gamma, None, None
+            _covariance_backward(*args, ctx.count)
+        return out_q.to(query_dtype), out_k.to(key.dtype), grad_v, grad_gamma, None, None
 
 
 def normsoftmax_attention(
