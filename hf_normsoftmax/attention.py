@@ -283,7 +283,8 @@ _CAUSAL_BLOCK, _CAUSAL_BLOCK_LONG, _CAUSAL_LONG_FROM = 64, 128, 1024
 _GROUP_MOMENT_FLOATS = 2**18
 # Up to this many bytes (per call), the forward keeps for the backward what it would otherwise recompute there: the
 # rescaled queries (CPU kernel) and, causal, the in-block logits, query-moment products and centred keys (two of
-# the nine block matmuls and several passes). Above it they are recomputed, so long sequences keep stock SDPA's
+# the nine block matmuls and several passes); the backward then also writes its final gradients into fresh tensors
+# in the inputs' layout. Above it everything is recomputed or done in place, so long sequences keep stock SDPA's
 # memory.
 _KEEP_FOR_BACKWARD_BYTES = 2**25
 # Query rows per step of the non-causal statistics: bounds their (B, H, rows, D) temporaries.
@@ -912,9 +913,11 @@ class _FastAttention(torch.autograd.Function):
         grad_var, grad_gamma = grads[0], (grads[1] if wants_gamma else None)
         grad_k = grad_k.to(compute_dtype)
         k = key.to(compute_dtype)
-        # the final gradients are written in the inputs' memory layout (the kernel's are (B, L, H, D)): a leaf
-        # query/key then takes them as they are, and a transposed projection output gets its own layout back
-        out_q, out_k = torch.empty_like(q_base), torch.empty_like(k)
+        # small calls (within the keep budget) write the final gradients in the inputs' memory layout (the kernel's
+        # are (B, L, H, D)): a leaf query/key then takes them without a layout copy; large ones overwrite the
+        # kernel's gradients in place (two fewer q-sized tensors at the peak)
+        fresh = (q_base.numel() + k.numel()) * k.element_size() <= _KEEP_FOR_BACKWARD_BYTES
+        out_q, out_k = (torch.empty_like(q_base), torch.empty_like(k)) if fresh else (grad_q, grad_k)
         args = (grad_q, grad_k, out_q, out_k, factor_value, q_base, inv_scale, grad_var, k, key_weight, ctx.stats)
         if ctx.settings.causal:
             _causal_backward(*args, ctx.settings.block)
