@@ -1112,29 +1112,7 @@ class NormSoftmaxPreTrainedMixin:
             )
         processing_class = processing_class if processing_class is not None else tokenizer
         hub = self._normsoftmax_hub_module("push_to_hub", "push_to_hub (in one commit with the processor)")
-        if hub is None:
-            if card_fields:
-                import warnings
-
-                warnings.warn(
-                    "push_to_hub: `card_fields` are ignored without hf_normsoftmax.", UserWarning, stacklevel=2
-                )
-            return self._push_to_hub_without_package(
-                repo_id,
-                processing_class,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                private=private,
-                token=token,
-                revision=revision,
-                create_pr=create_pr,
-                max_shard_size=max_shard_size,
-                tags=tags,
-            )
-        return hub.push_model(
-            self,
-            repo_id,
-            processor=processing_class,
+        upload = dict(
             commit_message=commit_message,
             commit_description=commit_description,
             private=private,
@@ -1143,8 +1121,16 @@ class NormSoftmaxPreTrainedMixin:
             create_pr=create_pr,
             max_shard_size=max_shard_size,
             tags=tags,
-            card_fields=card_fields,
         )
+        if hub is None:
+            if card_fields:
+                import warnings
+
+                warnings.warn(
+                    "push_to_hub: `card_fields` are ignored without hf_normsoftmax.", UserWarning, stacklevel=2
+                )
+            return self._push_to_hub_without_package(repo_id, processing_class, **upload)
+        return hub.push_model(self, repo_id, processor=processing_class, card_fields=card_fields, **upload)
 
     def _push_to_hub_without_package(
         self,
