@@ -564,7 +564,9 @@ class _FastSettings(NamedTuple):
     dropout_p: float
     causal: bool  # rows see growing key sets (causal statistics)
     block: int  # query rows per causal block
-    sdpa_mask: torch.Tensor | None  # bool mask for SDPA, or None
+    # the kernel: torch's CPU flash kernel called directly (CPU, no dropout, not compiling), else SDPA
+    cpu_flash: bool
+    sdpa_mask: torch.Tensor | None  # bool mask for the kernel (key padding only when sdpa_is_causal), or None
     sdpa_is_causal: bool
     # (B, 1, L, 1) query rows without any valid key, or None: they would give NaN inside SDPA (and NaN gradients),
     # so they attend everywhere and their output is zeroed afterwards
@@ -613,13 +615,13 @@ def _row_statistics(q, k, key_weight, settings: _FastSettings, keep: bool = Fals
     return (*_causal_statistics(q, k, mean, w, key_weight is not None, settings.block, keep), None)
 
 
-def _keeps_for_backward(query: torch.Tensor, settings: _FastSettings, cpu_flash: bool) -> bool:
+def _keeps_for_backward(query: torch.Tensor, settings: _FastSettings) -> bool:
     """Whether this call's backward gets what it would recompute (see _KEEP_FOR_BACKWARD_BYTES)."""
     B, H, L, D = query.shape
     compute_bytes = torch.finfo(_compute_dtype(query.dtype)).bits // 8
     # causal: block logits, query-moment products, centred keys; CPU kernel: the rescaled queries
     kept = B * H * L * (settings.block + 2 * D) * compute_bytes if settings.causal else 0
-    kept += query.numel() * query.element_size() if cpu_flash else 0
+    kept += query.numel() * query.element_size() if settings.cpu_flash else 0
     return kept <= _KEEP_FOR_BACKWARD_BYTES
 
 
@@ -714,10 +716,6 @@ def _cpu_flash_available(device: torch.device, dropout_p: float) -> bool:
     )
 
 
-def _uses_cpu_flash(query: torch.Tensor, settings: _FastSettings) -> bool:
-    return _cpu_flash_available(query.device, settings.dropout_p)
-
-
 def _additive_mask(settings: _FastSettings, dtype: torch.dtype) -> torch.Tensor | None:
     """The CPU kernel takes an additive mask in the query dtype (SDPA converts bool masks the same way)."""
     if settings.sdpa_mask is None:
@@ -796,7 +794,7 @@ def _fast_attention_no_grad_impl(query, key, value, gamma, key_weight, settings:
     var, count, _, scratch = _row_statistics(q, key.to(compute_dtype), key_weight, settings)
     factor = _row_factor(var, count, gamma, settings)
     q_scaled = _rescaled(q, factor, query.dtype, scratch)
-    if _uses_cpu_flash(query, settings):  # the kernel the training path calls: bit-identical outputs
+    if settings.cpu_flash:  # the kernel the training path calls: bit-identical outputs
         mask = _additive_mask(settings, query.dtype)
         out = _CPU_FLASH(q_scaled, key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0)[0]
     else:
@@ -825,8 +823,7 @@ class _FastAttention(torch.autograd.Function):
     def _forward(ctx, query, key, value, gamma, key_weight, settings: _FastSettings):
         compute_dtype = _compute_dtype(query.dtype)
         q = query.detach().to(compute_dtype)
-        ctx.cpu_flash = _uses_cpu_flash(query, settings)
-        keep = _keeps_for_backward(query, settings, ctx.cpu_flash)
+        keep = _keeps_for_backward(query, settings)
         var, count, stats, scratch = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, keep)
         gamma_leaf = gamma.detach().requires_grad_(gamma.requires_grad) if isinstance(gamma, torch.Tensor) else gamma
         var_leaf = var.detach().requires_grad_()
@@ -835,7 +832,7 @@ class _FastAttention(torch.autograd.Function):
         ctx.factor_graph = (factor, var_leaf, gamma_leaf)
         ctx.stats, ctx.count, ctx.settings = stats, count, settings
         q_scaled = _rescaled(q, factor.detach(), query.dtype, scratch)
-        if ctx.cpu_flash:
+        if settings.cpu_flash:
             ctx.q_scaled = q_scaled if keep else None  # else rebuilt in the backward
             mask = _additive_mask(settings, query.dtype)
             out, logsumexp = _CPU_FLASH(q_scaled, key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0)
@@ -862,7 +859,7 @@ class _FastAttention(torch.autograd.Function):
         (``inv_scale`` None: ``q_base`` are the queries)."""
         settings = ctx.settings
         factor = ctx.factor_graph[0].detach()
-        if ctx.cpu_flash:
+        if settings.cpu_flash:
             query, key, value, key_weight, out, logsumexp, mask = ctx.saved_tensors
             q = query.to(factor.dtype)
             grads = _cpu_flash_backward(
@@ -975,8 +972,9 @@ def normsoftmax_attention(
     key, value = _expand_kv(query, key, value)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     key_valid, causal = structure
+    cpu_flash = _cpu_flash_available(query.device, dropout_p)
     sdpa_mask, rows_without_keys, sdpa_is_causal = _sdpa_mask(
-        attn_mask, is_causal, key_valid, causal, B, L, S, query.device, _cpu_flash_available(query.device, dropout_p)
+        attn_mask, is_causal, key_valid, causal, B, L, S, query.device, cpu_flash
     )
     settings = _FastSettings(
         scale=scale,
@@ -986,6 +984,7 @@ def normsoftmax_attention(
         dropout_p=dropout_p,
         causal=causal,
         block=_CAUSAL_BLOCK if L <= _CAUSAL_LONG_FROM else _CAUSAL_BLOCK_LONG,
+        cpu_flash=cpu_flash,
         sdpa_mask=sdpa_mask,
         sdpa_is_causal=sdpa_is_causal,
         rows_without_keys=rows_without_keys,
