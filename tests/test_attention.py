@@ -371,8 +371,9 @@ def small_causal_blocks(monkeypatch):
 
 @pytest.fixture(params=["kept", "recomputed"])
 def block_products(request, monkeypatch):
-    """Both ways the causal backward gets the forward's block products: kept from the forward (small calls) and
-    recomputed (calls above _KEEP_FOR_BACKWARD_BYTES)."""
+    """Both ways of the keep budget (_KEEP_FOR_BACKWARD_BYTES): small calls keep the rescaled queries and causal
+    block products for the backward and write fresh input-layout gradients; large calls recompute them and
+    overwrite the kernel's gradients in place."""
     import hf_normsoftmax.attention as attention
 
     monkeypatch.setattr(attention, "_KEEP_FOR_BACKWARD_BYTES", 2**62 if request.param == "kept" else 0)
