@@ -186,6 +186,8 @@ def decompose_mask(attn_mask: torch.Tensor | None, is_causal: bool, batch_size: 
         if not bool((mask == mask[:, :1]).all()):
             return None
         mask = mask[:, :1]
+    if mask.shape[-2] == 1 and not is_causal:  # one row for every query: a key-padding mask as it stands
+        return _padding_structure(mask[:, 0, 0, :].expand(mask.shape[0], S), False, batch_size)
     mask = mask[:, 0].expand(mask.shape[0], L, S)  # (B', L, S), a view
     # The last query row sees every key that is not padding (for causal masks as well: bottom-right alignment).
     key_valid = mask[:, -1, :]
@@ -200,11 +202,13 @@ def decompose_mask(attn_mask: torch.Tensor | None, is_causal: bool, batch_size: 
         causal_form = causal_form and bool((rows == (expected & causal_rows)).all())
         if not (padding_only or causal_form):
             return None
-    found_causal = not padding_only
-    key_valid = key_valid.expand(batch_size, S)
-    if bool(key_valid.all()):
-        key_valid = None
-    return MaskStructure(key_valid, found_causal)
+    return _padding_structure(key_valid, not padding_only, batch_size)
+
+
+def _padding_structure(key_valid: torch.Tensor, causal: bool, batch_size: int) -> MaskStructure:
+    """(B', S) valid keys -> MaskStructure with (batch_size, S) valid keys, or None when every key is valid."""
+    key_valid = key_valid.expand(batch_size, key_valid.shape[-1])
+    return MaskStructure(None if bool(key_valid.all()) else key_valid, causal)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,7 +291,12 @@ _GROUP_MOMENT_FLOATS = 2**18
 # in the inputs' layout. Above it everything is recomputed or done in place, so long sequences keep stock SDPA's
 # memory.
 _KEEP_FOR_BACKWARD_BYTES = 2**25
-# Query rows per step of the non-causal statistics: bounds their (B, H, rows, D) temporaries.
+# The non-causal statistics take query rows and keys in chunks through small reused (B, H, rows, D) buffers of
+# about _CHUNK_BYTES, which stay in cache: a fresh q-sized temporary costs more (page faults, memory traffic) than
+# the arithmetic done in it. At least _MIN_CHUNK_ROWS rows per chunk (bounds the number of steps), at most
+# _ROW_BLOCK.
+_CHUNK_BYTES = 2**20
+_MIN_CHUNK_ROWS = 32
 _ROW_BLOCK = 1024
 
 
@@ -302,18 +311,26 @@ def _temperature(var: torch.Tensor, gamma, max_temperature, eps: float, statisti
     return temperature
 
 
+def _rows_per_chunk(x: torch.Tensor) -> int:
+    """Rows of a (B, H, L, D) tensor per chunk of the non-causal statistics (see _CHUNK_BYTES)."""
+    B, H, L, D = x.shape
+    rows = _CHUNK_BYTES // max(1, B * H * D * x.element_size())
+    return max(1, min(L, _ROW_BLOCK, max(_MIN_CHUNK_ROWS, rows)))
+
+
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product over the last dim, keeping it: (..., D), (..., D) -> (..., 1). Contiguous inputs go
-    through a batched (1 x D) @ (D x 1) product (no product temporary); others in row blocks for (B, H, L, D)
-    inputs, so the product's temporary stays small."""
+    """Row-wise dot product over the last dim, keeping it: (B, H, L, D), (B, H, L, D) -> (B, H, L, 1). Contiguous
+    inputs go through a batched (1 x D) @ (D x 1) product (no product temporary); others (a kernel's strided
+    gradient) in row chunks through one small product buffer."""
     if a.is_contiguous() and b.is_contiguous():
         return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1))[..., 0]
-    if a.dim() != 4:
-        return (a * b).sum(dim=-1, keepdim=True)
     out = a.new_empty(*a.shape[:-1], 1)
-    for start in range(0, a.shape[-2], _ROW_BLOCK):
-        rows = slice(start, start + _ROW_BLOCK)
-        torch.sum(a[:, :, rows] * b[:, :, rows], dim=-1, keepdim=True, out=out[:, :, rows])
+    n = _rows_per_chunk(a)
+    buffer = _scratch(a, n)
+    for start in range(0, a.shape[-2], n):
+        rows = slice(start, start + n)
+        product = torch.mul(a[:, :, rows], b[:, :, rows], out=_rows_of(buffer, out[:, :, rows].shape[-2]))
+        torch.sum(product, dim=-1, keepdim=True, out=out[:, :, rows])
     return out
 
 
@@ -585,34 +602,34 @@ def _rows_of(buffer: torch.Tensor, n: int) -> torch.Tensor:
 
 def _covariance_statistics(q, k, mean, w, total):
     """Non-causal rows: every row sees the same keys, var_i = q_i^T C q_i with C their covariance. Keys and rows
-    go in blocks of _ROW_BLOCK through one scratch buffer (centred keys, then C q), returned for reuse (it holds
-    nothing needed any more). w: (B, 1, S) key weights or None (no padding)."""
+    go in chunks through one small buffer (centred keys, then C q). w: (B, 1, S) key weights or None (no
+    padding)."""
     L, S = q.shape[-2], k.shape[-2]
-    scratch = _scratch(q, min(max(L, S), _ROW_BLOCK))
+    n = _rows_per_chunk(q)
+    buffer = _scratch(q, min(max(L, S), n))
     cov = torch.zeros(*k.shape[:2], k.shape[-1], k.shape[-1], dtype=k.dtype, device=k.device)
-    for start in range(0, S, _ROW_BLOCK):
-        keys = k[:, :, start : start + _ROW_BLOCK]
-        kc = torch.sub(keys, mean, out=_rows_of(scratch, keys.shape[-2]))
+    for start in range(0, S, n):
+        keys = k[:, :, start : start + n]
+        kc = torch.sub(keys, mean, out=_rows_of(buffer, keys.shape[-2]))
         if w is not None:
-            kc.mul_(w[:, :, start : start + _ROW_BLOCK, None])
+            kc.mul_(w[:, :, start : start + n, None])
         _baddbmm_(cov, kc.transpose(-1, -2), kc)
     cov.div_(total.clamp(min=1.0))
     var = q.new_empty(*q.shape[:-1], 1)
-    for start in range(0, L, _ROW_BLOCK):
-        rows = q[:, :, start : start + _ROW_BLOCK]
-        q_cov = torch.matmul(rows, cov, out=_rows_of(scratch, rows.shape[-2]))
-        var[:, :, start : start + _ROW_BLOCK] = _rowdot(q_cov, rows)
-    return var.clamp_(min=0.0), total, (cov, mean), scratch
+    for start in range(0, L, n):
+        rows = q[:, :, start : start + n]
+        q_cov = torch.matmul(rows, cov, out=_rows_of(buffer, rows.shape[-2]))
+        torch.sum(q_cov.mul_(rows), dim=-1, keepdim=True, out=var[:, :, start : start + n])
+    return var.clamp_(min=0.0), total, (cov, mean)
 
 
 def _row_statistics(q, k, key_weight, settings: _FastSettings, keep: bool = False):
     """Per query row: variance of q_i . k_j over its valid keys (B, H, L, 1), their number (broadcastable to
-    (B, 1, L, 1)), the key statistics the backward reuses (the covariance and mean, or the causal groups), and a
-    free q-shaped scratch buffer or None."""
+    (B, 1, L, 1)) and the key statistics the backward reuses (the covariance and mean, or the causal groups)."""
     mean, w, total = _key_mean(k, key_weight)
     if not settings.causal:
         return _covariance_statistics(q, k, mean, w if key_weight is not None else None, total)
-    return (*_causal_statistics(q, k, mean, w, key_weight is not None, settings.block, keep), None)
+    return _causal_statistics(q, k, mean, w, key_weight is not None, settings.block, keep)
 
 
 def _keeps_for_backward(query: torch.Tensor, settings: _FastSettings) -> bool:
@@ -650,12 +667,9 @@ def _sdpa(q_scaled, key, value, settings: _FastSettings):
     )
 
 
-def _rescaled(q, factor, dtype, scratch):
-    """q * factor in the query dtype, written into the statistics' scratch buffer when it fits (one large
-    allocation fewer per call: on CPU, fresh large allocations also cost page faults)."""
-    if scratch is not None and scratch.shape == q.shape and scratch.dtype == dtype:
-        return torch.mul(q, factor, out=scratch)
-    return q.mul(factor).to(dtype)
+def _rescaled(q, factor, dtype):
+    """q * factor, written in the query dtype (no compute-dtype temporary)."""
+    return torch.mul(q, factor, out=torch.empty(q.shape, dtype=dtype, device=q.device))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -667,37 +681,36 @@ def _covariance_backward(
 ):
     """Non-causal rows, var_i = q_i^T C q_i with C the covariance of the valid keys. Writes factor_i * grad_q_i +
     2 grad_var_i C q_i into out_q and grad_k + (the gradient through C) into out_k (out_* may be grad_* itself).
-    q_i = q_base_i * inv_scale_i (inv_scale None: 1). Rows and keys go in blocks of _ROW_BLOCK through one scratch
-    buffer (C q, then the weighted queries, then the keys' term)."""
+    q_i = q_base_i * inv_scale_i (inv_scale None: 1). Rows and keys go in chunks through two small buffers."""
     cov, mean = stats
     L, S = q_base.shape[-2], k.shape[-2]
-    scratch = _scratch(q_base, min(max(L, S), _ROW_BLOCK))
-    # C q = inv_scale * C q_base; sum_i 2 grad_var_i q_i q_i^T = sum_i 2 grad_var_i inv_scale_i^2 q_base_i q_base_i^T
+    n = _rows_per_chunk(q_base)
+    weighted_buffer, product_buffer = _scratch(q_base, min(max(L, S), n)), _scratch(q_base, min(max(L, S), n))
+    # C q = inv_scale * C q_base; sum_i 2 grad_var_i q_i q_i^T = sum_i (coef_q_i inv_scale_i) q_base_i q_base_i^T
     coef_q = 2.0 * grad_var if inv_scale is None else 2.0 * grad_var * inv_scale
-    coef_cov = 2.0 * grad_var if inv_scale is None else 2.0 * grad_var * inv_scale.square()
     grad_cov = torch.zeros_like(cov)
-    for start in range(0, L, _ROW_BLOCK):
-        rows, grad_rows = q_base[:, :, start : start + _ROW_BLOCK], grad_q[:, :, start : start + _ROW_BLOCK]
-        buffer = _rows_of(scratch, rows.shape[-2])
-        # one pass over SDPA's (strided) gradient: grad_rows = factor * grad_rows + coef_q * (C q_base)
-        q_cov = torch.matmul(rows, cov, out=buffer).mul_(coef_q[:, :, start : start + _ROW_BLOCK])
-        torch.addcmul(
-            q_cov, grad_rows, factor[:, :, start : start + _ROW_BLOCK], out=out_q[:, :, start : start + _ROW_BLOCK]
-        )
-        weighted = torch.mul(rows, coef_cov[:, :, start : start + _ROW_BLOCK], out=buffer)
-        grad_cov += torch.matmul(weighted.transpose(-1, -2), rows)
+    for start in range(0, L, n):
+        rows, grad_rows = q_base[:, :, start : start + n], grad_q[:, :, start : start + n]
+        weighted = torch.mul(rows, coef_q[:, :, start : start + n], out=_rows_of(weighted_buffer, rows.shape[-2]))
+        # one pass over SDPA's (strided) gradient: grad_rows = factor * grad_rows + (coef_q q_base) C
+        q_cov = torch.matmul(weighted, cov, out=_rows_of(product_buffer, rows.shape[-2]))
+        torch.addcmul(q_cov, grad_rows, factor[:, :, start : start + n], out=out_q[:, :, start : start + n])
+        if inv_scale is not None:
+            weighted.mul_(inv_scale[:, :, start : start + n])
+        _baddbmm_(grad_cov, weighted.transpose(-1, -2), rows)
     # C = (k - mean)^T W (k - mean) / n and sum_j w_j (k_j - mean) = 0: the mean's own gradient term vanishes
     grad_cov.div_(total.clamp(min=1.0))
     mean_term = torch.matmul(mean, grad_cov)
-    for start in range(0, S, _ROW_BLOCK):
-        keys = k[:, :, start : start + _ROW_BLOCK]
-        term = torch.matmul(keys, grad_cov, out=_rows_of(scratch, keys.shape[-2])).sub_(mean_term)
-        keys_out = out_k[:, :, start : start + _ROW_BLOCK]
+    for start in range(0, S, n):
+        keys = k[:, :, start : start + n]
+        term = torch.matmul(keys, grad_cov, out=_rows_of(product_buffer, keys.shape[-2])).sub_(mean_term)
+        keys_out = out_k[:, :, start : start + n]
         if key_weight is None:
-            torch.add(grad_k[:, :, start : start + _ROW_BLOCK], term, out=keys_out)
+            torch.add(grad_k[:, :, start : start + n], term, out=keys_out)
         else:  # padded keys get no gradient (they affect no output)
-            weight = key_weight[:, None, start : start + _ROW_BLOCK, None]
-            torch.addcmul(grad_k[:, :, start : start + _ROW_BLOCK], term, weight, out=keys_out)
+            torch.addcmul(
+                grad_k[:, :, start : start + n], term, key_weight[:, None, start : start + n, None], out=keys_out
+            )
 
 
 # torch's CPU flash-attention kernel, called directly so that the fast path keeps the input queries (which stock SDPA
@@ -791,9 +804,9 @@ def _fast_attention_no_grad(query, key, value, gamma, key_weight, settings: _Fas
 def _fast_attention_no_grad_impl(query, key, value, gamma, key_weight, settings: _FastSettings):
     compute_dtype = _compute_dtype(query.dtype)
     q = query.to(compute_dtype)
-    var, count, _, scratch = _row_statistics(q, key.to(compute_dtype), key_weight, settings)
+    var, count, _ = _row_statistics(q, key.to(compute_dtype), key_weight, settings)
     factor = _row_factor(var, count, gamma, settings)
-    q_scaled = _rescaled(q, factor, query.dtype, scratch)
+    q_scaled = _rescaled(q, factor, query.dtype)
     if settings.cpu_flash:  # the kernel the training path calls: bit-identical outputs
         mask = _additive_mask(settings, query.dtype)
         out = _CPU_FLASH(q_scaled, key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0)[0]
@@ -824,14 +837,14 @@ class _FastAttention(torch.autograd.Function):
         compute_dtype = _compute_dtype(query.dtype)
         q = query.detach().to(compute_dtype)
         keep = _keeps_for_backward(query, settings)
-        var, count, stats, scratch = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, keep)
+        var, count, stats = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, keep)
         gamma_leaf = gamma.detach().requires_grad_(gamma.requires_grad) if isinstance(gamma, torch.Tensor) else gamma
         var_leaf = var.detach().requires_grad_()
         with torch.enable_grad():
             factor = _row_factor(var_leaf, count, gamma_leaf, settings)  # small (B, H, L, 1) graph
         ctx.factor_graph = (factor, var_leaf, gamma_leaf)
         ctx.stats, ctx.count, ctx.settings = stats, count, settings
-        q_scaled = _rescaled(q, factor.detach(), query.dtype, scratch)
+        q_scaled = _rescaled(q, factor.detach(), query.dtype)
         if settings.cpu_flash:
             ctx.q_scaled = q_scaled if keep else None  # else rebuilt in the backward
             mask = _additive_mask(settings, query.dtype)
