@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .normsoftmax import _check_options, _check_positive_finite, _is_number, norm_softmax
+from .normsoftmax import _check_options, _check_positive_finite, _inverse_temperature, _is_number, norm_softmax
 
 __all__ = [
     "MaskStructure",
@@ -298,17 +298,6 @@ _KEEP_FOR_BACKWARD_BYTES = 2**25
 _CHUNK_BYTES = 2**20
 _MIN_CHUNK_ROWS = 32
 _ROW_BLOCK = 1024
-
-
-def _temperature(var: torch.Tensor, gamma, max_temperature, eps: float, statistic: str) -> torch.Tensor:
-    """Per-row divisor T of the logits, from the per-row variance of the (scaled) logits."""
-    spread = torch.sqrt(var + eps) if statistic == "std" else var + eps
-    if isinstance(gamma, torch.Tensor):
-        gamma = gamma.to(spread.dtype)
-    temperature = spread / gamma
-    if max_temperature is not None:
-        temperature = temperature.clamp(max=max_temperature)
-    return temperature
 
 
 def _rows_per_chunk(x: torch.Tensor) -> int:
@@ -642,14 +631,42 @@ def _keeps_for_backward(query: torch.Tensor, settings: _FastSettings) -> bool:
     return kept <= _KEEP_FOR_BACKWARD_BYTES
 
 
-def _row_factor(var, count, gamma, settings: _FastSettings) -> torch.Tensor:
-    """scale / T per row. A row with a single valid key attends to it with probability 1 whatever q is, so its
-    gradient is exactly zero; dividing by T = sqrt(eps) / gamma would instead amplify SDPA's rounding into a
-    spurious gradient: such rows (and rows without keys) get factor 0."""
-    temperature = _temperature(
-        var * settings.scale**2, gamma, settings.max_temperature, settings.eps, settings.statistic
-    )
-    return torch.where(count > 1, settings.scale / temperature, 0.0)
+class _RowFactor(NamedTuple):
+    """The per-row query factor ``scale / T_i`` (B, H, L, 1) and what its gradients need."""
+
+    factor: torch.Tensor
+    inv_temperature: torch.Tensor  # 1 / T_i = gamma / spread_i (capped)
+    spread_base: torch.Tensor  # var_i * scale^2 + eps: spread_i is its square root ("std") or itself ("var")
+    # where the factor varies with var and gamma: rows with at least two valid keys whose cap is not active
+    live: torch.Tensor
+
+
+def _row_factor(var, count, gamma, settings: _FastSettings) -> _RowFactor:
+    """scale / T per row, T from the variance of the scaled logits exactly as in :func:`norm_softmax`. A row with
+    a single valid key attends to it with probability 1 whatever q is, so its gradient is exactly zero; dividing by
+    T = sqrt(eps) / gamma would instead amplify SDPA's rounding into a spurious gradient: such rows (and rows
+    without keys) get factor 0."""
+    inv_cap, eps, power = _check_options(settings.max_temperature, settings.eps, settings.statistic)
+    var = var * settings.scale**2
+    inv_temperature, uncapped = _inverse_temperature(var, gamma, inv_cap, eps, power)
+    live = count > 1 if uncapped is None else (count > 1) & uncapped
+    factor = torch.where(count > 1, inv_temperature * settings.scale, 0.0)
+    return _RowFactor(factor, inv_temperature, var.add_(eps), live)
+
+
+def _row_factor_gradients(row: _RowFactor, grad_factor, gamma_spec, settings: _FastSettings):
+    """dL/dvar_i and dL/dgamma from dL/dfactor_i. gamma_spec: (shape, dtype) of a gamma tensor that requires
+    grad, else None (no gamma gradient). With 1/T = gamma * spread_base^(-power): d(1/T)/dvar =
+    -power * scale^2 * (1/T) / spread_base and d(1/T)/dgamma = spread_base^(-power), both 0 where the factor is
+    constant."""
+    power = 0.5 if settings.statistic == "std" else 1.0
+    grad_inv = torch.where(row.live, grad_factor * settings.scale, 0.0)  # dL/d(1/T)
+    grad_var = grad_inv * row.inv_temperature * (-power * settings.scale**2) / row.spread_base
+    if gamma_spec is None:
+        return grad_var, None
+    spread_inv = row.spread_base.rsqrt() if power == 0.5 else row.spread_base.reciprocal()
+    shape, dtype = gamma_spec
+    return grad_var, (grad_inv * spread_inv).sum_to_size(shape).to(dtype)
 
 
 def _sdpa(q_scaled, key, value, settings: _FastSettings):
@@ -805,7 +822,7 @@ def _fast_attention_no_grad_impl(query, key, value, gamma, key_weight, settings:
     compute_dtype = _compute_dtype(query.dtype)
     q = query.to(compute_dtype)
     var, count, _ = _row_statistics(q, key.to(compute_dtype), key_weight, settings)
-    factor = _row_factor(var, count, gamma, settings)
+    factor = _row_factor(var, count, gamma, settings).factor
     q_scaled = _rescaled(q, factor, query.dtype)
     if settings.cpu_flash:  # the kernel the training path calls: bit-identical outputs
         mask = _additive_mask(settings, query.dtype)
@@ -838,13 +855,11 @@ class _FastAttention(torch.autograd.Function):
         q = query.detach().to(compute_dtype)
         keep = _keeps_for_backward(query, settings)
         var, count, stats = _row_statistics(q, key.detach().to(compute_dtype), key_weight, settings, keep)
-        gamma_leaf = gamma.detach().requires_grad_(gamma.requires_grad) if isinstance(gamma, torch.Tensor) else gamma
-        var_leaf = var.detach().requires_grad_()
-        with torch.enable_grad():
-            factor = _row_factor(var_leaf, count, gamma_leaf, settings)  # small (B, H, L, 1) graph
-        ctx.factor_graph = (factor, var_leaf, gamma_leaf)
+        row = _row_factor(var, count, gamma.detach() if isinstance(gamma, torch.Tensor) else gamma, settings)
+        wants_gamma = isinstance(gamma, torch.Tensor) and gamma.requires_grad
+        ctx.row, ctx.gamma_spec = row, ((gamma.shape, gamma.dtype) if wants_gamma else None)
         ctx.stats, ctx.count, ctx.settings = stats, count, settings
-        q_scaled = _rescaled(q, factor.detach(), query.dtype)
+        q_scaled = _rescaled(q, row.factor, query.dtype)
         if settings.cpu_flash:
             ctx.q_scaled = q_scaled if keep else None  # else rebuilt in the backward
             mask = _additive_mask(settings, query.dtype)
@@ -871,7 +886,7 @@ class _FastAttention(torch.autograd.Function):
         """SDPA's gradients w.r.t. (q_scaled, key, value), and the queries as ``q_base * inv_scale`` per row
         (``inv_scale`` None: ``q_base`` are the queries)."""
         settings = ctx.settings
-        factor = ctx.factor_graph[0].detach()
+        factor = ctx.row.factor
         if settings.cpu_flash:
             query, key, value, key_weight, out, logsumexp, mask = ctx.saved_tensors
             q = query.to(factor.dtype)
@@ -909,18 +924,14 @@ class _FastAttention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         (grad_q, grad_k, grad_v), key, key_weight, q_base, inv_scale = _FastAttention._sdpa_gradients(ctx, grad_out)
-        factor, var_leaf, gamma_leaf = ctx.factor_graph
+        factor = ctx.row.factor
         compute_dtype = factor.dtype
-        factor_value = factor.detach()
         query_dtype = grad_q.dtype
         grad_q = grad_q.to(compute_dtype)
         grad_factor = _rowdot(grad_q, q_base)
         if inv_scale is not None:
             grad_factor.mul_(inv_scale)
-        wants_gamma = isinstance(gamma_leaf, torch.Tensor) and gamma_leaf.requires_grad
-        leaves = (var_leaf, gamma_leaf) if wants_gamma else (var_leaf,)
-        grads = torch.autograd.grad(factor, leaves, grad_factor, retain_graph=True)
-        grad_var, grad_gamma = grads[0], (grads[1] if wants_gamma else None)
+        grad_var, grad_gamma = _row_factor_gradients(ctx.row, grad_factor, ctx.gamma_spec, ctx.settings)
         grad_k = grad_k.to(compute_dtype)
         k = key.to(compute_dtype)
         # small calls (within the keep budget) write the final gradients in the inputs' memory layout (the kernel's
@@ -928,7 +939,7 @@ class _FastAttention(torch.autograd.Function):
         # kernel's gradients in place (two fewer q-sized tensors at the peak)
         fresh = (q_base.numel() + k.numel()) * k.element_size() <= _KEEP_FOR_BACKWARD_BYTES
         out_q, out_k = (torch.empty_like(q_base), torch.empty_like(k)) if fresh else (grad_q, grad_k)
-        args = (grad_q, grad_k, out_q, out_k, factor_value, q_base, inv_scale, grad_var, k, key_weight, ctx.stats)
+        args = (grad_q, grad_k, out_q, out_k, factor, q_base, inv_scale, grad_var, k, key_weight, ctx.stats)
         if ctx.settings.causal:
             _causal_backward(*args, ctx.settings.block)
         else:

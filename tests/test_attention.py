@@ -162,6 +162,36 @@ def test_statistic_and_temperature_cap(statistic, cap):
     torch.testing.assert_close(fast, expected, atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("statistic", ["std", "var"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("capped", [False, True])
+def test_statistic_and_cap_gradcheck(statistic, causal, capped):
+    """Gradients through the row temperature for both statistics, with the cap active on about half of the rows
+    (placed between two rows' temperatures, away from the kink) and a per-head gamma that learns."""
+    B, H, L, D = 2, 2, 10, 4
+    q, k, v = make_qkv(B, H, L, L, D, requires_grad=True, seed=3)
+    gamma = torch.tensor([0.8, 1.9], dtype=torch.float64).view(H, 1, 1).requires_grad_()
+    mask = padding_mask(B, L, [10, 7])[:, None, None, :]
+    cap = None
+    if capped:
+        valid = full_valid(mask[:, 0, 0], causal, B, H, L, L)
+        logits = (q @ k.transpose(-1, -2)).detach() / math.sqrt(D)
+        count = valid.sum(-1, keepdim=True)
+        mean = torch.where(valid, logits, 0.0).sum(-1, keepdim=True) / count
+        var = torch.where(valid, (logits - mean) ** 2, 0.0).sum(-1, keepdim=True) / count
+        spread = (var + 1e-6).sqrt() if statistic == "std" else var + 1e-6
+        temperatures = (spread / gamma.detach())[count > 1].sort().values
+        middle = len(temperatures) // 2
+        cap = float(temperatures[middle - 1] + temperatures[middle]) / 2
+
+    def fn(q, k, v, gamma):
+        return normsoftmax_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma, max_temperature=cap, statistic=statistic
+        )[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, gamma), eps=1e-6, atol=1e-6)
+
+
 def test_per_head_gamma_tensor():
     B, H, L, D = 2, 3, 12, 8
     q, k, v = make_qkv(B, H, L, L, D)
