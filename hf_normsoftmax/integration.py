@@ -38,6 +38,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import re
+import threading
 from typing import Any
 
 import torch
@@ -63,6 +64,10 @@ except ImportError:  # pragma: no cover - other transformers versions
     _active_collector = None
 
 logger = logging.get_logger(__name__)
+
+# save_pretrained sets the classes' _auto_class (read by transformers' save) for the duration of a save: saves of
+# variants in several threads at once take turns, so that none sees another's setting.
+_CLASS_STATE_LOCK = threading.RLock()
 
 ATTENTION_IMPLEMENTATION = "normsoftmax"
 REFERENCE_ATTENTION_IMPLEMENTATION = "normsoftmax_reference"
@@ -178,15 +183,30 @@ def _normsoftmax_attention_forward(
     recorder = getattr(module, RECORDER_ATTRIBUTE, None)
     if recorder is not None:
         recorder(
-            module=module, query=query, key=key, attention_mask=valid_from_mask(attention_mask), is_causal=causal,
-            scaling=scaling, softmax=softmax_kind, gamma=gamma, max_temperature=max_temperature, eps=eps,
+            module=module,
+            query=query,
+            key=key,
+            attention_mask=valid_from_mask(attention_mask),
+            is_causal=causal,
+            scaling=scaling,
+            softmax=softmax_kind,
+            gamma=gamma,
+            max_temperature=max_temperature,
+            eps=eps,
         )
 
     if softmax_kind == "softmax":
         if not reference and not want_weights and position_bias is None:
             # exactly the stock SDPA computation (same function transformers runs for attn_implementation="sdpa")
             return sdpa_attention_forward(
-                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=is_causal,
                 **{k: v for k, v in kwargs.items() if k not in ("is_causal", "position_bias")},
             )
         out, weights = _softmax_attention_reference(query, key, value, attention_mask, causal, scaling, dropout)
@@ -194,8 +214,17 @@ def _normsoftmax_attention_forward(
 
     op = normsoftmax_attention_reference if reference else normsoftmax_attention
     out, weights = op(
-        query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling, gamma=gamma,
-        max_temperature=max_temperature, eps=eps, statistic=statistic, dropout_p=dropout,
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        is_causal=causal,
+        scale=scaling,
+        gamma=gamma,
+        max_temperature=max_temperature,
+        eps=eps,
+        statistic=statistic,
+        dropout_p=dropout,
         return_weights=want_weights,
     )
     return out.transpose(1, 2).contiguous(), weights
@@ -822,7 +851,8 @@ def reset_normsoftmax_state(model: nn.Module) -> None:
 
 def _checkpoint_config_dict(path, kwargs: dict) -> dict | None:
     hub_kwargs = {
-        k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+        k: kwargs[k]
+        for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
         if k in kwargs
     }
     try:
@@ -936,8 +966,10 @@ class NormSoftmaxPreTrainedMixin:
         registered = getattr(cls, "_auto_class", None)
         if registered:
             return registered
-        return next((auto for suffix, auto in cls._normsoftmax_auto_class_suffixes if cls.__name__.endswith(suffix)),
-                    "AutoModel")
+        return next(
+            (auto for suffix, auto in cls._normsoftmax_auto_class_suffixes if cls.__name__.endswith(suffix)),
+            "AutoModel",
+        )
 
     def save_pretrained(
         self, save_directory, *args, save_remote_code: bool | None = None, auto_class: str | None = None, **kwargs
@@ -991,13 +1023,20 @@ class NormSoftmaxPreTrainedMixin:
             save_remote_code = getattr(self, "save_remote_code", True)
         if not isinstance(save_remote_code, bool):
             raise TypeError(f"Invalid value for `save_remote_code`: {save_remote_code!r}. Allowed: True, False, None.")
-        model_class, config_class, config = type(self), type(self.config), self.config
+        model_class = type(self)
         if save_remote_code and model_class.__module__ == "__main__":
             logger.warning(
                 f"{model_class.__name__} is defined in __main__: its code cannot be saved with the "
                 "checkpoint (save_remote_code ignored)."
             )
             save_remote_code = False
+        with _CLASS_STATE_LOCK:  # the class attributes set below are shared by every thread saving these classes
+            return self._save_with_auto_map(save_directory, save_remote_code, auto_class, kwargs)
+
+    def _save_with_auto_map(self, save_directory, save_remote_code: bool, auto_class, kwargs):
+        """transformers' save with our files and auto_map (save_remote_code) or without any, leaving the classes'
+        Auto registration and the config's auto_map as they were."""
+        model_class, config_class, config = type(self), type(self.config), self.config
 
         def is_ours(ref) -> bool:  # an auto_map entry naming our files (possibly as "repo--module.Class")
             refs = ref if isinstance(ref, (list, tuple)) else [ref]

