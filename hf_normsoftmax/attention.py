@@ -639,6 +639,7 @@ class _RowFactor(NamedTuple):
     spread_base: torch.Tensor  # var_i * scale^2 + eps: spread_i is its square root ("std") or itself ("var")
     # where the factor varies with var and gamma: rows with at least two valid keys whose cap is not active
     live: torch.Tensor
+    power: float  # 1/T = gamma * spread_base^(-power): 0.5 for "std", 1 for "var"
 
 
 def _row_factor(var, count, gamma, settings: _FastSettings) -> _RowFactor:
@@ -651,7 +652,7 @@ def _row_factor(var, count, gamma, settings: _FastSettings) -> _RowFactor:
     inv_temperature, uncapped = _inverse_temperature(var, gamma, inv_cap, eps, power)
     live = count > 1 if uncapped is None else (count > 1) & uncapped
     factor = torch.where(count > 1, inv_temperature * settings.scale, 0.0)
-    return _RowFactor(factor, inv_temperature, var.add_(eps), live)
+    return _RowFactor(factor, inv_temperature, var.add_(eps), live, power)
 
 
 def _row_factor_gradients(row: _RowFactor, grad_factor, gamma_spec, settings: _FastSettings):
@@ -659,12 +660,11 @@ def _row_factor_gradients(row: _RowFactor, grad_factor, gamma_spec, settings: _F
     grad, else None (no gamma gradient). With 1/T = gamma * spread_base^(-power): d(1/T)/dvar =
     -power * scale^2 * (1/T) / spread_base and d(1/T)/dgamma = spread_base^(-power), both 0 where the factor is
     constant."""
-    power = 0.5 if settings.statistic == "std" else 1.0
     grad_inv = torch.where(row.live, grad_factor * settings.scale, 0.0)  # dL/d(1/T)
-    grad_var = grad_inv * row.inv_temperature * (-power * settings.scale**2) / row.spread_base
+    grad_var = grad_inv * row.inv_temperature * (-row.power * settings.scale**2) / row.spread_base
     if gamma_spec is None:
         return grad_var, None
-    spread_inv = row.spread_base.rsqrt() if power == 0.5 else row.spread_base.reciprocal()
+    spread_inv = row.spread_base.rsqrt() if row.power == 0.5 else row.spread_base.reciprocal()
     shape, dtype = gamma_spec
     return grad_var, (grad_inv * spread_inv).sum_to_size(shape).to(dtype)
 

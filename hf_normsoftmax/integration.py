@@ -183,30 +183,15 @@ def _normsoftmax_attention_forward(
     recorder = getattr(module, RECORDER_ATTRIBUTE, None)
     if recorder is not None:
         recorder(
-            module=module,
-            query=query,
-            key=key,
-            attention_mask=valid_from_mask(attention_mask),
-            is_causal=causal,
-            scaling=scaling,
-            softmax=softmax_kind,
-            gamma=gamma,
-            max_temperature=max_temperature,
-            eps=eps,
+            module=module, query=query, key=key, attention_mask=valid_from_mask(attention_mask), is_causal=causal,
+            scaling=scaling, softmax=softmax_kind, gamma=gamma, max_temperature=max_temperature, eps=eps,
         )
 
     if softmax_kind == "softmax":
         if not reference and not want_weights and position_bias is None:
             # exactly the stock SDPA computation (same function transformers runs for attn_implementation="sdpa")
             return sdpa_attention_forward(
-                module,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=dropout,
-                scaling=scaling,
-                is_causal=is_causal,
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                 **{k: v for k, v in kwargs.items() if k not in ("is_causal", "position_bias")},
             )
         out, weights = _softmax_attention_reference(query, key, value, attention_mask, causal, scaling, dropout)
@@ -214,17 +199,8 @@ def _normsoftmax_attention_forward(
 
     op = normsoftmax_attention_reference if reference else normsoftmax_attention
     out, weights = op(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        is_causal=causal,
-        scale=scaling,
-        gamma=gamma,
-        max_temperature=max_temperature,
-        eps=eps,
-        statistic=statistic,
-        dropout_p=dropout,
+        query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling, gamma=gamma,
+        max_temperature=max_temperature, eps=eps, statistic=statistic, dropout_p=dropout,
         return_weights=want_weights,
     )
     return out.transpose(1, 2).contiguous(), weights
@@ -851,8 +827,7 @@ def reset_normsoftmax_state(model: nn.Module) -> None:
 
 def _checkpoint_config_dict(path, kwargs: dict) -> dict | None:
     hub_kwargs = {
-        k: kwargs[k]
-        for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+        k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
         if k in kwargs
     }
     try:
@@ -966,10 +941,8 @@ class NormSoftmaxPreTrainedMixin:
         registered = getattr(cls, "_auto_class", None)
         if registered:
             return registered
-        return next(
-            (auto for suffix, auto in cls._normsoftmax_auto_class_suffixes if cls.__name__.endswith(suffix)),
-            "AutoModel",
-        )
+        return next((auto for suffix, auto in cls._normsoftmax_auto_class_suffixes if cls.__name__.endswith(suffix)),
+                    "AutoModel")
 
     def save_pretrained(
         self, save_directory, *args, save_remote_code: bool | None = None, auto_class: str | None = None, **kwargs

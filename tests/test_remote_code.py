@@ -22,13 +22,8 @@ from test_models_common import TINY_BERT, TINY_GPT2, TINY_VIT
 
 import hf_normsoftmax as H
 
-ALL_ON = dict(
-    attention_softmax="normsoftmax",
-    normsoftmax_learnable_gamma=True,
-    normsoftmax_max_temperature=2.0,
-    loss_softmax="normsoftmax",
-    sigma_reparam=True,
-)
+ALL_ON = dict(attention_softmax="normsoftmax", normsoftmax_learnable_gamma=True, normsoftmax_max_temperature=2.0,
+              loss_softmax="normsoftmax", sigma_reparam=True)
 
 LOADER = textwrap.dedent(
     """
@@ -83,16 +78,11 @@ def run_hidden(jobs: list[dict], tmp_path) -> dict:
     work.mkdir()
     result = subprocess.run(
         [sys.executable, "-c", LOADER, json.dumps(jobs)],
-        cwd=work,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report_line = next(line for line in result.stdout.splitlines() if line.startswith("REPORT:"))
-    return json.loads(report_line[len("REPORT:") :])
+    return json.loads(report_line[len("REPORT:"):])
 
 
 def save_with_code_by_registration(model, auto_name, path):
@@ -111,19 +101,11 @@ def save_with_code_by_registration(model, auto_name, path):
 
 
 CASES = {
-    "bert": (
-        H.NormSoftmaxBertForSequenceClassification,
-        H.NormSoftmaxBertConfig,
-        dict(TINY_BERT, num_labels=3),
-        "AutoModelForSequenceClassification",
-    ),
+    "bert": (H.NormSoftmaxBertForSequenceClassification, H.NormSoftmaxBertConfig,
+             dict(TINY_BERT, num_labels=3), "AutoModelForSequenceClassification"),
     "gpt2": (H.NormSoftmaxGPT2LMHeadModel, H.NormSoftmaxGPT2Config, TINY_GPT2, "AutoModelForCausalLM"),
-    "vit": (
-        H.NormSoftmaxViTForImageClassification,
-        H.NormSoftmaxViTConfig,
-        dict(TINY_VIT, num_labels=3),
-        "AutoModelForImageClassification",
-    ),
+    "vit": (H.NormSoftmaxViTForImageClassification, H.NormSoftmaxViTConfig, dict(TINY_VIT, num_labels=3),
+            "AutoModelForImageClassification"),
 }
 
 
@@ -154,15 +136,8 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         assert set(saved["auto_map"]) == {"AutoConfig", auto_name}, saved["auto_map"]
         assert saved["auto_map"]["AutoConfig"] == f"configuration_normsoftmax.{config_class.__name__}"
         assert saved["auto_map"][auto_name].endswith(f".{model_class.__name__}")
-        for needed in (
-            "integration.py",
-            "configuration_normsoftmax.py",
-            "attention.py",
-            "normsoftmax.py",
-            "losses.py",
-            "sigma_reparam.py",
-            f"modeling_normsoftmax_{name}.py",
-        ):
+        for needed in ("integration.py", "configuration_normsoftmax.py", "attention.py", "normsoftmax.py",
+                       "losses.py", "sigma_reparam.py", f"modeling_normsoftmax_{name}.py"):
             assert (path / needed).is_file(), needed
         inputs = _inputs(name)
         torch.save(inputs, tmp_path / f"{name}.pt")
@@ -223,17 +198,10 @@ def test_without_package_and_without_trust_the_error_names_the_fix(tmp_path):
     code = LOADER.split("reports = {}")[0] + NO_TRUST
     work = tmp_path / "cwd"
     work.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-c", code, json.dumps([str(with_code), str(without_code)])],
-        cwd=work,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = subprocess.run([sys.executable, "-c", code, json.dumps([str(with_code), str(without_code)])], cwd=work,
+                            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    errors = [json.loads(line[len("ERROR ") :]) for line in result.stdout.splitlines() if line.startswith("ERROR ")]
+    errors = [json.loads(line[len("ERROR "):]) for line in result.stdout.splitlines() if line.startswith("ERROR ")]
     assert len(errors) == 2, result.stdout
     default, opted_out = errors
     assert default.startswith("ValueError: "), default
@@ -290,10 +258,8 @@ def test_default_save_writes_code_and_loads_with_the_package_classes(tmp_path):
     base = AutoModel.from_pretrained(tmp_path / "a")
     assert type(base) is H.NormSoftmaxBertModel and base.config.auto_map  # read from config.json
     base.save_pretrained(tmp_path / "b")
-    assert _saved(tmp_path / "b")[0] == {
-        "AutoConfig": "configuration_normsoftmax.NormSoftmaxBertConfig",
-        "AutoModel": "modeling_normsoftmax_bert.NormSoftmaxBertModel",
-    }
+    assert _saved(tmp_path / "b")[0] == {"AutoConfig": "configuration_normsoftmax.NormSoftmaxBertConfig",
+                                         "AutoModel": "modeling_normsoftmax_bert.NormSoftmaxBertModel"}
     # opting out drops the loaded auto_map too (it would name code files the folder does not have)
     base.save_pretrained(tmp_path / "c", save_remote_code=False)
     assert _saved(tmp_path / "c") == (None, [])
