@@ -336,10 +336,10 @@ def _key_mean(k, key_weight):
     return torch.matmul(w[..., None, :], k) / count.clamp(min=1.0), w, count  # no weighted copy of k
 
 
-def _centred(k_rows, mean, w_rows):
-    """Keys of a slice minus the mean, zeroed at invalid keys (w_rows None: no padding). k_rows (B, H, ..., D),
-    w_rows (B, 1, ...)."""
-    centred = k_rows - mean.view(*mean.shape[:2], *[1] * (k_rows.dim() - 3), -1)
+def _centred(k_rows, mean, w_rows, out=None):
+    """Keys of a slice minus the mean, zeroed at invalid keys (w_rows None: no padding), written into ``out`` if
+    given. k_rows (B, H, ..., D), w_rows (B, 1, ...)."""
+    centred = torch.sub(k_rows, mean.view(*mean.shape[:2], *[1] * (k_rows.dim() - 3), -1), out=out)
     return centred if w_rows is None else centred.mul_(w_rows[..., None])
 
 
@@ -599,9 +599,8 @@ def _covariance_statistics(q, k, mean, w, total):
     cov = torch.zeros(*k.shape[:2], k.shape[-1], k.shape[-1], dtype=k.dtype, device=k.device)
     for start in range(0, S, n):
         keys = k[:, :, start : start + n]
-        kc = torch.sub(keys, mean, out=_rows_of(buffer, keys.shape[-2]))
-        if w is not None:
-            kc.mul_(w[:, :, start : start + n, None])
+        w_rows = None if w is None else w[:, :, start : start + n]
+        kc = _centred(keys, mean, w_rows, out=_rows_of(buffer, keys.shape[-2]))
         _baddbmm_(cov, kc.transpose(-1, -2), kc)
     cov.div_(total.clamp(min=1.0))
     var = q.new_empty(*q.shape[:-1], 1)

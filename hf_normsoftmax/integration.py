@@ -1066,13 +1066,19 @@ class NormSoftmaxPreTrainedMixin:
             return None
 
     @staticmethod
+    def _warn_card_fields_ignored(caller: str, stacklevel: int) -> None:
+        """The warning of both fallbacks without the package (``stacklevel`` counted from this function)."""
+        import warnings
+
+        message = f"{caller}: `card_fields` are ignored without hf_normsoftmax."
+        warnings.warn(message, UserWarning, stacklevel=stacklevel)
+
+    @staticmethod
     def _drop_hub_only_arguments(kwargs: dict, caller: str) -> None:
         """Without the package, ``save_pretrained(push_to_hub=True)`` is transformers': take out the arguments only
         hf_normsoftmax's push understands (transformers would hand them to ``HfApi.create_repo``)."""
-        import warnings
-
         if kwargs.pop("card_fields", None):
-            warnings.warn(f"{caller}: `card_fields` are ignored without hf_normsoftmax.", UserWarning, stacklevel=3)
+            NormSoftmaxPreTrainedMixin._warn_card_fields_ignored(caller, stacklevel=4)
         refused = sorted(
             k for k in ("processing_class", "tokenizer", "tags", "commit_description", "revision") if k in kwargs
         )
@@ -1136,11 +1142,7 @@ class NormSoftmaxPreTrainedMixin:
         )
         if hub is None:
             if card_fields:
-                import warnings
-
-                warnings.warn(
-                    "push_to_hub: `card_fields` are ignored without hf_normsoftmax.", UserWarning, stacklevel=2
-                )
+                self._warn_card_fields_ignored("push_to_hub", stacklevel=3)
             return self._push_to_hub_without_package(repo_id, processing_class, **upload)
         return hub.push_model(self, repo_id, processor=processing_class, card_fields=card_fields, **upload)
 
