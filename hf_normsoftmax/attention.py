@@ -915,6 +915,18 @@ class _FastAttention(torch.autograd.Function):
         return grads, key, key_weight, q_scaled.detach(), torch.where(factor > 0, 1.0 / factor, 0.0)
 
     @staticmethod
+    def _query_gradient_buffer(ctx, q_base):
+        """Where the query gradient is written: over the rescaled queries the CPU forward kept (the kernel has read
+        them for the last time; one query-sized allocation fewer, which would otherwise often be fresh pages) when
+        their dtype and layout match the queries', else a new tensor. A second backward (retain_graph) rebuilds
+        them."""
+        spare = getattr(ctx, "q_scaled", None)
+        if spare is None or spare.dtype != q_base.dtype or spare.stride() != q_base.stride():
+            return torch.empty_like(q_base)
+        ctx.q_scaled = None
+        return spare
+
+    @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         with torch.autocast(grad_out.device.type, enabled=False):
@@ -937,7 +949,9 @@ class _FastAttention(torch.autograd.Function):
         # are (B, L, H, D)): a leaf query/key then takes them without a layout copy; large ones overwrite the
         # kernel's gradients in place (two fewer q-sized tensors at the peak)
         fresh = (q_base.numel() + k.numel()) * k.element_size() <= _KEEP_FOR_BACKWARD_BYTES
-        out_q, out_k = (torch.empty_like(q_base), torch.empty_like(k)) if fresh else (grad_q, grad_k)
+        out_q, out_k = (
+            (_FastAttention._query_gradient_buffer(ctx, q_base), torch.empty_like(k)) if fresh else (grad_q, grad_k)
+        )
         args = (grad_q, grad_k, out_q, out_k, factor, q_base, inv_scale, grad_var, k, key_weight, ctx.stats)
         if ctx.settings.causal:
             _causal_backward(*args, ctx.settings.block)

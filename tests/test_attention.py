@@ -471,6 +471,25 @@ def test_second_backward_through_retained_graph_and_no_grad_path(block_products)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_second_backward_after_query_gradient_overwrote_the_kept_queries(causal):
+    """Contiguous float32 queries on CPU: the first backward writes the query gradient over the rescaled queries
+    the forward kept; a second backward through the retained graph must rebuild them, not read the gradient."""
+    B, H, L, D = 2, 3, 24, 8
+    q, k, v = make_qkv(B, H, L, L, D, dtype=torch.float32, requires_grad=True)
+    mask = padding_mask(B, L, [24, 17])[:, None, None, :]
+    out, _ = normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal, gamma=1.5)
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), grad_out)
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    ref, _ = normsoftmax_attention_reference(q, k, v, attn_mask=mask, is_causal=causal, gamma=1.5)
+    expected = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for a, b in zip(second, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_second_backward_with_dropout_is_refused_clearly():
     q, k, v = make_qkv(1, 2, 16, 16, 8, dtype=torch.float32, requires_grad=True)
     out, _ = normsoftmax_attention(q, k, v, dropout_p=0.3)
