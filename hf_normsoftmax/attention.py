@@ -915,16 +915,23 @@ class _FastAttention(torch.autograd.Function):
         return grads, key, key_weight, q_scaled.detach(), torch.where(factor > 0, 1.0 / factor, 0.0)
 
     @staticmethod
-    def _query_gradient_buffer(ctx, q_base):
-        """Where the query gradient is written: over the rescaled queries the CPU forward kept (the kernel has read
-        them for the last time; one query-sized allocation fewer, which would otherwise often be fresh pages) when
-        their dtype and layout match the queries', else a new tensor. A second backward (retain_graph) rebuilds
-        them."""
+    def _gradient_buffers(ctx, grad_q, grad_k, q_base, k):
+        """Where the final query and key gradients are written. Small calls (within the keep budget) write them in
+        the inputs' memory layout, so that a leaf query/key takes them without a layout copy: over the kernel's own
+        gradient when it already has that layout (transformers' transposed projections do), else over the rescaled
+        queries the CPU forward kept (the kernel was their last reader; a second backward rebuilds them), else into
+        a new tensor. Each reused buffer is one q-sized allocation fewer, which would often be fresh pages. Large
+        calls overwrite the kernel's gradients in place (two fewer q-sized tensors at the peak)."""
+        if (q_base.numel() + k.numel()) * k.element_size() > _KEEP_FOR_BACKWARD_BYTES:
+            return grad_q, grad_k
+        out_k = grad_k if grad_k.stride() == k.stride() else torch.empty_like(k)
+        if grad_q.stride() == q_base.stride():
+            return grad_q, out_k
         spare = getattr(ctx, "q_scaled", None)
         if spare is None or spare.dtype != q_base.dtype or spare.stride() != q_base.stride():
-            return torch.empty_like(q_base)
+            return torch.empty_like(q_base), out_k
         ctx.q_scaled = None
-        return spare
+        return spare, out_k
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -945,13 +952,7 @@ class _FastAttention(torch.autograd.Function):
         grad_var, grad_gamma = _row_factor_gradients(ctx.row, grad_factor, ctx.gamma_spec, ctx.settings)
         grad_k = grad_k.to(compute_dtype)
         k = key.to(compute_dtype)
-        # small calls (within the keep budget) write the final gradients in the inputs' memory layout (the kernel's
-        # are (B, L, H, D)): a leaf query/key then takes them without a layout copy; large ones overwrite the
-        # kernel's gradients in place (two fewer q-sized tensors at the peak)
-        fresh = (q_base.numel() + k.numel()) * k.element_size() <= _KEEP_FOR_BACKWARD_BYTES
-        out_q, out_k = (
-            (_FastAttention._query_gradient_buffer(ctx, q_base), torch.empty_like(k)) if fresh else (grad_q, grad_k)
-        )
+        out_q, out_k = _FastAttention._gradient_buffers(ctx, grad_q, grad_k, q_base, k)
         args = (grad_q, grad_k, out_q, out_k, factor, q_base, inv_scale, grad_var, k, key_weight, ctx.stats)
         if ctx.settings.causal:
             _causal_backward(*args, ctx.settings.block)

@@ -471,12 +471,18 @@ def test_second_backward_through_retained_graph_and_no_grad_path(block_products)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_second_backward_after_query_gradient_overwrote_the_kept_queries(causal):
-    """Contiguous float32 queries on CPU: the first backward writes the query gradient over the rescaled queries
-    the forward kept; a second backward through the retained graph must rebuild them, not read the gradient."""
+def test_second_backward_after_gradients_overwrote_kept_buffers(causal, layout):
+    """Float32 on CPU, within the keep budget, the final gradients reuse buffers: contiguous queries get theirs
+    over the rescaled queries the forward kept (a second backward through the retained graph must rebuild them,
+    not read the gradient); (B, L, H, D) inputs seen as (B, H, L, D), as transformers passes them, get theirs over
+    the kernel's own gradients (same layout). Both against the reference."""
     B, H, L, D = 2, 3, 24, 8
-    q, k, v = make_qkv(B, H, L, L, D, dtype=torch.float32, requires_grad=True)
+    q, k, v = make_qkv(B, H, L, L, D, dtype=torch.float32)
+    if layout == "transposed":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     mask = padding_mask(B, L, [24, 17])[:, None, None, :]
     out, _ = normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal, gamma=1.5)
     grad_out = torch.randn_like(out)
