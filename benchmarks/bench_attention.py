@@ -76,7 +76,13 @@ def time_paths(paths, args, causal, padded, reps):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times[p].append(clock() - t0)
-    return {p: statistics.median(t) for p, t in times.items()}
+    return times
+
+
+def quartiles(values):
+    """(lower quartile, upper quartile) of a list (the middle half of the repetitions lies between them)."""
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return q1, q3
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -178,10 +184,16 @@ def main(argv=None):
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, median of {args.reps}"
     )
     print()
-    print(f"| N | mask | path | time vs SDPA | peak memory vs SDPA (N={args.mem_length}) |")
-    print("|---|---|---|---|---|")
+    print(
+        f"| N | mask | path | time vs SDPA | quartiles of the per-repetition ratios | "
+        f"peak memory vs SDPA (N={args.mem_length}) |"
+    )
+    print("|---|---|---|---|---|---|")
     for causal, padded in [(False, False), (False, True), (True, False), (True, True)]:
-        times = time_paths(paths, args, causal, padded, args.reps)
+        runs = time_paths(paths, args, causal, padded, args.reps)
+        times = {p: statistics.median(t) for p, t in runs.items()}
+        # each repetition's ratio to the SDPA call just before it: their spread shows how noisy this run was
+        paired = {p: quartiles([a / b for a, b in zip(runs[p], runs["sdpa"], strict=True)]) for p in paths}
         mems = {}
         if not args.no_memory:
             for p in paths:
@@ -191,7 +203,8 @@ def main(argv=None):
         name = ("causal" if causal else "bidirectional") + (" + padding" if padded else "")
         for p in paths:
             mem = f"{mems[p] / mems['sdpa']:.2f}x" if p in mems and mems.get("sdpa") else "-"
-            print(f"| {args.length} | {name} | {p} | {times[p] / times['sdpa']:.2f}x | {mem} |", flush=True)
+            spread = f"{paired[p][0]:.2f}x-{paired[p][1]:.2f}x"
+            print(f"| {args.length} | {name} | {p} | {times[p] / times['sdpa']:.2f}x | {spread} | {mem} |", flush=True)
 
 
 if __name__ == "__main__":
