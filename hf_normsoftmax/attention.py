@@ -287,9 +287,9 @@ _CAUSAL_BLOCK, _CAUSAL_BLOCK_LONG, _CAUSAL_LONG_FROM = 64, 128, 1024
 _GROUP_MOMENT_FLOATS = 2**18
 # Up to this many bytes (per call), the forward keeps for the backward what it would otherwise recompute there: the
 # rescaled queries (CPU kernel) and, causal, the in-block logits, query-moment products and centred keys (two of
-# the nine block matmuls and several passes); the backward then also writes its final gradients into fresh tensors
-# in the inputs' layout. Above it everything is recomputed or done in place, so long sequences keep stock SDPA's
-# memory.
+# the nine block matmuls and several passes); the backward then also writes its final gradients in the inputs'
+# layout (see _FastAttention._gradient_buffers). Above it everything is recomputed or done in place, so long
+# sequences keep stock SDPA's memory.
 _KEEP_FOR_BACKWARD_BYTES = 2**25
 # The non-causal statistics take query rows and keys in chunks through small reused (B, H, rows, D) buffers of
 # about _CHUNK_BYTES, which stay in cache: a fresh q-sized temporary costs more (page faults, memory traffic) than
