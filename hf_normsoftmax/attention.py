@@ -701,7 +701,7 @@ def _covariance_backward(
     cov, mean = stats
     L, S = q_base.shape[-2], k.shape[-2]
     n = _rows_per_chunk(q_base)
-    weighted_buffer, product_buffer = _scratch(q_base, min(max(L, S), n)), _scratch(q_base, min(max(L, S), n))
+    weighted_buffer, product_buffer = (_scratch(q_base, min(max(L, S), n)) for _ in range(2))
     # C q = inv_scale * C q_base; sum_i 2 grad_var_i q_i q_i^T = sum_i (coef_q_i inv_scale_i) q_base_i q_base_i^T
     coef_q = 2.0 * grad_var if inv_scale is None else 2.0 * grad_var * inv_scale
     grad_cov = torch.zeros_like(cov)

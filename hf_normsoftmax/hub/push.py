@@ -380,6 +380,15 @@ def _resolve_processor(model, processor, repo_id, processor_dir=None):
     return None, directory
 
 
+def _for_one_save(save_kwargs: Mapping[str, Any]) -> dict:
+    """A copy of ``save_pretrained`` keyword arguments for one save: transformers' save empties the ``state_dict``
+    dict it is given, so that dict is copied too (the caller's, or a later save's, keeps its tensors)."""
+    kwargs = dict(save_kwargs)
+    if isinstance(kwargs.get("state_dict"), Mapping):
+        kwargs["state_dict"] = dict(kwargs["state_dict"])
+    return kwargs
+
+
 def stage_model(
     model,
     staging_dir,
@@ -418,11 +427,9 @@ def stage_model(
             f"processor must have save_pretrained (a tokenizer or processor), got {type(processor).__name__}"
         )
     staging = _prepare_staging(staging_dir)
-    save_kwargs = dict(save_kwargs or {})
+    save_kwargs = _for_one_save(save_kwargs or {})
     if max_shard_size is not None:
         save_kwargs["max_shard_size"] = max_shard_size
-    if isinstance(save_kwargs.get("state_dict"), Mapping):  # transformers' save empties the dict it is given
-        save_kwargs["state_dict"] = dict(save_kwargs["state_dict"])
     if _is_variant_config(model.config):
         save_with_code(model, staging, **save_kwargs)
     else:
@@ -809,9 +816,8 @@ def save_and_push(
     repo_id = None
     if saves_here:  # the repo id is settled before anything is written
         repo_id = _check_repo_id(_full_repo_id(hub_kwargs.get("repo_id") or Path(save_directory).name, token))
-    local_kwargs = dict(save_kwargs)
-    if isinstance(local_kwargs.get("state_dict"), Mapping):  # the staged save below needs the tensors as well
-        local_kwargs["state_dict"] = dict(local_kwargs["state_dict"])
+    # the staged save below needs the state_dict's tensors as well
+    local_kwargs = _for_one_save(save_kwargs)
     model.save_pretrained(save_directory, save_remote_code=save_remote_code, auto_class=auto_class, **local_kwargs)
     if not saves_here:
         return None
