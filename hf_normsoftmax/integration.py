@@ -35,10 +35,12 @@ computation, with the exact inputs the attention is computed from.
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import inspect
 import re
 import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -78,6 +80,8 @@ MIN_LEARNED_GAMMA = 1e-3
 RECORDER_ATTRIBUTE = "_normsoftmax_recorder"
 # State-dict entries a stock checkpoint does not have; initialised after loading (see finish_normsoftmax_init).
 NEW_KEY_PATTERNS = (r"\.reparam_scale$", r"\.reparam_u$", r"\.reparam_v$", rf"\.{LEARNABLE_GAMMA_PARAMETER}$")
+_NEW_KEY = re.compile("|".join(NEW_KEY_PATTERNS))
+REPARAM_STATE_NAMES = ("reparam_scale", "reparam_u", "reparam_v")
 
 # Requests a variant accepts for `attn_implementation`, and what it runs for them.
 VARIANT_ATTN_IMPLEMENTATIONS = {
@@ -826,8 +830,10 @@ def reset_normsoftmax_state(model: nn.Module) -> None:
 
 
 def _checkpoint_config_dict(path, kwargs: dict) -> dict | None:
+    """The config.json of the checkpoint ``path`` as a dict (``from_pretrained``'s Hub arguments honoured), or None."""
     hub_kwargs = {
-        k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+        k: kwargs[k]
+        for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "gguf_file")
         if k in kwargs
     }
     try:
@@ -837,24 +843,113 @@ def _checkpoint_config_dict(path, kwargs: dict) -> dict | None:
     return config_dict
 
 
+def _missing_state(
+    model: nn.Module,
+    sigma_reparam: bool,
+    learnable_gamma: bool,
+    converted: Callable[[str], bool],
+    loaded: Callable[[str], bool],
+) -> list[str]:
+    """The new entries of ``model`` a source with these features should have held, but did not.
+
+    ``converted(name)``: whether the source converted the sigmaReparam layer ``name``. A layer's entries are
+    required when its ``weight`` was loaded; an attention module's gamma when any of its weights was.
+    """
+    if not (sigma_reparam or learnable_gamma):
+        return []
+    weight_keys = [key for key in model.state_dict() if not _NEW_KEY.search(key)]
+    missing = []
+    for name, module in model.named_modules():
+        dot_name = f"{name}." if name else ""
+        if sigma_reparam and isinstance(module, SigmaReparamMixin) and loaded(f"{dot_name}weight") and converted(name):
+            missing += [f"{dot_name}{state}" for state in REPARAM_STATE_NAMES if not loaded(f"{dot_name}{state}")]
+        if learnable_gamma and isinstance(getattr(module, LEARNABLE_GAMMA_PARAMETER, None), nn.Parameter):
+            key = f"{dot_name}{LEARNABLE_GAMMA_PARAMETER}"
+            if not loaded(key) and any(loaded(k) for k in weight_keys if k.startswith(dot_name)):
+                missing.append(key)
+    return sorted(missing)
+
+
+def _checkpoint_layer_names(model: nn.Module, name: str, checkpoint_config: dict) -> list[str]:
+    """The names the layer ``name`` of ``model`` may have had in the model that saved the checkpoint: the same
+    name, or with transformers' base-model prefix taken off or put on (a head loaded from a base model, or the
+    reverse), unless the checkpoint's ``architectures`` name the loading class."""
+    if type(model).__name__ in (checkpoint_config.get("architectures") or ()):
+        return [name]
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix:
+        return [name]
+    if name.startswith(f"{prefix}."):
+        return [name, name[len(prefix) + 1:]]
+    if getattr(model, prefix, None) is None:  # a base model: the checkpoint may be a head model's
+        return [name, f"{prefix}.{name}"]
+    return [name]
+
+
+def missing_trained_state(model: nn.Module, checkpoint_config: dict | None, loaded: Callable[[str], bool]) -> list[str]:
+    """The sigmaReparam / learnable-gamma entries of ``model`` that the checkpoint should have provided, but did not.
+
+    A checkpoint saved by a variant with ``sigma_reparam`` (``normsoftmax_learnable_gamma``) on, as its config.json
+    says (a ``normsoftmax_*`` model type and the flag true), holds ``reparam_scale`` / ``reparam_u`` / ``reparam_v``
+    for every layer it converted (per its ``sigma_reparam_include`` / ``_exclude``) and ``normsoftmax_scale`` for
+    every attention module. Such an entry is missing trained state when the layer's (the attention module's)
+    weights came from the checkpoint but the entry did not: initialising it from the loaded weights would compute
+    something else than the trained model. Stock checkpoints, and variant checkpoints saved without the flag, have
+    no such state: nothing is required, the entries are initialised from the loaded weights (the conversion).
+
+    Args:
+        checkpoint_config: the checkpoint's config.json as a dict (None: unknown, nothing is required).
+        loaded: whether the model's state-dict entry ``key`` came from the checkpoint.
+    """
+    if not checkpoint_config or not str(checkpoint_config.get("model_type", "")).startswith("normsoftmax_"):
+        return []
+    include = checkpoint_config.get("sigma_reparam_include")
+    exclude = checkpoint_config.get("sigma_reparam_exclude")
+
+    def matches(patterns, names: Iterable[str]) -> bool:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns)
+
+    def converted(name: str) -> bool:
+        # where the name in the saving model is not certain, a layer any of its possible names excludes is not
+        # required (a missing report must never be a false alarm)
+        names = _checkpoint_layer_names(model, name, checkpoint_config)
+        return (include is None or matches(include, names)) and not (exclude is not None and matches(exclude, names))
+
+    return _missing_state(
+        model,
+        sigma_reparam=bool(checkpoint_config.get("sigma_reparam", False)),
+        learnable_gamma=bool(checkpoint_config.get("normsoftmax_learnable_gamma", False)),
+        converted=converted,
+        loaded=loaded,
+    )
+
+
 def check_loaded_weights(model: PreTrainedModel, loading_info: dict, source: Any) -> None:
     """Refuse loads that would silently compute something else than the checkpoint.
 
     * No weight of the checkpoint matches the model: a checkpoint of another architecture.
-    * The checkpoint has sigmaReparam scales / learnable gammas the model does not use: the model would run the
-      raw weights instead of the trained effective ones.
+    * The checkpoint has sigmaReparam scales / learnable gammas for layers the model loads without them: the model
+      would run the raw weights instead of the trained effective ones. Entries of layers the model does not have
+      at all (their weights are unexpected too, e.g. the head of a classifier loaded with ``AutoModel``) are
+      dropped with those layers, as transformers drops their weights.
     """
     missing = set(loading_info.get("missing_keys", ()))
     unexpected = set(loading_info.get("unexpected_keys", ()))
-    new_key = re.compile("|".join(NEW_KEY_PATTERNS))
-    model_keys = [k for k in model.state_dict() if not new_key.search(k)]
+    model_keys = [k for k in model.state_dict() if not _NEW_KEY.search(k)]
     if model_keys and all(k in missing for k in model_keys):
         raise ValueError(
             f"Checkpoint of another architecture: none of the {len(model_keys)} weights of "
             f"{type(model).__name__} is in the checkpoint {source!r} (it has {len(unexpected)} other weights, e.g. "
             f"{sorted(unexpected)[:3]}). Load it with the model class of its own architecture."
         )
-    dropped = sorted(k for k in unexpected if new_key.search(k))
+    unexpected_weights = [k for k in unexpected if not _NEW_KEY.search(k)]
+
+    def dropped_with_its_layer(key: str) -> bool:
+        layer = key.rpartition(".")[0]
+        return bool(layer) and any(k.startswith(f"{layer}.") for k in unexpected_weights)
+
+    dropped = sorted(k for k in unexpected if _NEW_KEY.search(k) and not dropped_with_its_layer(k))
     if dropped:
         config = model.config
         raise ValueError(
@@ -863,6 +958,22 @@ def check_loaded_weights(model: PreTrainedModel, loading_info: dict, source: Any
             f"{config.normsoftmax_learnable_gamma!r} it would compute with the raw weights, not the trained ones. "
             "Allowed: load it with the flags it was saved with (the defaults of its config.json)."
         )
+
+
+def _missing_trained_state_error(source: Any, missing: list[str], how: str) -> ValueError:
+    return ValueError(
+        f"{how}: {source!r} lacks {len(missing)} sigmaReparam / learnable-gamma entries of layers whose weights it "
+        f"holds: {missing[:8]}{' ...' if len(missing) > 8 else ''}. The model would keep other values for them, not "
+        "the trained ones (a damaged or incomplete checkpoint). Allowed: a complete checkpoint; a stock state dict "
+        "(none of these entries) loads with strict=False, then call hf_normsoftmax.reset_normsoftmax_state(model)."
+    )
+
+
+# The config.json of the checkpoint a variant's from_pretrained is loading, for its loading hook (a context variable:
+# loads in several threads, or nested loads, each see their own).
+_LOADING_CHECKPOINT_CONFIG: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "normsoftmax_loading_checkpoint_config", default=None
+)
 
 
 class NormSoftmaxPreTrainedMixin:
@@ -905,19 +1016,62 @@ class NormSoftmaxPreTrainedMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` that refuses checkpoints of another architecture and sigmaReparam /
+        learnable-gamma weights the model would ignore (:func:`check_loaded_weights`), and reports the ones a
+        variant checkpoint should hold but lacks (:func:`missing_trained_state`) like any missing weight: in
+        ``loading_info["missing_keys"]`` and transformers' load report. Stock checkpoints (and variant ones saved
+        without the flags) are converted silently: the new entries are initialised from the loaded weights."""
         config = kwargs.get("config")
-        if pretrained_model_name_or_path is not None and isinstance(config, PreTrainedConfig):
-            # an explicit config skips the checkpoint's config.json: check its architecture here
+        checkpoint_config = None
+        if pretrained_model_name_or_path is not None:
+            # what the checkpoint was saved with (an explicit config may say otherwise)
             checkpoint_config = _checkpoint_config_dict(pretrained_model_name_or_path, kwargs)
-            if checkpoint_config is not None and "model_type" in checkpoint_config:
-                cls.config_class._check_checkpoint_model_type(checkpoint_config["model_type"])
+        if isinstance(config, PreTrainedConfig) and checkpoint_config is not None and "model_type" in checkpoint_config:
+            # an explicit config skips the checkpoint's config.json: check its architecture here
+            cls.config_class._check_checkpoint_model_type(checkpoint_config["model_type"])
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
+        context = _LOADING_CHECKPOINT_CONFIG.set(checkpoint_config)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        finally:
+            _LOADING_CHECKPOINT_CONFIG.reset(context)
         if pretrained_model_name_or_path is not None:
             check_loaded_weights(model, loading_info, pretrained_model_name_or_path)
         return (model, loading_info) if output_loading_info else model
+
+    def _adjust_missing_and_unexpected_keys(self, loading_info) -> None:
+        # transformers' hook between loading (missing_keys still complete) and its load report: the new entries
+        # are silenced by `_keys_to_ignore_on_load_missing` (stock checkpoints lack them); the ones the checkpoint
+        # should have held are put back, so they are reported and logged like any missing weight.
+        missing = set(loading_info.missing_keys)
+        mismatched = {entry[0] for entry in getattr(loading_info, "mismatched_keys", ())}
+        lacking = missing_trained_state(
+            self, _LOADING_CHECKPOINT_CONFIG.get(), lambda key: key not in missing and key not in mismatched
+        )
+        super()._adjust_missing_and_unexpected_keys(loading_info)
+        loading_info.missing_keys = set(loading_info.missing_keys) | set(lacking)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that, with ``strict=False`` (how ``Trainer`` loads the checkpoint it resumes
+        from), refuses a state dict of a sigmaReparam / learnable-gamma variant lacking such entries for layers
+        whose weights it holds: the model would keep its own values for them, not the trained ones. A state dict
+        with none of these entries (a stock model's) loads as before; call :func:`reset_normsoftmax_state` after."""
+        if not strict:
+            keys = set(state_dict)
+            lacking = _missing_state(
+                self,
+                sigma_reparam=any(key.rpartition(".")[2] in REPARAM_STATE_NAMES for key in keys),
+                learnable_gamma=any(key.rpartition(".")[2] == LEARNABLE_GAMMA_PARAMETER for key in keys),
+                converted=lambda name: True,
+                loaded=keys.__contains__,
+            )
+            if lacking:
+                raise _missing_trained_state_error(
+                    "the state dict", lacking, f"{type(self).__name__}.load_state_dict(strict=False)"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- saving with the code, pushing to the Hub ----------------------------------------------------------------
     #: Default of ``save_pretrained(save_remote_code=...)``. Set ``model.save_remote_code = False`` to keep the code
@@ -1216,6 +1370,7 @@ __all__ = [
     "head_cross_entropy",
     "head_logits_and_loss",
     "head_outputs",
+    "missing_trained_state",
     "normsoftmax_attention_forward",
     "normsoftmax_head_forward",
     "normsoftmax_reference_attention_forward",

@@ -1,0 +1,197 @@
+"""Loading checkpoints into the variants honestly.
+
+* A checkpoint saved by a variant with ``sigma_reparam`` / ``normsoftmax_learnable_gamma`` on (its config.json says
+  so) must hold the trained sigmaReparam and gamma entries: any that is missing is reported like a missing weight
+  (``loading_info["missing_keys"]`` and transformers' load report), whatever config the load is given.
+* Stock checkpoints, and variant checkpoints saved without those flags, have no such entries: the variant
+  initialises them from the loaded weights, silently (the stock -> variant conversion).
+* A fine-tuned variant classifier gives its encoder to ``AutoModel``, as a stock classifier does: the head's
+  sigmaReparam entries are dropped with the head, with the package and with remote code only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_models_common import TINY_BERT, TINY_GPT2, TINY_VIT
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
+
+import hf_normsoftmax as H
+
+TRAINED_BERT = dict(TINY_BERT, num_labels=3, attention_softmax="normsoftmax", normsoftmax_learnable_gamma=True,
+                    sigma_reparam=True)
+
+
+@contextmanager
+def transformers_warnings():
+    """The warnings transformers logs (its logger does not propagate to the root logger pytest captures)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def _as_trained(model):
+    """Move the sigmaReparam scales and gammas off their initial values, as training does: a load that
+    re-initialises them then computes something else."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("reparam_scale", "normsoftmax_scale")):
+                parameter.mul_(1.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith(("reparam_u", "reparam_v")):
+                buffer.copy_(torch.nn.functional.normalize(buffer + 0.3 * torch.randn_like(buffer), dim=0))
+    return model.eval()
+
+
+def _save(model, path):
+    model.save_pretrained(path)
+    return str(path)
+
+
+def _remove_entries(path, pattern: str) -> list[str]:
+    """Rewrite the checkpoint's weights without the entries matching ``pattern``; returns their names."""
+    weights = f"{path}/model.safetensors"
+    state = load_file(weights)
+    removed = sorted(k for k in state if re.search(pattern, k))
+    assert removed, f"nothing matches {pattern!r}: the test would check nothing"
+    save_file({k: v for k, v in state.items() if k not in removed}, weights, metadata={"format": "pt"})
+    return removed
+
+
+IDS = torch.tensor([[5, 17, 33, 8, 61, 2, 40], [9, 12, 70, 3, 3, 51, 6]])
+
+
+@pytest.mark.parametrize(
+    "removed",
+    [r"\.reparam_scale$", r"\.reparam_[uv]$", r"\.normsoftmax_scale$", r"^classifier\.reparam_scale$"],
+    ids=["reparam_scale", "reparam_u_v", "learnable_gamma", "one_layer"],
+)
+def test_missing_trained_state_of_a_variant_checkpoint_is_reported(tmp_path, removed):
+    torch.manual_seed(0)
+    trained = _as_trained(H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TRAINED_BERT)))
+    path = _save(trained, tmp_path / "damaged")
+    lost = _remove_entries(path, removed)
+
+    with transformers_warnings() as records:
+        model, info = H.NormSoftmaxBertForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    assert info["missing_keys"] == set(lost)
+    report = "\n".join(record.getMessage() for record in records)
+    suffix = lost[0].rpartition(".")[2]
+    assert any("MISSING" in line and suffix in line for line in report.splitlines()), report
+    with torch.no_grad():  # what is reported really differs from the trained model
+        assert not torch.allclose(model(IDS).logits, trained(IDS).logits, atol=1e-4)
+
+    # the same through the Auto API, and with an explicit config (whose other settings differ from config.json):
+    # what the checkpoint must hold is decided by what it was saved with
+    _, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    assert info["missing_keys"] == set(lost)
+    config = H.NormSoftmaxBertConfig(**dict(TRAINED_BERT, hidden_dropout_prob=0.2, normsoftmax_gamma=2.0))
+    _, info = H.NormSoftmaxBertForSequenceClassification.from_pretrained(path, config=config, output_loading_info=True)
+    assert info["missing_keys"] == set(lost)
+
+
+def test_every_trained_entry_removed_is_reported(tmp_path):
+    """A variant checkpoint stripped of all its sigmaReparam and gamma entries looks like a stock one by its
+    weights; its config.json tells them apart."""
+    torch.manual_seed(0)
+    trained = _as_trained(H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TRAINED_BERT)))
+    path = _save(trained, tmp_path / "stripped")
+    lost = _remove_entries(path, r"\.(reparam_scale|reparam_u|reparam_v|normsoftmax_scale)$")
+    _, info = H.NormSoftmaxBertForSequenceClassification.from_pretrained(
+        path, config=H.NormSoftmaxBertConfig(**TRAINED_BERT), output_loading_info=True
+    )
+    assert info["missing_keys"] == set(lost)
+
+
+@pytest.mark.parametrize("route", ["kwargs", "explicit_config", "auto"])
+def test_checkpoints_without_trained_state_convert_silently(tmp_path, route):
+    """Stock checkpoints and variant checkpoints saved without the flags: nothing missing, nothing logged about
+    the new entries, and (sigmaReparam initialised from the loaded weights) the source's outputs."""
+    torch.manual_seed(0)
+    stock = BertForSequenceClassification(BertConfig(**TINY_BERT, num_labels=3)).eval()
+    plain_variant = H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=3))
+    flags = dict(sigma_reparam=True)
+    for source in (stock, plain_variant.eval()):
+        path = _save(source, tmp_path / type(source).__name__)
+        with transformers_warnings() as records:
+            if route == "kwargs":
+                model, info = H.NormSoftmaxBertForSequenceClassification.from_pretrained(
+                    path, output_loading_info=True, **flags
+                )
+            elif route == "explicit_config":
+                config = H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=3, **flags)
+                model, info = H.NormSoftmaxBertForSequenceClassification.from_pretrained(
+                    path, config=config, output_loading_info=True
+                )
+            else:
+                config = H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=3, **flags)
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, config=config, output_loading_info=True
+                )
+        assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+        assert not [r for r in records if "reparam" in r.getMessage()]
+        assert any(name.endswith("reparam_scale") for name in model.state_dict())
+        with torch.no_grad():
+            assert torch.allclose(model(IDS).logits, source(IDS).logits, atol=1e-5)
+
+
+def test_learnable_gamma_added_to_a_variant_checkpoint_saved_without_it_is_silent(tmp_path):
+    torch.manual_seed(0)
+    config = H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=3, attention_softmax="normsoftmax", sigma_reparam=True)
+    source = _as_trained(H.NormSoftmaxBertForSequenceClassification(config))
+    path = _save(source, tmp_path / "no_gamma")
+    model, info = H.NormSoftmaxBertForSequenceClassification.from_pretrained(
+        path, normsoftmax_learnable_gamma=True, output_loading_info=True
+    )
+    assert info["missing_keys"] == set()
+    with torch.no_grad():  # gammas start at normsoftmax_gamma: the same function
+        assert torch.allclose(model(IDS).logits, source(IDS).logits, atol=1e-5)
+
+
+def _classifier_and_inputs(kind: str):
+    if kind == "bert":
+        config = H.NormSoftmaxBertConfig(**TRAINED_BERT)
+        return H.NormSoftmaxBertForSequenceClassification(config), {"input_ids": IDS}, "bert"
+    if kind == "gpt2":
+        config = H.NormSoftmaxGPT2Config(**TINY_GPT2, num_labels=3, attention_softmax="normsoftmax",
+                                         normsoftmax_learnable_gamma=True, sigma_reparam=True)
+        return H.NormSoftmaxGPT2ForSequenceClassification(config), {"input_ids": IDS}, "transformer"
+    config = H.NormSoftmaxViTConfig(**TINY_VIT, num_labels=3, attention_softmax="normsoftmax", sigma_reparam=True)
+    return H.NormSoftmaxViTForImageClassification(config), {"pixel_values": torch.randn(2, 3, 16, 16)}, "vit"
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "vit"])
+def test_auto_model_loads_the_encoder_of_a_fine_tuned_sigma_reparam_classifier(tmp_path, kind):
+    """As for stock classifiers: the head (and its sigmaReparam entries) is dropped, the encoder is the trained
+    one. Layers the loading model has stay checked: loading without sigmaReparam is still refused."""
+    torch.manual_seed(0)
+    classifier, inputs, base_name = _classifier_and_inputs(kind)
+    classifier = _as_trained(classifier)
+    path = _save(classifier, tmp_path / kind)
+
+    encoder, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    assert type(encoder) is {"bert": H.NormSoftmaxBertModel, "gpt2": H.NormSoftmaxGPT2Model, "vit": H.NormSoftmaxViTModel}[kind]
+    assert not [k for k in info["missing_keys"] if "reparam" in k or "normsoftmax_scale" in k], info
+    assert any(k.endswith("reparam_scale") for k in info["unexpected_keys"])  # the head's, reported as unexpected
+    with torch.no_grad():
+        expected = getattr(classifier, base_name)(**inputs).last_hidden_state
+        assert torch.allclose(encoder.eval()(**inputs).last_hidden_state, expected, atol=1e-5)
+
+    with pytest.raises(ValueError, match="raw weights"):
+        AutoModel.from_pretrained(path, sigma_reparam=False)
