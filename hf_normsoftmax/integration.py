@@ -960,12 +960,19 @@ def check_loaded_weights(model: PreTrainedModel, loading_info: dict, source: Any
         )
 
 
-def _missing_trained_state_error(source: Any, missing: list[str], how: str) -> ValueError:
+def _missing_trained_state_error(
+    source: Any,
+    missing: list[str],
+    action: str,
+    what: str = "sigmaReparam / learnable-gamma entries of layers whose weights it holds",
+    allowed: str = "Allowed: a complete state dict; a stock one (none of these entries) loads with strict=False, "
+    "then call hf_normsoftmax.reset_normsoftmax_state(model).",
+) -> ValueError:
+    """The error of a load that would lose trained state: ``missing`` are the model's entries ``source`` lacks."""
+    shown = f"{missing[:8]}{' ...' if len(missing) > 8 else ''}"
     return ValueError(
-        f"{how}: {source!r} lacks {len(missing)} sigmaReparam / learnable-gamma entries of layers whose weights it "
-        f"holds: {missing[:8]}{' ...' if len(missing) > 8 else ''}. The model would keep other values for them, not "
-        "the trained ones (a damaged or incomplete checkpoint). Allowed: a complete checkpoint; a stock state dict "
-        "(none of these entries) loads with strict=False, then call hf_normsoftmax.reset_normsoftmax_state(model)."
+        f"{action}: {source!r} lacks {len(missing)} {what}: {shown}. The model "
+        f"would keep other values for them, not the trained ones (a damaged or incomplete checkpoint). {allowed}"
     )
 
 
@@ -1069,7 +1076,7 @@ class NormSoftmaxPreTrainedMixin:
             )
             if lacking:
                 raise _missing_trained_state_error(
-                    "the state dict", lacking, f"{type(self).__name__}.load_state_dict(strict=False)"
+                    "the state dict", lacking, f"Invalid state dict for {type(self).__name__}.load_state_dict()"
                 )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

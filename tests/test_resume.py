@@ -160,3 +160,86 @@ def test_resume_vit_variant_is_bit_exact(tmp_path):
     )
     assert "vit.embeddings.patch_embeddings.projection.reparam_u" in resumed.model.state_dict()
     _assert_same_end_state(uninterrupted, resumed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a checkpoint that lacks trained sigmaReparam / gamma state is refused, not resumed from
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_run(tmp_path: Path, kind: str, trainer_class, steps: int):
+    """A tiny variant (sigmaReparam + learnable gamma for BERT, sigmaReparam for ViT) on random inputs, saving a
+    checkpoint every 2 steps."""
+    from transformers import TrainingArguments
+
+    from hf_normsoftmax import (
+        NormSoftmaxBertConfig,
+        NormSoftmaxBertForSequenceClassification,
+        NormSoftmaxViTConfig,
+        NormSoftmaxViTForImageClassification,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    if kind == "bert":
+        model = NormSoftmaxBertForSequenceClassification(NormSoftmaxBertConfig(
+            vocab_size=97, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
+            max_position_embeddings=32, num_labels=2, attention_softmax="normsoftmax",
+            normsoftmax_learnable_gamma=True, sigma_reparam=True,
+        ))
+        examples = [{"input_ids": torch.randint(3, 97, (8,), generator=generator), "labels": i % 2} for i in range(16)]
+    else:
+        model = NormSoftmaxViTForImageClassification(NormSoftmaxViTConfig(
+            image_size=16, patch_size=4, num_channels=3, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=32, num_labels=2, sigma_reparam=True,
+        ))
+        examples = [{"pixel_values": torch.randn(3, 16, 16, generator=generator), "labels": i % 2} for i in range(16)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-3,
+        save_strategy="steps", save_steps=2, eval_strategy="no", report_to=[], seed=0, use_cpu=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True,
+    )
+    return trainer_class(model=model, args=args, train_dataset=examples)
+
+
+def _trainer_class(name: str):
+    from transformers import Trainer
+
+    from hf_normsoftmax.training.trainer_utils import resumable_trainer_class
+
+    return Trainer if name == "Trainer" else resumable_trainer_class()
+
+
+@pytest.mark.parametrize(
+    ("kind", "trainer_name", "removed"),
+    [
+        ("bert", "Trainer", r"\.reparam_scale$"),
+        ("bert", "resumable", r"\.reparam_scale$"),
+        ("bert", "resumable", r"\.(reparam_scale|reparam_u|reparam_v|normsoftmax_scale)$"),
+        ("vit", "resumable", r"\.reparam_[uv]$"),
+    ],
+    ids=["bert-Trainer-scales", "bert-resumable-scales", "bert-resumable-all", "vit-resumable-vectors"],
+)
+def test_resume_refuses_a_checkpoint_lacking_trained_state(tmp_path, kind, trainer_name, removed):
+    """transformers' Trainer would log a warning and train on with the fresh model's values. Covered: the plain
+    Trainer when the checkpoint still holds some such entries (the variant's ``load_state_dict(strict=False)``
+    refuses), the examples' Trainer always (it reads the checkpoint's config.json)."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    first = _tiny_run(tmp_path, kind, _trainer_class(trainer_name), steps=2)
+    first.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    weights = load_file(checkpoint / "model.safetensors")
+    lost = sorted(k for k in weights if re.search(removed, k))
+    assert lost
+    save_file({k: v for k, v in weights.items() if k not in lost}, checkpoint / "model.safetensors",
+              metadata={"format": "pt"})
+
+    resumed = _tiny_run(tmp_path, kind, _trainer_class(trainer_name), steps=4)
+    before = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lacks \d+ .*" + re.escape(lost[0].rpartition(".")[2])):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 0
+    after = resumed.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the refused checkpoint was partly loaded"

@@ -879,8 +879,22 @@ def stability_stats_fsdp2(model, batch: Mapping[str, Any]) -> dict[str, float]:
     return stats
 
 
+def _checkpoint_weight_names(checkpoint: Path) -> set[str] | None:
+    """The weight names of a checkpoint folder's safetensors file (or sharded index); None if it has neither."""
+    from safetensors import safe_open
+
+    weights, index = checkpoint / "model.safetensors", checkpoint / "model.safetensors.index.json"
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as handle:
+            return set(handle.keys())
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    return None
+
+
 def resumable_trainer_class():
-    """A ``transformers.Trainer`` subclass whose resume loads checkpoint weights under their model key names.
+    """A ``transformers.Trainer`` subclass whose resume loads checkpoint weights under their model key names and
+    refuses checkpoints that lack trained sigmaReparam / learnable-gamma state.
 
     Why: in transformers 5.23, ``save_pretrained`` writes some models' weights under their *legacy* key names
     (``revert_weight_conversion``: ViT's ``vit.layers.0.attention.q_proj`` is saved as
@@ -888,23 +902,41 @@ def resumable_trainer_class():
     ``Trainer._load_from_checkpoint`` (used by ``train(resume_from_checkpoint=...)``) loads the file with a plain
     ``load_state_dict(strict=False)``: every renamed weight is silently left as it was (only a warning is logged).
     This happens for the stock ViT as well. Here, when the checkpoint file holds keys the model does not know, the
-    weights are loaded through ``from_pretrained`` (which applies the key conversion) and copied in strictly;
-    otherwise the Trainer's own loading runs.
+    weights are loaded through ``from_pretrained`` (which applies the key conversion) and copied in strictly, and a
+    weight ``from_pretrained`` reports missing stops the resume; otherwise the Trainer's own loading runs.
+
+    A checkpoint saved by a variant with ``sigma_reparam`` / ``normsoftmax_learnable_gamma`` (its config.json says
+    so) must hold the ``reparam_scale`` / ``reparam_u`` / ``reparam_v`` / ``normsoftmax_scale`` entries of the
+    layers whose weights it holds (:func:`hf_normsoftmax.integration.missing_trained_state`): the resume raises a
+    ValueError naming any that is missing, before anything is loaded, instead of training on with other values.
     """
-    from safetensors import safe_open
     from transformers import PreTrainedModel, Trainer
+
+    from ..integration import _checkpoint_config_dict, _missing_trained_state_error, missing_trained_state
 
     class ResumableTrainer(Trainer):
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             target = model if model is not None else self.model
-            weights = Path(resume_from_checkpoint) / "model.safetensors"
-            if isinstance(target, PreTrainedModel) and weights.is_file() and not self.is_fsdp_enabled:
-                with safe_open(str(weights), framework="pt") as handle:
-                    saved_keys = set(handle.keys())
+            saved_keys = _checkpoint_weight_names(Path(resume_from_checkpoint))
+            if isinstance(target, PreTrainedModel) and saved_keys is not None and not self.is_fsdp_enabled:
                 if saved_keys - set(target.state_dict()):
-                    loaded = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
+                    loaded, info = type(target).from_pretrained(
+                        resume_from_checkpoint, config=target.config, output_loading_info=True
+                    )
+                    if info["missing_keys"]:
+                        raise _missing_trained_state_error(
+                            resume_from_checkpoint, sorted(info["missing_keys"]), "Cannot resume training",
+                            "weights of the model", "Allowed: a checkpoint holding every weight of the model.",
+                        )
                     target.load_state_dict(loaded.state_dict(), strict=True)
                     return
+                checkpoint_config = _checkpoint_config_dict(resume_from_checkpoint, {})
+                lacking = missing_trained_state(target, checkpoint_config, saved_keys.__contains__)
+                if lacking:
+                    raise _missing_trained_state_error(
+                        resume_from_checkpoint, lacking, "Cannot resume training",
+                        allowed="Allowed: a checkpoint holding the trained state it was saved with.",
+                    )
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     ResumableTrainer.__name__ = ResumableTrainer.__qualname__ = "ResumableTrainer"
