@@ -232,3 +232,45 @@ def test_unbound_callback_and_bad_arguments():
     ]:
         with pytest.raises(error, match=f"`{argument}`"):
             StabilityCallback(**kwargs)
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True], ids=["progress_bar", "printer"])
+def test_console_gets_a_one_line_summary_and_the_history_keeps_everything(tmp_path, capsys, disable_tqdm):
+    """The console printers (progress bar or PrinterCallback) show a short summary of each measurement; the full
+    per-head / per-layer metrics still reach trainer.state.log_history and the history file."""
+    model = _gpt2_model(attention_softmax="normsoftmax", sigma_reparam=True)
+    args = _args(tmp_path, max_steps=2, disable_tqdm=disable_tqdm)
+    trainer = Trainer(model=model, args=args, train_dataset=_copy_dataset(16), callbacks=[StabilityCallback(2)])
+    trainer.train()
+
+    printed = capsys.readouterr()
+    lines = [line for line in (printed.out + printed.err).splitlines() if "stability" in line or "entropy" in line]
+    assert len(lines) == 2, lines  # step 0 and step 2
+    for line in lines:
+        assert len(line) < 400, f"{len(line)}-character console line: {line[:300]}..."
+        for word in ("stability_step", "min_entropy", "layer_", "max_logit_std", "sigma_range", "alarms"):
+            assert word in line, (word, line)
+    entries = _stability_entries(trainer)
+    assert [e["step"] for e in entries] == [0, 2]
+    per_head = [k for k in entries[-1] if k.startswith("stability/entropy/") and "/head_" in k]
+    assert len(per_head) == 2 * 4  # 2 layers x 4 heads
+    assert any(k.startswith("stability/sigma/") for k in entries[-1])
+    assert len(json.dumps(entries[-1])) > 2000  # the full measurement, not the summary
+    measured = [r for r in _history(tmp_path / HISTORY_FILE) if "stability/entropy/layer_0/head_0" in r]
+    assert [r["step"] for r in measured] == [0, 2]
+
+
+def test_console_summary_names_the_extremes():
+    from hf_normsoftmax.training.callbacks import console_summary
+
+    stats = {"stability/entropy/layer_0/head_0": 2.0, "stability/entropy/layer_1/head_3": 0.25,
+             "stability/entropy/layer_1/min": 0.25, "stability/logit_std/layer_0/head_1": 7.5,
+             "stability/logit_std/layer_1/head_0": 1.0, "stability/logit_std/layer_0/max": 7.5,
+             "stability/sigma/a": 0.5, "stability/sigma/b": 3.0, "stability/reparam_scale/a": 9.0,
+             "stability/probe_loss": 1.5, "stability/logit_norm": 4.0, "stability/alarms": 2.0}
+    assert console_summary(stats, 10) == {
+        "stability_step": 10, "probe_loss": 1.5, "min_entropy_at": "layer_1/head_3", "min_entropy": 0.25,
+        "max_logit_std_at": "layer_0/head_1", "max_logit_std": 7.5, "sigma_range": "0.5..3", "logit_norm": 4.0,
+        "alarms": 2,
+    }
+    assert console_summary({}, 0) == {"stability_step": 0}

@@ -6,7 +6,10 @@ no grad, RNG state forked: training results are bit-identical with and without t
 
 * logs the ``stability/...`` keys through ``trainer.log``, so they reach ``trainer.state.log_history`` and every
   reporting integration (TensorBoard shows them under ``train/stability/...``). Editing ``logs`` in ``on_log``
-  would reach neither: ``Trainer.log`` stores the history before callbacks run;
+  would reach neither: ``Trainer.log`` stores the history before callbacks run. The console (the Trainer's
+  progress bar or printer) gets a one-line summary instead of the hundreds of keys (:func:`console_summary`:
+  step, probe loss, lowest head entropy and where, highest attention-logit std and where, sigma range, logit
+  norm, alarms so far);
 * checks the entropy-collapse / loss-spike alarms (:class:`~hf_normsoftmax.training.diagnostics.CollapseDetector`)
   and logs a warning naming the layer and head;
 * appends the measurement to ``<output_dir>/stability_history.jsonl`` (also the training losses and the alarms),
@@ -48,10 +51,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .diagnostics import STABILITY_PREFIX, CollapseDetector, StabilityEvent, StabilityMonitor
 
-__all__ = ["HISTORY_FILE", "StabilityCallback"]
+__all__ = ["HISTORY_FILE", "StabilityCallback", "console_summary"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,50 @@ def _batch_size(kwargs: Mapping[str, Any]) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
+
+
+# Callbacks that print ``logs`` to the console: they get the summary of a measurement, not the measurement.
+_CONSOLE_CALLBACKS = (ProgressCallback, PrinterCallback)
+
+
+def _extreme(stats: Mapping[str, Any], quantity: str, pick) -> tuple[str, float] | None:
+    """(where, value) of the min/max (``pick``) of the per-head values of ``stability/<quantity>/...``."""
+    found = []
+    for key, value in stats.items():
+        parts = key.split("/")
+        if (len(parts) == 4 and parts[1] == quantity and parts[3].startswith("head_")
+                and isinstance(value, float) and value == value):
+            found.append((value, f"{parts[2]}/{parts[3]}"))
+    if not found:
+        return None
+    value, where = pick(found)
+    return where, value
+
+
+def console_summary(stats: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """One console line for a stability measurement (the full ``stats`` go to the log history and the integrations).
+
+    Keys: ``stability_step``; when measured: ``probe_loss``, ``min_entropy`` and ``min_entropy_at``
+    (``layer_i/head_h``), ``max_logit_std`` and ``max_logit_std_at``, ``sigma_range`` (smallest and largest sigma(W)
+    of the sigmaReparam layers), ``logit_norm``; and ``alarms`` (alarms raised so far in the run).
+    """
+    summary: dict[str, Any] = {"stability_step": step}
+    if "stability/probe_loss" in stats:
+        summary["probe_loss"] = stats["stability/probe_loss"]
+    lowest = _extreme(stats, "entropy", min)
+    if lowest is not None:
+        summary["min_entropy_at"], summary["min_entropy"] = lowest
+    highest = _extreme(stats, "logit_std", max)
+    if highest is not None:
+        summary["max_logit_std_at"], summary["max_logit_std"] = highest
+    sigmas = [v for k, v in stats.items() if k.startswith("stability/sigma/") and isinstance(v, float)]
+    if sigmas:
+        summary["sigma_range"] = f"{min(sigmas):.4g}..{max(sigmas):.4g}"
+    if "stability/logit_norm" in stats:
+        summary["logit_norm"] = stats["stability/logit_norm"]
+    if "stability/alarms" in stats:
+        summary["alarms"] = int(stats["stability/alarms"])
+    return summary
 
 
 def _first_examples(kwargs: dict, count: int | None) -> dict:
@@ -292,7 +340,19 @@ class StabilityCallback(TrainerCallback):
         # CallbackHandler.on_log clears control.should_log: without restoring it, the Trainer would skip its own
         # loss logging of this step (the loss would be folded into the next logged average).
         pending_log = self._trainer.control.should_log
-        self._trainer.log(dict(to_log))
+        handler = self._trainer.callback_handler
+        everyone = handler.callbacks
+        console = [callback for callback in everyone if isinstance(callback, _CONSOLE_CALLBACKS)]
+        # The full measurement (hundreds of keys, several thousand characters) goes to the log history and the
+        # integrations; the console printers are left out of that call and get the one-line summary.
+        handler.callbacks = [callback for callback in everyone if not isinstance(callback, _CONSOLE_CALLBACKS)]
+        try:
+            self._trainer.log(dict(to_log))
+        finally:
+            handler.callbacks = everyone
+        summary = console_summary(stats, step)
+        for callback in console:
+            callback.on_log(args, state, self._trainer.control, logs=dict(summary))
         self._trainer.control.should_log = self._trainer.control.should_log or pending_log
 
     def _raise_alarm(self, event: StabilityEvent) -> None:
