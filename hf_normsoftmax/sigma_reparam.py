@@ -137,11 +137,43 @@ _SIGMA_FLOORS: dict[torch.dtype, float] = {}
 
 
 def _sigma_floor(dtype: torch.dtype) -> float:
-    # Keeps s / sigma finite for an all-zero weight (W_hat is then 0 either way).
+    # Keeps s / sigma finite for a weight whose estimate is tiny but not zero (zero means plain, see below).
     floor = _SIGMA_FLOORS.get(dtype)
     if floor is None:
         floor = _SIGMA_FLOORS[dtype] = torch.finfo(dtype).tiny ** 0.5
     return floor
+
+
+_DTYPE_MAX: dict[torch.dtype, float] = {}
+
+
+def _in_range(value: float, dtype: torch.dtype) -> float:
+    """``value`` if ``dtype`` can hold it, else +-inf (nan stays nan).
+
+    torch refuses a finite Python float beyond the dtype's range as an op's scalar argument ("value cannot be
+    converted to type float without overflow"): a diverging layer must give inf / nan, as a stock layer does.
+    """
+    limit = _DTYPE_MAX.get(dtype)
+    if limit is None:
+        limit = _DTYPE_MAX[dtype] = float(torch.finfo(dtype).max)
+    if -limit <= value <= limit or value != value:
+        return value
+    return float("inf") if value > 0 else float("-inf")
+
+
+_RESTARTS: dict[tuple, torch.Tensor] = {}
+
+
+def _restart_vector(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fixed unit vector with distinct positive entries: where a plain (all-zero) layer restarts its power
+    iteration on devices that decide without the host (a constant vector would miss weights whose rows sum to 0)."""
+    key = (size, dtype, device)
+    vector = _RESTARTS.get(key)
+    if vector is None:
+        with torch.inference_mode(False):
+            vector = F.normalize(torch.linspace(1.0, 2.0, size, dtype=dtype, device=device), dim=0)
+        _RESTARTS[key] = vector
+    return vector
 
 
 class _ScaledWeight(torch.autograd.Function):
@@ -150,22 +182,26 @@ class _ScaledWeight(torch.autograd.Function):
     Gradients (G = dL/dW_hat, <.,.> the elementwise inner product):
     ``dL/dW = (scale / sigma) * G - (scale / sigma^2) * <G, W> * v u^T`` and ``dL/dscale = <G, W> / sigma``.
     Written out so the backward makes two passes over the weight instead of the composition's four or five.
-    ``sigma`` comes in precomputed (the power iteration already has it); under create_graph the backward
-    recomputes it from W with differentiable ops, so double backward is exact as well.
+    ``sigma`` comes in precomputed and unclamped (the power iteration already has it); ``sigma == 0`` means the
+    layer is plain (``W_hat = W``, ``dL/dW = G``, no gradient for ``scale``), decided per element with
+    ``torch.where`` (no host sync). Under create_graph the backward recomputes sigma from W with
+    differentiable ops, so double backward is exact as well.
     """
 
     @staticmethod
     def forward(ctx, weight, scale, u, v, sigma, layout):
         compute_dtype = _compute_dtype(weight.dtype)
-        alpha = scale.to(compute_dtype) / sigma
-        ctx.save_for_backward(weight, scale, u, v, sigma)
+        plain = sigma == 0
+        clamped = sigma.clamp(min=_sigma_floor(compute_dtype))
+        alpha = torch.where(plain, torch.ones_like(clamped), scale.to(compute_dtype) / clamped)
+        ctx.save_for_backward(weight, scale, u, v, clamped, plain)
         ctx.layout = layout
         # bf16/fp16 * float32 0-dim tensor is evaluated in float32 and rounded once.
         return weight * alpha
 
     @staticmethod
     def backward(ctx, grad_output):
-        weight, scale, u, v, sigma = ctx.saved_tensors
+        weight, scale, u, v, sigma, plain = ctx.saved_tensors
         layout = ctx.layout
         compute_dtype = _compute_dtype(weight.dtype)
         create_graph = torch.is_grad_enabled()
@@ -173,11 +209,11 @@ class _ScaledWeight(torch.autograd.Function):
         g = grad_output.to(compute_dtype)
         if create_graph:
             sigma = torch.dot(torch.mv(_matrix(w, layout).t(), v), u).clamp(min=_sigma_floor(compute_dtype))
-        s = scale.to(compute_dtype)
+        s = torch.where(plain, torch.zeros_like(sigma), scale.to(compute_dtype))
         inner = (g * w).sum() if create_graph else torch.dot(g.reshape(-1), w.reshape(-1))
         grad_weight = grad_scale = None
         if ctx.needs_input_grad[0]:
-            alpha = s / sigma
+            alpha = torch.where(plain, torch.ones_like(sigma), s / sigma)
             coef_v = v * (-(s / sigma.square()) * inner)
             if create_graph:
                 grad_weight = g * alpha + _outer_in_layout(coef_v, u, layout, w.shape)
@@ -185,7 +221,7 @@ class _ScaledWeight(torch.autograd.Function):
                 grad_weight = _scaled_plus_outer(g, alpha, coef_v, u, layout)
             grad_weight = grad_weight.to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            grad_scale = (inner / sigma).to(scale.dtype)
+            grad_scale = torch.where(plain, torch.zeros_like(sigma), inner / sigma).to(scale.dtype)
         return grad_weight, grad_scale, None, None, None, None
 
 
@@ -263,12 +299,12 @@ class _ReparamMatmul(torch.autograd.Function):
             else:
                 inner = torch.dot(grad_w.view(-1), flat_w).item() / scale_by
             if need_s:
-                grad_s = torch.full_like(scale, inner / sigma)
+                grad_s = torch.full_like(scale, _in_range(inner / sigma, scale.dtype))
             if need_w:
                 if alpha == 0.0:
                     grad_w.zero_()
                 # dL/dW = alpha * G - (alpha / sigma) <G, W> v u^T, the rank-one term added in place.
-                coef = -(alpha / sigma) * inner
+                coef = _in_range(-(alpha / sigma) * inner, grad_w.dtype)
                 if grad_w.dtype != u.dtype:
                     u, v = u.to(grad_w.dtype), v.to(grad_w.dtype)
                 if layout == "in_out":
@@ -303,7 +339,7 @@ def _scaled_plus_outer(
         # addr's beta must be a Python number: free to read on CPU (elsewhere it would sync the device).
         matrix = g if layout != "conv" else g.reshape(g.shape[0], -1)
         first, second = (u, v_part) if layout == "in_out" else (v_part, u)
-        return torch.addr(matrix, first, second, beta=alpha.item()).reshape(g.shape)
+        return torch.addr(matrix, first, second, beta=_in_range(alpha.item(), g.dtype)).reshape(g.shape)
     out = g * alpha
     target = out if layout != "conv" else out.view(out.shape[0], -1)
     if layout == "in_out":
@@ -404,12 +440,18 @@ class SigmaReparamMixin:
 
     @_full_precision
     @torch.no_grad()
-    def _reparam_vectors(self, step: bool):
-        """(u, v, sigma) in compute dtype for this forward; with ``step``, one power-iteration step if needed.
+    def _reparam_vectors(self, store: bool, _woken: bool = False):
+        """``(u, v, sigma, plain)`` in compute dtype for this forward, with one power-iteration step if needed.
 
         The step is taken only if the stored u is no longer ``normalize(W^T v)`` for the current weight, i.e. if
-        the weight changed. On CPU that flag is read directly; on accelerators and under torch.compile the step
-        is computed and selected branch-free (no host sync, one graph).
+        the weight changed; ``store`` writes it to the buffers (training), otherwise the buffers stay as they
+        are (eval, ``sigma``, ``effective_weight``: the same vectors, not kept). ``sigma`` is unclamped.
+        ``plain`` (a bool, or a 0-dim bool tensor off the host) says the layer computes ``W_hat = W``: its
+        estimate is 0 (a zero weight). With ``store``, a plain layer whose weight has become nonzero wakes:
+        on the host :meth:`reset_reparam` (exact, ``scale = sigma``, so ``W_hat = W`` still); branch-free, one
+        power-iteration step from a fixed vector and ``scale`` set to its estimate (the same ``W_hat = W``).
+        On CPU the decisions are read directly; on accelerators and under torch.compile they are computed and
+        selected branch-free (no host sync, one graph).
         """
         weight = self.weight.detach()
         compute_dtype = _compute_dtype(weight.dtype)
@@ -420,29 +462,45 @@ class SigmaReparamMixin:
         # sigma = v^T W u, evaluated as (W^T v) . u: then a forward right after a step and any later forward
         # without one compute it with the very same operations (bitwise equal under checkpoint recomputation).
         sigma_now = torch.dot(wt_v, u_now)
-        floor = _sigma_floor(compute_dtype)
-        if not step:
-            return u_now, v_now, sigma_now.clamp(min=floor)
         changed = (F.normalize(wt_v, dim=0).to(u_stored.dtype) != u_stored).any()
         # Where reading the flag costs no device sync, skip the step's work when nothing changed.
         decide_on_host = weight.device.type in _HOST_DECIDED_DEVICES and not torch.compiler.is_compiling()
-        if decide_on_host and not bool(changed):
-            return u_now, v_now, sigma_now.clamp(min=floor)
-        v_new_stored = F.normalize(torch.mv(matrix, u_now), dim=0).to(v_stored.dtype)
+        if decide_on_host:
+            if bool(changed):
+                v_new_stored = F.normalize(torch.mv(matrix, u_now), dim=0).to(v_stored.dtype)
+                v_now = _read(v_new_stored, compute_dtype)
+                wt_v = torch.mv(matrix.t(), v_now)
+                u_new_stored = F.normalize(wt_v, dim=0).to(u_stored.dtype)
+                u_now = _read(u_new_stored, compute_dtype)
+                sigma_now = torch.dot(wt_v, u_now)
+                if store:
+                    u_stored.copy_(u_new_stored)
+                    v_stored.copy_(v_new_stored)
+            plain = float(sigma_now) == 0.0
+            if plain and store and not _woken and bool(weight.any()):
+                self.reset_reparam()
+                return self._reparam_vectors(store, _woken=True)
+            return u_now, v_now, sigma_now, plain
+        dormant = ~(u_stored != 0).any()
+        start = torch.where(dormant, _restart_vector(u_now.shape[0], compute_dtype, u_now.device), u_now)
+        changed = changed | dormant
+        v_new_stored = F.normalize(torch.mv(matrix, start), dim=0).to(v_stored.dtype)
         v_new = _read(v_new_stored, compute_dtype)
         wt_v_new = torch.mv(matrix.t(), v_new)
         u_new_stored = F.normalize(wt_v_new, dim=0).to(u_stored.dtype)
         u_new = _read(u_new_stored, compute_dtype)
         sigma_new = torch.dot(wt_v_new, u_new)
-        if decide_on_host:
-            u_stored.copy_(u_new_stored)
-            v_stored.copy_(v_new_stored)
-            return u_new, v_new, sigma_new.clamp(min=floor)
-        u_stored.copy_(torch.where(changed, u_new_stored, u_stored))
-        v_stored.copy_(torch.where(changed, v_new_stored, v_stored))
         u_now = torch.where(changed, u_new, u_now)
         v_now = torch.where(changed, v_new, v_now)
-        return u_now, v_now, torch.where(changed, sigma_new, sigma_now).clamp(min=floor)
+        sigma_now = torch.where(changed, sigma_new, sigma_now)
+        if not store:
+            return u_now, v_now, sigma_now, dormant | (sigma_now == 0)
+        u_stored.copy_(torch.where(changed, u_new_stored, u_stored))
+        v_stored.copy_(torch.where(changed, v_new_stored, v_stored))
+        scale = self.reparam_scale
+        woken = dormant & (sigma_new != 0)
+        scale.copy_(torch.where(woken, sigma_new.to(scale.dtype), scale))
+        return u_now, v_now, sigma_now, sigma_now == 0
 
     @_full_precision
     @torch.no_grad()
@@ -481,9 +539,15 @@ class SigmaReparamMixin:
         So ``W_hat = W`` (bitwise in float32) right after: use it after converting or after loading raw weights.
         The top singular pair comes from a float64 eigendecomposition of the smaller Gram matrix (``W^T W`` or
         ``W W^T``; the same pair a float64 SVD gives, several times faster for tall matrices such as tied LM
-        heads). ``reparam_scale`` is then set to the layer's own estimate ``v^T W u`` from those vectors, equal
-        to the largest singular value up to rounding. Raises RuntimeError for weights on the meta device and
-        ValueError for non-finite weights.
+        heads), with its sign fixed (the largest-magnitude entry of v positive, the first such entry on ties), so
+        the buffers are a deterministic function of the weight. ``reparam_scale`` is then set to the layer's own
+        estimate ``v^T W u`` from those vectors, equal to the largest singular value up to rounding.
+
+        A weight whose estimate is 0 (an all-zero weight, common for zero-initialised output projections) gets
+        ``u = v = 0`` and ``reparam_scale = 0``: the layer is *plain* (``W_hat = W``, the gradient of a stock
+        layer) until a training forward sees a nonzero weight, which resets it from that weight (``W_hat = W``
+        again at that moment). Raises RuntimeError for weights on the meta device and ValueError for
+        non-finite weights.
         """
         self._check_materialised("reset_reparam")
         weight = self.weight.detach()
@@ -493,38 +557,44 @@ class SigmaReparamMixin:
         if not bool(torch.isfinite(matrix64).all()):
             raise ValueError(f"{type(self).__name__}.reset_reparam(): the weight contains inf or nan")
         out_features, in_features = matrix64.shape
-        if matrix64.numel() == 0:
-            self.reparam_u.zero_()
-            self.reparam_v.zero_()
-            self.reparam_scale.zero_()
+        if matrix64.numel() == 0 or not bool(matrix64.any()):
+            self._make_plain()
             return
         if in_features <= out_features:
             right = torch.linalg.eigh(matrix64.t() @ matrix64).eigenvectors[:, -1]
             left = matrix64 @ right
         else:
             left = torch.linalg.eigh(matrix64 @ matrix64.t()).eigenvectors[:, -1]
-        if float(left.norm()) == 0.0:  # zero weight: any unit vector will do, sigma is 0
-            left = torch.zeros_like(left)
-            left[0] = 1.0
-        self.reparam_v.copy_(F.normalize(left, dim=0))
+        left = F.normalize(left, dim=0)
+        # eigh's sign is arbitrary (it may differ between LAPACK builds or thread counts): fix it
+        if float(left[int(torch.argmax(left.abs()))]) < 0:
+            left = -left
+        self.reparam_v.copy_(left)
         # u = normalize(W^T v) exactly as a training forward computes it, so the first forward sees an up-to-date
         # estimate (no step) and sigma equals reparam_scale bitwise.
         matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
         wt_v = torch.mv(matrix.t(), _read(self.reparam_v, compute_dtype))
-        if float(wt_v.norm()) == 0.0:
-            unit = torch.zeros_like(wt_v)
-            unit[0] = 1.0
-            self.reparam_u.copy_(unit)
-        else:
-            self.reparam_u.copy_(F.normalize(wt_v, dim=0))
+        if float(wt_v.norm()) == 0.0:  # a weight so small that its float estimate underflows: plain as well
+            self._make_plain()
+            return
+        self.reparam_u.copy_(F.normalize(wt_v, dim=0))
         self.reparam_scale.copy_(torch.dot(wt_v, _read(self.reparam_u, compute_dtype)))
+
+    def _make_plain(self) -> None:
+        self.reparam_u.zero_()
+        self.reparam_v.zero_()
+        self.reparam_scale.zero_()
 
     # -- effective weight ----------------------------------------------------------------------------------------
 
     @property
     def sigma(self) -> torch.Tensor:
-        """Current spectral-norm estimate ``v^T W u`` (no grad; float32 for half weights)."""
-        return self._reparam_vectors(step=False)[2]
+        """The spectral-norm estimate ``v^T W u`` the next forward uses (no grad; float32 for half weights).
+
+        Computed from the current weight, with the pending power-iteration step if the weight changed since the
+        buffers were last updated (not stored); 0 for a plain layer.
+        """
+        return self._reparam_vectors(store=False)[2]
 
     def _tensors(self) -> tuple:
         """``(weight, bias, reparam_scale, reparam_u, reparam_v)``, read from the module's own dicts.
@@ -554,7 +624,7 @@ class SigmaReparamMixin:
     def _cache_key(self, weight: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple:
         # _version counts in-place writes (optimizer steps, load_state_dict, copy_); the ids and data pointers
         # catch replaced tensors; the optimizer step count catches fused optimizers, which bump no versions.
-        # Written out flat: it is evaluated on every eval forward.
+        # Written out flat: it is evaluated on every cached call.
         return (
             _optimizer_steps,
             id(weight),
@@ -574,14 +644,15 @@ class SigmaReparamMixin:
         )
 
     def effective_weight(self) -> torch.Tensor:
-        """``W_hat = reparam_scale / sigma * weight`` in the weight's layout, with the current u, v (never steps).
+        """``W_hat = reparam_scale / sigma * weight`` in the weight's layout, as the next forward computes it.
 
-        Differentiable w.r.t. ``weight`` and ``reparam_scale`` when grad mode is on. When no gradient is needed
-        (grad mode off, or neither tensor requires grad) the result is cached until the weight, scale or buffers
-        change (in-place writes, replaced tensors, load_state_dict), any torch optimizer steps (fused ones
-        included), the module is moved or its mode switched. Not seen: in-place writes through ``.data``
-        outside an optimizer step, which bypass the version counter; clear ``_reparam_cache`` (or switch
-        mode) after such edits. (Training forwards compare the weight's content, so they always see them.)
+        Uses the power-iteration vectors of the current weight (the pending step if the weight changed, not
+        stored: this never changes the buffers); ``W`` itself for a plain layer. Differentiable w.r.t.
+        ``weight`` and ``reparam_scale`` when grad mode is on. When no gradient is needed (grad mode off, or
+        neither tensor requires grad) the result is cached; the cache is used only while the weight, scale and
+        buffers are the same tensors at the same versions, no torch optimizer has stepped (fused ones included)
+        and the weight's image ``normalize(W^T v)`` and estimate are bitwise the ones it was made with (that
+        catches writes through ``.data``, which bypass the version counter). Forwards never use this cache.
         """
         weight, _, scale, u, v = self._tensors()
         return self._effective_weight(weight, scale, u, v)
@@ -591,6 +662,7 @@ class SigmaReparamMixin:
         use_cache = (
             self.cache_effective_weight and not needs_grad and not weight.is_meta and not torch.compiler.is_compiling()
         )
+        u_now, v_now, sigma, plain = self._reparam_vectors(store=False)
         key = None
         if use_cache:
             _ensure_optimizer_step_hook()
@@ -599,23 +671,34 @@ class SigmaReparamMixin:
             except RuntimeError:  # inference tensors have no version counter: just don't cache
                 key = None
             cached = self._reparam_cache
-            if key is not None and cached is not None and cached[0] == key:
-                hit = cached[1]
+            if (
+                key is not None
+                and cached is not None
+                and cached[0] == key
+                and torch.equal(cached[1], u_now)
+                and torch.equal(cached[2], sigma)
+            ):
+                hit = cached[3]
                 # A tensor made under inference_mode cannot be saved for backward outside it.
                 if not hit.is_inference() or torch.is_inference_mode_enabled():
                     return hit
-        u, v, sigma = self._reparam_vectors(step=False)
-        weight_hat = _ScaledWeight.apply(weight, scale, u, v, sigma, self.weight_layout)
+        if plain is True:
+            weight_hat = weight if key is None else weight.detach().clone()
+        else:
+            weight_hat = _ScaledWeight.apply(weight, scale, u_now, v_now, sigma, self.weight_layout)
         if key is not None:
             weight_hat = weight_hat.detach()
-            self._reparam_cache = (key, weight_hat)
+            self._reparam_cache = (key, u_now, sigma, weight_hat)
         return weight_hat
 
-    def _cpu_training_vectors(self, weight: torch.Tensor, u_stored: torch.Tensor, v_stored: torch.Tensor):
-        """The CPU fast path of ``_reparam_vectors(step=True)``: ``(u, v, sigma, W_mm)`` or None.
+    def _cpu_training_vectors(
+        self, weight: torch.Tensor, u_stored: torch.Tensor, v_stored: torch.Tensor, store: bool = True
+    ):
+        """The CPU fast path of ``_reparam_vectors``: ``(u, v, sigma, W_mm)`` or None.
 
-        ``sigma`` is not clamped; ``W_mm`` is the (in, out) view of the detached weight, the fused matmul's
-        operand for Linear and Conv1D layouts.
+        ``sigma`` is not clamped (0 for a plain layer; the caller wakes it); ``W_mm`` is the (in, out) view of
+        the detached weight, the fused matmul's operand for Linear and Conv1D layouts. ``store`` as in
+        ``_reparam_vectors`` (False: eval forwards, which never change the buffers).
 
         Taken for a plain float32 / float64 CPU weight with buffers of its dtype, outside autocast and
         torch.compile. The same operations in the same order as the general path (so the same bits: a run may
@@ -651,8 +734,9 @@ class SigmaReparamMixin:
         v_now = _normalize(torch.mv(matrix, u_stored))
         wt_v = torch.mv(matrix_t, v_now)
         u_now = _normalize(wt_v)
-        u_stored.copy_(u_now)
-        v_stored.copy_(v_now)
+        if store:
+            u_stored.copy_(u_now)
+            v_stored.copy_(v_now)
         return u_now, v_now, torch.dot(wt_v, u_now), matrix_t
 
     def _can_fuse(self, input: torch.Tensor, weight: torch.Tensor, bias) -> bool:
@@ -668,31 +752,52 @@ class SigmaReparamMixin:
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``W_hat`` applied to ``input``, with the vectors of the current weight (never a cached ``W_hat``).
+
+        Training forwards store their power-iteration step and wake a plain layer whose weight became nonzero;
+        eval forwards compute the same vectors without storing them. A plain layer is its base layer.
+        """
         layout = self.weight_layout
         weight, bias, scale, u, v = self._tensors()
-        if self.training:
-            vectors = self._cpu_training_vectors(weight, u, v)
-            if vectors is None:
-                u, v, sigma = self._reparam_vectors(step=True)
-                w_mm = None
-            else:
-                u, v, sigma, w_mm = vectors
-            if self._can_fuse(input, weight, bias):
+        store = self.training
+        vectors = self._cpu_training_vectors(weight, u, v, store)
+        if vectors is None:
+            u, v, sigma, plain = self._reparam_vectors(store)
+            w_mm = None
+            if plain is False:  # decided on the host: the fused matmul may take it
                 sigma_value = sigma.item()
-                floor = _sigma_floor(sigma.dtype)
-                if sigma_value < floor:
-                    sigma_value = floor
-                state = (u, v, scale.item() / sigma_value, sigma_value, layout, w_mm)
+        else:
+            u, v, sigma, w_mm = vectors
+            sigma_value = sigma.item()
+            if sigma_value == 0.0 and store and bool(weight.detach().any()):
+                self.reset_reparam()  # wake: the weight of a plain layer became nonzero
+                weight, bias, scale, u, v = self._tensors()
+                u, v, sigma, w_mm = self._cpu_training_vectors(weight, u, v, store)
+                sigma_value = sigma.item()
+            plain = sigma_value == 0.0
+        if plain is True:
+            return self._forward_with(input, weight, bias)
+        if plain is False and self._can_fuse(input, weight, bias):
+            floor = _sigma_floor(sigma.dtype)
+            if sigma_value < floor:
+                sigma_value = floor
+            alpha = scale.item() / sigma_value
+            # Out of the dtype's range (a diverged layer): the tensor path below, which gives inf / nan as a stock
+            # layer would (a Python scalar out of range makes torch raise instead).
+            if _in_range(alpha, weight.dtype) == alpha:
+                state = (u, v, alpha, sigma_value, layout, w_mm)
                 if input.dim() == 2:
                     return _ReparamMatmul.apply(input, weight, bias, scale, state)
                 out = _ReparamMatmul.apply(input.reshape(-1, input.shape[-1]), weight, bias, scale, state)
                 if input.dim() == 3:
                     return out.view(input.shape[0], input.shape[1], out.shape[1])
                 return out.view(input.shape[:-1] + (out.shape[1],))
-            sigma = sigma.clamp(min=_sigma_floor(sigma.dtype))
-            weight = _ScaledWeight.apply(weight, scale, u, v, sigma, layout)
-        else:
-            weight = self._effective_weight(weight, scale, u, v)
+        weight_hat = _ScaledWeight.apply(weight, scale, u, v, sigma, layout)
+        return self._forward_with(input, weight_hat, bias)
+
+    def _forward_with(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """The base layer's computation with ``weight`` in place of its own."""
+        layout = self.weight_layout
         if layout == "out_in":
             return F.linear(input, weight, bias)
         if layout == "conv":

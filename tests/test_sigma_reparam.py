@@ -283,6 +283,9 @@ def test_weight_held_as_plain_attribute(training):
     y = layer(x)
     if training:
         u, v = layer.reparam_u.clone(), layer.reparam_v.clone()
+    else:  # eval uses the step a training forward would take, without storing it
+        assert torch.equal(layer.reparam_u, u)
+        u, v = one_step(layer, u)
     torch.testing.assert_close(y, exact_output(layer, x, u, v), rtol=1e-5, atol=1e-5)
 
 
@@ -302,8 +305,12 @@ def test_gradients_match_exact_formula_with_fixed_vectors(kind, training, fused)
         layer.reparam_scale.mul_(1.3)  # W_hat != W, so both gradient terms matter
     x = x.requires_grad_(True)
     layer.train(training)
+    u_before = layer.reparam_u.clone()
     y = layer(x)
     u, v = layer.reparam_u.clone(), layer.reparam_v.clone()  # after this forward's step, if any
+    if not training:  # eval: the same step, not stored
+        assert torch.equal(u, u_before)
+        u, v = one_step(layer, u)
     upstream = torch.randn_like(y)
     params = [x, layer.weight, layer.reparam_scale, layer.bias]
     got = torch.autograd.grad(y, params, upstream)
@@ -316,10 +323,13 @@ def test_gradients_match_exact_formula_with_fixed_vectors(kind, training, fused)
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_float64_gradcheck_module(kind):
-    """gradcheck / gradgradcheck of the layer as a function of x, W, s and bias (eval: u, v fixed)."""
+    """gradcheck / gradgradcheck of the layer's unfused math as a function of x, W, s and bias (u, v fixed; a
+    forward would re-derive them from a perturbed weight, so the layer's own _ScaledWeight + computation)."""
+    from hf_normsoftmax.sigma_reparam import _ScaledWeight
+
     _, layer, x = converted(kind, dtype=torch.float64)
     randomize_vectors(layer)
-    layer.eval()
+    u, v = layer.reparam_u.clone(), layer.reparam_v.clone()
     args = (
         x[:1].clone().requires_grad_(True),
         layer.weight.detach().clone().requires_grad_(True),
@@ -328,7 +338,10 @@ def test_float64_gradcheck_module(kind):
     )
 
     def fn(x, weight, scale, bias):
-        return torch.func.functional_call(layer, {"weight": weight, "reparam_scale": scale, "bias": bias}, (x,))
+        matrix = weight.t() if layer.weight_layout == "in_out" else weight.reshape(weight.shape[0], -1)
+        sigma = torch.dot(torch.mv(matrix.detach().t(), v), u)  # precomputed, as the power iteration does
+        weight_hat = _ScaledWeight.apply(weight, scale, u, v, sigma, layer.weight_layout)
+        return layer._forward_with(x, weight_hat, bias)
 
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
@@ -523,7 +536,8 @@ def test_eval_cache_sees_fused_optimizer_steps_and_reloads():
     with torch.no_grad():
         after = layer(x)
     assert not torch.allclose(before, after)
-    torch.testing.assert_close(after, exact_output(layer, x, layer.reparam_u, layer.reparam_v).detach())
+    # eval takes the pending power-iteration step (without storing it): the vectors of the current weight
+    torch.testing.assert_close(after, exact_output(layer, x, *one_step(layer, layer.reparam_u)).detach())
     # load_state_dict and replacing the weight object also invalidate
     other = copy.deepcopy(layer)
     with torch.no_grad():
@@ -531,7 +545,7 @@ def test_eval_cache_sees_fused_optimizer_steps_and_reloads():
         layer.load_state_dict(other.state_dict())
         torch.testing.assert_close(layer(x), other(x))
         layer.weight = nn.Parameter(layer.weight * 3)
-        torch.testing.assert_close(layer(x), exact_output(layer, x, layer.reparam_u, layer.reparam_v))
+        torch.testing.assert_close(layer(x), exact_output(layer, x, *one_step(layer, layer.reparam_u)))
 
 
 def test_inference_mode_cache_is_not_reused_for_autograd():
