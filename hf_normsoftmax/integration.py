@@ -778,7 +778,8 @@ def finish_normsoftmax_init(model: nn.Module) -> None:
 
     * sigmaReparam layers whose ``reparam_scale`` was not loaded: ``reset_reparam()`` from the current weight
       (the loaded one, or the tied embedding for a tied head), so a converted stock checkpoint computes exactly
-      the stock function;
+      the stock function; likewise layers whose weight was not loaded (a head re-initialised by
+      ``ignore_mismatched_sizes``): a loaded scale belongs to the checkpoint's weight, not to the new one;
     * learnable gammas that were not loaded: ``normsoftmax_gamma``.
 
     Runs once per tensor: later calls (e.g. ``tie_weights()`` after ``resize_token_embeddings``) never reset
@@ -791,7 +792,7 @@ def finish_normsoftmax_init(model: nn.Module) -> None:
         if isinstance(module, SigmaReparamMixin) and not getattr(module, "_normsoftmax_init_done", False):
             if _is_meta(module.weight) or _is_meta(module.reparam_scale):
                 continue
-            if _loaded(module.reparam_scale):
+            if _loaded(module.reparam_scale) and _loaded(module.weight):
                 if not (_loaded(module.reparam_u) and _loaded(module.reparam_v)):
                     # scale from the checkpoint, vectors not: rebuild only the power-iteration state
                     loaded_scale = module.reparam_scale.detach().clone()
@@ -1016,6 +1017,10 @@ class NormSoftmaxPreTrainedMixin:
             add_learnable_gamma(self, self._normsoftmax_attention_classes, config)
         super().post_init()
         self._keys_to_ignore_on_load_missing = set(self._keys_to_ignore_on_load_missing) | set(NEW_KEY_PATTERNS)
+        # from now on the config refuses changes of the flags that decided this structure (sigma_reparam, ...)
+        bind_to_model = getattr(config, "bind_to_model", None)
+        if bind_to_model is not None:
+            bind_to_model(self)
 
     def tie_weights(self, missing_keys=None, recompute_mapping: bool = True):
         super().tie_weights(missing_keys=missing_keys, recompute_mapping=recompute_mapping)

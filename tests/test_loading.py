@@ -195,3 +195,20 @@ def test_auto_model_loads_the_encoder_of_a_fine_tuned_sigma_reparam_classifier(t
 
     with pytest.raises(ValueError, match="raw weights"):
         AutoModel.from_pretrained(path, sigma_reparam=False)
+
+
+def test_head_resized_on_load_starts_from_its_new_weight(tmp_path):
+    """``ignore_mismatched_sizes`` re-initialises a head of another size: the checkpoint's scale belonged to the old
+    weight, so the new head starts as a fresh sigmaReparam layer (scale = sigma(W)); the encoder keeps its state."""
+    torch.manual_seed(0)
+    trained = _as_trained(H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TRAINED_BERT)))
+    path = _save(trained, tmp_path / "three_labels")
+    model, info = H.NormSoftmaxBertForSequenceClassification.from_pretrained(
+        path, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    assert {key for key, *_ in info["mismatched_keys"]} >= {"classifier.weight"}
+    head = model.classifier
+    sigma = torch.linalg.matrix_norm(head.weight.detach().double(), 2)
+    assert float(head.reparam_scale.detach()) == pytest.approx(float(sigma), rel=1e-5)
+    layer = "bert.encoder.layer.0.attention.self.query"
+    assert torch.equal(model.get_submodule(layer).reparam_scale, trained.get_submodule(layer).reparam_scale)
