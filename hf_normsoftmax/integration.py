@@ -39,7 +39,6 @@ import contextvars
 import fnmatch
 import inspect
 import re
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -57,7 +56,7 @@ from transformers.utils.generic import can_return_tuple
 from .attention import normsoftmax_attention, normsoftmax_attention_reference, valid_from_mask
 from .configuration_normsoftmax import DEFAULT_NORMSOFTMAX_GAMMA, NORMSOFTMAX_FLAGS, check_flag_combination
 from .losses import inverse_temperature_cross_entropy
-from .normsoftmax import normalize_logits
+from .normsoftmax import GAMMA_RANGE, normalize_logits
 from .sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin, sigma_reparam_
 
 try:  # private: tells whether a model forward is collecting attention weights (GPT-2 drops output_attentions)
@@ -67,16 +66,13 @@ except ImportError:  # pragma: no cover - other transformers versions
 
 logger = logging.get_logger(__name__)
 
-# save_pretrained sets the classes' _auto_class (read by transformers' save) for the duration of a save: saves of
-# variants in several threads at once take turns, so that none sees another's setting.
-_CLASS_STATE_LOCK = threading.RLock()
-
 ATTENTION_IMPLEMENTATION = "normsoftmax"
 REFERENCE_ATTENTION_IMPLEMENTATION = "normsoftmax_reference"
 # Name of the learnable per-head gamma on attention modules (the loader renames keys containing "gamma"/"beta").
 LEARNABLE_GAMMA_PARAMETER = "normsoftmax_scale"
-# Learned gammas are kept above this in the forward: a gamma <= 0 would invert or flatten the attention.
-MIN_LEARNED_GAMMA = 1e-3
+# Learned gammas are clamped into GAMMA_RANGE where the attention uses them (the parameter keeps its value): a
+# gamma <= 0 would invert or flatten the attention, and the math is only finite for gammas inside the range.
+MIN_LEARNED_GAMMA, MAX_LEARNED_GAMMA = GAMMA_RANGE
 RECORDER_ATTRIBUTE = "_normsoftmax_recorder"
 # State-dict entries a stock checkpoint does not have; initialised after loading (see finish_normsoftmax_init).
 NEW_KEY_PATTERNS = (r"\.reparam_scale$", r"\.reparam_u$", r"\.reparam_v$", rf"\.{LEARNABLE_GAMMA_PARAMETER}$")
@@ -110,7 +106,7 @@ def attention_gamma(module: nn.Module) -> float | torch.Tensor:
     """The gamma the attention of ``module`` uses: its learnable per-head gammas, else the config value."""
     learned = getattr(module, LEARNABLE_GAMMA_PARAMETER, None)
     if learned is not None:
-        return learned.clamp(min=MIN_LEARNED_GAMMA)
+        return learned.clamp(MIN_LEARNED_GAMMA, MAX_LEARNED_GAMMA)
     return getattr(getattr(module, "config", None), "normsoftmax_gamma", DEFAULT_NORMSOFTMAX_GAMMA)
 
 
@@ -283,16 +279,39 @@ def resolve_variant_attn_implementation(requested: str | None) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _in_dtype_if_finite(computed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Head logits computed in float32 from ``dtype`` (half) logits, returned in ``dtype`` when they fit, else in
+    float32: ``beta * z`` beyond 65504 would turn into inf in float16. Under torch.compile (no data-dependent
+    branch in a graph) half logits always come back in float32."""
+    if computed.dtype == dtype:
+        return computed
+    if torch.compiler.is_compiling():
+        return computed
+    narrow = computed.to(dtype)
+    return computed if bool(torch.isinf(narrow).any()) else narrow
+
+
 def training_logits(logits: torch.Tensor, config: Any, dim: int = -1) -> torch.Tensor:
     """The logits the training softmax of a head sees, from the raw head outputs ``z``.
 
     ``loss_softmax="normsoftmax"``: ``normalize_logits(z, gamma=loss_normsoftmax_gamma)`` over ``dim`` (the
     classes); otherwise ``beta * z`` with ``beta = logit_inverse_temperature`` (``z`` itself for beta 1).
+    Half-precision logits are transformed in float32 and returned in their dtype, or in float32 where that dtype
+    would overflow (e.g. ``beta * z`` beyond 65504 in float16).
     """
-    if getattr(config, "loss_softmax", "softmax") == "normsoftmax":
-        return normalize_logits(logits, dim=dim, gamma=config.loss_normsoftmax_gamma)
+    normalize = getattr(config, "loss_softmax", "softmax") == "normsoftmax"
     beta = getattr(config, "logit_inverse_temperature", 1.0)
-    return logits if beta == 1.0 else logits * beta
+    if not normalize and beta == 1.0:
+        return logits
+    wide = logits.float() if logits.dtype in _HALF_DTYPES else logits
+    if normalize:
+        computed = normalize_logits(wide, dim=dim, gamma=config.loss_normsoftmax_gamma)
+    else:
+        computed = wide * beta
+    return _in_dtype_if_finite(computed, logits.dtype)
 
 
 # Logits per chunk of the fused head op (1 MB in float32): a chunk's intermediate passes stay in cache. Measured
@@ -313,17 +332,39 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
     Backward, with ``G`` the gradient reaching ``z'`` (from the loss and from any use of the returned logits):
     ``dz = beta * G``, or for the normalisation ``dz = (gamma / sigma) * (G - mean(G) - z' * mean(G * z') / gamma^2)``
     (``sigma = sqrt(var(z) + eps)``, means over the row).
+
+    Half-precision logits are computed in float32 and returned in their dtype; the loss is the float32
+    cross-entropy of those returned (rounded) logits. Where the half dtype would overflow (``beta * z`` beyond
+    65504 in float16), everything is recomputed with float32 logits, which are returned: the loss always sees
+    exactly the returned logits, and stays finite wherever stock's float32-upcast loss is.
     """
 
     @staticmethod
     def forward(ctx, logits, target, factor, normalize, ignore_index, divisor):
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        chunk = max(1, _HEAD_CHUNK_ELEMENTS // max(logits.shape[1], 1))
+        settings = (target, factor, normalize, ignore_index, chunk)
+        out, lse, sigma, loss, overflow = _HeadSoftmaxCrossEntropy._rows(logits, *settings, logits.dtype)
+        if overflow is not None and bool(overflow):
+            out, lse, sigma, loss, _ = _HeadSoftmaxCrossEntropy._rows(logits, *settings, compute_dtype)
+        ctx.save_for_backward(out, target, lse, sigma, divisor)
+        ctx.factor, ctx.normalize, ctx.ignore_index, ctx.chunk = factor, normalize, ignore_index, chunk
+        ctx.input_dtype = logits.dtype
+        ctx.set_materialize_grads(False)
+        return out, loss / divisor.to(compute_dtype)
+
+    @staticmethod
+    def _rows(logits, target, factor, normalize, ignore_index, chunk, out_dtype):
+        """The forward over chunks of rows, returning logits in ``out_dtype``: (out, lse, sigma, loss sum,
+        overflow), ``overflow`` a bool tensor (None for float32 / float64 output) telling whether rounding to
+        ``out_dtype`` produced an inf."""
         rows, classes = logits.shape
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        out = torch.empty_like(logits)
+        out = torch.empty(rows, classes, dtype=out_dtype, device=logits.device)
         lse = torch.empty(rows, dtype=compute_dtype, device=logits.device)
         sigma = torch.empty(rows, 1, dtype=compute_dtype, device=logits.device) if normalize else None
         loss = torch.zeros((), dtype=compute_dtype, device=logits.device)
-        chunk = max(1, _HEAD_CHUNK_ELEMENTS // max(classes, 1))
+        overflow = None
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
             z = logits[start:stop].to(compute_dtype)
@@ -340,6 +381,9 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
             out[start:stop] = seen
             if out.dtype != compute_dtype:
                 seen = out[start:stop].to(compute_dtype)  # the loss is the cross-entropy of the logits returned
+                # accumulated on the device: one host sync per call, not per chunk
+                rounded_to_inf = torch.isinf(seen).any()
+                overflow = rounded_to_inf if overflow is None else overflow | rounded_to_inf
             row_lse = torch.logsumexp(seen, dim=-1)
             lse[start:stop] = row_lse
             labels = target[start:stop]
@@ -347,10 +391,7 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
             # ignored rows gather class 0 (their term is dropped); any other bad label raises, as in F.cross_entropy
             picked = seen.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
             loss = loss + torch.where(valid, row_lse - picked, 0.0).sum()
-        ctx.save_for_backward(out, target, lse, sigma, divisor)
-        ctx.factor, ctx.normalize, ctx.ignore_index, ctx.chunk = factor, normalize, ignore_index, chunk
-        ctx.set_materialize_grads(False)
-        return out, loss / divisor.to(compute_dtype)
+        return out, lse, sigma, loss, overflow
 
     @staticmethod
     def backward(ctx, grad_out, grad_loss):
@@ -360,7 +401,7 @@ class _HeadSoftmaxCrossEntropy(torch.autograd.Function):
         factor, chunk = ctx.factor, ctx.chunk
         rows, classes = out.shape
         compute_dtype = lse.dtype
-        grad_logits = torch.empty(rows, classes, dtype=out.dtype, device=out.device)
+        grad_logits = torch.empty(rows, classes, dtype=ctx.input_dtype, device=out.device)
         loss_weight = None if grad_loss is None else grad_loss.to(compute_dtype) / divisor.to(compute_dtype)
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
@@ -406,7 +447,9 @@ def head_logits_and_loss(
     exactly). ``labels (...)`` are class indices, ``ignore_index`` ignored; ``None`` gives no loss. The loss is
     the mean over non-ignored labels, or with ``num_items_in_batch`` their sum divided by it (transformers'
     gradient-accumulation semantics). With a flag on, logits and loss come from one fused op
-    (``_HeadSoftmaxCrossEntropy``), several times cheaper than separate ops for a 50k vocabulary.
+    (``_HeadSoftmaxCrossEntropy``), several times cheaper than separate ops for a 50k vocabulary. Half-precision
+    logits are transformed in float32; the returned logits keep the half dtype unless it would overflow, then they
+    are float32 (see :func:`training_logits`): the loss is always the float32 cross-entropy of the returned logits.
     """
     if labels is None:
         return training_logits(raw_logits, config), None
@@ -517,7 +560,8 @@ def sequence_classification_head(
                 "Allowed: `loss_softmax`='softmax' (optionally with `logit_inverse_temperature`) for multi-label heads."
             )
         beta = getattr(config, "logit_inverse_temperature", 1.0)
-        logits = raw_logits if beta == 1.0 else raw_logits * beta
+        wide = raw_logits.float() if raw_logits.dtype in _HALF_DTYPES else raw_logits
+        logits = raw_logits if beta == 1.0 else _in_dtype_if_finite(wide * beta, raw_logits.dtype)
     elif problem_type == "single_label_classification":
         if labels is None:
             return training_logits(raw_logits, config), None
@@ -1107,33 +1151,39 @@ class NormSoftmaxPreTrainedMixin:
         registered = getattr(cls, "_auto_class", None)
         if registered:
             return registered
-        return next((auto for suffix, auto in cls._normsoftmax_auto_class_suffixes if cls.__name__.endswith(suffix)),
-                    "AutoModel")
+        return _auto_class_by_name(cls)
 
     def save_pretrained(
         self, save_directory, *args, save_remote_code: bool | None = None, auto_class: str | None = None, **kwargs
     ):
-        """``PreTrainedModel.save_pretrained`` that, by default, also writes the model's code and ``auto_map``.
+        """``PreTrainedModel.save_pretrained`` that, by default, also writes the model's code and ``auto_map``, and
+        replaces a checkpoint already in ``save_directory`` all-or-nothing.
 
         The folder then holds ``configuration_normsoftmax.py``, ``modeling_normsoftmax_*.py`` and the files they
-        import, and ``config.json`` maps ``AutoConfig`` and the model's Auto class to them: with the package
-        installed it loads with the package's classes (no prompt); without it, ``trust_remote_code=True`` loads it
-        and leaving it out gives transformers' "contains custom code ... pass trust_remote_code=True" error.
+        import, and ``config.json`` maps ``AutoConfig``, the model's Auto class and ``AutoModel`` (the base model
+        class of the same file, so a fine-tuned head's encoder loads with ``AutoModel`` too) to them: with the
+        package installed it loads with the package's classes (no prompt); without it, ``trust_remote_code=True``
+        loads it and leaving it out gives transformers' "contains custom code ... pass trust_remote_code=True" error.
 
         Args:
             save_remote_code: ``False`` writes a plain folder (no code files, no ``auto_map``; it then loads only
                 where hf_normsoftmax is imported). Default: the model's ``save_remote_code`` attribute (``True``).
-            auto_class: the Auto class name mapped in ``auto_map`` (default: the class's registered Auto class, or
-                the one its name implies, e.g. ``"AutoModelForSequenceClassification"``).
+            auto_class: the Auto class name mapped to this class in ``auto_map`` (default: the class's registered
+                Auto class, or the one its name implies, e.g. ``"AutoModelForSequenceClassification"``).
             *args, **kwargs: as for ``PreTrainedModel.save_pretrained``.
+
+        The save reads and changes no class attribute and nothing of the config instance beyond what transformers'
+        own save sets (``dtype``, ``architectures``): saves in several threads at once do not affect each other.
+        transformers writes into a temporary folder beside ``save_directory``; the files are then renamed into place
+        (:func:`_move_into_place`): an error at any point leaves the previous checkpoint as it was, and files of
+        the folder that are not part of the checkpoint are never touched.
 
         ``push_to_hub=True`` saves the folder as above, then uploads the model the way ``model.push_to_hub`` does
         (``hf_normsoftmax.hub.save_and_push``: one commit, the hf_normsoftmax card, code + ``auto_map``): it takes
         transformers' Hub arguments (``repo_id``, ``commit_message``, ``create_pr``, ``private``, ``token``) and
         ``push_to_hub``'s (``processing_class``, ``tags``, ``card_fields``, ...), and refuses others by name.
-        Where hf_normsoftmax cannot be imported, transformers' own upload runs, with a warning.
-
-        Nothing sticks: the classes' Auto registration and the config's ``auto_map`` are as before afterwards.
+        Where hf_normsoftmax cannot be imported, the folder is saved, then uploaded in one commit with
+        transformers' generic card (:meth:`_push_to_hub_without_package`), with a warning.
         """
         if args:  # by name from here on, so that a positional push_to_hub is seen too
             names = [
@@ -1150,6 +1200,7 @@ class NormSoftmaxPreTrainedMixin:
                 if name in kwargs:
                     raise TypeError(f"save_pretrained() got multiple values for argument {name!r}")
                 kwargs[name] = value
+        push = None
         if kwargs.pop("push_to_hub", False):
             hub = self._normsoftmax_hub_module("save_pretrained(push_to_hub=True)", "own upload")
             if hub is not None:
@@ -1157,7 +1208,7 @@ class NormSoftmaxPreTrainedMixin:
                     self, save_directory, save_remote_code=save_remote_code, auto_class=auto_class, **kwargs
                 )
             self._drop_hub_only_arguments(kwargs, "save_pretrained(push_to_hub=True)")
-            kwargs["push_to_hub"] = True
+            push = self._push_arguments_without_package(kwargs, save_directory)
         if save_remote_code is None:
             save_remote_code = getattr(self, "save_remote_code", True)
         if not isinstance(save_remote_code, bool):
@@ -1169,48 +1220,39 @@ class NormSoftmaxPreTrainedMixin:
                 "checkpoint (save_remote_code ignored)."
             )
             save_remote_code = False
-        with _CLASS_STATE_LOCK:  # the class attributes set below are shared by every thread saving these classes
-            return self._save_with_auto_map(save_directory, save_remote_code, auto_class, kwargs)
+        auto_map = remote_code_auto_map(model_class, type(self.config), auto_class) if save_remote_code else None
+        code = remote_code_files(model_class, type(self.config)) if save_remote_code else ()
+        result = _save_checkpoint(self, super().save_pretrained, save_directory, kwargs, auto_map, code)
+        if push is not None and self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            return self._push_to_hub_without_package(processing_class=None, **push)
+        return result
 
-    def _save_with_auto_map(self, save_directory, save_remote_code: bool, auto_class, kwargs):
-        """transformers' save with our files and auto_map (save_remote_code) or without any, leaving the classes'
-        Auto registration and the config's auto_map as they were."""
-        model_class, config_class, config = type(self), type(self.config), self.config
+    @staticmethod
+    def _push_arguments_without_package(kwargs: dict, save_directory) -> dict:
+        """``save_pretrained(push_to_hub=True)`` without the package: take transformers' Hub arguments out of
+        ``kwargs`` (the save's own stay) as arguments of :meth:`_push_to_hub_without_package`; refuse others."""
+        import os
 
-        def is_ours(ref) -> bool:  # an auto_map entry naming our files (possibly as "repo--module.Class")
-            refs = ref if isinstance(ref, (list, tuple)) else [ref]
-            return any(
-                isinstance(r, str) and ("configuration_normsoftmax." in r or "modeling_normsoftmax_" in r) for r in refs
+        save_names = set(inspect.signature(PreTrainedModel.save_pretrained).parameters) - {"self", "token"}
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k not in save_names}
+        allowed = ("repo_id", "commit_message", "create_pr", "private", "token")
+        refused = sorted(set(hub) - set(allowed))
+        if refused:
+            raise TypeError(
+                f"save_pretrained(push_to_hub=True) without hf_normsoftmax does not take {refused}; allowed Hub "
+                f"arguments: {list(allowed)}."
             )
-
-        missing = object()
-        saved_classes = [(cls, cls.__dict__.get("_auto_class", missing)) for cls in (model_class, config_class)]
-        saved_map = config.__dict__.get("auto_map", missing)
-        kept = {k: v for k, v in saved_map.items() if not is_ours(v)} if isinstance(saved_map, dict) else {}
-        auto_class = (auto_class or model_class.normsoftmax_auto_class()) if save_remote_code else None
-        try:
-            model_class._auto_class = auto_class
-            config_class._auto_class = (
-                (getattr(config_class, "_auto_class", None) or "AutoConfig") if save_remote_code else None
-            )
-            if save_remote_code or kept:
-                config.auto_map = dict(kept)  # custom_object_save adds the model's and the config's entries
-            else:
-                config.__dict__.pop("auto_map", None)
-            return super().save_pretrained(save_directory, **kwargs)
-        finally:
-            for cls, value in saved_classes:
-                if value is missing:
-                    try:
-                        delattr(cls, "_auto_class")
-                    except AttributeError:
-                        pass
-                else:
-                    cls._auto_class = value
-            if saved_map is missing:
-                config.__dict__.pop("auto_map", None)
-            else:
-                config.auto_map = saved_map
+        return dict(
+            repo_id=hub.get("repo_id") or os.path.basename(os.path.normpath(os.fspath(save_directory))),
+            commit_message=hub.get("commit_message"),
+            commit_description=None,
+            private=hub.get("private"),
+            token=hub.get("token"),
+            revision=None,
+            create_pr=bool(hub.get("create_pr", False)),
+            max_shard_size=kwargs.get("max_shard_size", "50GB"),
+            tags=None,
+        )
 
     @staticmethod
     def _normsoftmax_hub_module(caller: str, stock: str):
@@ -1366,6 +1408,219 @@ class NormSoftmaxPreTrainedMixin:
                 revision=revision,
                 create_pr=create_pr,
             )
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving with the code, all-or-nothing
+# ---------------------------------------------------------------------------------------------------------------
+# auto_map entries that name this package's files (also as "repo--module.Class" after a Hub round trip)
+_OWN_CODE_MARKERS = ("configuration_normsoftmax.", "modeling_normsoftmax_")
+
+
+def _names_own_code(ref) -> bool:
+    refs = ref if isinstance(ref, (list, tuple)) else [ref]
+    return any(isinstance(r, str) and any(marker in r for marker in _OWN_CODE_MARKERS) for r in refs)
+
+
+def _auto_class_by_name(cls: type) -> str:
+    """The Auto class a variant class's name implies (``AutoModel`` for the base models)."""
+    suffixes = NormSoftmaxPreTrainedMixin._normsoftmax_auto_class_suffixes
+    return next((auto for suffix, auto in suffixes if cls.__name__.endswith(suffix)), "AutoModel")
+
+
+def _base_model_class(model_class: type) -> type | None:
+    """The base model class (``NormSoftmaxBertModel`` for every BERT head) defined in ``model_class``'s file."""
+    import sys
+
+    module = sys.modules.get(model_class.__module__)
+    candidates = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, PreTrainedModel)
+        and hasattr(obj, "normsoftmax_auto_class")
+        and obj.__module__ == model_class.__module__
+        and getattr(obj, "config_class", None) is getattr(model_class, "config_class", None)
+        and _auto_class_by_name(obj) == "AutoModel"
+    ] if module is not None else []
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def remote_code_auto_map(model_class: type, config_class: type, auto_class: str | None = None) -> dict:
+    """The ``auto_map`` of a folder saved with the code of ``model_class``, computed from the arguments only.
+
+    ``AutoConfig`` -> ``config_class``; ``AutoModel`` -> the base model class of the same modeling file (so that
+    ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` loads a fine-tuned head's encoder); ``auto_class``
+    (default :meth:`NormSoftmaxPreTrainedMixin.normsoftmax_auto_class`) -> ``model_class``.
+    """
+    import transformers.models.auto as auto_module
+
+    auto_class = auto_class if auto_class is not None else model_class.normsoftmax_auto_class()
+    if not isinstance(auto_class, str) or not auto_class.startswith("Auto") or not hasattr(auto_module, auto_class):
+        raise ValueError(
+            f"Invalid value for `auto_class`: {auto_class!r}. Allowed: the name of a transformers Auto class, such "
+            "as 'AutoModel' or 'AutoModelForSequenceClassification'."
+        )
+
+    def ref(cls: type) -> str:
+        return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+    auto_map = {"AutoConfig": ref(config_class)}
+    base = _base_model_class(model_class)
+    if base is not None:
+        auto_map["AutoModel"] = ref(base)
+    auto_map[auto_class] = ref(model_class)
+    return auto_map
+
+
+def remote_code_files(*classes: type) -> list:
+    """The source files defining ``classes`` and every file they import relatively (what ``auto_map`` needs)."""
+    import sys
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    files = {}
+    for cls in classes:
+        source = Path(sys.modules[cls.__module__].__file__)
+        for path in (source, *map(Path, get_relative_import_files(source))):
+            files.setdefault(path.name, path)
+    return list(files.values())
+
+
+def write_remote_code(directory, auto_map: dict | None, code_files=(), drop_code: bool = False) -> None:
+    """Give the ``config.json`` in ``directory`` exactly ``auto_map`` for this package's entries (other entries it
+    has are kept) and copy ``code_files`` next to it; ``auto_map=None`` removes this package's entries, and with
+    ``drop_code`` the ``*.py`` files of ``directory`` (transformers copies code for a class registered with
+    ``register_for_auto_class``). Only ``directory`` is read and written: no class or config state."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    written = config.get("auto_map")
+    merged = {k: v for k, v in written.items() if not _names_own_code(v)} if isinstance(written, dict) else {}
+    merged.update(auto_map or {})
+    if merged:
+        config["auto_map"] = merged
+    else:
+        config.pop("auto_map", None)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if auto_map:
+        for source in code_files:
+            shutil.copyfile(source, directory / Path(source).name)
+    elif drop_code:
+        for stale in directory.glob("*.py"):
+            stale.unlink()
+
+
+def _is_weight_file(name: str, variant: str | None) -> bool:
+    """Whether ``name`` is a safetensors weight file or index transformers loads for ``variant``."""
+    stem = f"model.{variant}" if variant else "model"
+    index = f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json"
+    return name == index or re.fullmatch(re.escape(stem) + r"(-\d{5}-of-\d{5})?\.safetensors", name) is not None
+
+
+class CheckpointRollbackError(OSError):
+    """A failed save could not put every previous file back; the message names the folder that holds them."""
+
+
+def _move_into_place(new, target, previous, variant: str | None) -> None:
+    """Rename the files of ``new`` into ``target``, replacing the checkpoint there all-or-nothing.
+
+    Order: the old ``config.json`` and the old weight files the new save does not replace (another shard set) are
+    moved to ``previous`` first, so from here until the new ``config.json`` arrives the folder does not load at
+    all (instead of loading old weights with new flags, or the reverse); then every new file, ``config.json``
+    last. Files being replaced are hard-linked (else copied) into ``previous`` first. On any error the files
+    already moved are put back and the error is raised: the previous checkpoint is as it was. ``target``'s other
+    files and folders are never touched. Each rename is atomic (same file system); a crash of the process
+    itself between the first and the last rename leaves a folder without ``config.json`` (loading it fails
+    loudly) and the previous files in ``previous``.
+    """
+    import os
+    import shutil
+
+    names = sorted(os.listdir(new), key=lambda name: (name == "config.json", name))
+    stale = sorted(n for n in os.listdir(target) if _is_weight_file(n, variant) and n not in names)
+    os.makedirs(previous)
+    taken, backed, placed = [], [], []
+    try:
+        for name in ("config.json", *stale):
+            if os.path.lexists(os.path.join(target, name)):
+                os.replace(os.path.join(target, name), os.path.join(previous, name))
+                taken.append(name)
+        for name in names:
+            dest = os.path.join(target, name)
+            if name not in taken and os.path.lexists(dest):
+                try:
+                    os.link(dest, os.path.join(previous, name), follow_symlinks=False)
+                except OSError:
+                    shutil.copy2(dest, os.path.join(previous, name), follow_symlinks=False)
+                backed.append(name)
+            os.replace(os.path.join(new, name), dest)
+            placed.append(name)
+    except BaseException as exc:
+        try:
+            for name in reversed(placed):
+                if name in backed or name in taken:
+                    os.replace(os.path.join(previous, name), os.path.join(target, name))
+                else:
+                    os.unlink(os.path.join(target, name))
+            for name in taken:
+                if name not in placed:
+                    os.replace(os.path.join(previous, name), os.path.join(target, name))
+        except BaseException as rollback_exc:
+            raise CheckpointRollbackError(
+                f"saving into {target} failed ({type(exc).__name__}: {exc}) and putting the previous checkpoint "
+                f"back failed too ({type(rollback_exc).__name__}: {rollback_exc}): its files are in {previous}; "
+                "move them back into the folder by hand."
+            ) from exc
+        raise
+
+
+def _save_checkpoint(model, stock_save, save_directory, kwargs: dict, auto_map: dict | None, code_files):
+    """``stock_save(save_directory, **kwargs)`` (transformers' save) with ``auto_map`` and ``code_files`` written
+    (or this package's removed), into a temporary folder beside ``save_directory`` and then moved into place.
+
+    In place instead (transformers' own behaviour) where nothing or only part of a checkpoint is written by this
+    process: a non-saving rank, ``distributed_checkpoint=True`` (every rank writes its part), or a
+    ``save_directory`` that is a file (transformers logs the error).
+    """
+    import os
+    import shutil
+    import tempfile
+
+    if os.path.isfile(save_directory) or not model.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+        return stock_save(save_directory, **kwargs)
+    if kwargs.get("distributed_checkpoint"):
+        result = stock_save(save_directory, **kwargs)
+        write_remote_code(save_directory, auto_map, code_files)
+        return result
+    os.makedirs(save_directory, exist_ok=True)
+    real = os.path.realpath(save_directory)
+    try:  # beside the folder, on the same file system (renames are then atomic)
+        work = tempfile.mkdtemp(prefix=f".{os.path.basename(real)}.saving-", dir=os.path.dirname(real))
+    except OSError:  # a parent we cannot write to: inside the folder
+        work = tempfile.mkdtemp(prefix=".hf_normsoftmax-saving-", dir=real)
+    keep = False
+    try:
+        new = os.path.join(work, "new")
+        os.makedirs(new)
+        result = stock_save(new, **kwargs)
+        write_remote_code(new, auto_map, code_files, drop_code=True)
+        _move_into_place(new, real, os.path.join(work, "previous"), kwargs.get("variant"))
+        return result
+    except CheckpointRollbackError:
+        keep = True
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 __all__ = [

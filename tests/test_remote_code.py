@@ -133,7 +133,7 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         else:
             H.save_pretrained_with_code(model, path)
         saved = json.loads((path / "config.json").read_text())
-        assert set(saved["auto_map"]) == {"AutoConfig", auto_name}, saved["auto_map"]
+        assert set(saved["auto_map"]) == {"AutoConfig", "AutoModel", auto_name}, saved["auto_map"]
         assert saved["auto_map"]["AutoConfig"] == f"configuration_normsoftmax.{config_class.__name__}"
         assert saved["auto_map"][auto_name].endswith(f".{model_class.__name__}")
         for needed in ("integration.py", "configuration_normsoftmax.py", "attention.py", "normsoftmax.py",
@@ -159,7 +159,7 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         assert report["class"].startswith("transformers_modules.") and report["class"].endswith(model_class.__name__)
         assert report["attn_implementation"] == "normsoftmax"
         assert "trust_remote_code=True" in report["without_trust"], report["without_trust"]
-        assert set(report["resaved_auto_map"]) == {"AutoConfig", CASES[name][3]}, report["resaved_auto_map"]
+        assert set(report["resaved_auto_map"]) == {"AutoConfig", "AutoModel", CASES[name][3]}, report["resaved_auto_map"]
         assert f"modeling_normsoftmax_{name}.py" in report["resaved_files"], report["resaved_files"]
         outputs = torch.load(tmp_path / f"{name}.pt.out")
         assert torch.allclose(outputs["logits"], references[name], atol=1e-6), name
@@ -236,6 +236,7 @@ def test_default_save_writes_code_and_loads_with_the_package_classes(tmp_path):
     assert auto_map == {
         "AutoConfig": "configuration_normsoftmax.NormSoftmaxBertConfig",
         "AutoModelForSequenceClassification": "modeling_normsoftmax_bert.NormSoftmaxBertForSequenceClassification",
+        "AutoModel": "modeling_normsoftmax_bert.NormSoftmaxBertModel",  # the encoder of the same file
     }
     assert {"configuration_normsoftmax.py", "modeling_normsoftmax_bert.py", "integration.py"} <= set(py)
     # nothing sticks to the classes or the config instance
@@ -274,9 +275,9 @@ def test_save_remote_code_opt_outs(tmp_path):
     model.save_pretrained(tmp_path / "attribute")
     assert _saved(tmp_path / "attribute") == (None, [])
     model.save_pretrained(tmp_path / "forced", save_remote_code=True)  # the keyword wins
-    assert set(_saved(tmp_path / "forced")[0]) == {"AutoConfig", "AutoModelForCausalLM"}
+    assert set(_saved(tmp_path / "forced")[0]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     H.save_pretrained_with_code(model, tmp_path / "with_code")  # always saves the code
-    assert set(_saved(tmp_path / "with_code")[0]) == {"AutoConfig", "AutoModelForCausalLM"}
+    assert set(_saved(tmp_path / "with_code")[0]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     with pytest.raises(TypeError, match="save_remote_code"):
         model.save_pretrained(tmp_path / "bad", save_remote_code="yes")
     # a class registered by the user keeps its Auto class
@@ -290,10 +291,10 @@ def test_save_remote_code_opt_outs(tmp_path):
 
 
 def test_saves_in_two_threads_do_not_see_each_others_class_settings(tmp_path, monkeypatch):
-    """A save sets the class's _auto_class for its duration. Thread A's save (with code) is held inside
-    transformers' save while thread B starts a save without code of the same class: B must wait for A, so A's save
-    still sees its own setting and both folders come out right. (Without the lock, B would set the class attribute
-    to None under A and wait, inside transformers' save, for A to look: A would see None.)"""
+    """Thread A's save (with code) is held inside transformers' save while thread B saves the same model without
+    code: both folders come out right, and A's save never sees an Auto registration on the class (a save sets no
+    class state that another thread could see or change: auto_map and the code files are written from the
+    call's own arguments)."""
     import threading
 
     from transformers import PreTrainedModel
@@ -325,8 +326,8 @@ def test_saves_in_two_threads_do_not_see_each_others_class_settings(tmp_path, mo
     a_thread.start()
     a_thread.join(30)
     b_thread.join(30)
-    assert seen_by_a == ["AutoModelForCausalLM"]
-    assert set(_saved(tmp_path / "a")[0]) == {"AutoConfig", "AutoModelForCausalLM"}
+    assert seen_by_a == [None]
+    assert set(_saved(tmp_path / "a")[0]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     assert _saved(tmp_path / "b") == (None, [])
     assert type(model).__dict__.get("_auto_class") is None
 
@@ -351,3 +352,44 @@ def test_remote_code_files_import_nothing_transformers_would_refuse():
                     assert not (node.module or "").startswith("hf_normsoftmax"), (path, node.module)
                 if isinstance(node, ast.Import):
                     assert not any(a.name.startswith("hf_normsoftmax") for a in node.names), path
+
+
+AUTO_MODEL_LOADER = textwrap.dedent(
+    """
+    import transformers
+    path, inputs = json.loads(sys.argv[1])
+    model = transformers.AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        hidden = model(**torch.load(inputs)).last_hidden_state
+    torch.save(hidden, inputs + ".hidden")
+    print()  # the trust prompt leaves the line open
+    print("CLASS " + type(model).__module__ + "." + type(model).__name__)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_saved_head_loads_its_encoder_with_auto_model_without_the_package(tmp_path):
+    """auto_map also maps AutoModel (to the base model class of the same modeling file): the encoder of a saved
+    classifier loads with AutoModel.from_pretrained(path, trust_remote_code=True) where hf_normsoftmax is not
+    importable, and computes what the classifier's own encoder computes."""
+    torch.manual_seed(0)
+    flags = dict(attention_softmax="normsoftmax", normsoftmax_learnable_gamma=True)
+    model = H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=3, **flags))
+    model.eval().save_pretrained(tmp_path / "classifier")
+    inputs = _inputs("bert")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        reference = model.bert(**inputs).last_hidden_state
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    code = LOADER.split("reports = {}")[0] + AUTO_MODEL_LOADER
+    args = json.dumps([str(tmp_path / "classifier"), str(tmp_path / "inputs.pt")])
+    result = subprocess.run([sys.executable, "-c", code, args], cwd=work, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    loaded_class = next(line for line in result.stdout.splitlines() if line.startswith("CLASS "))
+    assert loaded_class.startswith("CLASS transformers_modules.") and loaded_class.endswith(".NormSoftmaxBertModel")
+    assert torch.allclose(torch.load(tmp_path / "inputs.pt.hidden"), reference, atol=1e-6)

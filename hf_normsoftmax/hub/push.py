@@ -135,63 +135,32 @@ def auto_class_of(model) -> str:
 def save_with_code(model, directory, **kwargs) -> None:
     """Save a ``normsoftmax_*`` model with ``auto_map`` and its code, whatever its ``save_remote_code`` default.
 
-    Variant classes take ``save_remote_code=True``; older remote-code copies of the classes do not, and get the
-    temporary Auto registration only.
+    Variant classes take ``save_remote_code=True``. Older remote-code copies of the classes do not: they are saved
+    as they save, then ``config.json`` gets the ``auto_map`` and the folder the code files of the model's own
+    classes (computed from the model's classes; no class or config state is set, so saves in other threads are
+    not affected).
     """
     try:
         takes_flag = "save_remote_code" in inspect.signature(model.save_pretrained).parameters
     except (TypeError, ValueError):
         takes_flag = False
     if takes_flag:
-        kwargs["save_remote_code"] = True
-    with _RegisteredForAutoClass(model, auto_class_of(model)):
-        model.save_pretrained(directory, **kwargs)
+        model.save_pretrained(directory, **kwargs, save_remote_code=True)
+        return
+    from ..integration import remote_code_auto_map, remote_code_files, write_remote_code
+
+    auto_class = kwargs.pop("auto_class", None) or auto_class_of(model)
+    model.save_pretrained(directory, **kwargs)
+    write_remote_code(
+        directory,
+        remote_code_auto_map(type(model), type(model.config), auto_class),
+        remote_code_files(type(model), type(model.config)),
+    )
 
 
 def _is_variant_config(config) -> bool:
     model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
     return isinstance(model_type, str) and model_type.startswith("normsoftmax_")
-
-
-class _RegisteredForAutoClass:
-    """Context manager: register a model class (and its config class) for auto classes only while saving.
-
-    ``register_for_auto_class`` sets a class attribute, which would otherwise leak ``auto_map`` into every
-    later save of that class in the process; the config's ``auto_map`` attribute is restored too.
-    """
-
-    def __init__(self, model, auto_class: str):
-        self.model = model
-        self.auto_class = auto_class
-
-    def __enter__(self):
-        self._saved = []
-        for cls, name in ((type(self.model), self.auto_class), (type(self.model.config), "AutoConfig")):
-            self._saved.append((cls, "_auto_class" in cls.__dict__, cls.__dict__.get("_auto_class")))
-            cls.register_for_auto_class(name)
-        self._auto_map = getattr(self.model.config, "auto_map", None)
-        if isinstance(self._auto_map, dict):
-            self._auto_map = dict(self._auto_map)
-        return self
-
-    def __exit__(self, *exc):
-        for cls, had_own, value in self._saved:
-            if had_own:
-                cls._auto_class = value
-            else:
-                try:
-                    del cls._auto_class
-                except AttributeError:
-                    pass
-        if self._auto_map is None:
-            if hasattr(self.model.config, "auto_map"):
-                try:
-                    delattr(self.model.config, "auto_map")
-                except AttributeError:
-                    self.model.config.auto_map = None
-        else:
-            self.model.config.auto_map = self._auto_map
-        return False
 
 
 def _prepare_staging(staging_dir) -> Path:

@@ -49,7 +49,8 @@ from .card import (
     collect_run_dir,
     render_card,
 )
-from .push import _is_variant_config, _RegisteredForAutoClass, auto_class_of
+from .push import HubPushError, _is_variant_config
+from .secrets import find_secret, known_tokens, looks_secret, redact
 
 __all__ = ["NormSoftmaxCardMixin", "normsoftmax_trainer_class"]
 
@@ -71,18 +72,51 @@ class NormSoftmaxCardMixin:
         model = self._normsoftmax_unwrapped_model()
         return hasattr(model, "config") and hasattr(model, "save_pretrained") and _is_variant_config(model.config)
 
-    def _save(self, output_dir=None, state_dict=None):
-        if not self._normsoftmax_is_variant():
-            return super()._save(output_dir, state_dict=state_dict)
-        model = self._normsoftmax_unwrapped_model()
-        with _RegisteredForAutoClass(model, auto_class_of(model)):
-            return super()._save(output_dir, state_dict=state_dict)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _pickle_without_secrets(self.args)
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None,
+                    private=None, **kwargs):
+        """``Trainer.push_to_hub``, refused (:class:`~hf_normsoftmax.hub.push.HubPushError`, before anything is
+        uploaded) when a file of the output dir it uploads holds an access token (see
+        :mod:`hf_normsoftmax.hub.secrets`); the check runs after the save and the card, right before the upload."""
+        self._normsoftmax_push_tokens = known_tokens(token, self.args.hub_token)
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token,
+                                       revision=revision, private=private, **kwargs)
+        finally:
+            self._normsoftmax_push_tokens = None
+
+    def _normsoftmax_check_upload(self) -> None:
+        """Refuse the upload of ``args.output_dir`` (what ``Trainer.push_to_hub`` sends) if a file holds a token."""
+        output_dir = Path(self.args.output_dir)
+        tokens = self._normsoftmax_push_tokens
+        for path in sorted(output_dir.rglob("*")):
+            relative = path.relative_to(output_dir)
+            if relative.parts[0].startswith(("_", "checkpoint-")) or not path.is_file():
+                continue  # transformers' ignore_patterns: "_*" and "checkpoint-*"
+            found = find_secret(path, tokens)
+            if found:
+                raise HubPushError(
+                    f"refusing to push {output_dir}: {relative} holds {found}. Nothing was uploaded. Remove the "
+                    "token from that file (or the file from the output dir) and push again."
+                )
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs):
         """Write the hf_normsoftmax card of a variant to ``args.output_dir/README.md`` (stock models: transformers'
         card). The arguments are those of ``Trainer.create_model_card``; ``tags`` and ``dataset_args`` are not
         shown in the hf_normsoftmax card."""
+        card = self._normsoftmax_model_card(language=language, license=license, tags=tags, model_name=model_name,
+                                            finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
+                                            dataset=dataset, dataset_args=dataset_args, **kwargs)
+        if getattr(self, "_normsoftmax_push_tokens", None) is not None and self.is_world_process_zero():
+            self._normsoftmax_check_upload()  # Trainer.push_to_hub uploads the output dir right after the card
+        return card
+
+    def _normsoftmax_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                                tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs):
         if not self._normsoftmax_is_variant():
             return super().create_model_card(language=language, license=license, tags=tags, model_name=model_name,
                                              finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
@@ -116,6 +150,70 @@ class NormSoftmaxCardMixin:
         if dataset_tags is not None and not inputs.dataset_hub_id:
             inputs.dataset_hub_id = _first(dataset_tags)
         return _write_text_atomically(output_dir / "README.md", str(render_card(inputs)))
+
+
+class _PickledWithoutSecrets:
+    """Mixed into the class of a Trainer's ``args``: pickling them (``training_args.bin``, written by
+    ``Trainer._save`` and by the checkpoint pushes) stores the original class with the token fields (``hub_token``
+    and every other field named like a credential) set to None and token-shaped text in other string values
+    replaced, so no token reaches a file. Loading the file needs neither this class nor hf_normsoftmax. Copies
+    (``copy.copy`` / ``deepcopy``) keep everything."""
+
+    def __reduce_ex__(self, protocol):
+        import copyreg
+
+        from .card import _is_secret_key
+
+        original = type(self)._normsoftmax_original_class
+        tokens = known_tokens(getattr(self, "hub_token", None))
+        state = {}
+        for key, value in self.__dict__.items():
+            if isinstance(value, str) and _is_secret_key(key):
+                value = None
+            state[key] = _without_secrets(value, tokens)
+        return copyreg._reconstructor, (original, object, None), state
+
+    def __copy__(self):
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+
+_PICKLED_WITHOUT_SECRETS = {}
+
+
+def _without_secrets(value, tokens):
+    if isinstance(value, str):
+        return redact(value, tokens) if looks_secret(value, tokens) else value
+    if isinstance(value, dict):
+        return {k: _without_secrets(v, tokens) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_without_secrets(v, tokens) for v in value)
+    return value
+
+
+def _pickle_without_secrets(args) -> None:
+    """Make ``args`` pickle without secrets (:class:`_PickledWithoutSecrets`); its fields are not changed."""
+    cls = type(args)
+    if isinstance(args, _PickledWithoutSecrets) or not hasattr(args, "__dict__"):
+        return
+    mixed = _PICKLED_WITHOUT_SECRETS.get(cls)
+    if mixed is None:
+        mixed = _PICKLED_WITHOUT_SECRETS.setdefault(
+            cls,
+            type(cls.__name__, (_PickledWithoutSecrets, cls), {
+                "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_normsoftmax_original_class": cls,
+            }),
+        )
+    args.__class__ = mixed
 
 
 def _first(value):
