@@ -1,0 +1,452 @@
+"""The fast exact path of NormSoftmax attention: rescaled queries + one attention kernel call, no L x S tensor.
+
+For query ``i`` over its valid key set ``S_i`` the logits ``s_ij = q_i . k_j`` have variance
+``var_i = q_i^T Cov_{S_i}(k) q_i``, so NormSoftmax attention is ordinary attention on the rescaled queries
+``q_i * scale / T_i`` (``T_i = sqrt(scale^2 var_i + eps) / gamma``; softmax is shift invariant, so the mean needs
+no correction). This module computes ``var_i`` from key moments in ``O(L d^2)`` (causal masks: per block of query
+rows, exclusive prefix moments of the earlier blocks plus the block's own ``c x c`` logits, merged exactly), and
+hands the rescaled queries to torch's attention kernel.
+
+What makes it exact, not just fast:
+
+* **Centred keys.** Moments and the kernel both use ``k - mean(k)`` (a shift every row's softmax ignores): key
+  sets with a large common component (massive activations) keep their precision.
+* **Exact rows.** Moment formulas lose the variance when it is small next to ``|q|^2 |Cov(k)|`` (keys spread along a
+  direction the query is orthogonal to). Every row gets a rounding bound of its moment variance
+  (``u * kappa * (sum_c |q_c| sqrt(C_cc))^2``, ``C`` the second moment the formula used); rows whose variance is
+  not at least ``1 / _EXACT_ROW_TOLERANCE`` times that bound, rows whose rescaled query would overflow the kernel's
+  dtype, and in half precision rows with at most ``_HALF_FEW_KEYS`` valid keys (their gradient is a difference of
+  two nearly equal terms that half-precision kernel gradients cannot resolve) are computed by materialising their
+  logits in float32/float64 (:func:`_exact_rows`). Random and trained inputs have few or none of them; the
+  adversarial ones are all of them, at the cost of the reference path.
+* **Statistics in float32** for half-precision inputs; the kernel runs in the input dtype.
+
+The backward folds the factor and variance gradients into the kernel's gradients (bidirectional in closed form,
+causal by differentiating the same block formulas), so one autograd node covers statistics and kernel.
+Pure PyTorch; imports nothing from transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .normsoftmax import _inverse_temperature, norm_softmax
+
+# Causal statistics: query rows per block (a block's own keys enter as a c x c tile of logits, earlier keys through
+# exclusive prefix moments, a D x D matrix per block).
+_CAUSAL_BLOCK, _CAUSAL_BLOCK_LONG, _CAUSAL_LONG_FROM = 64, 128, 1024
+# A row's moment variance is trusted when it is at least this many times its rounding bound; below, the row is
+# computed exactly (the bound is pessimistic by one to two orders of magnitude, so trusted rows are within about
+# 1e-5 relative).
+_EXACT_ROW_TOLERANCE = 1e3
+# Half precision: rows with at most this many valid keys are computed exactly (see the module docstring).
+_HALF_FEW_KEYS = 3
+# Half precision: rows whose factor scale / T_i exceeds this many times the median of their head are computed exactly.
+_HALF_AMPLIFICATION = 2.0
+# Rescaled queries above this fraction of the dtype's largest value go to the exact rows (the kernel would overflow).
+_OVERFLOW_FRACTION = 2.0**-8
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# torch's CPU flash-attention kernel, called directly so that the fast path keeps the centred keys and the input
+# queries (stock SDPA keeps q and k) and rescales the queries again in the backward: the memory of stock SDPA.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics dtype: float64 stays float64, everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class FastSettings(NamedTuple):
+    """Everything about one fast-path call that is not a tensor the gradients flow to."""
+
+    scale: float
+    inv_cap: float | None  # 1 / max_temperature, or None
+    eps: float
+    power: float  # 0.5 for "std", 1.0 for "var"
+    dropout_p: float
+    causal: bool  # rows see growing key sets (bottom-right aligned)
+    cpu_flash: bool  # torch's CPU flash kernel called directly (CPU, no dropout, not compiling)
+    sdpa_mask: torch.Tensor | None  # bool mask for the kernel (key padding only when sdpa_is_causal), or None
+    sdpa_is_causal: bool
+    # (B, 1, L, 1) query rows without any valid key, or None: they would give NaN inside the kernel, so they attend
+    # everywhere there (their output is replaced by the exact rows' zeros)
+    rows_without_keys: torch.Tensor | None
+
+
+def cpu_flash_available(device: torch.device, dropout_p: float) -> bool:
+    return (
+        _CPU_FLASH is not None
+        and _CPU_FLASH_BACKWARD is not None
+        and device.type == "cpu"
+        and dropout_p == 0.0  # the CPU kernel has no dropout
+        and not torch.compiler.is_compiling()
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _centred_keys(k: torch.Tensor, key_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys minus the mean of the valid keys, zero at padded keys (B, H, S, D), and the valid-key count (B, 1, 1)."""
+    if key_weight is None:
+        return k - k.mean(dim=-2, keepdim=True), torch.full((k.shape[0], 1, 1), float(k.shape[-2]), dtype=k.dtype,
+                                                             device=k.device)
+    w = key_weight[:, None, None, :]  # (B, 1, 1, S)
+    count = key_weight.sum(dim=-1)[:, None, None]
+    mean = torch.matmul(w, k) / count[..., None].clamp(min=1.0)
+    return (k - mean).mul_(w.transpose(-1, -2)), count
+
+
+def _abs_bound(q: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """(sum_c |q_c| sqrt(M_cc))^2 per row: bounds |q|^T |M| |q| for a PSD M (|M_ab| <= sqrt(M_aa M_bb)).
+    q (..., L, D), diag (..., D)."""
+    return torch.matmul(q.abs(), diag.clamp(min=0.0).sqrt().unsqueeze(-1)).squeeze(-1).square()
+
+
+def covariance_variance(q: torch.Tensor, kc: torch.Tensor, count: torch.Tensor):
+    """Bidirectional rows: var_i = q_i^T C q_i, C = kc^T kc / n. Returns (var (B, H, L), bound (B, H, L), C)."""
+    cov = torch.matmul(kc.transpose(-1, -2), kc).div_(count[..., None].clamp(min=1.0))
+    var = torch.linalg.vecdot(torch.matmul(q, cov), q)
+    return var.clamp_(min=0.0), _abs_bound(q, cov.diagonal(dim1=-2, dim2=-1)), cov
+
+
+class _Blocks(NamedTuple):
+    """Causal rows as nb blocks of c query rows (zero-padded to nb * c), the keys of a KV-cache prefix apart."""
+
+    c: int
+    nb: int
+    L: int
+    offset: int
+
+    def rows(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(B, H, offset + L, D) -> (B, H, nb, c, D), rows from ``offset`` on, zero-padded."""
+        x = x[..., offset:, :]
+        return F.pad(x, (0, 0, 0, self.nb * self.c - self.L)).unflatten(-2, (self.nb, self.c))
+
+    def values(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(..., offset + L) -> (..., nb, c), zero-padded."""
+        return F.pad(x[..., offset:], (0, self.nb * self.c - self.L)).unflatten(-1, (self.nb, self.c))
+
+
+def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of the entries before each index along ``dim`` (exact zero for the first: no cumsum - x)."""
+    before = x.narrow(dim, 0, x.shape[dim] - 1).cumsum(dim)
+    return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), before], dim=dim)
+
+
+def causal_variance(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, block: int):
+    """Causal rows (bottom-right aligned): per-row logit variance over keys j <= i + offset (B, H, L), its rounding
+    bound (B, H, L) and the valid-key count (B, 1, L). kc: centred keys, zero at padding; w: (B, S) key weights or
+    None. Differentiable (the backward differentiates this function again).
+
+    Row i's keys split into those before its block ("before": count n_b, mean logit, sum of squared deviations
+    from prefix moments) and those of its block up to i ("inner": two passes over the c x c tile); Chan's merge
+    m2 = m2_b + m2_in + delta^2 n_b n_in / n joins them. Only m2_b comes from moments (m2_b = q^T O q - n_b mean^2,
+    O the second moment of the centred keys before the block): its rounding bound is u |q|^T |O| |q|."""
+    B, H, L, D = q.shape
+    S = kc.shape[-2]
+    offset = S - L
+    nb = -(-L // block)
+    blocks = _Blocks(block, nb, L, offset)
+    ones = torch.ones(B, 1, S, dtype=q.dtype, device=q.device) if w is None else w[:, None, :]
+    qb = blocks.rows(q)  # (B, H, nb, c, D)
+    kb = blocks.rows(kc, offset)
+    wb = blocks.values(ones, offset)  # (B, 1, nb, c)
+    prefix = kc[:, :, :offset]
+    # exclusive prefix moments per block (+ the KV-cache prefix, seen by every row)
+    sum_before = _exclusive_cumsum(kb.sum(dim=-2), 2) + prefix.sum(dim=-2)[:, :, None]
+    outer_before = _exclusive_cumsum(torch.matmul(kb.transpose(-1, -2), kb), 2)
+    outer_before = outer_before + torch.matmul(prefix.transpose(-1, -2), prefix)[:, :, None]
+    n_before = (_exclusive_cumsum(wb.sum(dim=-1), 2) + ones[..., :offset].sum(dim=-1, keepdim=True))[..., None]
+    # the block's own keys, causal within the block
+    tril = torch.ones(block, block, dtype=q.dtype, device=q.device).tril_()
+    weight = wb[..., None, :] * tril  # (B, 1, nb, c, c)
+    n_inner = weight.sum(dim=-1)
+    inner = torch.matmul(qb, kb.transpose(-1, -2))
+    mean_inner = (inner * weight).sum(dim=-1) / n_inner.clamp(min=1.0)
+    m2_inner = ((inner - mean_inner[..., None]) * weight).square().sum(dim=-1)
+    # before the block, from moments
+    mean_before = torch.matmul(qb, sum_before[..., None]).squeeze(-1) / n_before.clamp(min=1.0)
+    dot_outer = torch.linalg.vecdot(torch.matmul(qb, outer_before), qb)
+    m2_before = (dot_outer - n_before * mean_before.square()).clamp(min=0.0)
+    n = n_before + n_inner
+    delta = mean_inner - mean_before
+    m2 = m2_before + m2_inner + delta.square() * n_before * n_inner / n.clamp(min=1.0)
+    var = (m2 / n.clamp(min=1.0)).flatten(-2)[..., :L]
+    bound = (_abs_bound(qb, outer_before.diagonal(dim1=-2, dim2=-1)) / n.clamp(min=1.0)).flatten(-2)[..., :L]
+    return var, bound, n.flatten(-2)[..., :L]
+
+
+def _causal_block(L: int) -> int:
+    return _CAUSAL_BLOCK if L <= _CAUSAL_LONG_FROM else _CAUSAL_BLOCK_LONG
+
+
+def row_variance(q, kc, count, key_weight, causal: bool):
+    """(var (B, H, L), rounding bound (B, H, L), valid keys per row (B, 1, L), bidirectional covariance or None)."""
+    if not causal:
+        var, bound, cov = covariance_variance(q, kc, count)
+        return var, bound, count.expand(q.shape[0], 1, q.shape[-2]), cov
+    var, bound, n = causal_variance(q, kc, key_weight, _causal_block(q.shape[-2]))
+    return var, bound, n, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the plan of a call: statistics, row factors, exact rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+    """What the statistics decided for one call (computed without autograd)."""
+
+    kc: torch.Tensor  # centred keys, zero at padding, in the statistics dtype
+    kernel_key: torch.Tensor  # the same in the input dtype (the kernel's keys)
+    count: torch.Tensor  # (B, 1, 1) valid keys (bidirectional statistics)
+    cov: torch.Tensor | None  # bidirectional key covariance (B, H, D, D)
+    factor: torch.Tensor  # (B, H, L, 1) scale / T_i, 0 on exact rows and rows with at most one key
+    inv_temperature: torch.Tensor  # (B, H, L, 1) gamma / spread (capped)
+    spread_base: torch.Tensor  # (B, H, L, 1) scale^2 var + eps
+    live: torch.Tensor  # (B, H, L, 1) where the factor varies with var and gamma
+    exact_index: torch.Tensor | None  # (B, H, X) rows computed exactly (a superset of the rows that need it)
+
+
+def _moment_error_unit(dtype: torch.dtype, D: int, S: int) -> float:
+    """Unit roundoff times the (statistical) growth of rounding in sums over S keys and over D^2 terms."""
+    return torch.finfo(dtype).eps / 2 * (math.sqrt(S) + math.sqrt(D))
+
+
+def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
+    """Statistics, row factors and the exact rows of one call (no autograd)."""
+    cd = compute_dtype(query.dtype)
+    with torch.no_grad():
+        q = query.detach().to(cd)
+        kc, count = _centred_keys(key.detach().to(cd), key_weight)
+        kernel_key = kc if key.dtype == cd else kc.to(key.dtype)
+        if kernel_key is not kc:  # statistics of the keys the kernel sees (the rounded centred keys)
+            kc = kernel_key.to(cd)
+        var, bound, n, cov = row_variance(q, kc, count, key_weight, settings.causal)
+        var, bound = var[..., None], bound[..., None]
+        n = n[..., None]  # (B, 1, L, 1)
+        gamma = gamma.detach() if isinstance(gamma, torch.Tensor) else gamma
+        var_scaled = var * settings.scale**2
+        inv_temperature, uncapped = _inverse_temperature(var_scaled, gamma, settings.inv_cap, settings.eps,
+                                                         settings.power)
+        factor = inv_temperature * settings.scale
+        exact = var < bound * (_moment_error_unit(cd, q.shape[-1], kc.shape[-2]) * _EXACT_ROW_TOLERANCE)
+        exact |= ~torch.isfinite(factor)
+        if query.dtype in _HALF_DTYPES:
+            exact |= n <= _HALF_FEW_KEYS
+            # the kernel's half-precision query gradient is rounded at |factor_i * g_i|: rows amplified far beyond
+            # their head's typical row would carry that rounding into dq at a scale the other rows do not have
+            typical = factor.nan_to_num(posinf=0.0).median(dim=-2, keepdim=True).values
+            exact |= factor > typical * _HALF_AMPLIFICATION
+            biggest = torch.finfo(query.dtype).max * _OVERFLOW_FRACTION
+            exact |= q.abs().amax(dim=-1, keepdim=True) * factor > biggest
+        exact &= n > 0  # rows without keys: zero output, set by the kernel call
+        exact_index = None
+        if bool(exact.any()):
+            exact_rows = exact.expand(*q.shape[:-1], 1)[..., 0]
+            width = int(exact_rows.sum(dim=-1).amax())
+            exact_index = torch.argsort(exact_rows.to(torch.int8), dim=-1, descending=True, stable=True)[..., :width]
+            taken = torch.zeros_like(exact_rows).scatter_(-1, exact_index, True)[..., None]
+        else:
+            taken = torch.zeros((), dtype=torch.bool, device=q.device)
+        several = n > 1
+        live = several & ~taken if uncapped is None else several & ~taken & uncapped
+        factor = torch.where(several & ~taken, factor, 0.0)
+        return Plan(kc, kernel_key, count, cov, factor, inv_temperature, var_scaled.add_(settings.eps), live,
+                    exact_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the kernel
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sdpa(q_scaled, key, value, settings: FastSettings):
+    mask = settings.sdpa_mask
+    if settings.rows_without_keys is not None:
+        mask = mask | settings.rows_without_keys
+    return F.scaled_dot_product_attention(
+        q_scaled, key, value, attn_mask=mask, dropout_p=settings.dropout_p, is_causal=settings.sdpa_is_causal,
+        scale=1.0,
+    )
+
+
+def _additive_mask(settings: FastSettings, dtype: torch.dtype) -> torch.Tensor | None:
+    """The CPU kernel takes an additive mask in the query dtype (SDPA converts bool masks the same way)."""
+    if settings.sdpa_mask is None:
+        return None
+    if settings.sdpa_is_causal:
+        # a (B, 1, 1, S) key-padding mask beside the kernel's own causal mask: a row without keys cannot get a row of
+        # its own, so padded keys get the most negative finite value instead of -inf (no NaN in such rows, which are
+        # exact rows anyway); any row with a valid key gives exactly zero weight to padded ones
+        padded = ~settings.sdpa_mask
+        return torch.zeros(padded.shape, dtype=dtype, device=padded.device).masked_fill_(padded, torch.finfo(dtype).min)
+    mask = torch.where(settings.sdpa_mask, 0.0, float("-inf")).to(dtype)
+    if settings.rows_without_keys is not None:
+        mask.masked_fill_(settings.rows_without_keys, 0.0)
+    return mask
+
+
+def _rescaled(q, factor, dtype):
+    return torch.mul(q, factor).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the autograd function
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _variance_gradients(plan: Plan, q, grad_var, key_weight, settings: FastSettings):
+    """(dL/dq, dL/dkc) of the per-row variance for dL/dvar (B, H, L, 1) (rows with no variance gradient: 0)."""
+    if plan.cov is not None:  # var_i = q_i^T C q_i, C = kc^T kc / n
+        weighted = q * grad_var
+        grad_q = torch.matmul(weighted, plan.cov).mul_(2.0)
+        grad_cov = torch.matmul(weighted.transpose(-1, -2), q).div_(plan.count[..., None].clamp(min=1.0))
+        return grad_q, torch.matmul(plan.kc, grad_cov).mul_(2.0)
+    with torch.enable_grad():
+        q_leaf = q.detach().requires_grad_()
+        kc_leaf = plan.kc.detach().requires_grad_()
+        var, _, _ = causal_variance(q_leaf, kc_leaf, key_weight, _causal_block(q.shape[-2]))
+        return torch.autograd.grad(var, (q_leaf, kc_leaf), grad_var[..., 0])
+
+
+class FastAttention(torch.autograd.Function):
+    """The kernel on rescaled queries and centred keys, with one backward for the statistics and the kernel.
+
+    Backward: the kernel's gradient ``g`` w.r.t. the rescaled queries gives ``dL/dq_i = factor_i g_i + dL/dvar_i *
+    dvar_i/dq_i`` with ``dL/dvar_i`` from ``dL/dfactor_i = g_i . q_i``; keys get the kernel's gradient plus the
+    variance term (the mean's gradient is zero: every row's softmax and variance ignore a common shift of its keys).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, gamma, key_weight, plan: Plan, settings: FastSettings):
+        with torch.autocast(query.device.type, enabled=False):
+            q_scaled = _rescaled(query.detach().to(plan.factor.dtype), plan.factor, query.dtype)
+            ctx.plan, ctx.settings = plan, settings
+            ctx.gamma_spec = (gamma.shape, gamma.dtype) if isinstance(gamma, torch.Tensor) and gamma.requires_grad \
+                else None
+            ctx.key_dtype = key.dtype
+            if settings.cpu_flash:
+                mask = _additive_mask(settings, query.dtype)
+                out, lse = _CPU_FLASH(q_scaled, plan.kernel_key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask,
+                                      scale=1.0)
+                if settings.rows_without_keys is not None:  # in place: their gradient is zeroed in the backward
+                    out.masked_fill_(settings.rows_without_keys, 0.0)
+                ctx.save_for_backward(query, value, key_weight, out, lse, mask)
+                return out
+            with torch.enable_grad():
+                q_leaf = q_scaled.requires_grad_()
+                k_leaf = plan.kernel_key.detach().requires_grad_()
+                v_leaf = value.detach().requires_grad_()
+                out = _sdpa(q_leaf, k_leaf, v_leaf, settings)
+            ctx.graph = (out, q_leaf, k_leaf, v_leaf)
+            ctx.save_for_backward(query, value, key_weight)
+            if settings.rows_without_keys is not None:
+                return out.detach().masked_fill(settings.rows_without_keys, 0.0)
+            return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return FastAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        plan, settings = ctx.plan, ctx.settings
+        if settings.rows_without_keys is not None:  # those rows' output is the constant 0
+            grad_out = grad_out.masked_fill(settings.rows_without_keys, 0.0)
+        if settings.cpu_flash:
+            query, value, key_weight, out, lse, mask = ctx.saved_tensors
+            q_scaled = _rescaled(query.to(plan.factor.dtype), plan.factor, query.dtype)
+            grad_qs, grad_kc, grad_v = _CPU_FLASH_BACKWARD(
+                grad_out.contiguous(), q_scaled, plan.kernel_key, value, out, lse, 0.0, settings.sdpa_is_causal,
+                attn_mask=mask, scale=1.0,
+            )
+        else:
+            query, value, key_weight = ctx.saved_tensors
+            if ctx.graph is not None:  # the first backward frees the kernel's graph as it goes
+                out, q_leaf, k_leaf, v_leaf = ctx.graph
+                ctx.graph = None
+            elif settings.dropout_p > 0:
+                raise RuntimeError(
+                    "NormSoftmax attention with dropout_p > 0 cannot be backpropagated a second time "
+                    "(retain_graph=True): its dropout mask is not kept. Use dropout_p=0 or normsoftmax_attention_reference."
+                )
+            else:  # a second backward through a retained graph: rebuild the kernel's graph
+                q_leaf = _rescaled(query.to(plan.factor.dtype), plan.factor, query.dtype).requires_grad_()
+                k_leaf = plan.kernel_key.detach().requires_grad_()
+                v_leaf = value.detach().requires_grad_()
+                with torch.enable_grad():
+                    out = _sdpa(q_leaf, k_leaf, v_leaf, settings)
+            grad_qs, grad_kc, grad_v = torch.autograd.grad(out, (q_leaf, k_leaf, v_leaf), grad_out)
+        cd = plan.factor.dtype
+        q = query.to(cd)
+        grad_qs = grad_qs.to(cd)
+        # dL/dfactor_i = g_i . q_i -> dL/d(1/T_i) -> dL/dvar_i (and dL/dgamma)
+        grad_inv = torch.where(plan.live, torch.linalg.vecdot(grad_qs, q)[..., None] * settings.scale, 0.0)
+        grad_var = grad_inv * plan.inv_temperature * (-settings.power * settings.scale**2) / plan.spread_base
+        grad_gamma = None
+        if ctx.gamma_spec is not None:
+            spread_inv = plan.spread_base.rsqrt() if settings.power == 0.5 else plan.spread_base.reciprocal()
+            shape, dtype = ctx.gamma_spec
+            grad_gamma = (grad_inv * spread_inv).sum_to_size(shape).to(dtype)
+        var_grad_q, var_grad_kc = _variance_gradients(plan, q, grad_var, key_weight, settings)
+        grad_q = var_grad_q.addcmul_(grad_qs, plan.factor)
+        grad_k = var_grad_kc.add_(grad_kc.to(cd))
+        if key_weight is not None:  # padded keys get no gradient (kc is zero there)
+            grad_k.mul_(key_weight[:, None, :, None])
+        return grad_q.to(query.dtype), grad_k.to(ctx.key_dtype), grad_v, grad_gamma, None, None, None
+
+
+def fast_no_grad(query, key, value, plan: Plan, settings: FastSettings):
+    """The kernel call of the fast path when no gradient is needed (inference)."""
+    with torch.autocast(query.device.type, enabled=False):
+        q_scaled = _rescaled(query.to(plan.factor.dtype), plan.factor, query.dtype)
+        if settings.cpu_flash:  # the kernel the training path calls: bit-identical outputs
+            mask = _additive_mask(settings, query.dtype)
+            out = _CPU_FLASH(q_scaled, plan.kernel_key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask,
+                             scale=1.0)[0]
+        else:
+            out = _sdpa(q_scaled, plan.kernel_key, value, settings)
+        if settings.rows_without_keys is not None:
+            out.masked_fill_(settings.rows_without_keys, 0.0)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exact rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def exact_rows(query, key, value, index, key_valid, gamma, settings: FastSettings, max_temperature, eps, statistic):
+    """NormSoftmax attention of the query rows ``index`` (B, H, X), with their logits materialised in the
+    statistics dtype: (B, H, X, D) in the query dtype. Differentiable (ordinary autograd)."""
+    B, H, L, D = query.shape
+    S = key.shape[-2]
+    cd = compute_dtype(query.dtype)
+    rows = index[..., None]
+    q = query.gather(2, rows.expand(*index.shape, D)).to(cd)
+    logits = torch.matmul(q, key.to(cd).transpose(-1, -2)) * settings.scale
+    valid = None if key_valid is None else key_valid[:, None, None, :]
+    if settings.causal:
+        causal = torch.arange(S, device=query.device) <= (rows + (S - L))  # (B, H, X, S)
+        valid = causal if valid is None else valid & causal
+    if valid is not None:
+        valid = valid.expand(logits.shape)
+    if isinstance(gamma, torch.Tensor) and gamma.dim() >= 2 and gamma.shape[-2] != 1:
+        gamma = gamma.expand(B, H, L, 1).gather(2, rows)  # one gamma per row: take the exact rows' values
+    weights = norm_softmax(logits, dim=-1, mask=valid, gamma=gamma, max_temperature=max_temperature, eps=eps,
+                           statistic=statistic)
+    if settings.dropout_p > 0:
+        weights = F.dropout(weights, p=settings.dropout_p)
+    return torch.matmul(weights, value.to(cd)).to(query.dtype)
