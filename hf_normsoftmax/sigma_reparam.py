@@ -161,21 +161,6 @@ def _in_range(value: float, dtype: torch.dtype) -> float:
     return float("inf") if value > 0 else float("-inf")
 
 
-_RESTARTS: dict[tuple, torch.Tensor] = {}
-
-
-def _restart_vector(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A fixed unit vector with distinct positive entries: where a plain (all-zero) layer restarts its power
-    iteration on devices that decide without the host (a constant vector would miss weights whose rows sum to 0)."""
-    key = (size, dtype, device)
-    vector = _RESTARTS.get(key)
-    if vector is None:
-        with torch.inference_mode(False):
-            vector = F.normalize(torch.linspace(1.0, 2.0, size, dtype=dtype, device=device), dim=0)
-        _RESTARTS[key] = vector
-    return vector
-
-
 class _ScaledWeight(torch.autograd.Function):
     """``W_hat = W * scale / sigma`` with ``sigma = v^T M u`` (M the (out, in) view of W; u, v constants).
 
@@ -448,10 +433,10 @@ class SigmaReparamMixin:
         are (eval, ``sigma``, ``effective_weight``: the same vectors, not kept). ``sigma`` is unclamped.
         ``plain`` (a bool, or a 0-dim bool tensor off the host) says the layer computes ``W_hat = W``: its
         estimate is 0 (a zero weight). With ``store``, a plain layer whose weight has become nonzero wakes:
-        on the host :meth:`reset_reparam` (exact, ``scale = sigma``, so ``W_hat = W`` still); branch-free, one
-        power-iteration step from a fixed vector and ``scale`` set to its estimate (the same ``W_hat = W``).
-        On CPU the decisions are read directly; on accelerators and under torch.compile they are computed and
-        selected branch-free (no host sync, one graph).
+        through :meth:`reset_reparam` (exact, ``scale = sigma``, so ``W_hat = W`` still). On CPU the decisions
+        are read directly; on accelerators and under torch.compile they are computed and selected branch-free (no
+        host sync, one graph), except the plain check, read on the host only while the layer may be plain
+        (``_maybe_plain``: after a plain reset or a state-dict load, until a training forward sees it is not).
         """
         weight = self.weight.detach()
         compute_dtype = _compute_dtype(weight.dtype)
@@ -481,25 +466,27 @@ class SigmaReparamMixin:
                 self.reset_reparam()
                 return self._reparam_vectors(store, _woken=True)
             return u_now, v_now, sigma_now, plain
-        dormant = ~(u_stored != 0).any()
-        start = torch.where(dormant, _restart_vector(u_now.shape[0], compute_dtype, u_now.device), u_now)
-        changed = changed | dormant
-        v_new_stored = F.normalize(torch.mv(matrix, start), dim=0).to(v_stored.dtype)
+        if store and not _woken and getattr(self, "_maybe_plain", True) and not torch.compiler.is_compiling():
+            # One host read while the layer may be plain (after a plain reset or a load): wake it exactly.
+            # (Compiled graphs cannot branch on data: there a plain layer stays plain, W_hat = W.)
+            if not bool((u_stored != 0).any()):
+                if bool(weight.any()):
+                    self.reset_reparam()
+                    return self._reparam_vectors(store, _woken=True)
+            else:
+                self._maybe_plain = False
+        v_new_stored = F.normalize(torch.mv(matrix, u_now), dim=0).to(v_stored.dtype)
         v_new = _read(v_new_stored, compute_dtype)
         wt_v_new = torch.mv(matrix.t(), v_new)
         u_new_stored = F.normalize(wt_v_new, dim=0).to(u_stored.dtype)
         u_new = _read(u_new_stored, compute_dtype)
         sigma_new = torch.dot(wt_v_new, u_new)
+        if store:
+            u_stored.copy_(torch.where(changed, u_new_stored, u_stored))
+            v_stored.copy_(torch.where(changed, v_new_stored, v_stored))
         u_now = torch.where(changed, u_new, u_now)
         v_now = torch.where(changed, v_new, v_now)
         sigma_now = torch.where(changed, sigma_new, sigma_now)
-        if not store:
-            return u_now, v_now, sigma_now, dormant | (sigma_now == 0)
-        u_stored.copy_(torch.where(changed, u_new_stored, u_stored))
-        v_stored.copy_(torch.where(changed, v_new_stored, v_stored))
-        scale = self.reparam_scale
-        woken = dormant & (sigma_new != 0)
-        scale.copy_(torch.where(woken, sigma_new.to(scale.dtype), scale))
         return u_now, v_now, sigma_now, sigma_now == 0
 
     @_full_precision
@@ -581,6 +568,7 @@ class SigmaReparamMixin:
         self.reparam_scale.copy_(torch.dot(wt_v, _read(self.reparam_u, compute_dtype)))
 
     def _make_plain(self) -> None:
+        self._maybe_plain = True
         self.reparam_u.zero_()
         self.reparam_v.zero_()
         self.reparam_scale.zero_()
@@ -820,6 +808,7 @@ class SigmaReparamMixin:
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._reparam_cache = None
+        self._maybe_plain = True
         return super()._load_from_state_dict(*args, **kwargs)
 
     def to_plain(self) -> nn.Module:

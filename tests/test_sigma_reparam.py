@@ -778,3 +778,132 @@ def test_module_imports_only_torch_and_stdlib():
         else:
             continue
         assert roots <= {"torch", "copy", "fnmatch", "collections", "typing", "__future__", "."}, roots
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# zero (plain) layers, divergence, stale eval, deterministic buffers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_initialised_layer_learns_like_its_stock_twin(kind, decision):
+    stock, _ = make_layer(kind)
+    with torch.no_grad():
+        stock.weight.zero_()  # zero-initialised output projection
+    layer = REPARAM_CLASS[kind].from_module(copy.deepcopy(stock))
+    assert float(layer.sigma) == 0.0 and float(layer.reparam_scale) == 0.0
+    _, x = make_layer(kind)
+    target = torch.randn_like(stock(x))
+    for model in (stock, layer):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(20):
+            optimizer.zero_grad()
+            (model(x) - target).square().mean().backward()
+            optimizer.step()
+    with torch.no_grad():
+        grown = layer.effective_weight().abs().max()
+        assert grown > 0.3 * stock.weight.abs().max() > 0.05  # same order (the scale grows by ~lr per step)
+        assert float(layer.reparam_scale) > 0  # woken: a sigmaReparam layer from then on
+        assert abs(float(layer.sigma) / float(torch.linalg.matrix_norm(matrix_of(layer), 2)) - 1) < 0.05
+
+
+def test_plain_layer_is_its_stock_layer_and_wakes_with_the_same_function():
+    stock = nn.Linear(6, 4)
+    with torch.no_grad():
+        stock.weight.zero_()
+    layer = SigmaReparamLinear.from_module(copy.deepcopy(stock))
+    x = torch.randn(5, 6)
+    layer(x).square().sum().backward()
+    stock(x).square().sum().backward()
+    assert torch.equal(layer.weight.grad, stock.weight.grad)  # the gradient of the stock layer
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 6))
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)  # eval: W_hat = W, nothing stored
+    assert float(layer.reparam_scale) == 0.0
+    torch.testing.assert_close(before, F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    layer.train()
+    with torch.no_grad():
+        woken = layer(x)  # the first training forward wakes it: scale = sigma, same function
+    torch.testing.assert_close(woken, before, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.reparam_scale, torch.linalg.matrix_norm(layer.weight, 2), rtol=1e-6, atol=0)
+
+
+def test_diverging_training_gives_non_finite_loss_not_an_error():
+    torch.manual_seed(0)
+    x, target = torch.randn(64, 8), torch.randn(64, 4)
+    layer = SigmaReparamLinear(8, 4)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e4)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = (layer(x) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert not all(torch.isfinite(torch.tensor(losses)))  # divergence shows as inf / nan, like a stock layer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_out_of_range_scale_and_non_finite_weights_give_non_finite_outputs(kind, training):
+    _, layer, x = converted(kind)
+    layer.train(training)
+    with torch.no_grad():
+        layer.reparam_scale.fill_(3e38)
+        layer.weight.mul_(1e-4)  # s / sigma beyond float32
+    y = layer(x)
+    assert not torch.isfinite(y).all()
+    y.sum().backward()
+    _, layer, x = converted(kind)
+    layer.train(training)
+    with torch.no_grad():
+        layer.weight[0].fill_(float("inf"))
+    assert not torch.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_never_uses_a_stale_sigma(kind):
+    stock, layer, x = converted(kind)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        layer.effective_weight()
+        layer.weight.data.copy_(torch.randn_like(layer.weight))  # .data: no version bump, no optimizer step
+        edited = REPARAM_CLASS[kind].from_module(copy.deepcopy(stock))
+        edited.weight.copy_(layer.weight)
+        edited.reset_reparam()
+        u, v = layer.reparam_u.clone(), layer.reparam_v.clone()
+        y = layer(x)
+        assert torch.equal(layer.reparam_u, u) and torch.equal(layer.reparam_v, v)  # eval stores nothing
+        # the vectors of one power-iteration step for the new weight, as the next training forward uses
+        torch.testing.assert_close(y, exact_output(layer, x, *one_step(layer, u)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.effective_weight(), exact_weight_hat(layer, *one_step(layer, u)))
+        # bounded like the edited layer: W_hat's spectral norm is the scale
+        assert y.abs().max() < 10 * edited(x).abs().max() + 10
+
+
+def exact_weight_hat(layer, u, v):
+    return layer.reparam_scale * layer.weight / (v @ (matrix_of(layer) @ u))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_buffers_are_sign_fixed_top_singular_vectors(kind):
+    _, layer, x = converted(kind)
+    matrix = matrix_of(layer).double()
+    left, singular, right = torch.linalg.svd(matrix)
+    v, u = layer.reparam_v.double(), layer.reparam_u.double()
+    assert v.abs().argmax() == v.argmax()  # the largest-magnitude entry is positive: a deterministic sign
+    torch.testing.assert_close(v, left[:, 0] * torch.sign(left[:, 0][v.abs().argmax()]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(u, right[0] * torch.sign(left[:, 0][v.abs().argmax()]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.sigma.double(), singular[0], rtol=1e-6, atol=0)  # exact at init
+    # a second init from the same weights (another object, a negated copy) gives the same / mirrored buffers
+    again = type(layer).from_module(copy.deepcopy(make_layer(kind)[0]))
+    assert torch.equal(again.reparam_u, layer.reparam_u) and torch.equal(again.reparam_v, layer.reparam_v)
+    negated = copy.deepcopy(again)
+    with torch.no_grad():
+        negated.weight.neg_()
+    negated.reset_reparam()
+    assert torch.equal(negated.reparam_v, layer.reparam_v)  # v keeps its sign convention, u flips
+    torch.testing.assert_close(negated.reparam_u, -layer.reparam_u, rtol=0, atol=1e-7)
