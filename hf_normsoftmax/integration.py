@@ -894,19 +894,34 @@ def _missing_state(
     learnable_gamma: bool,
     converted: Callable[[str], bool],
     loaded: Callable[[str], bool],
+    same_class: bool,
 ) -> list[str]:
     """The new entries of ``model`` a source with these features should have held, but did not.
 
-    ``converted(name)``: whether the source converted the sigmaReparam layer ``name``. A layer's entries are
-    required when its ``weight`` was loaded; an attention module's gamma when any of its weights was.
+    ``converted(name)``: whether the source converted the sigmaReparam layer ``name``; ``same_class``: whether the
+    source was saved by the class of ``model``. A layer's entries are required when its ``weight`` was loaded; an
+    attention module's gamma when any of its weights was. A head tied to an embedding (GPT-2's ``lm_head``) gets
+    its weight from the embedding: its entries are required only when the source had the head, that is when it
+    comes from the same class or holds another entry of the head (a base model's checkpoint has no head).
     """
     if not (sigma_reparam or learnable_gamma):
         return []
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+
+    def weight_loaded(dot_name: str) -> bool:
+        key = f"{dot_name}weight"
+        source = tied.get(key)
+        if source is None:
+            return loaded(key)
+        if not (loaded(key) or loaded(source)):
+            return False
+        return same_class or any(loaded(f"{dot_name}{entry}") for entry in ("bias", *REPARAM_STATE_NAMES))
+
     weight_keys = [key for key in model.state_dict() if not _NEW_KEY.search(key)]
     missing = []
     for name, module in model.named_modules():
         dot_name = f"{name}." if name else ""
-        if sigma_reparam and isinstance(module, SigmaReparamMixin) and loaded(f"{dot_name}weight") and converted(name):
+        if sigma_reparam and isinstance(module, SigmaReparamMixin) and weight_loaded(dot_name) and converted(name):
             missing += [f"{dot_name}{state}" for state in REPARAM_STATE_NAMES if not loaded(f"{dot_name}{state}")]
         if learnable_gamma and isinstance(getattr(module, LEARNABLE_GAMMA_PARAMETER, None), nn.Parameter):
             key = f"{dot_name}{LEARNABLE_GAMMA_PARAMETER}"
@@ -915,11 +930,15 @@ def _missing_state(
     return sorted(missing)
 
 
+def _saved_by_class_of(model: nn.Module, checkpoint_config: dict) -> bool:
+    return type(model).__name__ in (checkpoint_config.get("architectures") or ())
+
+
 def _checkpoint_layer_names(model: nn.Module, name: str, checkpoint_config: dict) -> list[str]:
     """The names the layer ``name`` of ``model`` may have had in the model that saved the checkpoint: the same
     name, or with transformers' base-model prefix taken off or put on (a head loaded from a base model, or the
     reverse), unless the checkpoint's ``architectures`` name the loading class."""
-    if type(model).__name__ in (checkpoint_config.get("architectures") or ()):
+    if _saved_by_class_of(model, checkpoint_config):
         return [name]
     prefix = getattr(model, "base_model_prefix", "")
     if not prefix:
@@ -967,6 +986,7 @@ def missing_trained_state(model: nn.Module, checkpoint_config: dict | None, load
         learnable_gamma=bool(checkpoint_config.get("normsoftmax_learnable_gamma", False)),
         converted=converted,
         loaded=loaded,
+        same_class=_saved_by_class_of(model, checkpoint_config),
     )
 
 
@@ -1101,11 +1121,9 @@ class NormSoftmaxPreTrainedMixin:
         # transformers' hook between loading (missing_keys still complete) and its load report: the new entries
         # are silenced by `_keys_to_ignore_on_load_missing` (stock checkpoints lack them); the ones the checkpoint
         # should have held are put back, so they are reported and logged like any missing weight.
-        missing = set(loading_info.missing_keys)
-        mismatched = {entry[0] for entry in getattr(loading_info, "mismatched_keys", ())}
-        lacking = missing_trained_state(
-            self, _LOADING_CHECKPOINT_CONFIG.get(), lambda key: key not in missing and key not in mismatched
-        )
+        not_loaded = set(loading_info.missing_keys) | {entry[0] for entry in loading_info.mismatched_keys}
+        loaded = set(self.state_dict()) - not_loaded
+        lacking = missing_trained_state(self, _LOADING_CHECKPOINT_CONFIG.get(), loaded.__contains__)
         super()._adjust_missing_and_unexpected_keys(loading_info)
         loading_info.missing_keys = set(loading_info.missing_keys) | set(lacking)
 
@@ -1122,6 +1140,7 @@ class NormSoftmaxPreTrainedMixin:
                 learnable_gamma=any(key.rpartition(".")[2] == LEARNABLE_GAMMA_PARAMETER for key in keys),
                 converted=lambda name: True,
                 loaded=keys.__contains__,
+                same_class=True,  # a state dict given to a model is taken for one of its own
             )
             if lacking:
                 raise _missing_trained_state_error(

@@ -119,6 +119,38 @@ def test_every_trained_entry_removed_is_reported(tmp_path):
     assert info["missing_keys"] == set(lost)
 
 
+def test_missing_state_of_a_tied_lm_head_is_reported(tmp_path):
+    """GPT-2's lm_head takes its weight from the embedding (not saved under its own name): its sigmaReparam entries
+    are still the trained state of a checkpoint of the same class."""
+    torch.manual_seed(0)
+    config = H.NormSoftmaxGPT2Config(**TINY_GPT2, sigma_reparam=True)
+    path = _save(_as_trained(H.NormSoftmaxGPT2LMHeadModel(config)), tmp_path / "lm")
+    lost = _remove_entries(path, r"^lm_head\.reparam_scale$")
+    _, info = H.NormSoftmaxGPT2LMHeadModel.from_pretrained(path, output_loading_info=True)
+    assert info["missing_keys"] == set(lost)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_lm_head_on_a_sigma_reparam_base_model_is_initialised_silently(tmp_path, kind):
+    """A base model's checkpoint has no head: the new head's entries (tied to the loaded embedding) are initialised
+    from its weight, not reported missing."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        base = H.NormSoftmaxGPT2Model(H.NormSoftmaxGPT2Config(**TINY_GPT2, sigma_reparam=True))
+        auto_class, head = AutoModelForCausalLM, "lm_head"
+    else:
+        base = H.NormSoftmaxBertModel(H.NormSoftmaxBertConfig(**TINY_BERT, sigma_reparam=True))
+        auto_class, head = AutoModelForMaskedLM, "cls.predictions.decoder"
+    path = _save(_as_trained(base), tmp_path / kind)
+    model, info = auto_class.from_pretrained(path, output_loading_info=True)
+    assert not [k for k in info["missing_keys"] if "reparam" in k], info["missing_keys"]
+    layer = model.get_submodule(head)
+    sigma = torch.linalg.matrix_norm(layer.weight.detach().double(), 2)
+    assert float(layer.reparam_scale.detach()) == pytest.approx(float(sigma), rel=1e-5)
+
+
 @pytest.mark.parametrize("route", ["kwargs", "explicit_config", "auto"])
 def test_checkpoints_without_trained_state_convert_silently(tmp_path, route):
     """Stock checkpoints and variant checkpoints saved without the flags: nothing missing, nothing logged about
