@@ -244,3 +244,27 @@ def test_head_resized_on_load_starts_from_its_new_weight(tmp_path):
     assert float(head.reparam_scale.detach()) == pytest.approx(float(sigma), rel=1e-5)
     layer = "bert.encoder.layer.0.attention.self.query"
     assert torch.equal(model.get_submodule(layer).reparam_scale, trained.get_submodule(layer).reparam_scale)
+
+
+def test_auto_model_loads_the_encoder_of_a_classifier_with_remote_code_only(tmp_path):
+    """Without the package (``trust_remote_code=True``, the checkpoint's own code): ``auto_map`` maps
+    ``AutoModel`` to the base model class of the saved modeling file, and its loading drops the head as above."""
+    from test_remote_code import run_hidden
+
+    jobs, expected = [], {}
+    for kind in ("bert", "gpt2", "vit"):
+        torch.manual_seed(0)
+        classifier, inputs, base_name = _classifier_and_inputs(kind)
+        classifier = _as_trained(classifier)
+        path = _save(classifier, tmp_path / kind)
+        torch.save(inputs, tmp_path / f"{kind}.pt")
+        with torch.no_grad():
+            expected[kind] = getattr(classifier, base_name)(**inputs).last_hidden_state
+        jobs.append({"name": kind, "auto_class": "AutoModel", "path": path, "inputs": str(tmp_path / f"{kind}.pt")})
+    reports = run_hidden(jobs, tmp_path)
+    for kind in ("bert", "gpt2", "vit"):
+        report = reports[kind]
+        assert report["package_importable"] is False
+        assert report["class"].startswith("transformers_modules.") and report["class"].endswith("Model"), report
+        outputs = torch.load(tmp_path / f"{kind}.pt.out")
+        assert torch.allclose(outputs["last_hidden_state"], expected[kind], atol=1e-5), kind
