@@ -312,7 +312,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(flags):
     model.bert.encoder.layer[0].attention.self.register_forward_hook(lambda *args: calls.append(1))
     plain = grads()
     assert len(calls) == 1
-    model.activation_checkpointing_enable()
+    # activation_checkpointing_enable is transformers >= 5.23's name; the floor release has only the old one
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     checkpointed = grads()
     assert len(calls) == 3  # the layer really was recomputed in the backward
     assert plain.keys() == checkpointed.keys()

@@ -804,7 +804,8 @@ def training_arguments_from_args(args: argparse.Namespace, learning_rate: float,
         learning_rate=learning_rate,
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps in transformers 5
-        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+        # 0 switches clipping off (Trainer tests `max_grad_norm > 0`; None fails that comparison)
+        max_grad_norm=args.max_grad_norm,
         num_train_epochs=args.epochs if args.epochs is not None else 1.0,
         max_steps=args.max_steps if args.max_steps is not None else -1,
         eval_strategy="steps" if args.eval_steps else "epoch",

@@ -1,0 +1,124 @@
+"""Packaging: what ``pip install -e .`` does to a user's environment, and the transformers floor the suite runs on.
+
+* A torch the user already has stays: installing the package beside torch 2.13 (the README's install order) or
+  beside a newer torch (a GPU user's CUDA build, stood in for by a distribution record of torch 2.15.0) plans no
+  other torch. Checked with pip's own resolver (``pip install --dry-run --report``), offline (``--no-index``:
+  every requirement must be satisfied by what is installed), in a virtual environment that sees the system's
+  packages.
+* The transformers floor in pyproject.toml is a release the suite has run on: a virtual environment that sees the
+  system's packages gets exactly that release of transformers installed over them, and the model test files run
+  there (slow: needs PyPI or pip's cache for that one release).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Test files run on the floor release: model construction, flags, save/load, Auto API, generation, training steps.
+FLOOR_SMOKE_TESTS = ("tests/test_models_vit.py", "tests/test_models_gpt2.py", "tests/test_models_bert.py")
+
+pytestmark = pytest.mark.xdist_group("packaging")  # pip builds the package's metadata in the checkout
+
+
+def _requirements() -> dict[str, str]:
+    """pyproject's dependencies as {name: specifier}."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    result = {}
+    for line in project["dependencies"]:
+        match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(.*)", line)
+        result[match.group(1).lower().replace("_", "-")] = match.group(2).strip()
+    return result
+
+
+def _system_view_venv(path: Path) -> Path:
+    """A virtual environment (no pip of its own) that sees the system's site-packages behind its own."""
+    venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=os.name != "nt").create(path)
+    python = path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(site).is_relative_to(path), site
+    return python
+
+
+def _fake_distribution(python: Path, name: str, version: str) -> None:
+    """A distribution record (metadata only) of ``name==version`` in the venv's own site-packages."""
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    info = Path(site) / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n", encoding="utf-8")
+    (info / "INSTALLER").write_text("pip\n", encoding="utf-8")
+    (info / "RECORD").write_text("", encoding="utf-8")
+
+
+def _pip_env() -> dict[str, str]:
+    # no pip configuration: no site constraints or extra indexes (the resolver must make do with what is installed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    return env
+
+
+@pytest.mark.parametrize("torch_version", [None, "2.15.0"], ids=["installed_torch", "newer_torch"])
+def test_editable_install_keeps_the_installed_torch(tmp_path, torch_version):
+    python = _system_view_venv(tmp_path / "venv")
+    if torch_version is not None:
+        _fake_distribution(python, "torch", torch_version)
+    expected = torch_version or subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('torch'))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    completed = subprocess.run(
+        [str(python), "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation", "--quiet",
+         "--report", "-", "-e", str(REPO)],
+        capture_output=True, text=True, env=_pip_env(), cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=600,
+    )
+    assert completed.returncode == 0, (
+        f"pip could not install the package beside torch {expected} without another torch (pyproject: torch "
+        f"{_requirements()['torch']!r}):\n{completed.stderr[-3000:]}"
+    )
+    report = json.loads(completed.stdout)
+    planned = {re.sub(r"[-_.]+", "-", item["metadata"]["name"].lower()): item["metadata"]["version"]
+               for item in report["install"]}
+    assert "torch" not in planned, f"pip would replace torch {expected} by torch {planned.get('torch')}"
+    assert set(planned) == {"hf-normsoftmax"}, planned
+
+
+def test_no_upper_bound_on_torch_and_a_stated_transformers_floor():
+    requirements = _requirements()
+    assert "<" not in requirements["torch"], requirements["torch"]
+    floor = re.fullmatch(r">=\s*([0-9.]+)\s*,\s*<\s*6", requirements["transformers"])
+    assert floor, requirements["transformers"]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"transformers {floor.group(1)}" in readme, "README does not state the transformers floor"
+
+
+@pytest.mark.slow
+def test_model_tests_pass_on_the_transformers_floor(tmp_path):
+    floor = re.fullmatch(r">=\s*([0-9.]+)\s*,.*", _requirements()["transformers"]).group(1)
+    python = _system_view_venv(tmp_path / "venv")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_CONSTRAINT")}
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"transformers=={floor}"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=900,
+    )
+    if installed.returncode != 0 and "No matching distribution" in installed.stderr:
+        pytest.skip(f"transformers=={floor} cannot be downloaded here (no PyPI and not in pip's cache)")
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    version = subprocess.run([str(python), "-c", "import transformers; print(transformers.__version__)"],
+                             capture_output=True, text=True, check=True, env=env).stdout.strip()
+    assert version == floor, f"the venv imports transformers {version}, not the floor {floor}"
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    completed = subprocess.run(
+        [str(python), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *FLOOR_SMOKE_TESTS],
+        capture_output=True, text=True, env=env, cwd=str(REPO), stdin=subprocess.DEVNULL, timeout=1800,
+    )
+    assert completed.returncode == 0, f"model tests on transformers {floor}:\n{completed.stdout[-6000:]}"
