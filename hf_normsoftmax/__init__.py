@@ -384,6 +384,7 @@ __all__ = [
     "convert_stock_model",
     "from_stock",
     "inverse_temperature_cross_entropy",
+    "merge_and_unload",
     "norm_softmax",
     "normalize_logits",
     "normsoftmax_attention",
@@ -403,4 +404,8 @@ def __getattr__(name: str) -> Any:
         from .training.callbacks import StabilityCallback
 
         return StabilityCallback
+    if name == "merge_and_unload":  # export to stock transformers (hf_normsoftmax/export.py)
+        from .export import merge_and_unload
+
+        return merge_and_unload
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,11 @@ Subcommands::
     hf-normsoftmax plot RUN_DIR
         Draw the run's stability plot(s) with hf_normsoftmax.training.plots.plot_run_dir.
 
+    hf-normsoftmax export RUN_DIR OUT_DIR [--overwrite]
+        Fold sigmaReparam and beta into the weights and save the stock transformers model (loads with
+        AutoModelFor*.from_pretrained(OUT_DIR) without hf_normsoftmax); refuses NormSoftmax flags, which
+        cannot be folded.
+
 ``hf-normsoftmax SUBCOMMAND --help`` documents each one. Exit status: 0 on success, 2 on bad usage or bad
 input, 1 when a push fails.
 """
@@ -66,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Call hf_normsoftmax.training.plots.plot_run_dir(RUN_DIR), which writes the stability plot "
                     "image(s) into the run dir.")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="Trainer output dir")
+
+    export = sub.add_parser(
+        "export", help="export a run's model as a stock transformers checkpoint",
+        description="Fold sigmaReparam (W_hat = s / sigma * W) and the inverse temperature beta into the weights "
+                    "and save the stock transformers model (stock config, safetensors, no code) with the "
+                    "tokenizer/processor files: it loads with AutoModelFor*.from_pretrained(OUT_DIR) without "
+                    "hf_normsoftmax. NormSoftmax in attention or in the loss cannot be folded and is refused.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="model folder or Trainer output dir (or a dir with "
+                                                           "checkpoint-N/)")
+    export.add_argument("output_dir", metavar="OUT_DIR", help="directory to write (must be new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     return parser
 
 
@@ -124,11 +140,19 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export_run_dir
+
+    path = export_run_dir(args.run_dir, args.output_dir, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the ``hf-normsoftmax`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"card": _cmd_card, "push": _cmd_push, "plot": _cmd_plot}
+    handlers = {"card": _cmd_card, "push": _cmd_push, "plot": _cmd_plot, "export": _cmd_export}
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, ValueError) as exc:

@@ -1315,6 +1315,18 @@ class NormSoftmaxPreTrainedMixin:
                 "Call model.push_to_hub(repo_id, ...) instead: it takes them without the package too."
             )
 
+    def merge_and_unload(self):
+        """The stock transformers model (e.g. ``GPT2LMHeadModel``) with sigmaReparam and beta folded into its
+        weights, same eval outputs; refuses NormSoftmax flags, which cannot be folded. See
+        ``hf_normsoftmax.export.merge_and_unload``; save it with its own ``save_pretrained``."""
+        import importlib
+
+        try:  # by name: remote-code copies of this file run without the package and its export module
+            export = importlib.import_module("hf_normsoftmax.export")
+        except ImportError as exc:
+            raise ImportError(f"merge_and_unload() needs the hf_normsoftmax package: {exc}") from exc
+        return export.merge_and_unload(self)
+
     def push_to_hub(
         self,
         repo_id: str,
