@@ -31,7 +31,10 @@ What it emulates (and how it differs from the real Hub):
 * Every file is committed as a regular (base64) file: the preupload route never asks for LFS, because the
   real LFS path of huggingface_hub 2.x goes through Xet storage, which this double does not emulate.
 * Commits are atomic: a commit that fails midway (see :meth:`HubTestDouble.fail_next_commit`) leaves the
-  repository exactly as it was, like a git ref that was never moved.
+  repository exactly as it was, like a git ref that was never moved. Commits are applied one at a time, each to
+  the head it finds; a commit with ``parentCommit`` that is not the head of the branch any more is refused with
+  HTTP 412 ("A commit has happened since"), as the Hub refuses it. :meth:`HubTestDouble.commits_in_pairs` holds
+  each commit until a second one arrives, so two concurrent pushes race on every round.
 * Authentication: ``Authorization: Bearer <token>`` with tokens given at construction (token -> user name).
   Private repositories are visible to their owner only; an anonymous read answers 401 and a read with
   another user's token 404, both with ``X-Error-Code: RepoNotFound`` as the Hub does (it does not reveal
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -151,6 +155,9 @@ class HubTestDouble:
         self._repos: dict = {}  # (repo_type, repo_id) -> _Repo
         self._counter = 0
         self._faults: list = []  # pending commit faults: dicts(after_operations, mode, status)
+        self._pairing = threading.Condition()  # commits_in_pairs: guards _pair_waiting
+        self._pair_commits = False
+        self._pair_waiting = None  # the threading.Event of a commit waiting for a partner
         self.requests: list = []  # RequestRecord, in arrival order
         self.unhandled: list = []  # (method, path) of requests no route matched
         self._server = None
@@ -212,6 +219,36 @@ class HubTestDouble:
         with self._lock:
             return len(self._faults)
 
+    @contextlib.contextmanager
+    def commits_in_pairs(self, wait_seconds: float = 15.0):
+        """While active, a commit request waits (at most ``wait_seconds``) until a second one arrives; then both
+        go on (applied one at a time, as always). Two clients pushing at once thus both plan against the same
+        head before either commit lands: the race of two concurrent pushes, made to happen on every round."""
+        with self._pairing:
+            self._pair_commits = True
+        try:
+            yield self
+        finally:
+            with self._pairing:
+                self._pair_commits = False
+                if self._pair_waiting is not None:
+                    self._pair_waiting.set()
+                    self._pair_waiting = None
+
+    def _wait_for_partner(self, wait_seconds: float = 15.0) -> None:
+        with self._pairing:
+            if not self._pair_commits:
+                return
+            if self._pair_waiting is not None:  # a partner is waiting: both go
+                self._pair_waiting.set()
+                self._pair_waiting = None
+                return
+            event = self._pair_waiting = threading.Event()
+        if not event.wait(wait_seconds):
+            with self._pairing:
+                if self._pair_waiting is event:
+                    self._pair_waiting = None
+
     def repo_exists(self, repo_id: str, repo_type: str = "model") -> bool:
         with self._lock:
             return (repo_type, repo_id) in self._repos
@@ -235,6 +272,11 @@ class HubTestDouble:
         """Commit summaries of a repo, oldest first (the first one is the creation commit)."""
         with self._lock:
             return [c.message for c in self._get_repo_or_keyerror(repo_type, repo_id).commits]
+
+    def commit_trees(self, repo_id: str, repo_type: str = "model") -> list:
+        """``(summary, {path: bytes})`` of every commit of a repo, oldest first (the creation commit included)."""
+        with self._lock:
+            return [(c.message, dict(c.files)) for c in self._get_repo_or_keyerror(repo_type, repo_id).commits]
 
     def is_private(self, repo_id: str, repo_type: str = "model") -> bool:
         with self._lock:
@@ -559,8 +601,7 @@ class _Handler(BaseHTTPRequestHandler):
         if revision != "main":
             raise _HTTPError(400, f"The Hub test double only commits to 'main', got revision {revision!r}")
         with double._lock:
-            repo = double._writable_repo(repo_type, repo_id, user)
-            parent = repo.head
+            double._writable_repo(repo_type, repo_id, user)
         lines = [line for line in self._body().split(b"\n") if line.strip()]
         try:
             items = [json.loads(line) for line in lines]
@@ -572,50 +613,53 @@ class _Handler(BaseHTTPRequestHandler):
         summary = header.get("summary") or ""
         if not summary:
             raise _HTTPError(400, "commit: empty commit summary")
-        if header.get("parentCommit") and not parent.oid.startswith(header["parentCommit"]):
-            raise _HTTPError(412, "commit: parentCommit is not the head of main")
-        fault = double._take_fault()
-        staged = dict(parent.files)  # work on a copy: nothing is applied unless the whole commit succeeds
-        for index, item in enumerate(items[1:]):
-            if fault is not None and index >= fault["after_operations"]:
-                break
-            key, value = item.get("key"), item.get("value") or {}
-            path = value.get("path")
-            if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/"):
-                raise _HTTPError(400, f"commit: invalid path {path!r}")
-            if key == "file":
-                if value.get("encoding") != "base64":
-                    raise _HTTPError(400, f"commit: unsupported encoding {value.get('encoding')!r} for {path}")
-                try:
-                    staged[path] = base64.b64decode(value.get("content", ""), validate=True)
-                except ValueError as exc:
-                    raise _HTTPError(400, f"commit: bad base64 for {path}: {exc}") from None
-                if path == "README.md":
-                    errors = _validate_card_metadata(staged[path].decode("utf-8", "replace"))
-                    if errors:
-                        raise _HTTPError(400, "commit: invalid README.md metadata: " + "; ".join(errors))
-            elif key == "deletedFile":
-                if path not in staged:
-                    raise _HTTPError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
-                del staged[path]
-            elif key == "deletedFolder":
-                prefix = path.rstrip("/") + "/"
-                for p in [p for p in staged if p.startswith(prefix)]:
-                    del staged[p]
-            elif key == "lfsFile":
-                raise _HTTPError(400, f"commit: {path} was sent as LFS; the Hub test double only takes regular files")
-            else:
-                raise _HTTPError(400, f"commit: unsupported operation {key!r}")
-        if fault is not None:
-            if fault["mode"] == "disconnect":
-                raise _Disconnect()
-            raise _HTTPError(fault["status"], "Internal Error - the commit was interrupted (fault injected by "
-                             "the Hub test double); nothing was committed")
-        new = _Commit(double._new_oid(repo_id, summary), staged, summary, time.time())
+        double._wait_for_partner()
+        # one commit at a time, each applied to the head it finds (as the Hub does); with parentCommit, only if
+        # that head is the one the client planned from
         with double._lock:
             repo = double._writable_repo(repo_type, repo_id, user)
-            if repo.head is not parent:
-                raise _HTTPError(409, "commit: the branch moved during the commit, retry")
+            parent = repo.head
+            if header.get("parentCommit") and parent.oid != header["parentCommit"]:
+                raise _HTTPError(412, "A commit has happened since. Please refresh and try again.")
+            fault = double._take_fault()
+            staged = dict(parent.files)  # work on a copy: nothing is applied unless the whole commit succeeds
+            for index, item in enumerate(items[1:]):
+                if fault is not None and index >= fault["after_operations"]:
+                    break
+                key, value = item.get("key"), item.get("value") or {}
+                path = value.get("path")
+                if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/"):
+                    raise _HTTPError(400, f"commit: invalid path {path!r}")
+                if key == "file":
+                    if value.get("encoding") != "base64":
+                        raise _HTTPError(400, f"commit: unsupported encoding {value.get('encoding')!r} for {path}")
+                    try:
+                        staged[path] = base64.b64decode(value.get("content", ""), validate=True)
+                    except ValueError as exc:
+                        raise _HTTPError(400, f"commit: bad base64 for {path}: {exc}") from None
+                    if path == "README.md":
+                        errors = _validate_card_metadata(staged[path].decode("utf-8", "replace"))
+                        if errors:
+                            raise _HTTPError(400, "commit: invalid README.md metadata: " + "; ".join(errors))
+                elif key == "deletedFile":
+                    if path not in staged:
+                        raise _HTTPError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+                    del staged[path]
+                elif key == "deletedFolder":
+                    prefix = path.rstrip("/") + "/"
+                    for p in [p for p in staged if p.startswith(prefix)]:
+                        del staged[p]
+                elif key == "lfsFile":
+                    raise _HTTPError(400, f"commit: {path} was sent as LFS; the Hub test double only takes regular "
+                                     "files")
+                else:
+                    raise _HTTPError(400, f"commit: unsupported operation {key!r}")
+            if fault is not None:
+                if fault["mode"] == "disconnect":
+                    raise _Disconnect()
+                raise _HTTPError(fault["status"], "Internal Error - the commit was interrupted (fault injected by "
+                                 "the Hub test double); nothing was committed")
+            new = _Commit(double._new_oid(repo_id, summary), staged, summary, time.time())
             repo.commits.append(new)
         prefix = "" if repo_type == "model" else f"{repo_type}s/"
         return self._send(200, {"success": True, "commitOid": new.oid, "pullRequestUrl": None,

@@ -1712,3 +1712,72 @@ def test_push_model_finds_the_processor_next_to_the_weights(tmp_path):
     assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors", "README.md",
             "modeling_normsoftmax_bert.py"} <= set(files)
     assert "extra" in _front_matter((tmp_path / "stage" / "README.md").read_text())["tags"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# two processes pushing to one repo at once
+# ------------------------------------------------------------------------------------------------------------
+RACING_PUSH = """
+import hashlib, json, sys
+from pathlib import Path
+spec = json.loads(sys.argv[1])
+import torch
+import hf_normsoftmax as H
+from hf_normsoftmax.hub.push import push_model, stage_model
+
+torch.manual_seed(spec["seed"])
+model = H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(
+    vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+    max_position_embeddings=64, num_labels=2, logit_inverse_temperature=spec["beta"]))
+trees = []
+for round_ in range(spec["rounds"]):
+    with torch.no_grad():  # every round pushes other weights: no push is a no-op the client would skip
+        model.classifier.bias.add_(1.0)
+    staged = Path(spec["staged"]) / str(round_)
+    stage_model(model, staged, repo_id=spec["repo"], max_shard_size=spec["shard"])
+    trees.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in staged.iterdir()
+                  if p.name != "README.md"})
+    Path(spec["tree"]).write_text(json.dumps(trees))
+    push_model(model, spec["repo"], processor=False, max_shard_size=spec["shard"],
+               commit_message=f"{spec['name']} round {round_}")
+print("PUSHED")
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_pushes_leave_one_complete_push(hub, tmp_path):
+    """Two processes push a sharded and an unsharded model (other weights, other config) to one repo, 3 times
+    each, with every commit held until the other process's commit arrives (both planned against the same head):
+    every commit of the repo holds exactly the file set of the push it records (weights, index, config, code),
+    never a mix; the push that loses a race re-plans and lands after the other one."""
+    repo = "alice/racing-pushes"
+    env = _hub_env(hub, tmp_path)
+    specs = {
+        "unsharded": {"seed": 1, "beta": 1.0, "shard": "50GB"},
+        "sharded": {"seed": 2, "beta": 2.0, "shard": "20KB"},
+    }
+    procs = {}
+    with hub.commits_in_pairs():
+        for name, spec in specs.items():
+            spec.update(name=name, repo=repo, rounds=3, staged=str(tmp_path / f"staged-{name}"),
+                        tree=str(tmp_path / f"{name}.json"))
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-c", RACING_PUSH, json.dumps(spec)], env=env, cwd=env["TMPDIR"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+        outputs = {name: proc.communicate(timeout=900) for name, proc in procs.items()}
+    for name, (out, err) in outputs.items():
+        _SUBPROCESS_OUTPUT.append(out + err)
+        assert procs[name].returncode == 0 and "PUSHED" in out, (name, err[-4000:])
+    trees = {(name, i): tree for name in specs for i, tree in enumerate(json.loads((tmp_path / f"{name}.json")
+                                                                                  .read_text()))}
+    assert len(trees) == 6
+    assert "model.safetensors.index.json" in trees["sharded", 0] and "model.safetensors" in trees["unsharded", 0]
+    commits = hub.commit_trees(repo)[1:]  # after the creation commit
+    assert sorted(message for message, _ in commits) == sorted(f"{n} round {i}" for n, i in trees), outputs
+    for message, files in commits:
+        tree = {path: hashlib.sha256(data).hexdigest() for path, data in files.items() if path != "README.md"}
+        name, round_ = message.split(" round ")
+        mixed = sorted(set(tree.items()) ^ set(trees[name, int(round_)].items()))
+        assert not mixed, (message, mixed)  # exactly the files of that push: weights, index, config, code
+    _assert_no_token_leak(hub, tmp_path)

@@ -90,6 +90,12 @@ _AUTO_CLASS_BY_SUFFIX = (
 )
 
 
+#: Commits a push tries when other commits land between its plan and its commit (each re-plans from the new head).
+PUSH_ATTEMPTS = 5
+# What the Hub answers a commit whose parent_commit is no longer the branch head (412), or a conflicting one (409).
+_MOVED_HEAD_STATUSES = (409, 412)
+
+
 class HubPushError(RuntimeError):
     """A push could not be completed. The message says what failed and what state was left."""
 
@@ -511,26 +517,52 @@ def _upload(staging: Path, repo_id: str, *, private: bool | None, token: str | N
                                "nothing was uploaded. Make the repo private first, or push without --private.")
         if revision not in (None, "main") and not str(revision).startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)  # as transformers' push_to_hub does
-        stale = _stale_remote_files(api, repo_id, set(staged), revision=revision)
     except HfHubHTTPError as exc:
         raise HubPushError(f"could not create or access Hub repo {repo_id!r} at {api.endpoint}: "
                            f"{_scrub(str(exc), scan_token)}. Nothing was uploaded; {source} was not "
                            "modified.") from exc
-    operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
-    operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(staging / path)) for path in staged]
-    try:
-        # One create_commit, not upload_folder: with hf_xet installed, huggingface_hub 2.x's upload_folder
-        # streams a folder in several commits (and retries them), so a failure could publish part of a
-        # checkpoint. A single commit is all-or-nothing.
-        return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
-                                 commit_description=commit_description, repo_type="model", revision=revision,
-                                 create_pr=create_pr)
-    except Exception as exc:  # noqa: BLE001 - HTTP errors, dropped connections, timeouts: all end the push
-        raise HubPushError(
-            f"upload to {repo_id!r} at {api.endpoint} failed during the commit: {type(exc).__name__}: "
-            f"{_scrub(str(exc), scan_token).rstrip('.')}. Nothing was written locally ({source} was only read; "
-            "the staged files were in a temporary directory, now removed). A Hub commit is all-or-nothing, so the "
-            "repo keeps its previous content; run the same push again to retry.") from exc
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        # Plan from the branch head (which remote files the upload replaces or deletes), then commit against
+        # exactly that head: a push that lands in between makes the Hub refuse the commit (HTTP 412) instead of
+        # applying a stale plan (e.g. one push's model.safetensors left next to the other's shards + index).
+        try:
+            head = api.model_info(repo_id, revision=revision).sha
+            stale = _stale_remote_files(api, repo_id, set(staged), revision=head)
+        except HfHubHTTPError as exc:
+            raise HubPushError(f"could not read Hub repo {repo_id!r} at {api.endpoint}: "
+                               f"{_scrub(str(exc), scan_token)}. Nothing was uploaded; {source} was not "
+                               "modified.") from exc
+        operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
+        operations += [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(staging / path)) for path in staged]
+        try:
+            # One create_commit, not upload_folder: with hf_xet installed, huggingface_hub 2.x's upload_folder
+            # streams a folder in several commits (and retries them), so a failure could publish part of a
+            # checkpoint. A single commit is all-or-nothing.
+            return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
+                                     commit_description=commit_description, repo_type="model", revision=revision,
+                                     create_pr=create_pr, parent_commit=head)
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status not in _MOVED_HEAD_STATUSES:
+                raise _commit_failed(exc, repo_id, api, scan_token, source) from exc
+            logger.info("push to %s: the repo changed since the upload was planned (attempt %d of %d); re-planning",
+                        repo_id, attempt, PUSH_ATTEMPTS)
+            last = exc
+        except Exception as exc:  # noqa: BLE001 - dropped connections, timeouts: all end the push
+            raise _commit_failed(exc, repo_id, api, scan_token, source) from exc
+    raise HubPushError(
+        f"upload to {repo_id!r} at {api.endpoint} was refused {PUSH_ATTEMPTS} times because other commits landed "
+        f"on the branch between planning the upload and committing it (HTTP {last.response.status_code}: "
+        f"another push to the same repo is running). Nothing of this push was committed and {source} was only "
+        "read; push again once the other push has finished.") from last
+
+
+def _commit_failed(exc, repo_id, api, scan_token, source) -> HubPushError:
+    return HubPushError(
+        f"upload to {repo_id!r} at {api.endpoint} failed during the commit: {type(exc).__name__}: "
+        f"{_scrub(str(exc), scan_token).rstrip('.')}. Nothing was written locally ({source} was only read; "
+        "the staged files were in a temporary directory, now removed). A Hub commit is all-or-nothing, so the "
+        "repo keeps its previous content; run the same push again to retry.")
 
 
 def push_run_dir(run_dir, repo_id: str, *, private: bool = False, token: str | None = None,
