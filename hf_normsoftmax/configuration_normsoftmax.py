@@ -7,17 +7,24 @@ computes; each flag switches one method on.
 | flag | allowed | default | effect |
 |---|---|---|---|
 | ``attention_softmax`` | ``"softmax"``, ``"normsoftmax"`` | ``"softmax"`` | softmax used inside dot-product attention |
-| ``normsoftmax_gamma`` | number > 0 | ``DEFAULT_NORMSOFTMAX_GAMMA`` | attention logits normalised to std gamma |
+| ``normsoftmax_gamma`` | number in [1e-3, 1e2] | ``DEFAULT_NORMSOFTMAX_GAMMA`` | attention logits normalised to std gamma |
 | ``normsoftmax_learnable_gamma`` | bool | ``False`` | one learnable gamma per head (parameter ``normsoftmax_scale``) |
-| ``normsoftmax_max_temperature`` | ``None`` or number > 0 | ``None`` | cap on the temperature ``T = std / gamma`` |
+| ``normsoftmax_max_temperature`` | ``None`` or number in [1e-2, 1e6] | ``None`` | cap on the temperature ``T = std / gamma`` |
 | ``normsoftmax_statistic`` | ``"std"``, ``"var"`` | ``"std"`` | spread statistic of the logits |
-| ``normsoftmax_eps`` | number > 0 | ``1e-6`` | added to the variance |
+| ``normsoftmax_eps`` | number in [1e-14, 1] | ``1e-6`` | added to the variance |
 | ``loss_softmax`` | ``"softmax"``, ``"normsoftmax"`` | ``"softmax"`` | softmax of the classification / LM heads |
-| ``loss_normsoftmax_gamma`` | number > 0 | ``DEFAULT_LOSS_NORMSOFTMAX_GAMMA`` | head logits normalised to std gamma |
-| ``logit_inverse_temperature`` | number > 0 | ``1.0`` | beta: head logits are ``beta * z`` |
+| ``loss_normsoftmax_gamma`` | number in [1e-3, 1e2] | ``DEFAULT_LOSS_NORMSOFTMAX_GAMMA`` | head logits normalised to std gamma |
+| ``logit_inverse_temperature`` | number in [1e-3, 1e2] | ``1.0`` | beta: head logits are ``beta * z`` |
 | ``sigma_reparam`` | bool | ``False`` | sigmaReparam on the selected layers |
 | ``sigma_reparam_include`` | ``None`` or list of patterns | ``None`` | layers to convert (``None``: all) |
 | ``sigma_reparam_exclude`` | ``None`` or list of patterns | ``None`` | layers never converted |
+
+The numeric ranges are ``GAMMA_RANGE``, ``INVERSE_TEMPERATURE_RANGE``, ``MAX_TEMPERATURE_RANGE`` and ``EPS_RANGE`` of
+``hf_normsoftmax.normsoftmax`` (where the measurements behind them are written down); the math functions refuse
+values outside them too. Inside them every output and gradient is finite in float32 and bfloat16, whatever the
+logits (constant rows included). Learned per-head gammas (``normsoftmax_learnable_gamma``) may drift out of
+[1e-3, 1e2] during training: the attention clamps them into it where it uses them (the parameter keeps its value;
+a clamped gamma gets no gradient until the optimiser, e.g. weight decay, brings it back).
 
 sigmaReparam layer selection: the candidates are every ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Conv2d`` (the ViT
 patch embedding) of the model, heads included. A candidate is converted when its qualified module name (as in
@@ -30,6 +37,22 @@ Combinations that would silently do nothing are refused: ``logit_inverse_tempera
 ``loss_softmax="normsoftmax"`` (normalising the logits removes any scale), and ``normsoftmax_learnable_gamma=True``
 with ``attention_softmax="softmax"`` (the parameters would never be used). The other ``normsoftmax_*`` values are
 kept but unused while ``attention_softmax="softmax"``, so a config can be switched back and forth.
+
+Every check runs at construction and again at every later assignment (``config.flag = value``): an assignment
+that would make a refused combination raises and leaves the config as it was. ``config.update({...})`` sets its
+keys together and checks the combination once, after all of them (and restores every key if that fails).
+
+The structural flags ``sigma_reparam``, ``sigma_reparam_include``, ``sigma_reparam_exclude`` and
+``normsoftmax_learnable_gamma`` decide which modules and parameters a model has, when the model is built. On the
+config of a built model they can no longer change (the model would not follow, while the saved config and card
+would claim the change): such an assignment raises and names the ways to get a model with the new flags
+(``hf_normsoftmax.convert_stock_model`` for a stock model, or ``from_pretrained(saved_dir, sigma_reparam=True)``).
+The other flags are read at every forward and may change at any time.
+
+A keyword one edit away from a flag name (one letter inserted, deleted, replaced, or two neighbours swapped:
+``sigma_reparm``, ``attention_softmx``) is refused with a TypeError naming the flag, wherever it comes from: the
+constructor, ``AutoConfig.for_model``, ``from_pretrained(..., **kwargs)``, a ``config.json`` being loaded,
+``config.update`` or an assignment. transformers would otherwise store it as an extra attribute and do nothing.
 
 Default gammas (measured, ``python benchmarks/sweep_gamma.py --seeds 2 --steps 300``, CPU, medians over 2 seeds;
 300 AdamW steps, no warmup). ViT: 2 layers x 64 wide, MNIST-5k (4,000 train / 1,000 validation images).
@@ -68,17 +91,26 @@ Example:
 >>> NormSoftmaxBertConfig(normsoftmax_gamma=-1.0)
 Traceback (most recent call last):
 ...
-ValueError: Invalid value for `normsoftmax_gamma`: -1.0. Allowed: a finite number > 0.
+ValueError: Invalid value for `normsoftmax_gamma`: -1.0. Allowed: a finite number in [0.001, 100].
 ```
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
+import dataclasses
 import math
+import threading
+import types
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import BertConfig, GPT2Config, ViTConfig
+
+from .normsoftmax import EPS_RANGE, GAMMA_RANGE, INVERSE_TEMPERATURE_RANGE, MAX_TEMPERATURE_RANGE
 
 ATTENTION_SOFTMAX_CHOICES = ("softmax", "normsoftmax")
 LOSS_SOFTMAX_CHOICES = ("softmax", "normsoftmax")
@@ -107,6 +139,8 @@ NORMSOFTMAX_FLAGS = (
     "sigma_reparam_include",
     "sigma_reparam_exclude",
 )
+# Flags that decide the modules / parameters of a model when it is built (see "structural flags" above).
+STRUCTURAL_FLAGS = ("sigma_reparam", "sigma_reparam_include", "sigma_reparam_exclude", "normsoftmax_learnable_gamma")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,18 +163,20 @@ def _choice(choices: tuple[str, ...]):
     return check
 
 
-def _positive_number(flag: str, value: Any) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise _invalid(flag, value, "a finite number > 0")
-    return value
+def _number_in(bounds: tuple[float, float], optional: bool = False):
+    low, high = bounds
+    allowed = f"{'None or ' if optional else ''}a finite number in [{low:g}, {high:g}]"
 
+    def check(flag: str, value: Any) -> float | int | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _invalid(flag, value, allowed)
+        if not low <= value <= high:
+            raise _invalid(flag, value, allowed)
+        return value
 
-def _optional_positive_number(flag: str, value: Any) -> float | int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise _invalid(flag, value, "None or a finite number > 0")
-    return value
+    return check
 
 
 def _boolean(flag: str, value: Any) -> bool:
@@ -161,14 +197,14 @@ def _pattern_list(flag: str, value: Any) -> list[str] | None:
 
 _FLAG_CHECKS = {
     "attention_softmax": _choice(ATTENTION_SOFTMAX_CHOICES),
-    "normsoftmax_gamma": _positive_number,
+    "normsoftmax_gamma": _number_in(GAMMA_RANGE),
     "normsoftmax_learnable_gamma": _boolean,
-    "normsoftmax_max_temperature": _optional_positive_number,
+    "normsoftmax_max_temperature": _number_in(MAX_TEMPERATURE_RANGE, optional=True),
     "normsoftmax_statistic": _choice(NORMSOFTMAX_STATISTIC_CHOICES),
-    "normsoftmax_eps": _positive_number,
+    "normsoftmax_eps": _number_in(EPS_RANGE),
     "loss_softmax": _choice(LOSS_SOFTMAX_CHOICES),
-    "loss_normsoftmax_gamma": _positive_number,
-    "logit_inverse_temperature": _positive_number,
+    "loss_normsoftmax_gamma": _number_in(GAMMA_RANGE),
+    "logit_inverse_temperature": _number_in(INVERSE_TEMPERATURE_RANGE),
     "sigma_reparam": _boolean,
     "sigma_reparam_include": _pattern_list,
     "sigma_reparam_exclude": _pattern_list,
@@ -193,6 +229,118 @@ def check_flag_combination(config: Any) -> None:
             "Allowed: `normsoftmax_learnable_gamma`=True with `attention_softmax`='normsoftmax', or "
             "`normsoftmax_learnable_gamma`=False."
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# misspelled flag names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether ``a`` becomes ``b`` by one insertion, deletion, substitution or swap of two neighbours."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        if len(diff) == 1:
+            return True
+        i, j = diff if len(diff) == 2 else (0, 0)
+        return j == i + 1 and a[i] == b[j] and a[j] == b[i]
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    i = next((k for k, (x, y) in enumerate(zip(short, long, strict=False)) if x != y), len(short))
+    return short[i:] == long[i + 1:]
+
+
+def misspelled_flag(name: Any) -> str | None:
+    """The flag that ``name`` is one edit away from (probably a misspelling of it), or None."""
+    if not isinstance(name, str) or name in _FLAG_CHECKS:
+        return None
+    return next((flag for flag in NORMSOFTMAX_FLAGS if _one_edit_apart(name, flag)), None)
+
+
+def _refuse_misspelled_flag(name: Any, value: Any) -> None:
+    flag = misspelled_flag(name)
+    if flag is not None:
+        raise TypeError(
+            f"Unknown config key `{name}`={value!r}: one edit away from the flag `{flag}`, so probably a misspelling "
+            f"(transformers would store it as an extra attribute that nothing reads). Allowed: `{flag}` spelled "
+            f"exactly; the flags are {list(NORMSOFTMAX_FLAGS)}."
+        )
+
+
+_KNOWN_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _known_names(cls: type) -> frozenset[str]:
+    """Fields, aliases and class attributes of a config class (never taken for a misspelled flag)."""
+    names = _KNOWN_NAMES.get(cls)
+    if names is None:
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        names = frozenset(fields | set(dir(cls)) | set(getattr(cls, "attribute_map", {})))
+        _KNOWN_NAMES[cls] = names
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs of built models, and checks deferred to the end of an update
+# ---------------------------------------------------------------------------------------------------------------
+
+# id(config) -> (weak reference to the config, the models built with it). Kept outside the config: its __dict__ is
+# what transformers serialises and compares.
+_BOUND_MODELS: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}
+_BOUND_LOCK = threading.Lock()
+
+
+def _forget_config(config_id: int, reference: weakref.ref) -> None:
+    with _BOUND_LOCK:
+        entry = _BOUND_MODELS.get(config_id)
+        if entry is not None and entry[0] is reference:
+            del _BOUND_MODELS[config_id]
+
+
+def bind_config_to_model(config: Any, model: Any) -> None:
+    """Record that ``model`` was built from ``config`` (a variant model's ``post_init`` calls this): from then on
+    the structural flags of ``config`` refuse to change while ``model`` lives and uses it."""
+    key = id(config)
+    with _BOUND_LOCK:
+        entry = _BOUND_MODELS.get(key)
+        if entry is None or entry[0]() is not config:
+            reference = weakref.ref(config, lambda ref, key=key: _forget_config(key, ref))
+            entry = _BOUND_MODELS[key] = (reference, weakref.WeakSet())
+        entry[1].add(model)
+
+
+def models_built_with(config: Any) -> list:
+    """The live models built from ``config`` that still use it as their ``config``."""
+    with _BOUND_LOCK:
+        entry = _BOUND_MODELS.get(id(config))
+        if entry is None or entry[0]() is not config:
+            return []
+        models = list(entry[1])
+    return [model for model in models if getattr(model, "config", None) is config]
+
+
+# ids of the configs whose combination check waits for the end of an update (per thread / context)
+_COMBINATION_DEFERRED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "normsoftmax_combination_deferred", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def _all_or_nothing(config: Any):
+    """Assignments inside are checked as a whole at the end; on any error the config gets its previous state."""
+    snapshot = dict(config.__dict__)
+    token = _COMBINATION_DEFERRED.set(_COMBINATION_DEFERRED.get() | {id(config)})
+    try:
+        try:
+            yield
+        finally:
+            _COMBINATION_DEFERRED.reset(token)
+        check_flag_combination(config)
+    except BaseException:
+        config.__dict__.clear()
+        config.__dict__.update(snapshot)
+        raise
 
 
 @dataclass(kw_only=True, repr=False, eq=False)
@@ -248,9 +396,90 @@ class NormSoftmaxConfigMixin:
         # Validate our flags on every assignment (construction, from_pretrained kwargs, later edits) with a plain
         # ValueError; the stock fields keep the stock (strict) validation further up the MRO.
         check = _FLAG_CHECKS.get(name)
-        if check is not None:
-            value = check(name, value)
+        if check is None:
+            if not name.startswith("_") and name not in _known_names(type(self)):
+                _refuse_misspelled_flag(name, value)
+            super().__setattr__(name, value)
+            return
+        value = check(name, value)
+        # transformers sets `_post_init_done` when construction is over: from then on the config may be in use
+        if self.__dict__.get("_post_init_done"):
+            if name in STRUCTURAL_FLAGS:
+                self._check_structural_change(name, value)
+            if id(self) not in _COMBINATION_DEFERRED.get():
+                self._check_combination_with(name, value)
         super().__setattr__(name, value)
+
+    def _check_combination_with(self, name: str, value: Any) -> None:
+        flags = {flag: getattr(self, flag, None) for flag in NORMSOFTMAX_FLAGS}
+        try:
+            check_flag_combination(types.SimpleNamespace(**{**flags, name: value}))
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (Refused at the assignment `{name}`={value!r}; the config is unchanged. To change several "
+                "flags, assign them in an order that keeps a valid combination, or at once with "
+                "`config.update({...})`.)"
+            ) from None
+
+    def _check_structural_change(self, name: str, value: Any) -> None:
+        current = getattr(self, name, None)
+        if value == current:
+            return
+        models = models_built_with(self)
+        if not models:
+            return
+        model_class = type(models[0]).__name__
+        del models  # the traceback must not keep the models alive
+        raise ValueError(
+            f"Invalid assignment: `{name}`={value!r} on the config of a built {model_class} (built with "
+            f"`{name}`={current!r}). `{name}` decides which modules and parameters the model has when it is built: the "
+            "model would not follow, while its saved config and model card would claim the change. Allowed: build a "
+            f"model with the new value: hf_normsoftmax.convert_stock_model(stock_model, {name}={value!r}) for a "
+            f"stock model; {model_class}.from_pretrained(saved_dir, {name}={value!r}) for a saved variant (switching "
+            "a flag on starts the new entries from the loaded weights); or set it on a copy "
+            "(copy.deepcopy(model.config)) to build a new model from."
+        )
+
+    def bind_to_model(self, model: Any) -> None:
+        """Mark this config as the one ``model`` was built from (see :func:`bind_config_to_model`)."""
+        bind_config_to_model(self, model)
+
+    def __deepcopy__(self, memo: dict) -> NormSoftmaxConfigMixin:
+        # the default deep copy (state copied as is, no re-validation of a valid state), plus: when a model built
+        # from this config is copied along (copy.deepcopy(model)), the copy of the config is bound to its copy
+        cls = type(self)
+        copied = cls.__new__(cls)
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+        for model in models_built_with(self):
+            model_copy = memo.get(id(model))
+            if model_copy is not None:
+                bind_config_to_model(copied, model_copy)
+        return copied
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Set the keys of ``config_dict`` together: each is checked as it is set, their combination once at the
+        end; if anything is refused, every key keeps its previous value."""
+        with _all_or_nothing(self):
+            super().update(config_dict)
+
+    def update_from_string(self, update_str: str) -> None:
+        """transformers' ``"key=value,key=value"`` update, all or nothing as :meth:`update`."""
+        with _all_or_nothing(self):
+            super().update_from_string(update_str)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """``PreTrainedConfig.from_dict`` (the end of ``from_pretrained``) with the flags among ``kwargs`` set at
+        construction, together with the dict's (so that their combination is checked once), and keyword arguments
+        one edit away from a flag refused (transformers would drop them silently)."""
+        for name, value in kwargs.items():
+            _refuse_misspelled_flag(name, value)
+        flags = {name: kwargs.pop(name) for name in list(kwargs) if name in _FLAG_CHECKS}
+        if flags:
+            config_dict = {**config_dict, **flags}
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         model_type = kwargs.pop("model_type", None)
@@ -370,9 +599,13 @@ __all__ = [
     "LOSS_SOFTMAX_CHOICES",
     "NORMSOFTMAX_FLAGS",
     "NORMSOFTMAX_STATISTIC_CHOICES",
+    "STRUCTURAL_FLAGS",
     "NormSoftmaxBertConfig",
     "NormSoftmaxConfigMixin",
     "NormSoftmaxGPT2Config",
     "NormSoftmaxViTConfig",
+    "bind_config_to_model",
     "check_flag_combination",
+    "misspelled_flag",
+    "models_built_with",
 ]

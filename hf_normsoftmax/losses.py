@@ -28,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .normsoftmax import _check_float_tensor, _check_options, _check_positive_finite, _is_number, normalize_logits
+from .normsoftmax import (
+    GAMMA_RANGE,
+    INVERSE_TEMPERATURE_RANGE,
+    _check_float_tensor,
+    _check_in_range,
+    _check_options,
+    _check_tensor_in_range,
+    _is_number,
+    normalize_logits,
+)
 
 __all__ = [
     "InverseTemperatureCrossEntropyLoss",
@@ -160,14 +169,9 @@ def _check_beta(beta, input: torch.Tensor):
                 f"beta tensor of shape {tuple(beta.shape)} must be broadcastable to the input shape "
                 f"{tuple(input.shape)}"
             )
-        if not torch.compiler.is_compiling() and beta.numel() > 0:
-            b = beta.detach()
-            if not bool(torch.isfinite(b).all()) or not bool((b > 0).all()):
-                raise ValueError(
-                    f"beta must be positive and finite, got values in [{b.min().item():.4g}, {b.max().item():.4g}]"
-                )
+        _check_tensor_in_range("beta", beta, INVERSE_TEMPERATURE_RANGE)
         return beta
-    return _check_positive_finite("beta", beta)
+    return _check_in_range("beta", beta, INVERSE_TEMPERATURE_RANGE)
 
 
 def inverse_temperature_cross_entropy(
@@ -185,7 +189,8 @@ def inverse_temperature_cross_entropy(
 ) -> torch.Tensor:
     """``F.cross_entropy(beta * input, target, ...)``: softmax at inverse temperature ``beta``.
 
-    ``beta`` is a positive finite float or a positive tensor broadcastable to ``input``. Other arguments as in
+    ``beta`` is a float in ``INVERSE_TEMPERATURE_RANGE`` ([1e-3, 1e2]) or a tensor of such values broadcastable to
+    ``input``. Other arguments as in
     ``F.cross_entropy``, plus ``num_items_in_batch`` (see the module docstring).
 
     Example::
@@ -241,7 +246,7 @@ class NormSoftmaxCrossEntropyLoss(_CrossEntropyBase):
         statistic: str = "std",
     ) -> None:
         super().__init__(weight, ignore_index, reduction, label_smoothing)
-        self.gamma = _check_positive_finite("gamma", gamma)
+        self.gamma = _check_in_range("gamma", gamma, GAMMA_RANGE)
         _check_options(max_temperature, eps, statistic)
         self.max_temperature = max_temperature
         self.eps = float(eps)
@@ -289,7 +294,7 @@ class InverseTemperatureCrossEntropyLoss(_CrossEntropyBase):
         beta: float = 1.0,
     ) -> None:
         super().__init__(weight, ignore_index, reduction, label_smoothing)
-        self.beta = _check_positive_finite("beta", beta)
+        self.beta = _check_in_range("beta", beta, INVERSE_TEMPERATURE_RANGE)
 
     def forward(self, input, target, num_items_in_batch=None):
         return inverse_temperature_cross_entropy(

@@ -32,10 +32,40 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["NormSoftmax", "norm_softmax", "normalize_logits"]
+__all__ = [
+    "EPS_RANGE",
+    "GAMMA_RANGE",
+    "INVERSE_TEMPERATURE_RANGE",
+    "MAX_TEMPERATURE_RANGE",
+    "NormSoftmax",
+    "norm_softmax",
+    "normalize_logits",
+]
 
 _STATISTICS = ("std", "var")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Allowed ranges (inclusive) of the settings, shared by every function here, losses.py, attention.py and the
+# config flags. Measured at every corner of the ranges (materialised and fast attention, causal or not, and the
+# NormSoftmax loss; rows that are random, scaled x15, constant, of variance 1e-6 of their mean, or one spike):
+# every float32 / bfloat16 output and gradient is finite, and so are the float16 attention outputs and losses on
+# rows that are not near-constant. Two float16 limits no range removes: the gradient of a near-constant row is
+# of order gamma / sqrt(eps) ("std") or gamma / eps ("var"), beyond 65504 for small eps; and normalize_logits
+# returns the input dtype, where |z| > 65504 becomes inf ("var" rows, or a small cap on logits of thousands).
+# * gamma <= 1e2: a normalised row of n entries reaches gamma * sqrt(n - 1) at most (std statistic), so float16
+#   results stay finite up to n = 429,000 entries; at gamma = 1e38 even float32 outputs overflow. gamma >= 1e-3:
+#   already a uniform softmax for any realistic logits.
+# * eps >= 1e-14: the backward of a (near-)constant row scales as gamma / eps^(3/2) ("std") or gamma / eps^2
+#   ("var"), finite in float32 down to about 1e-24; eps = 1e-60 rounds to 0 in float32 (NaN on constant rows).
+#   eps <= 1: a larger eps would dominate the variance of ordinary logits (no normalisation left).
+# * max_temperature >= 1e-2: the cap multiplies the centred logits by up to 1 / max_temperature; at 1e-4,
+#   float16 attention on logits of a few hundred overflows, and 1e-39 cannot even be a float32 (overflow error).
+#   max_temperature <= 1e6: such a cap is never active on ordinary logits (None is "no cap").
+# * beta (inverse temperature of the loss) shares the gamma range: both scale the logits the softmax sees.
+GAMMA_RANGE = (1e-3, 1e2)
+INVERSE_TEMPERATURE_RANGE = GAMMA_RANGE
+EPS_RANGE = (1e-14, 1.0)
+MAX_TEMPERATURE_RANGE = (1e-2, 1e6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,6 +83,36 @@ def _check_positive_finite(name: str, value) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def _check_in_range(name: str, value, bounds: tuple[float, float]) -> float:
+    """A finite number inside ``bounds`` (inclusive), as a float; TypeError / ValueError naming ``name``."""
+    low, high = bounds
+    if not _is_number(value):
+        raise TypeError(
+            f"{name} must be a number in [{low:g}, {high:g}], got {value!r} of type {type(value).__name__}"
+        )
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _check_tensor_in_range(name: str, value: torch.Tensor, bounds: tuple[float, float]) -> None:
+    """Every entry of ``value`` finite and inside ``bounds``, up to one rounding of the tensor's dtype (a learned
+    value clamped to the range in bfloat16 may round just outside it). Skipped under torch.compile (a data-dependent
+    check would break the graph); eager calls get it."""
+    if torch.compiler.is_compiling() or value.numel() == 0:
+        return
+    low, high = bounds
+    v = value.detach()
+    slack = torch.finfo(v.dtype).eps if v.dtype.is_floating_point else 0.0
+    lowest, highest = v.min().item(), v.max().item()
+    if not (math.isfinite(lowest) and math.isfinite(highest)) or not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} must be finite everywhere, got values in [{lowest:.4g}, {highest:.4g}]")
+    if lowest < low * (1 - slack) or highest > high * (1 + slack):
+        raise ValueError(
+            f"{name} must lie in [{low:g}, {high:g}] everywhere, got values in [{lowest:.4g}, {highest:.4g}]"
+        )
 
 
 def _check_float_tensor(name: str, value) -> None:
@@ -114,24 +174,17 @@ def _check_gamma(gamma, input: torch.Tensor, dim: int):
                 f"gamma tensor of shape {tuple(gamma.shape)} must be broadcastable to the input shape "
                 f"{tuple(input.shape)} with size 1 (or absent) at the normalised dim {dim}"
             )
-        # A data-dependent check would break torch.compile graphs; eager calls get it.
-        if not torch.compiler.is_compiling() and gamma.numel() > 0:
-            g = gamma.detach()
-            if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
-                raise ValueError(
-                    f"gamma must be positive and finite everywhere, got values in "
-                    f"[{g.min().item():.4g}, {g.max().item():.4g}]"
-                )
+        _check_tensor_in_range("gamma", gamma, GAMMA_RANGE)
         return None, gamma
-    return _check_positive_finite("gamma", gamma), None
+    return _check_in_range("gamma", gamma, GAMMA_RANGE), None
 
 
 def _check_options(max_temperature, eps, statistic) -> tuple[float | None, float, float]:
     """Validates the scalar options; returns (1 / max_temperature or None, eps, exponent of (var + eps))."""
     inv_cap = None
     if max_temperature is not None:
-        inv_cap = 1.0 / _check_positive_finite("max_temperature (None for no cap)", max_temperature)
-    eps = _check_positive_finite("eps", eps)
+        inv_cap = 1.0 / _check_in_range("max_temperature (None for no cap)", max_temperature, MAX_TEMPERATURE_RANGE)
+    eps = _check_in_range("eps", eps, EPS_RANGE)
     if statistic not in _STATISTICS:
         raise ValueError(f"statistic must be one of {_STATISTICS}, got {statistic!r}")
     power = 0.5 if statistic == "std" else 1.0
@@ -323,10 +376,13 @@ def normalize_logits(
         dim: dimension to normalise over.
         mask: optional bool tensor broadcastable to ``input``; True marks valid entries. Masked entries are
             excluded from the statistics and returned as ``-inf``.
-        gamma: target spread: a positive float, or a positive tensor broadcastable to ``input`` with size 1 at
-            ``dim`` (for example one value per attention head, shape ``(H, 1, 1)`` for ``(B, H, L, S)`` logits).
-        max_temperature: optional cap ``T <= max_temperature`` (None: no cap).
-        eps: added to the variance before the square root (or, for "var", before dividing).
+        gamma: target spread: a float in ``GAMMA_RANGE`` ([1e-3, 1e2]), or a tensor of such values broadcastable
+            to ``input`` with size 1 at ``dim`` (for example one value per attention head, shape ``(H, 1, 1)`` for
+            ``(B, H, L, S)`` logits).
+        max_temperature: optional cap ``T <= max_temperature``, in ``MAX_TEMPERATURE_RANGE`` ([1e-2, 1e6]; None:
+            no cap).
+        eps: added to the variance before the square root (or, for "var", before dividing); in ``EPS_RANGE``
+            ([1e-14, 1]).
         statistic: "std" (``T = sqrt(var + eps) / gamma``) or "var" (``T = (var + eps) / gamma``).
 
     Example::
@@ -372,10 +428,11 @@ class NormSoftmax(nn.Module):
 
     Args:
         dim: dimension to normalise over.
-        gamma: initial / fixed gamma (positive float).
+        gamma: initial / fixed gamma (a float in ``GAMMA_RANGE``).
         learnable_gamma: learn gamma; it is stored as the parameter ``scale`` (never a name containing
-            "gamma": transformers renames such state-dict keys), of shape ``gamma_shape``. It must stay
-            positive: a forward with a non-positive or non-finite value raises ValueError.
+            "gamma": transformers renames such state-dict keys), of shape ``gamma_shape``. A learned value that
+            drifts outside ``GAMMA_RANGE`` is clamped into it where it is used (the stored parameter keeps its
+            value; clamped entries get no gradient); a non-finite value makes the forward raise ValueError.
         gamma_shape: shape of the learnable gamma, broadcastable to the input with size 1 at ``dim``
             (``()`` for one shared value, ``(num_heads, 1, 1)`` per head for ``(B, H, L, S)`` logits).
         max_temperature, eps, statistic: as in :func:`normalize_logits`.
@@ -401,7 +458,7 @@ class NormSoftmax(nn.Module):
             raise TypeError(f"dim must be an int, got {dim!r}")
         if not isinstance(learnable_gamma, bool):
             raise TypeError(f"learnable_gamma must be a bool, got {learnable_gamma!r}")
-        gamma = _check_positive_finite("gamma", gamma)
+        gamma = _check_in_range("gamma", gamma, GAMMA_RANGE)
         _check_options(max_temperature, eps, statistic)
         try:
             gamma_shape = tuple(int(s) for s in gamma_shape)
@@ -423,8 +480,8 @@ class NormSoftmax(nn.Module):
 
     @property
     def gamma(self) -> float | torch.Tensor:
-        """The gamma in use: the learnable ``scale`` parameter, or the fixed float."""
-        return self.scale if self.scale is not None else self.gamma_value
+        """The gamma in use: the learnable ``scale`` parameter clamped to ``GAMMA_RANGE``, or the fixed float."""
+        return self.scale.clamp(*GAMMA_RANGE) if self.scale is not None else self.gamma_value
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return norm_softmax(

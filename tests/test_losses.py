@@ -216,3 +216,67 @@ def test_module_imports_only_torch_and_stdlib():
         else:
             continue
         assert roots <= {"torch", "math", "collections", "typing", "__future__", "."}, roots
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# allowed ranges of gamma, beta, eps, max_temperature
+# ---------------------------------------------------------------------------------------------------------------
+
+OUT_OF_RANGE = [
+    (normsoftmax_cross_entropy, dict(gamma=1e38), "gamma", "[0.001, 100]"),
+    (normsoftmax_cross_entropy, dict(gamma=1e-4), "gamma", "[0.001, 100]"),
+    (normsoftmax_cross_entropy, dict(gamma=torch.tensor([[2.0], [1e3], [2.0], [2.0]])), "gamma", "[0.001, 100]"),
+    (normsoftmax_cross_entropy, dict(eps=1e-60), "eps", "[1e-14, 1]"),
+    (normsoftmax_cross_entropy, dict(eps=2.0), "eps", "[1e-14, 1]"),
+    (normsoftmax_cross_entropy, dict(max_temperature=1e-39), "max_temperature", "[0.01, 1e+06]"),
+    (inverse_temperature_cross_entropy, dict(beta=1e3), "beta", "[0.001, 100]"),
+    (inverse_temperature_cross_entropy, dict(beta=torch.full((4, 1), 1e-5)), "beta", "[0.001, 100]"),
+]
+
+
+@pytest.mark.parametrize("loss_fn, bad, name, allowed", OUT_OF_RANGE)
+def test_values_outside_the_ranges_are_refused_with_the_range(loss_fn, bad, name, allowed):
+    """gamma=1e38 gave non-finite outputs, max_temperature=1e-39 a torch overflow error, eps=1e-60 NaN on constant
+    rows: the functions refuse such values and name the allowed range (the constants in normsoftmax.py)."""
+    with pytest.raises(ValueError, match=name) as err:
+        loss_fn(torch.randn(4, 6), torch.tensor([0, 1, 2, 3]), **bad)
+    assert allowed in str(err.value)
+    settings = {key: value for key, value in bad.items() if not isinstance(value, torch.Tensor)}
+    if loss_fn is normsoftmax_cross_entropy and settings:
+        with pytest.raises(ValueError, match=name):
+            normalize_logits(torch.randn(4, 6), **settings)
+        with pytest.raises(ValueError, match=name):
+            NormSoftmaxCrossEntropyLoss(**settings)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("statistic", ["std", "var"])
+def test_every_corner_of_the_ranges_gives_finite_losses_and_gradients(dtype, statistic):
+    """Constant rows, one-spike rows, rows of tiny variance and large logits, at every corner of the ranges."""
+    from hf_normsoftmax.normsoftmax import EPS_RANGE, GAMMA_RANGE, INVERSE_TEMPERATURE_RANGE, MAX_TEMPERATURE_RANGE
+
+    classes = 1000
+    spike = torch.zeros(classes)
+    spike[3] = 1.0
+    rows = torch.stack([
+        torch.full((classes,), 3.0),  # constant
+        spike,
+        3.0 + 1e-3 * torch.randn(classes),  # variance 1e-6, next to a mean of 3
+        1e3 * torch.randn(classes),
+        torch.randn(classes),
+    ])
+    labels = torch.tensor([0, 3, 7, 11, 999])
+    corners = [
+        dict(gamma=gamma, eps=eps, max_temperature=cap)
+        for gamma in GAMMA_RANGE for eps in EPS_RANGE for cap in (None, *MAX_TEMPERATURE_RANGE)
+    ]
+    for options in corners:
+        x = rows.to(dtype).requires_grad_()
+        loss = normsoftmax_cross_entropy(x, labels, statistic=statistic, **options)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), options
+    for beta in INVERSE_TEMPERATURE_RANGE:
+        x = rows.to(dtype).requires_grad_()
+        loss = inverse_temperature_cross_entropy(x, labels, beta=beta)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all(), beta
