@@ -134,11 +134,23 @@ def _causal_valid(L: int, S: int, device) -> torch.Tensor:
     return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal=S - L)
 
 
+# Additive masks: an entry at or below this value (as represented in the mask's dtype, so bfloat16's -9984 for
+# -10000 counts) means "masked"; larger values, negative ones included, are biases added to the logits.
+MASKED_AT_OR_BELOW = -1e4
+
+
 def valid_from_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The bool form (True = attend) of a bool or additive float mask: very negative entries mean 'masked'."""
+    """The bool form (True = attend) of a bool or additive float mask.
+
+    One rule for every path (fast, reference, entropy statistics): an additive entry ``<= -1e4`` (``-inf``,
+    ``finfo.min``, ``(1 - mask) * -10000.0``, a ``-1e9`` fill) masks the key out of the softmax *and* of the
+    NormSoftmax statistics; any larger value (ALiBi-like biases, small negative penalties) is a bias added to the
+    logits before the statistics.
+    """
     if attn_mask is None or attn_mask.dtype == torch.bool:
         return attn_mask
-    return attn_mask > torch.finfo(attn_mask.dtype).min / 2
+    threshold = torch.tensor(MASKED_AT_OR_BELOW, dtype=attn_mask.dtype, device=attn_mask.device)
+    return attn_mask > threshold
 
 
 def _split_float_mask(attn_mask: torch.Tensor):

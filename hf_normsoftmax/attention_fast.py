@@ -142,47 +142,111 @@ def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), before], dim=dim)
 
 
+class _CausalTerms(NamedTuple):
+    """The per-block quantities of :func:`causal_variance` that its backward needs."""
+
+    blocks: _Blocks
+    qb: torch.Tensor  # (B, H, nb, c, D) query rows
+    kb: torch.Tensor  # (B, H, nb, c, D) the block's own centred keys
+    prefix: torch.Tensor  # (B, H, offset, D) centred keys of a KV-cache prefix
+    sum_before: torch.Tensor  # (B, H, nb, D)
+    outer_before: torch.Tensor  # (B, H, nb, D, D)
+    n_before: torch.Tensor  # (B, 1, nb, 1)
+    weight: torch.Tensor  # (B, 1, nb, c, c) the block's causal (and padding) weights
+    n_inner: torch.Tensor  # (B, 1, nb, c)
+    deviation: torch.Tensor  # (B, H, nb, c, c) in-block logit minus its mean, 0 where not attended
+    mean_before: torch.Tensor  # (B, H, nb, c)
+    m2_before_raw: torch.Tensor  # before clamping at 0 (rounding): the clamp passes no gradient where it clipped
+    delta: torch.Tensor  # mean_inner - mean_before
+    n: torch.Tensor  # (B, 1, nb, c) valid keys per row
+
+
+def _causal_terms(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, block: int) -> _CausalTerms:
+    B, H, L, D = q.shape
+    S = kc.shape[-2]
+    offset = S - L
+    blocks = _Blocks(block, -(-L // block), L, offset)
+    ones = torch.ones(B, 1, S, dtype=q.dtype, device=q.device) if w is None else w[:, None, :]
+    qb, kb = blocks.rows(q), blocks.rows(kc, offset)
+    wb = blocks.values(ones, offset)  # (B, 1, nb, c)
+    prefix = kc[:, :, :offset]
+    # exclusive prefix moments per block (+ the KV-cache prefix, seen by every row)
+    sum_before = _exclusive_cumsum(kb.sum(dim=-2), 2)
+    outer_before = _exclusive_cumsum(torch.matmul(kb.transpose(-1, -2), kb), 2)
+    n_before = _exclusive_cumsum(wb.sum(dim=-1), 2)[..., None]
+    if offset:
+        sum_before = sum_before + prefix.sum(dim=-2)[:, :, None]
+        outer_before = outer_before + torch.matmul(prefix.transpose(-1, -2), prefix)[:, :, None]
+        n_before = n_before + ones[..., :offset].sum(dim=-1)[..., None, None]
+    # the block's own keys, causal within the block
+    weight = wb[..., None, :] * torch.ones(block, block, dtype=q.dtype, device=q.device).tril_()
+    n_inner = weight.sum(dim=-1)
+    inner = torch.matmul(qb, kb.transpose(-1, -2)).mul_(weight)
+    mean_inner = inner.sum(dim=-1) / n_inner.clamp(min=1.0)
+    deviation = inner.sub_(mean_inner[..., None]).mul_(weight)
+    # before the block, from moments
+    mean_before = torch.matmul(qb, sum_before[..., None]).squeeze(-1) / n_before.clamp(min=1.0)
+    dot_outer = torch.linalg.vecdot(torch.matmul(qb, outer_before), qb)
+    m2_before_raw = dot_outer - n_before * mean_before.square()
+    return _CausalTerms(blocks, qb, kb, prefix, sum_before, outer_before, n_before, weight, n_inner, deviation,
+                        mean_before, m2_before_raw, mean_inner - mean_before, n_before + n_inner)
+
+
 def causal_variance(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, block: int):
     """Causal rows (bottom-right aligned): per-row logit variance over keys j <= i + offset (B, H, L), its rounding
     bound (B, H, L) and the valid-key count (B, 1, L). kc: centred keys, zero at padding; w: (B, S) key weights or
-    None. Differentiable (the backward differentiates this function again).
+    None.
 
     Row i's keys split into those before its block ("before": count n_b, mean logit, sum of squared deviations
     from prefix moments) and those of its block up to i ("inner": two passes over the c x c tile); Chan's merge
     m2 = m2_b + m2_in + delta^2 n_b n_in / n joins them. Only m2_b comes from moments (m2_b = q^T O q - n_b mean^2,
     O the second moment of the centred keys before the block): its rounding bound is u |q|^T |O| |q|."""
+    t = _causal_terms(q, kc, w, block)
+    L = q.shape[-2]
+    m2_inner = t.deviation.square().sum(dim=-1)
+    n_inner, n_before = t.n_inner, t.n_before
+    m2 = t.m2_before_raw.clamp(min=0.0) + m2_inner + t.delta.square() * n_before * n_inner / t.n.clamp(min=1.0)
+    var = (m2 / t.n.clamp(min=1.0)).flatten(-2)[..., :L]
+    bound = _abs_bound(t.qb, t.outer_before.diagonal(dim1=-2, dim2=-1)) / t.n.clamp(min=1.0)
+    return var, bound.flatten(-2)[..., :L], t.n.flatten(-2)[..., :L]
+
+
+def _reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of the entries after each index along ``dim`` (the adjoint of :func:`_exclusive_cumsum`)."""
+    return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
+
+
+def causal_variance_backward(q, kc, w, block: int, grad_var: torch.Tensor):
+    """(dL/dq, dL/dkc) of :func:`causal_variance`'s variance for dL/dvar (B, H, L), in closed form."""
+    t = _causal_terms(q, kc, w, block)
     B, H, L, D = q.shape
-    S = kc.shape[-2]
-    offset = S - L
-    nb = -(-L // block)
-    blocks = _Blocks(block, nb, L, offset)
-    ones = torch.ones(B, 1, S, dtype=q.dtype, device=q.device) if w is None else w[:, None, :]
-    qb = blocks.rows(q)  # (B, H, nb, c, D)
-    kb = blocks.rows(kc, offset)
-    wb = blocks.values(ones, offset)  # (B, 1, nb, c)
-    prefix = kc[:, :, :offset]
-    # exclusive prefix moments per block (+ the KV-cache prefix, seen by every row)
-    sum_before = _exclusive_cumsum(kb.sum(dim=-2), 2) + prefix.sum(dim=-2)[:, :, None]
-    outer_before = _exclusive_cumsum(torch.matmul(kb.transpose(-1, -2), kb), 2)
-    outer_before = outer_before + torch.matmul(prefix.transpose(-1, -2), prefix)[:, :, None]
-    n_before = (_exclusive_cumsum(wb.sum(dim=-1), 2) + ones[..., :offset].sum(dim=-1, keepdim=True))[..., None]
-    # the block's own keys, causal within the block
-    tril = torch.ones(block, block, dtype=q.dtype, device=q.device).tril_()
-    weight = wb[..., None, :] * tril  # (B, 1, nb, c, c)
-    n_inner = weight.sum(dim=-1)
-    inner = torch.matmul(qb, kb.transpose(-1, -2))
-    mean_inner = (inner * weight).sum(dim=-1) / n_inner.clamp(min=1.0)
-    m2_inner = ((inner - mean_inner[..., None]) * weight).square().sum(dim=-1)
-    # before the block, from moments
-    mean_before = torch.matmul(qb, sum_before[..., None]).squeeze(-1) / n_before.clamp(min=1.0)
-    dot_outer = torch.linalg.vecdot(torch.matmul(qb, outer_before), qb)
-    m2_before = (dot_outer - n_before * mean_before.square()).clamp(min=0.0)
-    n = n_before + n_inner
-    delta = mean_inner - mean_before
-    m2 = m2_before + m2_inner + delta.square() * n_before * n_inner / n.clamp(min=1.0)
-    var = (m2 / n.clamp(min=1.0)).flatten(-2)[..., :L]
-    bound = (_abs_bound(qb, outer_before.diagonal(dim1=-2, dim2=-1)) / n.clamp(min=1.0)).flatten(-2)[..., :L]
-    return var, bound, n.flatten(-2)[..., :L]
+    nb, c = t.blocks.nb, t.blocks.c
+    n = t.n.clamp(min=1.0)
+    grad_m2 = t.blocks.values(grad_var) / n  # (B, H, nb, c)
+    grad_m2_before = torch.where(t.m2_before_raw > 0, grad_m2, 0.0)
+    grad_delta = 2.0 * grad_m2 * t.delta * t.n_before * t.n_inner / n
+    # mean_inner's only gradient is through delta (d m2_inner / d mean_inner = -2 sum deviation = 0)
+    grad_mean_before = -2.0 * grad_m2_before * t.n_before * t.mean_before - grad_delta
+    grad_sum_coef = grad_mean_before / t.n_before.clamp(min=1.0)  # d/d(q . sum_before)
+    grad_inner = t.deviation.mul_(2.0 * grad_m2[..., None]).addcmul_(
+        t.weight, (grad_delta / t.n_inner.clamp(min=1.0))[..., None]
+    )
+    # queries: in-block logits, q . sum_before, q^T O q
+    grad_qb = torch.matmul(grad_inner, t.kb)
+    grad_qb.addcmul_(grad_sum_coef[..., None], t.sum_before[:, :, :, None, :])
+    grad_qb.add_(torch.matmul(t.qb * (2.0 * grad_m2_before)[..., None], t.outer_before))
+    # block moments: d sum_before_b, d outer_before_b reach every earlier block's keys and the prefix
+    grad_sum_before = torch.matmul(grad_sum_coef[..., None, :], t.qb).squeeze(-2)  # (B, H, nb, D)
+    grad_outer_before = torch.matmul((t.qb * grad_m2_before[..., None]).transpose(-1, -2), t.qb)  # (B, H, nb, D, D)
+    grad_kb = torch.matmul(grad_inner.transpose(-1, -2), t.qb)
+    grad_kb.add_(_reverse_exclusive_cumsum(grad_sum_before, 2)[:, :, :, None, :])
+    grad_kb.add_(torch.matmul(t.kb, _reverse_exclusive_cumsum(grad_outer_before, 2)).mul_(2.0))
+    grad_q = grad_qb.flatten(2, 3)[:, :, :L]
+    grad_block_keys = grad_kb.flatten(2, 3)[:, :, :L]
+    if not t.prefix.shape[-2]:
+        return grad_q, grad_block_keys
+    grad_prefix = torch.matmul(t.prefix, grad_outer_before.sum(dim=2)).mul_(2.0).add_(grad_sum_before.sum(dim=2)[:, :, None])
+    return grad_q, torch.cat([grad_prefix, grad_block_keys], dim=-2)
 
 
 def _causal_block(L: int) -> int:
@@ -312,11 +376,7 @@ def _variance_gradients(plan: Plan, q, grad_var, key_weight, settings: FastSetti
         grad_q = torch.matmul(weighted, plan.cov).mul_(2.0)
         grad_cov = torch.matmul(weighted.transpose(-1, -2), q).div_(plan.count[..., None].clamp(min=1.0))
         return grad_q, torch.matmul(plan.kc, grad_cov).mul_(2.0)
-    with torch.enable_grad():
-        q_leaf = q.detach().requires_grad_()
-        kc_leaf = plan.kc.detach().requires_grad_()
-        var, _, _ = causal_variance(q_leaf, kc_leaf, key_weight, _causal_block(q.shape[-2]))
-        return torch.autograd.grad(var, (q_leaf, kc_leaf), grad_var[..., 0])
+    return causal_variance_backward(q, plan.kc, key_weight, _causal_block(q.shape[-2]), grad_var[..., 0])
 
 
 class FastAttention(torch.autograd.Function):
