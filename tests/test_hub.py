@@ -819,6 +819,90 @@ def test_stage_run_dir_contents(stock_run_dir, tmp_path):
         stage_run_dir(stock_run_dir, tmp_path / "stage")
 
 
+# no token in any written or uploaded file; a push uploads regular files of the run dir only
+TOKEN_LIKE = "hf_" + "Qx7" * 12  # the shape of an access token, used by no account
+
+
+def test_card_withholds_token_like_values_under_any_key(stock_run_dir, tmp_path):
+    """`hf-normsoftmax card` never copies a token-looking value into README.md, whatever its key is called; a
+    token in free text of the card is refused with an error naming where such text comes from."""
+    from hf_normsoftmax.cli import main
+    from hf_normsoftmax.hub.card import write_card
+
+    run = tmp_path / "run"
+    shutil.copytree(stock_run_dir, run)
+    run_config = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**run_config, "notes_field": TOKEN_LIKE, "seed": 0}))
+    assert main(["card", str(run)]) == 0
+    readme = (run / "README.md").read_text()
+    assert TOKEN_LIKE not in readme
+    assert "looks like an access token: `notes_field`" in readme and "| seed | `0` |" in readme
+    (run / "run_config.json").write_text(json.dumps({**run_config, "description": f"trained with {TOKEN_LIKE}"}))
+    with pytest.raises(ValueError, match="model card: its text would contain a string shaped like"):
+        write_card(run)
+    assert TOKEN_LIKE not in (run / "README.md").read_text()  # the previous card stays
+
+
+def test_push_refuses_links_and_token_like_values(stock_run_dir, tmp_path):
+    """A push uploads regular files inside the run dir only: a symlinked plot (or any linked file) is refused,
+    naming it, before anything is uploaded; so is a run file holding a token-shaped string."""
+    from hf_normsoftmax.hub.push import HubPushError, push_run_dir, stage_run_dir
+
+    secret = tmp_path / "id_rsa"
+    secret.write_bytes(b"PRIVATE KEY")
+    run = tmp_path / "run"
+    shutil.copytree(stock_run_dir, run)
+    (run / "stability_extra.png").symlink_to(secret)
+    with pytest.raises(HubPushError, match=r"stability_extra\.png is a symbolic link"):
+        stage_run_dir(run, tmp_path / "stage1", repo_id="alice/r")
+    (run / "stability_extra.png").unlink()
+    (run / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    (run / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
+    with pytest.raises(HubPushError, match=r"tokenizer\.json is a symbolic link"):
+        stage_run_dir(run, tmp_path / "stage2", repo_id="alice/r")
+    (run / "tokenizer.json").unlink()
+    shutil.copyfile(tmp_path / "tokenizer.json", run / "tokenizer.json")
+    results = json.loads((run / "eval_results.json").read_text())
+    (run / "eval_results.json").write_text(json.dumps({**results, "eval_note": TOKEN_LIKE}))
+    with pytest.raises(HubPushError, match=r"eval_results\.json holds a string shaped like"):
+        push_run_dir(run, "alice/r")  # refused before any network access
+
+
+def test_trainer_args_file_and_trainer_push_carry_no_token(monkeypatch, tmp_path):
+    """normsoftmax_trainer_class() with TrainingArguments(hub_token=...): training_args.bin (written by every
+    Trainer save) holds no token and loads as plain TrainingArguments; the trainer still pushes with the token;
+    trainer.push_to_hub() refuses, before the upload, an output dir whose files hold a token."""
+    import huggingface_hub
+    from huggingface_hub import RepoUrl
+    from transformers import TrainingArguments
+
+    from hf_normsoftmax.hub import HubPushError, normsoftmax_trainer_class
+
+    args = TrainingArguments(str(tmp_path / "run"), hub_token=TOKEN_LIKE, hub_model_id="alice/x", report_to=[],
+                             use_cpu=True, run_name=f"run {TOKEN_LIKE}")
+    trainer = normsoftmax_trainer_class()(model=_tiny_bert_variant(), args=args)
+    trainer.save_model()
+    data = (tmp_path / "run" / "training_args.bin").read_bytes()
+    assert TOKEN_LIKE.encode() not in data
+    loaded = torch.load(tmp_path / "run" / "training_args.bin", weights_only=False)
+    assert type(loaded) is TrainingArguments and loaded.hub_token is None and loaded.run_name == "run <redacted>"
+    assert loaded.learning_rate == args.learning_rate and loaded.output_dir == args.output_dir
+    assert trainer.args.hub_token == TOKEN_LIKE and isinstance(trainer.args, TrainingArguments)
+
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append(kw) or "commit")
+    assert trainer.push_to_hub() == "commit"
+    ((upload,),) = [uploads]
+    assert upload["token"] == TOKEN_LIKE
+    assert not any(TOKEN_LIKE.encode() in p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file())
+    (tmp_path / "run" / "my_notes.json").write_text(json.dumps({"token_i_used": TOKEN_LIKE}))
+    with pytest.raises(HubPushError, match=r"my_notes\.json holds"):
+        trainer.push_to_hub()
+    assert len(uploads) == 1
+
+
 # ------------------------------------------------------------------------------------------------------------
 # HTTP round trips (subprocesses)
 # ------------------------------------------------------------------------------------------------------------
@@ -1095,7 +1179,8 @@ rows = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask
          "labels": torch.tensor(i % 3)} for i in range(len(TEXTS) * 4)]
 args = TrainingArguments(spec["out_dir"], max_steps=2, per_device_train_batch_size=4, logging_steps=1,
                          learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-                         save_strategy="no", hub_model_id=spec["repo"], hub_private_repo=True)
+                         save_strategy="no", hub_model_id=spec["repo"], hub_private_repo=True,
+                         hub_token=__import__("os").environ["HF_TOKEN"])  # never in training_args.bin
 trainer = normsoftmax_trainer_class(resumable_trainer_class())(
     model=model, args=args, train_dataset=rows, processing_class=tokenizer,
     callbacks=[StabilityCallback(every_n_steps=1)])

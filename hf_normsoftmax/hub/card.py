@@ -35,7 +35,9 @@ the card instead of failing; pickles such as ``training_args.bin`` are never rea
 - ``stability*.png``: stability plots (e.g. ``stability_entropy.png`` from ``hf-normsoftmax plot``), embedded
   with their path relative to the run dir, which is also their path in a pushed repo.
 
-Keys whose name looks like a credential (token, secret, password, key, auth) are dropped from every table.
+Keys whose name looks like a credential (token, secret, password, key, auth) are dropped from every table, and so
+are values that look like an access token (a note names their keys); a card whose text would still hold a token
+is refused (:mod:`hf_normsoftmax.hub.secrets`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configuration_normsoftmax import DEFAULT_LOSS_NORMSOFTMAX_GAMMA
+from .secrets import find_secret, known_tokens, looks_secret
 
 __all__ = [
     "FAMILIES",
@@ -617,8 +620,15 @@ def collect_run_dir(run_dir, *, repo_id: str | None = None, model_name: str | No
 
     if _is_number(hyper.get("max_steps")) and hyper["max_steps"] > 0:
         hyper.pop("num_train_epochs", None)  # Trainer ignores num_train_epochs when max_steps > 0
-    hyper = {k: v for k, v in hyper.items() if not _is_secret_key(k)}
-    training_summary = {k: v for k, v in training_summary.items() if not _is_secret_key(k)}
+    tokens = known_tokens()
+    withheld = sorted({k for k, v in (*hyper.items(), *training_summary.items())
+                       if not _is_secret_key(k) and looks_secret(v, tokens)})
+    hyper = {k: v for k, v in hyper.items() if not _is_secret_key(k) and not looks_secret(v, tokens)}
+    training_summary = {k: v for k, v in training_summary.items()
+                        if not _is_secret_key(k) and not looks_secret(v, tokens)}
+    if withheld:
+        notes.append("Not shown because the value looks like an access token: "
+                     + ", ".join(f"`{k}`" for k in withheld) + ".")
     ds = _dataset_fields(run_config)
     return CardInputs(
         config=dict(config),
@@ -824,8 +834,14 @@ def render_card(source, *, repo_id: str | None = None, model_name: str | None = 
 
 
 def _check_rendered(card) -> None:
-    """Fail loudly if a rendered card lost its metadata (e.g. a template without the YAML block)."""
+    """Fail loudly if a rendered card lost its metadata (e.g. a template without the YAML block), or would
+    carry an access token (see :mod:`hf_normsoftmax.hub.secrets`; table values are withheld before this)."""
     text = str(card)
+    found = find_secret(text, known_tokens())
+    if found:
+        raise ValueError(f"refusing to write the model card: its text would contain {found}. It comes from the run "
+                         "dir's files (run_config.json: description, dataset, model_name, ...) or the card fields: "
+                         "remove the token there.")
     if not text.startswith("---\n"):
         raise ValueError("the rendered model card does not start with a YAML metadata block ('---')")
     if card.data is None or card.data.to_dict().get("library_name") != "transformers":

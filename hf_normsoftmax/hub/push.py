@@ -45,6 +45,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -52,6 +53,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .secrets import find_secret, known_tokens
 from .card import (
     card_inputs_from_config,
     collect_run_dir,
@@ -283,13 +285,36 @@ def _validate_staging(staging: Path) -> list:
 
 
 def _scan_for_token(staging: Path, token: str | None) -> None:
-    if not token:
-        return
-    needle = token.encode()
-    for path in staging.rglob("*"):
-        if path.is_file() and needle in path.read_bytes():
-            raise HubPushError(f"refusing to push: the access token's text appears in staged file "
-                               f"{path.relative_to(staging)}")
+    """Refuse the push if a staged file holds a token in use or a token-shaped string (:mod:`.secrets`)."""
+    tokens = known_tokens(token)
+    for path in sorted(staging.rglob("*")):
+        found = find_secret(path, tokens) if path.is_file() else None
+        if found:
+            raise HubPushError(f"refusing to push: staged file {path.relative_to(staging)} holds {found}. Nothing "
+                               "was uploaded; remove the token from the file it comes from and push again.")
+
+
+def _run_file(run_dir: Path, path: Path) -> Path:
+    """``path`` if it is a regular file inside ``run_dir``, reached without a symbolic link; otherwise a
+    :class:`HubPushError` naming it. A push reads only such files from a run dir, so a link such as
+    ``stability_extra.png -> ~/.ssh/id_rsa`` is never uploaded."""
+    relative = path.relative_to(run_dir)
+    current = run_dir
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise HubPushError(
+                f"refusing to push {run_dir}: {relative} is a symbolic link or inside one ({current.name} -> "
+                f"{os.readlink(current)}); a push uploads regular files of the run dir only. Nothing was uploaded. "
+                "Replace the link by a copy of the file, or remove it.")
+    if not path.is_file() or not path.resolve().is_relative_to(run_dir.resolve()):
+        raise HubPushError(f"refusing to push {run_dir}: {relative} is not a regular file inside the run dir; a "
+                           "push uploads regular files of the run dir only. Nothing was uploaded.")
+    return path
+
+
+def _copy_run_file(run_dir: Path, source: Path, target: Path) -> None:
+    shutil.copyfile(_run_file(run_dir, source), target, follow_symlinks=False)
 
 
 def _scrub(text: str, token: str | None) -> str:
@@ -441,6 +466,7 @@ def stage_run_dir(run_dir, staging_dir, *, repo_id: str | None = None, model_nam
     """
     run_dir = Path(run_dir)
     model_dir = find_model_dir(run_dir)
+    _run_file(run_dir, model_dir / "config.json")
     staging = _prepare_staging(staging_dir)
     if not _weight_files(model_dir):
         pickles = _pickle_weight_files(model_dir)
@@ -449,17 +475,20 @@ def stage_run_dir(run_dir, staging_dir, *, repo_id: str | None = None, model_nam
                            "safetensors only")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     model_family(config.get("model_type", ""))
-
+    index = model_dir / "model.safetensors.index.json"
+    for path in (model_dir / "config.json", *(model_dir / n for n in _weight_files(model_dir)), index):
+        if os.path.lexists(path):
+            _run_file(run_dir, path)  # before anything is loaded from it
     if _is_variant_config(config):
         model = _load_variant(model_dir)
         save_with_code(model, staging)
         _assert_same_weights(model_dir, staging)
-        if (model_dir / "generation_config.json").is_file() and not (staging / "generation_config.json").exists():
-            shutil.copyfile(model_dir / "generation_config.json", staging / "generation_config.json")
+        if os.path.lexists(model_dir / "generation_config.json") and not (staging / "generation_config.json").exists():
+            _copy_run_file(run_dir, model_dir / "generation_config.json", staging / "generation_config.json")
     else:
         for name in MODEL_FILES + tuple(_weight_files(model_dir)):
-            if (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, staging / name)
+            if os.path.lexists(model_dir / name):
+                _copy_run_file(run_dir, model_dir / name, staging / name)
 
     processor_dir = model_dir if _has_processor(_processor_files(model_dir)) else run_dir
     processor_names = _processor_files(processor_dir)
@@ -468,18 +497,20 @@ def stage_run_dir(run_dir, staging_dir, *, repo_id: str | None = None, model_nam
                            f"{', '.join(_PROCESSOR_MARKERS)}); save the processing class with the model, or "
                            "pass require_processor=False / --no-processor to push without one")
     for name in processor_names:
-        shutil.copyfile(processor_dir / name, staging / name)
+        _copy_run_file(run_dir, processor_dir / name, staging / name)
     for name in RUN_FILES:
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, staging / name)
+        if os.path.lexists(run_dir / name):
+            _copy_run_file(run_dir, run_dir / name, staging / name)
 
     inputs = collect_run_dir(run_dir, repo_id=repo_id, model_name=model_name)
     inputs.code_in_repo = _is_variant_config(config)  # variants are re-saved above with auto_map + code
+    for plot in sorted(p.name for p in run_dir.glob("stability*.png") if p.is_symlink()):
+        _run_file(run_dir, run_dir / plot)  # refused: the card lists linked plots too, the push uploads none
     card = render_card(inputs)
     for plot in inputs.plots:  # the card embeds them with their path relative to the run dir = repo root
         target = staging / plot
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / plot, target)
+        _copy_run_file(run_dir, run_dir / plot, target)
     (staging / "README.md").write_text(str(card), encoding="utf-8")
     return _validate_staging(staging)
 
