@@ -3,23 +3,36 @@
 ``sigma(W)`` is the spectral norm of the weight, viewed as an (out, in) matrix (a conv kernel is flattened to
 (out, in * kh * kw)). It is estimated by power iteration: vectors ``u`` (in) and ``v`` (out) are kept as buffers,
 and ``sigma = v^T W u`` with ``u``, ``v`` held constant, so the gradient flows through ``W`` (``d sigma / dW = v u^T``).
-``s`` is initialised to ``sigma(W0)`` (float64 top singular pair), so converting a layer leaves its outputs
-unchanged.
+``s`` is initialised to ``sigma(W0)`` and ``u``, ``v`` to the top singular pair (float64, sign fixed: a
+deterministic function of the weight), so converting a layer leaves its outputs unchanged.
+
+Plain layers: a weight whose spectral norm is 0 (zero-initialised output projections are common) has no
+direction to normalise, and ``s / sigma(W) * W`` would have zero gradient forever. Such a layer is *plain*:
+``u = v = 0``, ``s = 0``, and it computes ``W_hat = W`` with the gradient of its stock twin. The first training
+forward that sees a nonzero weight resets it from that weight (``s = sigma(W)``, so ``W_hat = W`` again at that
+moment: the function is continuous) and it is a sigmaReparam layer from then on.
+
+Divergence: the per-step scalars ``s / sigma`` stay Python numbers on the CPU fast path; one beyond the weight
+dtype's range (a diverged layer) sends the forward through tensor arithmetic, so a diverged layer gives inf / nan
+outputs and loss as its stock twin does, never an error.
 
 Layers keep their ``weight`` / ``bias`` parameters (names, values and the Parameter objects themselves, so tied
 weights stay tied) and gain the parameter ``reparam_scale`` (0-dim) and the persistent buffers ``reparam_u`` /
 ``reparam_v``: a stock checkpoint maps onto a converted model 1:1 plus those three keys. No name contains
 "gamma" or "beta" (transformers renames such keys when loading).
 
-Power iteration: exactly one step per *change of the raw weight*, in training mode only. Rather than trusting
-version counters (fused optimizers such as ``AdamW(fused=True)``, transformers' default, update weights without
-bumping them), each training forward checks, without leaving the device, whether the stored ``u`` is still the
+Power iteration: exactly one step per *change of the raw weight*. Rather than trusting version counters (fused
+optimizers such as ``AdamW(fused=True)``, transformers' default, and writes through ``.data`` update weights
+without bumping them), each forward checks, without leaving the device, whether the stored ``u`` is still the
 power-iteration image ``normalize(W^T v)`` of the current weight, and steps only if it is not. So k forwards
 per optimizer step (gradient accumulation), a recomputed forward (gradient checkpointing) or a layer called twice
 all see the same ``u``, ``v``; and a module restored from a state dict continues exactly like the original.
-In eval mode no step is taken, and the effective weight is cached while no gradient is needed.
+Training forwards store the step; eval forwards compute the same step and do not store it (the buffers change
+in training only), so an eval forward never uses a sigma from an older weight. Forwards never use a cached
+``W_hat``: on CPU, Linear / Conv1D eval forwards fold ``s / sigma`` into the matmul like training ones.
 
-Cost on CPU: a training forward reads the weight three times for the power iteration (the check ``W^T v``,
+Cost on CPU: a forward reads the weight once for the check ``W^T v``; a training forward that steps reads it
+three times (the check ``W^T v``,
 then ``W u`` and ``W^T v'`` when it steps); the first read is the one that counts (right after an optimizer
 step the weight is no longer in cache; the other two reads and the layer's own matmul find it there). Linear /
 Conv1D layers fold ``s / sigma`` into the matmul and keep the per-step scalars as Python numbers; the weight
@@ -36,7 +49,7 @@ Usage::
     names = sigma_reparam_(model)                 # ['0', '2']: converted in place, outputs unchanged
     layer = model[0]
     layer.sigma, layer.reparam_scale              # spectral-norm estimate and learned scalar, for logging
-    plain = layer.to_plain()                      # nn.Linear holding W_hat, same outputs
+    exported = layer.to_plain()                   # nn.Linear holding W_hat, same outputs
     fresh = SigmaReparamLinear(16, 32)            # or build converted layers directly
 
 Pure PyTorch (never imports transformers). transformers' GPT-2 ``Conv1D`` (weight stored (in, out)) is supported
@@ -342,9 +355,10 @@ class SigmaReparamMixin:
     (torch ConvNd; kernel flattened to (out, in * prod(kernel))).
 
     Adds parameter ``reparam_scale`` and buffers ``reparam_u`` / ``reparam_v``; see the module docstring for the
-    power-iteration and caching rules. Set ``cache_effective_weight = False`` (class or instance) to trade eval
-    speed for the memory of one weight copy. ``fused_cpu_matmul`` (default True) lets Linear / Conv1D training
-    forwards on CPU fold ``scale / sigma`` into the matmul instead of materialising ``W_hat`` (same math).
+    power-iteration and plain-layer rules. ``cache_effective_weight`` (default True) lets
+    :meth:`effective_weight` keep its result (one weight copy) for repeated calls; forwards never use it.
+    ``fused_cpu_matmul`` (default True) lets Linear / Conv1D forwards on CPU fold ``scale / sigma`` into the
+    matmul instead of materialising ``W_hat`` (same math).
 
     Example (transformers' GPT-2 Conv1D)::
 

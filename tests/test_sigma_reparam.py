@@ -907,3 +907,36 @@ def test_buffers_are_sign_fixed_top_singular_vectors(kind):
     negated.reset_reparam()
     assert torch.equal(negated.reparam_v, layer.reparam_v)  # v keeps its sign convention, u flips
     torch.testing.assert_close(negated.reparam_u, -layer.reparam_u, rtol=0, atol=1e-7)
+
+
+def test_variant_init_from_the_same_weights_gives_identical_exact_buffers(tmp_path):
+    """Buffers are a function of the weights: two loads of one stock checkpoint (different seeds and thread
+    counts) give the same u, v, sign-fixed, and sigma is the exact spectral norm at init."""
+    from test_models_common import TINY_GPT2
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import hf_normsoftmax as H
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(**TINY_GPT2)).save_pretrained(tmp_path)
+    threads = torch.get_num_threads()
+    loaded = []
+    for seed, n_threads in ((1, 1), (2, 2)):
+        torch.manual_seed(seed)
+        torch.set_num_threads(n_threads)
+        try:
+            loaded.append(H.NormSoftmaxGPT2LMHeadModel.from_pretrained(tmp_path, sigma_reparam=True))
+        finally:
+            torch.set_num_threads(threads)
+    first, second = (dict(m.named_buffers()) for m in loaded)
+    reparam = [name for name in first if name.endswith(("reparam_u", "reparam_v"))]
+    assert len(reparam) >= 10
+    for name in reparam:
+        assert torch.equal(first[name], second[name]), name
+    for name, layer in loaded[0].named_modules():
+        if isinstance(layer, SigmaReparamMixin):
+            v = layer.reparam_v
+            assert v[v.abs().argmax()] > 0, name
+            exact = torch.linalg.matrix_norm(matrix_of(layer).double(), 2)
+            torch.testing.assert_close(layer.sigma.double(), exact, rtol=1e-6, atol=0)
+            torch.testing.assert_close(layer.reparam_scale.detach().double(), exact, rtol=1e-6, atol=0)
