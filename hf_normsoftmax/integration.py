@@ -1055,7 +1055,9 @@ class NormSoftmaxPreTrainedMixin:
       also serves ``attention_softmax="softmax"`` (stock SDPA), so diagnostics see every variant;
     * at construction: flag checks, sigmaReparam conversion of the selected layers, learnable gammas;
     * after loading and tying: :func:`finish_normsoftmax_init`;
-    * ``from_pretrained`` refuses checkpoints of another architecture.
+    * ``from_pretrained`` refuses checkpoints of another architecture and trained sigmaReparam / gamma entries the
+      model would ignore, and reports the ones a variant checkpoint lacks as missing keys;
+    * ``load_state_dict(strict=False)`` (Trainer resume) refuses a variant state dict lacking such entries.
 
     Subclasses set ``_normsoftmax_attention_classes`` (the attention modules that get learnable gammas).
     """
