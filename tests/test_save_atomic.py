@@ -185,3 +185,44 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, old
         assert "model.safetensors" not in names and "model.safetensors.index.json" in names
     else:
         assert "model.safetensors" in names and not any("-of-" in n or n.endswith("index.json") for n in names)
+
+
+def test_run_dir_writers_are_all_or_nothing(tmp_path, monkeypatch):
+    """The run-dir writers (rank dumps, JSON files, the model card) write beside the file and rename: a write
+    that fails half-way leaves the previous file, and no temporary file; new files get the usual permissions."""
+    import safetensors.torch
+    from safetensors.torch import load_file
+
+    import hf_normsoftmax.training.trainer_utils as trainer_utils
+    from hf_normsoftmax.hub.card import _write_text_atomically
+
+    trainer_utils.dump_rank_state(tmp_path, {"w": torch.ones(3)}, 0, {"step": 1})
+    trainer_utils.write_json(tmp_path / "all_results.json", {"eval_loss": 1.0})
+    _write_text_atomically(tmp_path / "README.md", "old card")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full_after_a_part(what):
+        def write(*args, **kwargs):
+            handle_or_name = args[1]
+            if isinstance(handle_or_name, str):
+                with open(handle_or_name, "wb") as handle:
+                    handle.write(b"part")
+            else:
+                handle_or_name.write("{part")
+            raise _Injected(28, f"No space left on device ({what})")
+
+        return write
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", disk_full_after_a_part("weights"))
+        with pytest.raises(_Injected):
+            trainer_utils.dump_rank_state(tmp_path, {"w": torch.zeros(3)}, 0, {"step": 2})
+        patch.setattr(trainer_utils.json, "dump", disk_full_after_a_part("json"))
+        with pytest.raises(_Injected):
+            trainer_utils.write_json(tmp_path / "all_results.json", {"eval_loss": 0.5})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert torch.equal(load_file(tmp_path / "rank0.safetensors")["w"], torch.ones(3))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in tmp_path.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -862,15 +861,9 @@ def write_card(run_dir, output=None, *, repo_id: str | None = None, model_name: 
 
 def _write_text_atomically(target: Path, text: str) -> Path:
     """Write ``text`` to ``target`` through a temporary file in the same directory and ``os.replace``."""
+    from ..training.trainer_utils import atomic_output
+
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(target) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
     return target

@@ -363,8 +363,20 @@ def add_run_arguments(
     default_max_steps: int | None,
     default_stability_every: int,
     trainer: bool,
+    steps_without_epochs: int | None = None,
 ) -> None:
-    """Options every example shares (group "run"). ``trainer`` adds the Trainer-only ones (resume, evaluation)."""
+    """Options every example shares (group "run"). ``trainer`` adds the Trainer-only ones (resume, evaluation).
+
+    ``steps_without_epochs``: the training length when neither ``--max-steps`` nor ``--epochs`` is given (then
+    ``default_max_steps`` must be None, so that ``--epochs`` alone is honoured; apply it with
+    :func:`check_training_length`).
+    """
+    if steps_without_epochs is not None and (default_max_steps is not None or default_epochs is not None):
+        raise ValueError("steps_without_epochs needs default_max_steps=None and default_epochs=None")
+    if steps_without_epochs is not None:
+        max_steps_default = f"{steps_without_epochs}, or from --epochs when that is given"
+    else:
+        max_steps_default = str(default_max_steps) if default_max_steps is not None else "from --epochs"
     group = parser.add_argument_group("run")
     group.add_argument("--dataset", default=default_dataset,
                        help="a built-in offline dataset (mnist5k, fashion_mnist, digits, rotten_tomatoes, "
@@ -376,10 +388,11 @@ def add_run_arguments(
     group.add_argument("--overwrite-output-dir", action="store_true",
                        help="write into an output dir that already holds files")
     group.add_argument("--max-steps", type=positive_int, default=default_max_steps,
-                       help="number of optimizer steps; overrides --epochs when given "
-                            f"(default: {default_max_steps if default_max_steps is not None else 'from --epochs'})")
+                       help=f"number of optimizer steps; overrides --epochs when given (default: {max_steps_default})")
     group.add_argument("--epochs", type=positive_float, default=default_epochs,
-                       help=f"number of passes over the training data (default: {default_epochs})")
+                       help="number of passes over the training data (default: "
+                            f"{default_epochs if default_epochs is not None else 'none: --max-steps'})")
+    parser.set_defaults(_steps_without_epochs=steps_without_epochs)
     group.add_argument("--learning-rate", type=positive_float, default=default_learning_rate,
                        help=f"peak learning rate (default: {default_learning_rate})")
     group.add_argument("--scale-lr-for-beta", action="store_true",
@@ -441,9 +454,13 @@ def resolve_learning_rate(args: argparse.Namespace, flags: Mapping[str, Any], op
 
 
 def check_training_length(args: argparse.Namespace) -> None:
-    """Either ``--max-steps`` or ``--epochs`` must be set."""
+    """Either ``--max-steps`` or ``--epochs`` must be set; with neither, the example's ``steps_without_epochs``
+    (see :func:`add_run_arguments`) becomes ``args.max_steps``."""
     if args.max_steps is None and args.epochs is None:
-        raise BadInputError("set the training length with --max-steps or --epochs")
+        fallback = getattr(args, "_steps_without_epochs", None)
+        if fallback is None:
+            raise BadInputError("set the training length with --max-steps or --epochs")
+        args.max_steps = fallback
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: str | None) -> Path:
@@ -603,20 +620,40 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON, atomically (temporary file + rename)."""
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it: not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    return 0o022
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write the whole new file to; when the block ends without error
+    it is renamed over ``path`` (atomic within one file system), otherwise removed. A reader, or a crash at any
+    point, sees the old file or the new one, never a part of it. The new file gets the usual permissions
+    (0o666 minus the umask), not the 0o600 of a temporary file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(_jsonable(data), handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically (:func:`atomic_output`)."""
+    target = Path(path)
+    with atomic_output(target) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(_jsonable(data), handle, indent=2, sort_keys=True)
+        handle.write("\n")
     return target
 
 
@@ -679,7 +716,8 @@ def cpu_distributed_launch() -> bool:
 
 def dump_rank_state(directory: str | os.PathLike, state_dict: Mapping[str, Any], process_index: int,
                     info: Mapping[str, Any] | None = None) -> Path:
-    """Write one process's tensors to ``directory/rank<R>.safetensors`` (and ``info`` to ``rank<R>.json``)."""
+    """Write one process's tensors to ``directory/rank<R>.safetensors`` (and ``info`` to ``rank<R>.json``), each
+    file atomically (:func:`atomic_output`)."""
     import torch
     from safetensors.torch import save_file
 
@@ -692,7 +730,8 @@ def dump_rank_state(directory: str | os.PathLike, state_dict: Mapping[str, Any],
                 tensor = tensor.full_tensor()
             tensors[name] = tensor.detach().to("cpu").contiguous().clone()  # clone: tied weights share storage
     path = target / f"rank{process_index}.safetensors"
-    save_file(tensors, str(path))
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp))
     write_json(target / f"rank{process_index}.json", dict(info or {}))
     return path
 
