@@ -8,6 +8,12 @@ The run dir is only read, never written, and the staging directory is removed wh
 push leaves no local state behind; a Hub commit is all-or-nothing, so the remote repo keeps its previous content
 (a repo created by the failed call stays, empty).
 
+A push is atomic against a racing one: which remote files to delete is planned from the branch head, and the
+commit names that head as its ``parent_commit``. If another commit lands in between, the Hub refuses the commit
+(HTTP 412) and the push plans again from the new head (at most :data:`PUSH_ATTEMPTS` times, then
+:class:`HubPushError`); the repo therefore always holds one push's complete file set, never one push's
+``model.safetensors`` next to the other's shards and index.
+
 What a push uploads:
 
 * weights as ``*.safetensors`` only (a model dir holding only pickle weights such as ``pytorch_model.bin`` is
@@ -19,8 +25,12 @@ What a push uploads:
 * ``README.md``: the model card (:mod:`hf_normsoftmax.hub.card`), and the ``stability*.png`` plots it shows;
 * from a run dir also ``trainer_state.json`` and the ``*_results.json`` metric files.
 
+From a run dir only regular files inside it are read: a symbolic link (``stability_extra.png -> elsewhere``) or
+a file resolving outside the run dir is refused with an error naming it, before anything is uploaded.
+
 The token is passed to huggingface_hub only: it is never printed, logged or written, and a push is refused if
-the token's text appears in any staged file.
+any staged file holds a token in use (argument, ``HF_TOKEN``, saved login) or a token-shaped string
+(:mod:`hf_normsoftmax.hub.secrets`).
 
 ``model.push_to_hub(repo_id, processing_class=...)`` of a variant runs :func:`push_model` (the override lives in
 ``NormSoftmaxPreTrainedMixin``); with no processor given it uploads the tokenizer / processor files saved in the

@@ -12,7 +12,10 @@ into the model there, ``create_or_update_model_card``, only runs when the README
 
 * every save of a variant (``Trainer.save_model``, checkpoints, the save inside ``push_to_hub``) writes
   ``auto_map`` and the modeling / configuration files next to the weights (unless ``model.save_remote_code`` was
-  set to False), with the Auto class registered for the duration of the save only;
+  set to False): the variant's own ``save_pretrained`` does it, without any class registration;
+* ``training_args.bin`` (written by every Trainer save and checkpoint push) holds no token: the trainer's
+  ``args`` pickle with ``hub_token`` (and other credential-named fields) set to None and token-shaped text
+  replaced; the trainer itself keeps using ``args.hub_token``;
 * ``create_model_card`` (called by ``push_to_hub``) renders the card of :mod:`hf_normsoftmax.hub.card` into
   ``args.output_dir/README.md``, from what the output dir holds plus the in-memory training log. Stock models
   keep transformers' own card.
@@ -31,8 +34,9 @@ Usage::
     trainer.train()
     trainer.push_to_hub()
 
-The push itself is transformers' (``upload_folder`` of the output dir); its other behaviour is unchanged (it also
-uploads ``training_args.bin``, which ``hf-normsoftmax push`` never does).
+The push itself is transformers' (``upload_folder`` of the output dir), after a check: a file it would upload
+that holds an access token refuses the push (:class:`~hf_normsoftmax.hub.push.HubPushError`). It also uploads
+the token-free ``training_args.bin``, which ``hf-normsoftmax push`` never does.
 ``model.push_to_hub(...)`` of a variant (no Trainer) always publishes the hf_normsoftmax card: see
 :func:`hf_normsoftmax.hub.push.push_model`.
 """
