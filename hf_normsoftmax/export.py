@@ -208,7 +208,9 @@ def export_run_dir(run_dir, output_dir, *, overwrite: bool = False) -> Path:
     ``config.json``, no code) plus the tokenizer / processor files found next to the model into ``output_dir``.
     Returns ``output_dir``. Refuses a non-empty ``output_dir`` unless ``overwrite``.
     """
+    import os
     import shutil
+    import tempfile
 
     from .hub.card import find_model_dir
 
@@ -221,12 +223,28 @@ def export_run_dir(run_dir, output_dir, *, overwrite: bool = False) -> Path:
     model = _load_variant(model_dir)
     model.eval()
     stock = merge_and_unload(model)
-    stock.save_pretrained(output_dir)
-    # tokenizer / processor files travel as they are (they do not depend on the variant)
-    for name in _PROCESSOR_FILES:
-        source = model_dir / name
-        if source.is_file():
-            shutil.copyfile(source, output_dir / name)
+    # Written into a temporary sibling folder first: an interrupted export never leaves a half-written OUT_DIR.
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.export-", dir=output_dir.parent))
+    try:
+        stock.save_pretrained(staging)
+        # tokenizer / processor files travel as they are (they do not depend on the variant)
+        for name in _PROCESSOR_FILES:
+            source = model_dir / name
+            if source.is_file():
+                shutil.copyfile(source, staging / name)
+        if output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        if not output_dir.exists():
+            os.replace(staging, output_dir)
+        else:  # --overwrite into a non-empty folder: file by file, each replaced atomically
+            for path in sorted(staging.rglob("*")):
+                if path.is_file():
+                    target = output_dir / path.relative_to(staging)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output_dir
 
 

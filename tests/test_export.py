@@ -137,6 +137,8 @@ def test_cli_export_writes_a_checkpoint_stock_transformers_loads(tmp_path, capsy
     # a second export into the now non-empty folder is refused (exit 2), a NormSoftmax run too
     assert cli.main(["export", str(run_dir), str(out_dir)]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+    assert cli.main(["export", str(run_dir), str(out_dir), "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".exported.export-*"))  # the staging folder is gone
     trained_variant("bert-cls", loss_softmax="normsoftmax").save_pretrained(tmp_path / "ns")
     assert cli.main(["export", str(tmp_path / "ns"), str(tmp_path / "ns-out")]) == 2
     assert "`loss_softmax`='normsoftmax'" in capsys.readouterr().err
