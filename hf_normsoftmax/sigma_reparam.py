@@ -842,6 +842,7 @@ class SigmaReparamMixin:
         del plain._buffers["reparam_u"]
         del plain._buffers["reparam_v"]
         del plain.__dict__["_reparam_cache"]
+        plain.__dict__.pop("_maybe_plain", None)
         plain.__class__ = type(self)._reparam_base_class()
         return plain
 
