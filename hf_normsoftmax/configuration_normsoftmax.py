@@ -285,38 +285,52 @@ def _known_names(cls: type) -> frozenset[str]:
 # configs of built models, and checks deferred to the end of an update
 # ---------------------------------------------------------------------------------------------------------------
 
-# id(config) -> (weak reference to the config, the models built with it). Kept outside the config: its __dict__ is
-# what transformers serialises and compares.
-_BOUND_MODELS: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}
-_BOUND_LOCK = threading.Lock()
+class _ConfigState:
+    """What is known about one config object: it finished construction, and the models built from it."""
+
+    __slots__ = ("models", "reference")
+
+    def __init__(self, reference: weakref.ref) -> None:
+        self.reference = reference
+        self.models: weakref.WeakSet = weakref.WeakSet()
+
+
+# id(config) -> its state, for every config whose construction finished. Kept outside the config: its __dict__ is
+# what transformers serialises and compares. Reentrant: a config freed while the lock is held removes its entry.
+_CONFIG_STATES: dict[int, _ConfigState] = {}
+_CONFIG_LOCK = threading.RLock()
 
 
 def _forget_config(config_id: int, reference: weakref.ref) -> None:
-    with _BOUND_LOCK:
-        entry = _BOUND_MODELS.get(config_id)
-        if entry is not None and entry[0] is reference:
-            del _BOUND_MODELS[config_id]
+    with _CONFIG_LOCK:
+        state = _CONFIG_STATES.get(config_id)
+        if state is not None and state.reference is reference:
+            del _CONFIG_STATES[config_id]
+
+
+def _config_state(config: Any, create: bool = False) -> _ConfigState | None:
+    key = id(config)
+    with _CONFIG_LOCK:
+        state = _CONFIG_STATES.get(key)
+        if state is not None and state.reference() is not config:
+            state = None
+        if state is None and create:
+            state = _CONFIG_STATES[key] = _ConfigState(weakref.ref(config, lambda ref: _forget_config(key, ref)))
+        return state
 
 
 def bind_config_to_model(config: Any, model: Any) -> None:
     """Record that ``model`` was built from ``config`` (a variant model's ``post_init`` calls this): from then on
     the structural flags of ``config`` refuse to change while ``model`` lives and uses it."""
-    key = id(config)
-    with _BOUND_LOCK:
-        entry = _BOUND_MODELS.get(key)
-        if entry is None or entry[0]() is not config:
-            reference = weakref.ref(config, lambda ref, key=key: _forget_config(key, ref))
-            entry = _BOUND_MODELS[key] = (reference, weakref.WeakSet())
-        entry[1].add(model)
+    with _CONFIG_LOCK:
+        _config_state(config, create=True).models.add(model)
 
 
 def models_built_with(config: Any) -> list:
     """The live models built from ``config`` that still use it as their ``config``."""
-    with _BOUND_LOCK:
-        entry = _BOUND_MODELS.get(id(config))
-        if entry is None or entry[0]() is not config:
-            return []
-        models = list(entry[1])
+    with _CONFIG_LOCK:
+        state = _config_state(config)
+        models = [] if state is None else list(state.models)
     return [model for model in models if getattr(model, "config", None) is config]
 
 
@@ -402,8 +416,7 @@ class NormSoftmaxConfigMixin:
             super().__setattr__(name, value)
             return
         value = check(name, value)
-        # transformers sets `_post_init_done` when construction is over: from then on the config may be in use
-        if self.__dict__.get("_post_init_done"):
+        if _config_state(self) is not None:  # construction is over: the config may be in use
             if name in STRUCTURAL_FLAGS:
                 self._check_structural_change(name, value)
             if id(self) not in _COMBINATION_DEFERRED.get():
@@ -452,11 +465,18 @@ class NormSoftmaxConfigMixin:
         memo[id(self)] = copied
         for key, value in self.__dict__.items():
             copied.__dict__[key] = copy.deepcopy(value, memo)
+        if _config_state(self) is not None:
+            _config_state(copied, create=True)
         for model in models_built_with(self):
             model_copy = memo.get(id(model))
             if model_copy is not None:
                 bind_config_to_model(copied, model_copy)
         return copied
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickled (or copy.copy'd) configs are constructed ones: later assignments are checked
+        self.__dict__.update(state)
+        _config_state(self, create=True)
 
     def update(self, config_dict: dict[str, Any]) -> None:
         """Set the keys of ``config_dict`` together: each is checked as it is set, their combination once at the
@@ -489,6 +509,7 @@ class NormSoftmaxConfigMixin:
         check_flag_combination(self)
         # Subclasses of strict stock configs do not inherit the validation-on-construction: run it here.
         self.validate()
+        _config_state(self, create=True)  # constructed: from now on assignments check combinations
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

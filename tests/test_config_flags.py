@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import pickle
 
 import pytest
 import torch
@@ -42,6 +43,10 @@ def test_a_combination_is_checked_when_an_assignment_completes_it():
     with pytest.raises(ValueError, match="normsoftmax_learnable_gamma"):
         config.attention_softmax = "softmax"
     assert config.attention_softmax == "normsoftmax"
+    # copies are checked alike
+    for duplicate in (copy.copy(config), copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        with pytest.raises(ValueError, match="normsoftmax_learnable_gamma"):
+            duplicate.attention_softmax = "softmax"
 
 
 def test_update_sets_keys_together_and_is_all_or_nothing(tmp_path):
