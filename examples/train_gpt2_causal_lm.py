@@ -12,7 +12,9 @@ Reports the validation perplexity ``exp(mean token cross-entropy)`` and writes g
 ``--stability-every`` steps the stability statistics (attention entropy per layer and head, attention-logit std,
 sigma and the learned scale of every sigmaReparam layer, ||W_Q W_K^T||, the logit norm) are measured with
 ``hf_normsoftmax.training.diagnostics.collect_stability_stats`` on a fixed probe batch and appended to
-``stability_history.jsonl``; an entropy-collapse or loss-spike alarm is logged as a warning.
+``stability_history.jsonl`` (and, like the losses, sent to the ``--report-to`` trackers: TensorBoard event files
+in ``<output dir>/runs/`` by default when tensorboard is installed); an entropy-collapse or loss-spike alarm is
+logged as a warning. The run is 300 steps unless ``--max-steps`` or ``--epochs`` says otherwise.
 
 The output dir receives: ``model.safetensors`` + ``config.json`` + ``generation_config.json`` and the tokenizer,
 ``train_results.json`` / ``eval_results.json`` / ``all_results.json``, ``generated_samples.json``, the stability
@@ -69,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         default_learning_rate=1e-3,
         default_batch_size=16,
         default_epochs=None,
-        default_max_steps=300,
+        default_max_steps=None,
         default_stability_every=25,
         trainer=False,
+        steps_without_epochs=300,
     )
     model = parser.add_argument_group("model (a GPT-2 from scratch) and text")
     model.add_argument("--text-column", default="text", help="column holding the text (default: text)")
@@ -166,6 +169,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
                             "(accelerate launch --use_fsdp): drop one of the two")
     check_output_dir(args.output_dir, args.overwrite_output_dir, None)
     learning_rate = resolve_learning_rate(args, flags, optimizer="adamw")
+    report_to = tracker_names(args.report_to)
 
     dataset = load_dataset_spec(args.dataset, seed=args.seed)
     require_columns(dataset, [args.text_column], purpose="causal language modelling")
@@ -200,9 +204,32 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     model = NormSoftmaxGPT2LMHeadModel(config)
     return {
         "flags": flags, "learning_rate": learning_rate, "tokenizer": tokenizer, "model": model, "config": config,
+        "report_to": report_to,
         "train_blocks": torch.tensor(train_blocks, dtype=torch.long),
         "eval_blocks": torch.tensor(eval_blocks, dtype=torch.long), "eval_split": eval_split,
     }
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """``--report-to`` as accelerate tracker names (``[]`` for ``none``); unknown or uninstalled ones are refused."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    from hf_normsoftmax.training.trainer_utils import BadInputError
+
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    if names == ["none"]:
+        return []
+    allowed = [name for name in LoggerType.list() if name != "all"]
+    available = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in allowed:
+            raise BadInputError(f"--report-to {name!r} is not a tracker this example can log to. Allowed: 'none' "
+                                f"or a comma-separated list of {allowed}")
+        if name not in available:
+            raise BadInputError(f"--report-to {name!r}: its package is not installed (installed trackers: "
+                                f"{sorted(available) or 'none'}); install it or pass --report-to none")
+    return names
 
 
 def _per_example_loss(logits, input_ids):
@@ -284,8 +311,12 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
         write_run_config,
     )
 
-    accelerator = Accelerator(cpu=cpu_distributed_launch())
     output_dir = Path(args.output_dir)
+    # trackers (--report-to) write under output_dir/runs/, where the Trainer examples' TensorBoard files go too
+    accelerator = Accelerator(cpu=cpu_distributed_launch(), log_with=setup["report_to"] or None,
+                              project_dir=str(output_dir))
+    if setup["report_to"]:
+        accelerator.init_trackers("runs")
     history_path = output_dir / "stability_history.jsonl"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -337,6 +368,8 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
                 _append_jsonl(history_path, event.to_record())
         if accelerator.is_main_process:
             _append_jsonl(history_path, {"step": step, "epoch": epoch, **stats})
+        if setup["report_to"]:
+            accelerator.log({f"train/{k}": v for k, v in stats.items()}, step=step)
 
     accelerator.print(
         f"training {sum(p.numel() for p in raw_model.parameters()):,} parameters for {total_steps} steps on "
@@ -381,6 +414,8 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
                 if accelerator.is_main_process:
                     _append_jsonl(history_path, record)
+                if setup["report_to"]:
+                    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
                 for event in detector.observe_loss(step, mean_loss):
                     accelerator.print(f"WARNING: {event.message}")
                     if accelerator.is_main_process:
@@ -390,6 +425,8 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
             if args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
                 result = evaluate_perplexity(model, eval_loader, accelerator)
                 eval_history.append({"step": step, **result})
+                if setup["report_to"]:
+                    accelerator.log({f"eval/{k}": v for k, v in result.items()}, step=step)
                 accelerator.print(f"step {step}: eval_loss {result['eval_loss']:.4f}, perplexity "
                                   f"{result['perplexity']:.2f}")
             if step >= total_steps:
@@ -400,6 +437,8 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
 
     eval_metrics = evaluate_perplexity(model, eval_loader, accelerator)
     eval_metrics["eval_samples"] = len(setup["eval_blocks"])
+    if setup["report_to"]:
+        accelerator.log({f"eval/{k}": v for k, v in eval_metrics.items()}, step=step)
     accelerator.print(f"eval_loss {eval_metrics['eval_loss']:.4f}, perplexity {eval_metrics['perplexity']:.2f}")
     train_metrics = {
         "train_loss": sum(logged_losses) / len(logged_losses),

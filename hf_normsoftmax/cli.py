@@ -20,6 +20,11 @@ Subcommands::
 
 ``hf-normsoftmax SUBCOMMAND --help`` documents each one. Exit status: 0 on success, 2 on bad usage or bad
 input, 1 when a push fails.
+
+Start-up cost: the console script (``hf_normsoftmax_cli.py`` beside the package) loads this file without the
+package's ``__init__``, which imports torch and transformers. So this module imports only the standard library at
+the top, and each ``_cmd_*`` handler imports what it needs (the package with it) when it runs: ``--help`` and usage
+errors stay light (tests/test_cli.py). New subcommands follow the same rule.
 """
 
 from __future__ import annotations

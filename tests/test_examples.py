@@ -12,6 +12,7 @@ The multi-process runs are in tests/test_distributed.py, the resume check in tes
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -90,8 +91,9 @@ def test_help_lists_the_options(name, capsys):
 
 def expect_usage_error(name: str, argv: list[str], output_dir: Path, capsys, *patterns: str) -> str:
     module = load_example(name)
+    report_to = [] if "--report-to" in argv else ["--report-to", "none"]
     with pytest.raises(SystemExit) as exit_info:
-        module.main([*argv, "--output-dir", str(output_dir), "--report-to", "none"])
+        module.main([*argv, "--output-dir", str(output_dir), *report_to])
     assert exit_info.value.code == 2
     message = capsys.readouterr().err
     for pattern in patterns:
@@ -100,29 +102,30 @@ def expect_usage_error(name: str, argv: list[str], output_dir: Path, capsys, *pa
     return message
 
 
-@pytest.mark.parametrize(
-    ("argv", "patterns"),
-    [
-        (["--normsoftmax-gamma", "0"], ["--normsoftmax-gamma", "> 0"]),
-        (["--normsoftmax-gamma", "-1.5"], ["--normsoftmax-gamma"]),
-        (["--logit-inverse-temperature", "0"], ["--logit-inverse-temperature", "> 0"]),
-        (["--loss-softmax", "normsoftmax", "--loss-normsoftmax-gamma", "0"], ["--loss-normsoftmax-gamma"]),
-        (["--loss-softmax", "normsoftmax", "--logit-inverse-temperature", "2"],
-         ["--logit-inverse-temperature", "--loss-softmax"]),
-        (["--attention-softmax", "softmax", "--normsoftmax-gamma", "2"],
-         ["--normsoftmax-gamma", "no effect", "--attention-softmax normsoftmax"]),
-        (["--no-sigma-reparam", "--sigma-reparam-exclude", "classifier"], ["--sigma-reparam-exclude", "no effect"]),
-        (["--normsoftmax-max-temperature", "-1"], ["--normsoftmax-max-temperature"]),
-        (["--patch-size", "5"], ["--patch-size 5", "divide", "28"]),
-        (["--hidden-size", "30", "--num-heads", "4"], ["--hidden-size 30", "--num-heads 4"]),
-        (["--dataset", "no_such_dataset_xyz"], ["no_such_dataset_xyz", "mnist5k"]),
-        (["--dataset", "./no/such/file.csv"], ["does not exist"]),
-        (["--max-steps", "0"], ["--max-steps", ">= 1"]),
-        (["--epochs", "-1"], ["--epochs"]),
-        (["--attention-softmax", "flash"], ["--attention-softmax", "invalid choice"]),
-        (["--resume-from-checkpoint", "/no/such/checkpoint"], ["--resume-from-checkpoint", "not a directory"]),
-    ],
-)
+VIT_BAD_INPUT_CASES = [
+    (["--normsoftmax-gamma", "0"], ["--normsoftmax-gamma", "> 0"]),
+    (["--normsoftmax-gamma", "-1.5"], ["--normsoftmax-gamma"]),
+    (["--logit-inverse-temperature", "0"], ["--logit-inverse-temperature", "> 0"]),
+    (["--loss-softmax", "normsoftmax", "--loss-normsoftmax-gamma", "0"], ["--loss-normsoftmax-gamma"]),
+    (["--loss-softmax", "normsoftmax", "--logit-inverse-temperature", "2"],
+     ["--logit-inverse-temperature", "--loss-softmax"]),
+    (["--attention-softmax", "softmax", "--normsoftmax-gamma", "2"],
+     ["--normsoftmax-gamma", "no effect", "--attention-softmax normsoftmax"]),
+    (["--no-sigma-reparam", "--sigma-reparam-exclude", "classifier"], ["--sigma-reparam-exclude", "no effect"]),
+    (["--normsoftmax-max-temperature", "-1"], ["--normsoftmax-max-temperature"]),
+    (["--patch-size", "5"], ["--patch-size 5", "divide", "28"]),
+    (["--hidden-size", "30", "--num-heads", "4"], ["--hidden-size 30", "--num-heads 4"]),
+    (["--dataset", "no_such_dataset_xyz"], ["no_such_dataset_xyz", "mnist5k"]),
+    (["--dataset", "./no/such/file.csv"], ["does not exist"]),
+    (["--max-steps", "0"], ["--max-steps", ">= 1"]),
+    (["--epochs", "-1"], ["--epochs"]),
+    (["--attention-softmax", "flash"], ["--attention-softmax", "invalid choice"]),
+    (["--resume-from-checkpoint", "/no/such/checkpoint"], ["--resume-from-checkpoint", "not a directory"]),
+    (["--metric-source", "hub"], ["--metric-source hub", "--metric-source local"]),  # tests run offline
+]
+
+
+@pytest.mark.parametrize(("argv", "patterns"), VIT_BAD_INPUT_CASES)
 def test_vit_bad_flags_are_refused_before_training(argv, patterns, tmp_path, capsys):
     expect_usage_error("train_vit_image_classification", argv, tmp_path / "run", capsys, *patterns)
 
@@ -144,6 +147,26 @@ def test_output_dir_in_the_way(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "--overwrite-output-dir" in capsys.readouterr().err
     assert sorted(p.name for p in output_dir.iterdir()) == ["something.txt"]
+
+
+BERT_BAD_INPUT_CASES = [
+    (["--resume-from-checkpoint", "latest"], ["--resume-from-checkpoint latest", "no checkpoint-N directory"]),
+    (["--metric-source", "hub"], ["--metric-source hub", "--metric-source local"]),  # tests run offline
+]
+GPT2_BAD_INPUT_CASES = [
+    (["--fsdp2"], ["--fsdp2", "several processes"]),
+    (["--report-to", "no_such_tracker"], ["--report-to 'no_such_tracker'", "tensorboard"]),
+]
+
+
+@pytest.mark.parametrize(("argv", "patterns"), BERT_BAD_INPUT_CASES)
+def test_bert_bad_flags_are_refused_before_training(argv, patterns, tmp_path, capsys):
+    expect_usage_error("finetune_bert_sentiment", argv, tmp_path / "run", capsys, *patterns)
+
+
+@pytest.mark.parametrize(("argv", "patterns"), GPT2_BAD_INPUT_CASES)
+def test_gpt2_bad_flags_are_refused_before_training(argv, patterns, tmp_path, capsys):
+    expect_usage_error("train_gpt2_causal_lm", argv, tmp_path / "run", capsys, *patterns)
 
 
 def test_bert_bad_input(tmp_path, capsys):
@@ -260,23 +283,58 @@ def check_reload(output_dir: Path, auto_class_name: str, inputs: dict) -> None:
     torch.testing.assert_close(first, second)
 
 
+def fill(argv: list[str], **paths: Path) -> list[str]:
+    """``argv`` with ``{name}`` placeholders replaced by ``paths``."""
+    return [token.format(**{k: str(v) for k, v in paths.items()}) for token in argv]
+
+
+def check_flags_in_config(output_dir: Path, expected: dict) -> None:
+    config = read_json(output_dir / "config.json")
+    for flag, value in expected.items():
+        assert config[flag] == value, (flag, config[flag], value)
+
+
+# One run per example switching on as many options as combine; the options that exclude those get their own
+# small runs below. test_every_option_is_exercised checks that the argv lists of this file use every option.
+VIT_E2E_ARGS = [
+    "--output-dir", "{out}", "--overwrite-output-dir", "--dataset", "mnist5k", "--image-column", "image",
+    "--label-column", "label", "--image-size", "28", "--patch-size", "7", "--max-steps", "6", "--batch-size", "16",
+    "--eval-batch-size", "16", "--max-train-samples", "96", "--max-eval-samples", "48", "--hidden-size", "32",
+    "--num-layers", "2", "--num-heads", "2", "--intermediate-size", "64", "--dropout", "0.1", "--stability-every",
+    "3", "--logging-steps", "2", "--report-to", "tensorboard", "--seed", "3", "--learning-rate", "0.003",
+    "--weight-decay", "0", "--warmup-ratio", "0.2", "--max-grad-norm", "0", "--eval-steps", "3", "--save-steps", "3",
+    "--save-total-limit", "1", "--metric-source", "local", "--dump-rank-state", "{dump}",
+    "--attention-softmax", "normsoftmax", "--normsoftmax-learnable-gamma", "--normsoftmax-gamma", "2",
+    "--normsoftmax-max-temperature", "4", "--normsoftmax-statistic", "var", "--logit-inverse-temperature", "2",
+    "--scale-lr-for-beta", "--sigma-reparam", "--sigma-reparam-exclude", "classifier",
+]
+
+
 @pytest.mark.slow
 def test_vit_example_end_to_end(tmp_path):
     output_dir = tmp_path / "vit"
-    run_example("train_vit_image_classification", [
-        "--output-dir", str(output_dir), "--max-steps", "6", "--batch-size", "16", "--max-train-samples", "96",
-        "--max-eval-samples", "48", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2",
-        "--intermediate-size", "64", "--stability-every", "3", "--logging-steps", "2", "--report-to", "tensorboard",
-        "--normsoftmax-learnable-gamma",
-    ])
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("kept", encoding="utf-8")  # --overwrite-output-dir writes beside it
+    run_example("train_vit_image_classification", fill(VIT_E2E_ARGS, out=output_dir, dump=tmp_path / "dump"))
     results = check_run_dir(output_dir, processor_files=("preprocessor_config.json",), task_metric="eval_accuracy")
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and results["eval_samples"] == 48
     run_config = read_json(output_dir / "run_config.json")
     assert run_config["hyperparameters"]["attention_softmax"] == "normsoftmax"
     assert run_config["hyperparameters"]["normsoftmax_learnable_gamma"] is True
+    assert run_config["hyperparameters"]["learning_rate"] == pytest.approx(0.003 / 2)  # --scale-lr-for-beta, AdamW
+    check_flags_in_config(output_dir, {"normsoftmax_gamma": 2.0, "normsoftmax_max_temperature": 4.0,
+                                       "normsoftmax_statistic": "var", "logit_inverse_temperature": 2.0,
+                                       "sigma_reparam_exclude": ["classifier"], "hidden_dropout_prob": 0.1})
+    training_args = read_json(output_dir / "training_args.json")
+    assert training_args["max_grad_norm"] == 0.0 and training_args["seed"] == 3
+    assert training_args["per_device_eval_batch_size"] == 16 and training_args["save_total_limit"] == 1
+    assert (output_dir / "notes.txt").read_text(encoding="utf-8") == "kept"
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-6"]
+    assert (tmp_path / "dump" / "rank0.safetensors").is_file()
     # the stability keys reach the Trainer's log history and TensorBoard
     state = read_json(output_dir / "trainer_state.json")
     assert any("stability/entropy/layer_0/mean" in entry for entry in state["log_history"])
+    assert [entry["step"] for entry in state["log_history"] if "eval_accuracy" in entry][:2] == [3, 6]
     assert list(output_dir.glob("runs/*/events.out.tfevents.*")), "no TensorBoard event file"
 
     from PIL import Image
@@ -287,19 +345,39 @@ def test_vit_example_end_to_end(tmp_path):
     check_reload(output_dir, "AutoModelForImageClassification", dict(processor(images=[image], return_tensors="pt")))
 
 
+BERT_E2E_ARGS = [
+    "--output-dir", "{out}", "--overwrite-output-dir", "--model-name-or-path", "{minilm}", "--dataset",
+    "rotten_tomatoes", "--text-column", "text", "--label-column", "label", "--max-steps", "3", "--epochs", "1",
+    "--batch-size", "4", "--eval-batch-size", "8", "--max-train-samples", "48", "--max-eval-samples", "16",
+    "--max-seq-length", "32", "--stability-every", "2", "--logging-steps", "1", "--report-to", "none", "--seed", "1",
+    "--learning-rate", "0.0005", "--weight-decay", "0", "--warmup-ratio", "0", "--max-grad-norm", "0",
+    "--eval-steps", "2", "--save-steps", "2", "--save-total-limit", "1", "--metric-source", "local",
+    "--dump-rank-state", "{dump}", "--attention-softmax", "normsoftmax", "--normsoftmax-learnable-gamma",
+    "--normsoftmax-gamma", "2", "--normsoftmax-max-temperature", "none", "--normsoftmax-statistic", "std",
+    "--logit-inverse-temperature", "0.5", "--scale-lr-for-beta", "--sigma-reparam", "--sigma-reparam-exclude",
+    "classifier",
+]
+
+
 @pytest.mark.slow
 def test_bert_example_end_to_end(tmp_path):
+    from hf_normsoftmax.training.data import minilm_path
+
     output_dir = tmp_path / "bert"
-    run_example("finetune_bert_sentiment", [
-        "--output-dir", str(output_dir), "--max-steps", "3", "--batch-size", "4", "--max-train-samples", "48",
-        "--max-eval-samples", "16", "--max-seq-length", "32", "--stability-every", "2", "--logging-steps", "1",
-        "--report-to", "none", "--attention-softmax", "normsoftmax",
-    ])
+    run_example("finetune_bert_sentiment", fill(BERT_E2E_ARGS, out=output_dir, minilm=minilm_path(),
+                                                dump=tmp_path / "dump"))
     results = check_run_dir(output_dir, processor_files=("tokenizer.json", "tokenizer_config.json"),
                             task_metric="eval_accuracy")
     assert 0.0 <= results["eval_accuracy"] <= 1.0
     run_config = read_json(output_dir / "run_config.json")
     assert run_config["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert run_config["hyperparameters"]["learning_rate"] == pytest.approx(0.0005 / 0.5)
+    check_flags_in_config(output_dir, {"attention_softmax": "normsoftmax", "normsoftmax_learnable_gamma": True,
+                                       "normsoftmax_gamma": 2.0, "normsoftmax_max_temperature": None,
+                                       "logit_inverse_temperature": 0.5, "sigma_reparam_exclude": ["classifier"]})
+    training_args = read_json(output_dir / "training_args.json")
+    assert training_args["max_grad_norm"] == 0.0 and training_args["max_steps"] == 3
+    assert (tmp_path / "dump" / "rank0.safetensors").is_file()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
@@ -307,15 +385,42 @@ def test_bert_example_end_to_end(tmp_path):
                  dict(tokenizer(["a quietly moving film", "dull"], padding=True, return_tensors="pt")))
 
 
+GPT2_E2E_ARGS = [
+    "--output-dir", "{out}", "--overwrite-output-dir", "--dataset", "shakespeare", "--text-column", "text",
+    "--tokenizer-name-or-path", "{tokenizer}", "--max-steps", "4", "--batch-size", "2", "--eval-batch-size", "4",
+    "--block-size", "32", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--dropout", "0.1",
+    "--max-train-samples", "32", "--max-eval-samples", "8", "--no-shuffle", "--stability-every", "2",
+    "--logging-steps", "1", "--max-new-tokens", "5", "--top-k", "5", "--prompt", "ROMEO:", "--eval-steps", "2",
+    "--report-to", "tensorboard", "--seed", "2", "--learning-rate", "0.002", "--weight-decay", "0",
+    "--warmup-ratio", "0.25", "--max-grad-norm", "0", "--dump-rank-state", "{dump}",
+    "--attention-softmax", "normsoftmax", "--normsoftmax-learnable-gamma", "--normsoftmax-gamma", "2",
+    "--normsoftmax-max-temperature", "4", "--normsoftmax-statistic", "var", "--logit-inverse-temperature", "2",
+    "--scale-lr-for-beta", "--sigma-reparam", "--sigma-reparam-exclude", "*.mlp.c_proj",
+]
+
+
 @pytest.mark.slow
 def test_gpt2_example_end_to_end(tmp_path):
+    from hf_normsoftmax.training.data import gpt2_tokenizer_dir
+
     output_dir = tmp_path / "gpt2"
-    completed = run_example("train_gpt2_causal_lm", [
-        "--output-dir", str(output_dir), "--max-steps", "4", "--batch-size", "2", "--block-size", "32",
-        "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--max-train-samples", "32", "--max-eval-samples", "8",
-        "--stability-every", "2", "--logging-steps", "1", "--max-new-tokens", "5", "--prompt", "ROMEO:",
-        "--eval-steps", "2",
-    ])
+    completed = run_example("train_gpt2_causal_lm", fill(GPT2_E2E_ARGS, out=output_dir, dump=tmp_path / "dump",
+                                                         tokenizer=gpt2_tokenizer_dir(tmp_path / "tokenizer")))
+    run_config = read_json(output_dir / "run_config.json")
+    assert run_config["hyperparameters"]["learning_rate"] == pytest.approx(0.002 / 2)
+    check_flags_in_config(output_dir, {"normsoftmax_learnable_gamma": True, "normsoftmax_gamma": 2.0,
+                                       "normsoftmax_max_temperature": 4.0, "normsoftmax_statistic": "var",
+                                       "logit_inverse_temperature": 2.0, "sigma_reparam_exclude": ["*.mlp.c_proj"],
+                                       "resid_pdrop": 0.1})
+    event_files = list(output_dir.glob("runs/**/events.out.tfevents.*"))
+    assert event_files, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(event_files[0].parent), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert [s.step for s in accumulator.Scalars("train/stability/entropy/layer_0/mean")] == [0, 2, 4]
+    assert [s.step for s in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert (tmp_path / "dump" / "rank0.safetensors").is_file()
     results = check_run_dir(output_dir, processor_files=("tokenizer.json", "generation_config.json"),
                             task_metric="perplexity")
     assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-6)
@@ -333,3 +438,138 @@ def test_gpt2_example_end_to_end(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert len(tokenizer) == 50257
     check_reload(output_dir, "AutoModelForCausalLM", dict(tokenizer(["To be, or not"], return_tensors="pt")))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the choices that exclude the big runs' ones (in process: the libraries are imported already)
+# --------------------------------------------------------------------------------------------------------------------
+
+VIT_DIGITS_ARGS = [
+    "--output-dir", "{out}", "--overwrite-output-dir", "--dataset", "digits", "--image-size", "8", "--patch-size",
+    "4", "--hidden-size", "16", "--num-layers", "1", "--num-heads", "2", "--intermediate-size", "16", "--epochs", "1",
+    "--max-train-samples", "32", "--max-eval-samples", "16", "--batch-size", "16", "--save-steps", "2",
+    "--logging-steps", "1", "--stability-every", "0", "--report-to", "none", "--attention-softmax", "softmax",
+    "--loss-softmax", "normsoftmax", "--loss-normsoftmax-gamma", "3", "--sigma-reparam", "--sigma-reparam-include",
+    "classifier",
+]
+VIT_RESUME_ARGS = [*VIT_DIGITS_ARGS, "--max-steps", "4", "--resume-from-checkpoint", "latest"]
+
+
+@pytest.mark.slow
+def test_vit_example_epochs_loss_normsoftmax_and_resume(tmp_path):
+    """--epochs sets the length; NormSoftmax loss with stock attention, sigmaReparam on the head only, no
+    stability diagnostics; then --resume-from-checkpoint latest continues the run to --max-steps."""
+    from safetensors import safe_open
+
+    module = load_example("train_vit_image_classification")
+    output_dir = tmp_path / "vit"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("kept", encoding="utf-8")
+    module.main(fill(VIT_DIGITS_ARGS, out=output_dir))
+    assert read_json(output_dir / "trainer_state.json")["global_step"] == 2  # 32 images, batch 16, 1 epoch
+    check_flags_in_config(output_dir, {"attention_softmax": "softmax", "loss_softmax": "normsoftmax",
+                                       "loss_normsoftmax_gamma": 3.0, "sigma_reparam_include": ["classifier"]})
+    with safe_open(str(output_dir / "model.safetensors"), framework="pt") as handle:
+        reparam = [key for key in handle.keys() if key.endswith("reparam_scale")]
+    assert reparam == ["classifier.reparam_scale"]
+    assert not (output_dir / "stability_history.jsonl").exists()  # --stability-every 0
+    assert (output_dir / "notes.txt").is_file() and (output_dir / "README.md").is_file()
+
+    module.main(fill(VIT_RESUME_ARGS, out=output_dir))
+    state = read_json(output_dir / "trainer_state.json")
+    assert state["global_step"] == 4
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
+
+
+GPT2_EPOCHS_ARGS = [
+    "--output-dir", "{out}", "--epochs", "1", "--max-train-samples", "4", "--max-eval-samples", "2", "--batch-size",
+    "2", "--block-size", "16", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--stability-every", "0",
+    "--max-new-tokens", "0", "--report-to", "none", "--attention-softmax", "softmax", "--no-sigma-reparam",
+    "--loss-softmax", "normsoftmax", "--loss-normsoftmax-gamma", "3",
+]
+
+
+@pytest.mark.slow
+def test_gpt2_example_epochs_and_stock_layers(tmp_path):
+    """--epochs alone sets the length (the 300-step default applies only without --epochs and --max-steps)."""
+    module = load_example("train_gpt2_causal_lm")
+    output_dir = tmp_path / "gpt2"
+    metrics = module.main(fill(GPT2_EPOCHS_ARGS, out=output_dir))
+    assert metrics["train_steps"] == 2 and metrics["train_samples"] == 4
+    check_flags_in_config(output_dir, {"attention_softmax": "softmax", "sigma_reparam": False,
+                                       "loss_softmax": "normsoftmax", "loss_normsoftmax_gamma": 3.0})
+    assert read_json(output_dir / "generated_samples.json") == []  # --max-new-tokens 0
+    assert not list(output_dir.glob("stability*.png"))  # --stability-every 0: nothing to plot
+    assert math.isfinite(metrics["perplexity"])
+
+
+def test_gpt2_training_length_defaults():
+    module = load_example("train_gpt2_causal_lm")
+    from hf_normsoftmax.training.trainer_utils import check_training_length
+
+    for argv, steps, epochs in (([], 300, None), (["--epochs", "2"], None, 2.0), (["--max-steps", "7"], 7, None)):
+        args = module.build_parser().parse_args(argv)
+        check_training_length(args)
+        assert (args.max_steps, args.epochs) == (steps, epochs), argv
+
+
+# Flag combinations that the runs above do not train with; resolved into config kwargs and checked.
+FLAG_CASES = [
+    (["--no-sigma-reparam", "--attention-softmax", "normsoftmax", "--no-normsoftmax-learnable-gamma",
+      "--loss-softmax", "normsoftmax", "--loss-normsoftmax-gamma", "3"],
+     {"sigma_reparam": False, "attention_softmax": "normsoftmax", "normsoftmax_learnable_gamma": False,
+      "loss_softmax": "normsoftmax", "loss_normsoftmax_gamma": 3.0}),
+    (["--sigma-reparam", "--sigma-reparam-include", "*attn*", "*attention*", "--attention-softmax", "softmax"],
+     {"sigma_reparam": True, "sigma_reparam_include": ["*attn*", "*attention*"], "attention_softmax": "softmax"}),
+]
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+@pytest.mark.parametrize(("argv", "expected"), FLAG_CASES)
+def test_variant_flag_options(name, argv, expected):
+    from hf_normsoftmax.training.trainer_utils import variant_flags_from_args
+
+    module = load_example(name)
+    model_type = {"train_vit_image_classification": "normsoftmax_vit", "finetune_bert_sentiment": "normsoftmax_bert",
+                  "train_gpt2_causal_lm": "normsoftmax_gpt2"}[name]
+    flags = variant_flags_from_args(module.build_parser().parse_args(argv), model_type, module.EXAMPLE_FLAG_DEFAULTS)
+    assert {flag: flags.get(flag) for flag in expected} == expected
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# every option of every example is used by some test above
+# --------------------------------------------------------------------------------------------------------------------
+
+EXERCISED_ARGVS = {
+    "train_vit_image_classification": [["--help"], VIT_E2E_ARGS, VIT_DIGITS_ARGS, VIT_RESUME_ARGS,
+                                       *(argv for argv, _ in VIT_BAD_INPUT_CASES), *(a for a, _ in FLAG_CASES)],
+    "finetune_bert_sentiment": [["--help"], BERT_E2E_ARGS, *(argv for argv, _ in BERT_BAD_INPUT_CASES),
+                                *(a for a, _ in FLAG_CASES)],
+    "train_gpt2_causal_lm": [["--help"], GPT2_E2E_ARGS, GPT2_EPOCHS_ARGS, *(argv for argv, _ in GPT2_BAD_INPUT_CASES),
+                             *(a for a, _ in FLAG_CASES)],
+}
+
+
+def parser_options(parser: argparse.ArgumentParser) -> list[tuple[str, ...]]:
+    """The options of ``parser``, each as the tuple of its spellings; ``--x`` / ``--no-x`` count as two options."""
+    options = []
+    for action in parser._actions:
+        if not action.option_strings:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            options.extend((spelling,) for spelling in action.option_strings)
+        else:
+            options.append(tuple(action.option_strings))
+    return options
+
+
+def unexercised(options: list[tuple[str, ...]], argvs: list[list[str]]) -> list[tuple[str, ...]]:
+    used = {token.split("=", 1)[0] for argv in argvs for token in argv if token.startswith("-")}
+    return [spellings for spellings in options if not used & set(spellings)]
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_every_option_is_exercised(name):
+    options = parser_options(load_example(name).build_parser())
+    assert len(options) > 30
+    assert not unexercised(options, EXERCISED_ARGVS[name]), f"options of {name} that no test uses"

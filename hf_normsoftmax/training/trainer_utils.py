@@ -685,10 +685,15 @@ def finish_run_dir(output_dir: str | os.PathLike, *, model_name: str | None = No
     directory = Path(output_dir)
     plots = sorted(directory.glob("stability*.png"))
     if not plots and (directory / "stability_history.jsonl").is_file():
-        from .plots import plot_run_dir
+        from .plots import plot_run_dir, read_stability_history
 
-        plot_run_dir(directory)
-        plots = sorted(directory.glob("stability*.png"))
+        try:
+            read_stability_history(directory)
+        except ValueError:
+            pass  # losses only (diagnostics off: --stability-every 0): nothing to plot
+        else:
+            plot_run_dir(directory)
+            plots = sorted(directory.glob("stability*.png"))
     from ..hub.card import write_card
 
     card = write_card(directory, model_name=model_name)
