@@ -1131,10 +1131,12 @@ class NormSoftmaxPreTrainedMixin:
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that, with ``strict=False`` (how ``Trainer`` loads the checkpoint it resumes
-        from), refuses a state dict of a sigmaReparam / learnable-gamma variant lacking such entries for layers
-        whose weights it holds: the model would keep its own values for them, not the trained ones. A state dict
-        with none of these entries (a stock model's) loads as before; call :func:`reset_normsoftmax_state` after."""
-        if not strict:
+        from), refuses a state dict of a sigmaReparam / learnable-gamma variant that holds every weight of the model
+        but lacks some of these entries: the model would keep its own values for them, not the trained ones. A state
+        dict with none of these entries (a stock model's) loads as before (call :func:`reset_normsoftmax_state`
+        after), and so does one that lacks weights too (a shard of a sharded checkpoint, loaded one by one by
+        transformers' ``load_sharded_checkpoint``: it cannot be judged alone)."""
+        if not strict and self._holds_every_weight(state_dict):
             keys = set(state_dict)
             lacking = _missing_state(
                 self,
@@ -1149,6 +1151,18 @@ class NormSoftmaxPreTrainedMixin:
                     "the state dict", lacking, f"Invalid state dict for {type(self).__name__}.load_state_dict()"
                 )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _holds_every_weight(self, state_dict) -> bool:
+        """Whether ``state_dict`` has every entry of the model's a saved checkpoint has (tied copies and
+        ``_keys_to_ignore_on_save`` are not saved), sigmaReparam / gamma entries aside."""
+        tied = set(getattr(self, "all_tied_weights_keys", None) or {})
+        unsaved = getattr(self, "_keys_to_ignore_on_save", None)
+        unsaved = re.compile("|".join(unsaved)) if unsaved else None
+        return all(
+            key in state_dict
+            for key in self.state_dict()
+            if not _NEW_KEY.search(key) and key not in tied and not (unsaved and unsaved.search(key))
+        )
 
     # -- saving with the code, pushing to the Hub ----------------------------------------------------------------
     #: Default of ``save_pretrained(save_remote_code=...)``. Set ``model.save_remote_code = False`` to keep the code

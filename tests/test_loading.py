@@ -311,3 +311,32 @@ def test_loads_in_two_threads_each_judge_their_own_checkpoint(tmp_path, monkeypa
     assert not errors, errors
     assert results["damaged"]["missing_keys"] == set(lost)
     assert results["stock"]["missing_keys"] == set()
+
+
+def test_shards_of_a_sharded_checkpoint_load_one_by_one(tmp_path):
+    """transformers' ``load_sharded_checkpoint`` (the plain Trainer's resume of a sharded checkpoint) gives the
+    model one shard at a time with ``strict=False``: a layer's weight and its sigmaReparam entries may sit in two
+    shards, which must not be taken for a damaged state dict. The whole load restores the model exactly."""
+    import json
+
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    torch.manual_seed(0)
+    trained = _as_trained(H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TRAINED_BERT)))
+    trained.save_pretrained(tmp_path / "sharded", max_shard_size="16KB")
+    weight_map = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    # a shard that holds a gamma and weights of an attention module whose gamma is in another shard: alone, it
+    # looks like a state dict with gammas that lacks one
+    gammas = {k[: -len("normsoftmax_scale")]: shard for k, shard in weight_map.items() if k.endswith("normsoftmax_scale")}
+    assert any(
+        key.startswith(module) and shard in gammas.values() and shard != gammas[module]
+        for key, shard in weight_map.items()
+        for module in gammas
+    ), "no such shard: the test would check nothing"
+
+    torch.manual_seed(1)
+    fresh = H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TRAINED_BERT))
+    result = load_sharded_checkpoint(fresh, tmp_path / "sharded", strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    expected = trained.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in fresh.state_dict().items())
