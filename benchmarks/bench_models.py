@@ -20,6 +20,15 @@ Usage::
     python benchmarks/bench_models.py                 # both workloads, 7 repetitions of 3 steps
     python benchmarks/bench_models.py --workload gpt2 --reps 5 --steps 2 --threads 2
     python benchmarks/bench_models.py --threads 1 --clock cpu   # on a busy shared machine
+    python benchmarks/bench_models.py --suite load --threads 2  # attention-heavy steps, quiet and beside 2 busy
+                                                                # processes (the docs' "cost under load" table)
+
+``--suite load`` times two attention-heavy steps, each without and with ``--load`` competing busy processes
+(pure-Python spin loops, as data-loader workers or a neighbour on a shared machine would be): ``gpt2-long`` (GPT-2
+LM, 2 layers x 384 wide, 6 heads, batch 2 x 1024 tokens, GPT-2 vocabulary; stock SDPA vs NormSoftmax attention and
+vs every flag) and ``bert-padded`` (BERT 4 layers x 384 wide, random init, batch 8 x 128 with 25-75 % padding,
+training step and eval forward; stock vs every flag). Steps are interleaved stock / variant, and the reported
+figure is the median over repetitions of the paired slowdown variant_time / stock_time (1.0 = as fast as stock).
 """
 
 from __future__ import annotations
@@ -162,9 +171,126 @@ def run(workload: str, reps: int, steps: int, batch: int, length: int, clock_nam
     return ok
 
 
+def gpt2_long_workload():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = gpt2_tokenizer()
+    ids = torch.tensor(tokenizer(shakespeare_text(100_000)).input_ids[: 2 * 1024]).view(2, 1024)
+    shape = dict(vocab_size=len(tokenizer), n_positions=1024, n_embd=384, n_layer=2, n_head=6)
+    return (lambda: GPT2LMHeadModel(GPT2Config(**shape)),
+            lambda flags: H.NormSoftmaxGPT2LMHeadModel(H.NormSoftmaxGPT2Config(**shape, **flags)),
+            dict(input_ids=ids, labels=ids))
+
+
+def bert_padded_workload():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    shape = dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, intermediate_size=1536, num_labels=2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (8, 128), generator=g)
+    mask = torch.ones(8, 128, dtype=torch.long)
+    for row, keep in enumerate((128, 96, 64, 32, 128, 100, 50, 40)):
+        mask[row, keep:] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=torch.arange(8) % 2)
+    return (lambda: BertForSequenceClassification(BertConfig(**shape)),
+            lambda flags: H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**shape, **flags)),
+            inputs)
+
+
+def make_eval(model, inputs):
+    model.eval()
+    forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+
+    def step():
+        with torch.no_grad():
+            model(**forward_inputs)
+
+    return step
+
+
+class CompetingLoad:
+    """``n`` busy processes (pure-Python spin loops) for the duration of a ``with`` block."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        import subprocess
+
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        time.sleep(0.5 if self.n else 0.0)
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def paired_slowdowns(pairs: dict, reps: int, clock) -> dict:
+    """{name: (stock step, variant step)} -> {name: median over reps of variant_time / stock_time}, interleaved."""
+    for stock, variant in pairs.values():
+        time_steps(stock, 1, clock)
+        time_steps(variant, 1, clock)
+    ratios = {name: [] for name in pairs}
+    for _ in range(reps):
+        for name, (stock, variant) in pairs.items():
+            base = time_steps(stock, 1, clock)
+            ratios[name].append(time_steps(variant, 1, clock) / base)
+    return {name: statistics.median(values) for name, values in ratios.items()}
+
+
+LOAD_TARGETS = {  # (quiet, under load): upper bounds of the slowdown
+    "gpt2-long train, attention normsoftmax": (1.15, 1.4),
+    "gpt2-long train, every flag": (None, None),
+    "bert-padded train, every flag": (1.2, 1.3),
+    "bert-padded eval, every flag": (1.2, 1.3),
+}
+
+
+def run_load_suite(reps: int, load: int, clock_name: str) -> bool:
+    clock = {"wall": time.perf_counter, "cpu": time.process_time}[clock_name]
+    gpt2_stock, gpt2_variant, gpt2_inputs = gpt2_long_workload()
+    bert_stock, bert_variant, bert_inputs = bert_padded_workload()
+    torch.manual_seed(0)
+    models = {
+        "gpt2 stock": gpt2_stock(), "gpt2 attention": gpt2_variant(dict(attention_softmax="normsoftmax")),
+        "gpt2 every": gpt2_variant(EVERY_FLAG), "bert stock": bert_stock(), "bert every": bert_variant(EVERY_FLAG),
+    }
+    pairs = {
+        "gpt2-long train, attention normsoftmax": (make_step(models["gpt2 stock"], gpt2_inputs),
+                                                   make_step(models["gpt2 attention"], gpt2_inputs)),
+        "gpt2-long train, every flag": (make_step(models["gpt2 stock"], gpt2_inputs),
+                                        make_step(models["gpt2 every"], gpt2_inputs)),
+        "bert-padded train, every flag": (make_step(models["bert stock"], bert_inputs),
+                                          make_step(models["bert every"], bert_inputs)),
+    }
+    evals = {"bert-padded eval, every flag": (make_eval(models["bert stock"], bert_inputs),
+                                              make_eval(models["bert every"], bert_inputs))}
+    results = {}
+    for level in (0, load):
+        with CompetingLoad(level):
+            results[level] = paired_slowdowns(pairs, reps, clock)
+            results[level].update(paired_slowdowns(evals, reps * 3, clock))
+    print(f"\nslowdown variant / stock (median of paired ratios, {reps} reps train, {3 * reps} eval; "
+          f"{torch.get_num_threads()} thread(s), {clock_name} time)")
+    print(f"{'step':42s} {'quiet':>7s} {'target':>7s} {f'load {load}':>8s} {'target':>7s}")
+    ok = True
+    for name, (quiet_target, load_target) in LOAD_TARGETS.items():
+        quiet, loaded = results[0][name], results[load][name]
+        for value, target in ((quiet, quiet_target), (loaded, load_target)):
+            ok &= target is None or value <= target
+        fmt = lambda t: "-" if t is None else f"<={t}"  # noqa: E731
+        print(f"{name:42s} {quiet:6.3f}x {fmt(quiet_target):>7s} {loaded:7.3f}x {fmt(load_target):>7s}")
+    return ok
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=["gpt2", "bert", "both"], default="both")
+    parser.add_argument("--suite", choices=["throughput", "load"], default="throughput",
+                        help="throughput: the workloads above; load: attention-heavy steps, quiet and under load")
+    parser.add_argument("--load", type=int, default=2, help="competing busy processes for --suite load")
     parser.add_argument("--reps", type=int, default=7, help="repetitions (median taken), >= 5")
     parser.add_argument("--steps", type=int, default=3, help="training steps per repetition")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -183,6 +309,10 @@ def main(argv=None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # load reports (e.g. the new classifier head) are expected here
+    if args.suite == "load":
+        if args.load < 1:
+            parser.error(f"--load must be >= 1, got {args.load}")
+        return 0 if run_load_suite(args.reps, args.load, args.clock) else 1
     results = []
     if args.workload in ("gpt2", "both"):
         results.append(run("gpt2", args.reps, args.steps, batch=8, length=128, clock_name=args.clock))
