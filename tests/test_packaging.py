@@ -5,6 +5,7 @@
   other torch. Checked with pip's own resolver (``pip install --dry-run --report``), offline (``--no-index``:
   every requirement must be satisfied by what is installed), in a virtual environment that sees the system's
   packages.
+* The wheel holds the ``hf-normsoftmax`` console script, whose ``--help`` imports neither torch nor transformers.
 * The transformers floor in pyproject.toml is a release the suite has run on: a virtual environment that sees the
   system's packages gets exactly that release of transformers installed over them, and the model test files run
   there (slow: needs PyPI or pip's cache for that one release).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -99,6 +101,48 @@ def test_no_upper_bound_on_torch_and_a_stated_transformers_floor():
     assert floor, requirements["transformers"]
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert f"transformers {floor.group(1)}" in readme, "README does not state the transformers floor"
+
+
+def test_wheel_ships_the_console_script_and_it_starts_light(tmp_path):
+    """A regular (not editable) install from the wheel: `hf-normsoftmax --help` works and imports neither torch nor
+    transformers nor the package; the package itself still imports with its Auto registration."""
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info next to pyproject.toml
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "hf_normsoftmax_cli.py"):
+        shutil.copy2(REPO / name, source / name)
+    shutil.copytree(REPO / "hf_normsoftmax", source / "hf_normsoftmax",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    python = _system_view_venv(tmp_path / "venv")
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([str(python), "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--no-index", "-w", str(wheels), str(source)], capture_output=True, text=True,
+                           env=_pip_env(), cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheels.glob("hf_normsoftmax-*.whl")
+    # --force-reinstall --no-deps: into the venv itself, beside (and before) the system's editable install
+    installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                                "--force-reinstall", str(wheel)], capture_output=True, text=True, env=_pip_env(),
+                               cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    script = python.parent / ("hf-normsoftmax.exe" if os.name == "nt" else "hf-normsoftmax")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
+    completed = subprocess.run([str(python), "-X", "importtime", str(script), "--help"], capture_output=True,
+                               text=True, env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=300)
+    assert completed.returncode == 0 and "usage: hf-normsoftmax" in completed.stdout, completed.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in completed.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "hf_normsoftmax_cli" in imported
+    assert not imported & {"torch", "transformers", "hf_normsoftmax"}, sorted(imported)
+    probe = subprocess.run(
+        [str(python), "-c", "import hf_normsoftmax, hf_normsoftmax_cli, transformers as t; "
+         "print(hf_normsoftmax.__file__); print(hf_normsoftmax_cli.__file__); "
+         "print(type(t.AutoConfig.for_model('normsoftmax_bert')).__name__)"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=600)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    package_file, cli_file, config_class = probe.stdout.split()
+    assert Path(package_file).is_relative_to(tmp_path / "venv") and Path(cli_file).is_relative_to(tmp_path / "venv")
+    assert config_class == "NormSoftmaxBertConfig"
 
 
 @pytest.mark.slow
