@@ -304,6 +304,8 @@ def normsoftmax_attention(
     statistic: str = "std",
     dropout_p: float = 0.0,
     return_weights: bool = False,
+    *,
+    path: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """NormSoftmax attention, fast and exact: rescaled queries + one attention kernel call, no ``L x S`` tensor.
 
@@ -325,7 +327,11 @@ def normsoftmax_attention(
     Takes the reference path (and says so in nothing but cost) when weights are requested, for masks that are not
     key padding and/or causal (see :func:`decompose_mask`), and where it is cheaper: very short query blocks (decode
     steps) and short sequences (at most ``_REFERENCE_MAX_LOGITS`` logits per head, a ``96 x 96`` tile).
+    ``path="fast"`` skips the size hand-over (masks and weights still decide as above); ``path="reference"``
+    always materialises; ``"auto"`` (default) chooses as described.
     """
+    if path not in ("auto", "fast", "reference"):
+        raise ValueError(f"path must be 'auto', 'fast' or 'reference', got {path!r}")
     _check_inputs(query, key, value, scale, max_temperature, eps, statistic, dropout_p)
     _check_gamma(gamma, query)
     B, H, L, D = query.shape
@@ -334,7 +340,8 @@ def normsoftmax_attention(
         _check_mask_shape(attn_mask, B, H, L, S)
     if L > S and is_causal:
         raise ValueError(f"a causal mask needs query_len <= key_len, got query_len={L}, key_len={S}")
-    use_reference = return_weights or L <= _REFERENCE_MAX_QUERY_LEN or L * S <= _REFERENCE_MAX_LOGITS
+    cheaper_materialised = L <= _REFERENCE_MAX_QUERY_LEN or L * S <= _REFERENCE_MAX_LOGITS
+    use_reference = path == "reference" or return_weights or (path == "auto" and cheaper_materialised)
     structure = None if use_reference else decompose_mask(attn_mask, is_causal, B, L, S)
     if structure is None:
         return normsoftmax_attention_reference(

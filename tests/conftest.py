@@ -43,13 +43,3 @@ def _fixed_seeds():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
-
-
-@pytest.fixture(autouse=True)
-def _fast_attention_path_at_test_sizes(monkeypatch):
-    """Test models and inputs are tiny: below ``_REFERENCE_MAX_LOGITS`` the fast attention path would hand over to
-    the reference. Tests pin the fast path (every size above the decode-step limit) so that what they check is
-    the fast path; tests/test_attention.py checks the hand-over itself."""
-    import hf_normsoftmax.attention as attention
-
-    monkeypatch.setattr(attention, "_REFERENCE_MAX_LOGITS", 0)

@@ -8,9 +8,15 @@ import torch.nn.functional as F
 
 from hf_normsoftmax.attention import (
     decompose_mask,
-    normsoftmax_attention,
     normsoftmax_attention_reference,
 )
+from hf_normsoftmax.attention import normsoftmax_attention as _normsoftmax_attention
+
+
+def normsoftmax_attention(*args, **kwargs):
+    """The fast path at every size (test inputs are below the size where ``path="auto"`` materialises)."""
+    return _normsoftmax_attention(*args, path="fast", **kwargs)
+
 
 
 def naive_attention(q, k, v, valid, scale, gamma=1.0, cap=None, eps=1e-6, statistic="std"):
@@ -536,19 +542,21 @@ def test_fully_padded_sequence_gets_zero_output_and_gradient(causal):
 
 
 def test_short_sequences_take_the_reference_path(monkeypatch):
-    """Up to _REFERENCE_MAX_LOGITS logits per head the fast entry point materialises them (cheaper there); above,
-    it does not. Checked by which implementation runs."""
+    """path="auto" materialises up to 96 x 96 logits per head (cheaper there) and takes the fast path above;
+    path="fast" never hands over by size; path="reference" always materialises. Checked by which implementation
+    runs (the reference is wrapped to record its calls)."""
     import hf_normsoftmax.attention as attention
 
-    monkeypatch.setattr(attention, "_REFERENCE_MAX_LOGITS", 20 * 20)
     calls = []
     reference = attention.normsoftmax_attention_reference
     monkeypatch.setattr(
         attention, "normsoftmax_attention_reference", lambda *a, **k: calls.append(a[0].shape[-2]) or reference(*a, **k)
     )
-    for L in (20, 21):
+    for L, path in ((96, "auto"), (97, "auto"), (20, "fast"), (97, "reference")):
         q, k, v = make_qkv(1, 2, L, L, 8)
-        out, _ = attention.normsoftmax_attention(q, k, v, is_causal=True)
+        out, _ = attention.normsoftmax_attention(q, k, v, is_causal=True, path=path)
         expected, _ = naive_attention(q, k, v, full_valid(None, True, 1, 2, L, L), 1 / math.sqrt(8))
         torch.testing.assert_close(out, expected, atol=1e-9, rtol=1e-7)
-    assert calls == [20]
+    assert calls == [96, 97]
+    with pytest.raises(ValueError, match="path must be"):
+        attention.normsoftmax_attention(q, k, v, path="flash")
