@@ -159,7 +159,8 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         assert report["class"].startswith("transformers_modules.") and report["class"].endswith(model_class.__name__)
         assert report["attn_implementation"] == "normsoftmax"
         assert "trust_remote_code=True" in report["without_trust"], report["without_trust"]
-        assert set(report["resaved_auto_map"]) == {"AutoConfig", "AutoModel", CASES[name][3]}, report["resaved_auto_map"]
+        resaved_map = report["resaved_auto_map"]
+        assert set(resaved_map) == {"AutoConfig", "AutoModel", CASES[name][3]}, resaved_map
         assert f"modeling_normsoftmax_{name}.py" in report["resaved_files"], report["resaved_files"]
         outputs = torch.load(tmp_path / f"{name}.pt.out")
         assert torch.allclose(outputs["logits"], references[name], atol=1e-6), name

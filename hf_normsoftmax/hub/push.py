@@ -63,7 +63,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .secrets import find_secret, known_tokens
 from .card import (
     card_inputs_from_config,
     collect_run_dir,
@@ -71,6 +70,7 @@ from .card import (
     model_family,
     render_card,
 )
+from .secrets import find_secret, known_tokens
 
 __all__ = ["HubPushError", "push_model", "push_run_dir", "save_and_push", "stage_model", "stage_run_dir"]
 
@@ -300,8 +300,9 @@ def _scan_for_token(staging: Path, token: str | None) -> None:
     for path in sorted(staging.rglob("*")):
         found = find_secret(path, tokens) if path.is_file() else None
         if found:
-            raise HubPushError(f"refusing to push: staged file {path.relative_to(staging)} holds {found}. Nothing "
-                               "was uploaded; remove the token from the file it comes from and push again.")
+            raise HubPushError(f"refusing to push: {found} appears in staged file {path.relative_to(staging)}. "
+                               "Nothing was uploaded; remove the token from the file it comes from (a token in use "
+                               "is the token argument, HF_TOKEN or the saved login) and push again.")
 
 
 def _run_file(run_dir: Path, path: Path) -> Path:
@@ -456,7 +457,8 @@ def stage_model(
         fields.setdefault("plots", plot_names)
         fields.setdefault("sources", ["the in-memory model config"])
         fields.setdefault("code_in_repo", _is_variant_config(model.config))  # staged with auto_map + code
-        card = render_card(card_inputs_from_config(model.config, model_name=name, repo_id=repo_id, **fields))
+        card = render_card(card_inputs_from_config(model.config, model_name=name, repo_id=repo_id, **fields),
+                           refuse_secrets=False)  # a token in it is refused by the scan before the upload
         extra = [t for t in [*(tags or ()), *(getattr(model, "model_tags", None) or ())] if isinstance(t, str)]
         if extra:
             card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *extra]))
@@ -516,7 +518,7 @@ def stage_run_dir(run_dir, staging_dir, *, repo_id: str | None = None, model_nam
     inputs.code_in_repo = _is_variant_config(config)  # variants are re-saved above with auto_map + code
     for plot in sorted(p.name for p in run_dir.glob("stability*.png") if p.is_symlink()):
         _run_file(run_dir, run_dir / plot)  # refused: the card lists linked plots too, the push uploads none
-    card = render_card(inputs)
+    card = render_card(inputs, refuse_secrets=False)  # a token in it is refused by the scan before the upload
     for plot in inputs.plots:  # the card embeds them with their path relative to the run dir = repo root
         target = staging / plot
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -60,14 +60,15 @@ def redact(text: str, tokens: Iterable[str] = (), replacement: str = "<redacted>
 
 
 def find_secret(data: bytes | str | Path, tokens: Iterable[str] = ()) -> str | None:
-    """What secret ``data`` (bytes, text, or a file's bytes) holds: a description without the token, or None."""
+    """What secret ``data`` (bytes, text, or a file's bytes) holds, as a noun phrase that does not show the token
+    ("the access token's text", "a string shaped like ..."), or None."""
     if isinstance(data, Path):
         data = data.read_bytes()
     if isinstance(data, str):
         data = data.encode("utf-8")
     for token in tokens:
         if token.encode("utf-8") in data:
-            return "the text of an access token in use (argument, HF_TOKEN or the saved login)"
+            return "the access token's text"
     if _TOKEN_PATTERN_BYTES.search(data):
         return "a string shaped like a Hugging Face access token (hf_ followed by 30+ letters and digits)"
     return None

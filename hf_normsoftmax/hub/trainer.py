@@ -103,8 +103,8 @@ class NormSoftmaxCardMixin:
             found = find_secret(path, tokens)
             if found:
                 raise HubPushError(
-                    f"refusing to push {output_dir}: {relative} holds {found}. Nothing was uploaded. Remove the "
-                    "token from that file (or the file from the output dir) and push again."
+                    f"refusing to push {output_dir}: {found} appears in {relative}. Nothing was uploaded. Remove "
+                    "the token from that file (or the file from the output dir) and push again."
                 )
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
