@@ -787,10 +787,18 @@ class SigmaReparamMixin:
             # Out of the dtype's range (a diverged layer): the tensor path below, which gives inf / nan as a stock
             # layer would (a Python scalar out of range makes torch raise instead).
             if _in_range(alpha, weight.dtype) == alpha:
-                state = (u, v, alpha, sigma_value, layout, w_mm)
+                flat = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+                if not torch.is_grad_enabled():  # inference: the same addmm without the autograd Function
+                    if w_mm is None:
+                        w_mm = weight.t() if layout == "out_in" else weight
+                    if bias is not None:
+                        out = torch.addmm(bias, flat, w_mm, alpha=alpha)
+                    else:
+                        out = torch.addmm(_cpu_zero(flat.dtype), flat, w_mm, beta=0, alpha=alpha)
+                else:
+                    out = _ReparamMatmul.apply(flat, weight, bias, scale, (u, v, alpha, sigma_value, layout, w_mm))
                 if input.dim() == 2:
-                    return _ReparamMatmul.apply(input, weight, bias, scale, state)
-                out = _ReparamMatmul.apply(input.reshape(-1, input.shape[-1]), weight, bias, scale, state)
+                    return out
                 if input.dim() == 3:
                     return out.view(input.shape[0], input.shape[1], out.shape[1])
                 return out.view(input.shape[:-1] + (out.shape[1],))

@@ -940,3 +940,17 @@ def test_variant_init_from_the_same_weights_gives_identical_exact_buffers(tmp_pa
             exact = torch.linalg.matrix_norm(matrix_of(layer).double(), 2)
             torch.testing.assert_close(layer.sigma.double(), exact, rtol=1e-6, atol=0)
             torch.testing.assert_close(layer.reparam_scale.detach().double(), exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_inference_forward_is_the_fused_forward_bitwise(kind):
+    """Without grad mode the fused CPU forward calls addmm directly: the same bits as through autograd."""
+    _, layer, x = converted(kind)
+    randomize_vectors(layer)
+    with torch.no_grad():
+        layer.reparam_scale.mul_(1.3)
+    for training in (True, False):
+        layer.train(training)
+        with_grad = layer(x)
+        with torch.no_grad():
+            assert torch.equal(layer(x), with_grad.detach())
