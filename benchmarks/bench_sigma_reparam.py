@@ -4,7 +4,8 @@ A post-LN transformer encoder built from plain torch (every projection an nn.Lin
 F.scaled_dot_product_attention), 6 layers, seq 128, batch 8, hidden 384 and 768 (FFN 4x). Measured:
 
 - train: forward + backward + AdamW step (one power-iteration step per layer per step in the converted model);
-- eval: forward under torch.no_grad() in eval mode (the converted model uses its cached effective weights).
+- eval: forward under torch.no_grad() in eval mode (the converted model checks each weight against its
+  power-iteration vectors and folds s / sigma into the matmul; no cached effective weight).
 
 Stock and converted are timed interleaved (stock, converted, stock, ...) after warm-up, with the wall clock or
 the process CPU time (``--clock cpu``: steadier on a shared machine, with ``--threads 1``). The table gives the
