@@ -164,7 +164,7 @@ def merge_and_unload(model: PreTrainedModel) -> PreTrainedModel:
     """
     if (
         not isinstance(model, PreTrainedModel)
-        or not hasattr(type(model), "_normsoftmax_attention_classes")  # the variants' mixin (duck-typed for remote code)
+        or not hasattr(type(model), "_normsoftmax_attention_classes")  # the variants' mixin (duck-typed: remote code)
         or not all(hasattr(model.config, f) for f in NORMSOFTMAX_FLAGS)
     ):
         raise ValueError(

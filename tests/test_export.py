@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from test_models_common import TINY_BERT, TINY_GPT2, TINY_VIT
 from transformers import (
     BertForMaskedLM,
     BertForSequenceClassification,
@@ -22,13 +23,15 @@ from hf_normsoftmax import cli
 from hf_normsoftmax.configuration_normsoftmax import NORMSOFTMAX_FLAGS
 from hf_normsoftmax.sigma_reparam import SigmaReparamMixin
 
-from test_models_common import TINY_BERT, TINY_GPT2, TINY_VIT
-
 CASES = {
-    "bert-cls": (H.NormSoftmaxBertForSequenceClassification, H.NormSoftmaxBertConfig, TINY_BERT, BertForSequenceClassification),
+    "bert-cls": (
+        H.NormSoftmaxBertForSequenceClassification, H.NormSoftmaxBertConfig, TINY_BERT, BertForSequenceClassification
+    ),
     "bert-mlm": (H.NormSoftmaxBertForMaskedLM, H.NormSoftmaxBertConfig, TINY_BERT, BertForMaskedLM),
     "gpt2-lm": (H.NormSoftmaxGPT2LMHeadModel, H.NormSoftmaxGPT2Config, TINY_GPT2, GPT2LMHeadModel),
-    "gpt2-cls": (H.NormSoftmaxGPT2ForSequenceClassification, H.NormSoftmaxGPT2Config, TINY_GPT2, GPT2ForSequenceClassification),
+    "gpt2-cls": (
+        H.NormSoftmaxGPT2ForSequenceClassification, H.NormSoftmaxGPT2Config, TINY_GPT2, GPT2ForSequenceClassification
+    ),
     "vit-cls": (H.NormSoftmaxViTForImageClassification, H.NormSoftmaxViTConfig, TINY_VIT, ViTForImageClassification),
 }
 
