@@ -157,6 +157,15 @@ def _sigma_floor(dtype: torch.dtype) -> float:
     return floor
 
 
+# A plain layer wakes once an entry of its weight reaches the power iteration's normalisation floor (F.normalize's
+# eps): below it the vectors could not be unit, and the layer stays plain (W_hat = W, exactly its stock twin).
+_WAKE_ABOVE = 1e-12
+
+
+def _wakes(weight: torch.Tensor) -> bool:
+    return bool((weight.detach().abs() >= _WAKE_ABOVE).any())
+
+
 _DTYPE_MAX: dict[torch.dtype, float] = {}
 
 
@@ -476,7 +485,7 @@ class SigmaReparamMixin:
                     u_stored.copy_(u_new_stored)
                     v_stored.copy_(v_new_stored)
             plain = float(sigma_now) == 0.0
-            if plain and store and not _woken and bool(weight.any()):
+            if plain and store and not _woken and _wakes(weight):
                 self.reset_reparam()
                 return self._reparam_vectors(store, _woken=True)
             return u_now, v_now, sigma_now, plain
@@ -484,7 +493,7 @@ class SigmaReparamMixin:
             # One host read while the layer may be plain (after a plain reset or a load): wake it exactly.
             # (Compiled graphs cannot branch on data: there a plain layer stays plain, W_hat = W.)
             if not bool((u_stored != 0).any()):
-                if bool(weight.any()):
+                if _wakes(weight):
                     self.reset_reparam()
                     return self._reparam_vectors(store, _woken=True)
             else:
@@ -544,10 +553,10 @@ class SigmaReparamMixin:
         the buffers are a deterministic function of the weight. ``reparam_scale`` is then set to the layer's own
         estimate ``v^T W u`` from those vectors, equal to the largest singular value up to rounding.
 
-        A weight whose estimate is 0 (an all-zero weight, common for zero-initialised output projections) gets
-        ``u = v = 0`` and ``reparam_scale = 0``: the layer is *plain* (``W_hat = W``, the gradient of a stock
-        layer) until a training forward sees a nonzero weight, which resets it from that weight (``W_hat = W``
-        again at that moment). Raises RuntimeError for weights on the meta device and ValueError for
+        An all-zero weight (common for zero-initialised output projections), or one with no entry of magnitude
+        1e-12 or more (the power iteration's normalisation floor), gets ``u = v = 0`` and ``reparam_scale = 0``:
+        the layer is *plain* (``W_hat = W``, the gradient of a stock layer) until a training forward sees a
+        weight above that floor, which resets it from that weight (``W_hat = W`` again at that moment). Raises RuntimeError for weights on the meta device and ValueError for
         non-finite weights.
         """
         self._check_materialised("reset_reparam")
@@ -575,7 +584,9 @@ class SigmaReparamMixin:
         # estimate (no step) and sigma equals reparam_scale bitwise.
         matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
         wt_v = torch.mv(matrix.t(), _read(self.reparam_v, compute_dtype))
-        if float(wt_v.norm()) == 0.0:  # a weight so small that its float estimate underflows: plain as well
+        estimate = torch.dot(wt_v, F.normalize(wt_v, dim=0))
+        # a weight below the normalisation floor (its estimate would be wrong or underflow): plain as well
+        if not bool((matrix.abs() >= _WAKE_ABOVE).any()) or float(estimate) == 0.0:
             self._make_plain()
             return
         self.reparam_u.copy_(F.normalize(wt_v, dim=0))
@@ -771,7 +782,7 @@ class SigmaReparamMixin:
         else:
             u, v, sigma, w_mm = vectors
             sigma_value = sigma.item()
-            if sigma_value == 0.0 and store and bool(weight.detach().any()):
+            if sigma_value == 0.0 and store and _wakes(weight):
                 self.reset_reparam()  # wake: the weight of a plain layer became nonzero
                 weight, bias, scale, u, v = self._tensors()
                 u, v, sigma, w_mm = self._cpu_training_vectors(weight, u, v, store)

@@ -954,3 +954,17 @@ def test_inference_forward_is_the_fused_forward_bitwise(kind):
         with_grad = layer(x)
         with torch.no_grad():
             assert torch.equal(layer(x), with_grad.detach())
+
+
+def test_weight_below_the_normalisation_floor_stays_plain_without_resetting_each_forward(monkeypatch):
+    layer = SigmaReparamLinear(6, 4)
+    with torch.no_grad():
+        layer.weight.fill_(1e-20)  # nonzero, but too small for unit power-iteration vectors
+    layer.reset_reparam()
+    assert float(layer.reparam_scale) == 0.0 and not layer.reparam_u.any()
+    resets = []
+    monkeypatch.setattr(SigmaReparamLinear, "reset_reparam", lambda self: resets.append(1))
+    x = torch.randn(3, 6)
+    for _ in range(3):
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    assert not resets  # plain: W_hat = W, and no eigendecomposition per forward
