@@ -556,8 +556,8 @@ class SigmaReparamMixin:
         An all-zero weight (common for zero-initialised output projections), or one with no entry of magnitude
         1e-12 or more (the power iteration's normalisation floor), gets ``u = v = 0`` and ``reparam_scale = 0``:
         the layer is *plain* (``W_hat = W``, the gradient of a stock layer) until a training forward sees a
-        weight above that floor, which resets it from that weight (``W_hat = W`` again at that moment). Raises RuntimeError for weights on the meta device and ValueError for
-        non-finite weights.
+        weight above that floor, which resets it from that weight (``W_hat = W`` again at that moment).
+        Raises RuntimeError for weights on the meta device and ValueError for non-finite weights.
         """
         self._check_materialised("reset_reparam")
         weight = self.weight.detach()
