@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 import venv
 from pathlib import Path
@@ -26,8 +25,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Test files run on the floor release: model construction, flags, save/load, Auto API, generation, training steps.
+# Run on the floor release: the model test files (construction, flags, stock checkpoints, save/load, Auto API,
+# pipelines, generation, Trainer steps), each head with only its fullest flag set, and without torch.compile (a torch
+# feature; it alone takes minutes). About 80 tests, 80 s of CPU.
 FLOOR_SMOKE_TESTS = ("tests/test_models_vit.py", "tests/test_models_gpt2.py", "tests/test_models_bert.py")
+FLOOR_SMOKE_SELECTION = "not every_flag_combination and not torch_compile or (learnable_gamma and sigma_reparam)"
 
 pytestmark = pytest.mark.xdist_group("packaging")  # pip builds the package's metadata in the checkout
 
@@ -125,8 +127,7 @@ def test_wheel_ships_the_console_script_and_it_starts_light(tmp_path):
                                cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=600)
     assert installed.returncode == 0, installed.stderr[-3000:]
     script = python.parent / ("hf-normsoftmax.exe" if os.name == "nt" else "hf-normsoftmax")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv's copy, not the checkout
     completed = subprocess.run([str(python), "-X", "importtime", str(script), "--help"], capture_output=True,
                                text=True, env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL, timeout=300)
     assert completed.returncode == 0 and "usage: hf-normsoftmax" in completed.stdout, completed.stderr[-3000:]
@@ -162,7 +163,9 @@ def test_model_tests_pass_on_the_transformers_floor(tmp_path):
     assert version == floor, f"the venv imports transformers {version}, not the floor {floor}"
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     completed = subprocess.run(
-        [str(python), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *FLOOR_SMOKE_TESTS],
+        [str(python), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", FLOOR_SMOKE_SELECTION,
+         *FLOOR_SMOKE_TESTS],
         capture_output=True, text=True, env=env, cwd=str(REPO), stdin=subprocess.DEVNULL, timeout=1800,
     )
     assert completed.returncode == 0, f"model tests on transformers {floor}:\n{completed.stdout[-6000:]}"
+    assert re.search(r"\b([5-9][0-9]|[1-9][0-9]{2,}) passed", completed.stdout), completed.stdout[-2000:]
