@@ -7,14 +7,14 @@ computes; each flag switches one method on.
 | flag | allowed | default | effect |
 |---|---|---|---|
 | ``attention_softmax`` | ``"softmax"``, ``"normsoftmax"`` | ``"softmax"`` | softmax used inside dot-product attention |
-| ``normsoftmax_gamma`` | number in [1e-3, 1e2] | ``DEFAULT_NORMSOFTMAX_GAMMA`` | attention logits normalised to std gamma |
+| ``normsoftmax_gamma`` | [1e-3, 1e2] | ``DEFAULT_NORMSOFTMAX_GAMMA`` | attention logits normalised to std gamma |
 | ``normsoftmax_learnable_gamma`` | bool | ``False`` | one learnable gamma per head (parameter ``normsoftmax_scale``) |
-| ``normsoftmax_max_temperature`` | ``None`` or number in [1e-2, 1e6] | ``None`` | cap on the temperature ``T = std / gamma`` |
+| ``normsoftmax_max_temperature`` | ``None`` or [1e-2, 1e6] | ``None`` | cap on the temperature ``T = std / gamma`` |
 | ``normsoftmax_statistic`` | ``"std"``, ``"var"`` | ``"std"`` | spread statistic of the logits |
-| ``normsoftmax_eps`` | number in [1e-14, 1] | ``1e-6`` | added to the variance |
+| ``normsoftmax_eps`` | [1e-14, 1] | ``1e-6`` | added to the variance |
 | ``loss_softmax`` | ``"softmax"``, ``"normsoftmax"`` | ``"softmax"`` | softmax of the classification / LM heads |
-| ``loss_normsoftmax_gamma`` | number in [1e-3, 1e2] | ``DEFAULT_LOSS_NORMSOFTMAX_GAMMA`` | head logits normalised to std gamma |
-| ``logit_inverse_temperature`` | number in [1e-3, 1e2] | ``1.0`` | beta: head logits are ``beta * z`` |
+| ``loss_normsoftmax_gamma`` | [1e-3, 1e2] | ``DEFAULT_LOSS_NORMSOFTMAX_GAMMA`` | head logits normalised to std gamma |
+| ``logit_inverse_temperature`` | [1e-3, 1e2] | ``1.0`` | beta: head logits are ``beta * z`` |
 | ``sigma_reparam`` | bool | ``False`` | sigmaReparam on the selected layers |
 | ``sigma_reparam_include`` | ``None`` or list of patterns | ``None`` | layers to convert (``None``: all) |
 | ``sigma_reparam_exclude`` | ``None`` or list of patterns | ``None`` | layers never converted |

@@ -14,13 +14,12 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models_common import TINY_BERT
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import hf_normsoftmax as H
 from hf_normsoftmax import integration
 from hf_normsoftmax.normsoftmax import GAMMA_RANGE, NormSoftmax, norm_softmax
-
-from test_models_common import TINY_BERT
 
 # ---------------------------------------------------------------------------------------------------------------
 # combinations at assignment
