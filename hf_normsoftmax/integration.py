@@ -39,6 +39,7 @@ import contextvars
 import fnmatch
 import inspect
 import re
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -1630,6 +1631,16 @@ def _move_into_place(new, target, previous, variant: str | None) -> None:
         raise
 
 
+_FOLDER_LOCKS: dict = {}
+_FOLDER_LOCKS_GUARD = threading.Lock()
+
+
+def _folder_lock(path: str) -> threading.Lock:
+    """The lock of one save folder (by real path): moves into the same folder take turns, others run at once."""
+    with _FOLDER_LOCKS_GUARD:
+        return _FOLDER_LOCKS.setdefault(path, threading.Lock())
+
+
 def _save_checkpoint(model, stock_save, save_directory, kwargs: dict, auto_map: dict | None, code_files):
     """``stock_save(save_directory, **kwargs)`` (transformers' save) with ``auto_map`` and ``code_files`` written
     (or this package's removed), into a temporary folder beside ``save_directory`` and then moved into place.
@@ -1660,7 +1671,8 @@ def _save_checkpoint(model, stock_save, save_directory, kwargs: dict, auto_map: 
         os.makedirs(new)
         result = stock_save(new, **kwargs)
         write_remote_code(new, auto_map, code_files, drop_code=True)
-        _move_into_place(new, real, os.path.join(work, "previous"), kwargs.get("variant"))
+        with _folder_lock(real):  # two saves into one folder in this process: one set of files, then the other
+            _move_into_place(new, real, os.path.join(work, "previous"), kwargs.get("variant"))
         return result
     except CheckpointRollbackError:
         keep = True

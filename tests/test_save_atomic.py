@@ -226,3 +226,51 @@ def test_run_dir_writers_are_all_or_nothing(tmp_path, monkeypatch):
     os.umask(umask)
     for path in tmp_path.iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_saves_into_one_folder_in_threads_leave_one_whole_checkpoint(tmp_path, monkeypatch):
+    """Threads saving different models (other flags, sharded or not) into the same folder at once: the folder
+    ends with one whole checkpoint, its config with its own weights (renames slowed down so that the moves of
+    the saves would interleave if they were not taken in turns)."""
+    import time
+
+    from transformers import AutoModelForSequenceClassification
+
+    inputs = {"input_ids": torch.randint(3, 97, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    models = []
+    for beta in (1.0, 2.0, 3.0, 4.0):
+        torch.manual_seed(int(beta))
+        models.append(_classifier(logit_inverse_temperature=beta))
+    references = {m.config.logit_inverse_temperature: _logits(m, inputs) for m in models}
+    target = tmp_path / "out"
+    replace = os.replace
+
+    def slow_replace(*args, **kwargs):
+        time.sleep(0.002)
+        return replace(*args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    start = threading.Barrier(len(models))
+    errors = []
+
+    def worker(index: int):
+        start.wait()
+        try:
+            for _ in range(3):
+                models[index].save_pretrained(target, **({"max_shard_size": "20KB"} if index % 2 else {}))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(models))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monkeypatch.setattr(os, "replace", replace)
+    assert not errors, errors
+    loaded = AutoModelForSequenceClassification.from_pretrained(target)
+    beta = loaded.config.logit_inverse_temperature
+    assert torch.equal(_logits(loaded, inputs), references[beta]), beta
+    names = {p.name for p in target.iterdir()}
+    sharded = int(beta) % 2 == 0  # models[1] and models[3] were saved sharded
+    assert ("model.safetensors.index.json" in names) == sharded and ("model.safetensors" in names) != sharded
