@@ -103,9 +103,9 @@ def expect_usage_error(name: str, argv: list[str], output_dir: Path, capsys, *pa
 
 
 VIT_BAD_INPUT_CASES = [
-    (["--normsoftmax-gamma", "0"], ["--normsoftmax-gamma", "> 0"]),
+    (["--normsoftmax-gamma", "0"], ["--normsoftmax-gamma", "0.0", "Allowed"]),
     (["--normsoftmax-gamma", "-1.5"], ["--normsoftmax-gamma"]),
-    (["--logit-inverse-temperature", "0"], ["--logit-inverse-temperature", "> 0"]),
+    (["--logit-inverse-temperature", "0"], ["--logit-inverse-temperature", "0.0", "Allowed"]),
     (["--loss-softmax", "normsoftmax", "--loss-normsoftmax-gamma", "0"], ["--loss-normsoftmax-gamma"]),
     (["--loss-softmax", "normsoftmax", "--logit-inverse-temperature", "2"],
      ["--logit-inverse-temperature", "--loss-softmax"]),

@@ -233,9 +233,15 @@ def add_variant_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str
         ATTENTION_SOFTMAX_CHOICES,
         DEFAULT_LOSS_NORMSOFTMAX_GAMMA,
         DEFAULT_NORMSOFTMAX_GAMMA,
+        GAMMA_RANGE,
+        INVERSE_TEMPERATURE_RANGE,
         LOSS_SOFTMAX_CHOICES,
+        MAX_TEMPERATURE_RANGE,
         NORMSOFTMAX_STATISTIC_CHOICES,
     )
+
+    def within(bounds: tuple[float, float]) -> str:
+        return f"in [{bounds[0]:g}, {bounds[1]:g}]"
 
     config_defaults = {
         "attention_softmax": "softmax",
@@ -264,22 +270,24 @@ def add_variant_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str
     group.add_argument("--attention-softmax", choices=ATTENTION_SOFTMAX_CHOICES, default=None,
                        help=f"softmax inside self-attention {default('attention_softmax')}")
     group.add_argument("--normsoftmax-gamma", type=_finite_float, default=None, metavar="GAMMA",
-                       help="spread the attention logits are normalised to, > 0 (initial value when learnable) "
+                       help=f"spread the attention logits are normalised to, {within(GAMMA_RANGE)} (initial value when "
+                            "learnable) "
                             + default("normsoftmax_gamma"))
     group.add_argument("--normsoftmax-learnable-gamma", action=argparse.BooleanOptionalAction, default=None,
                        help="learn one gamma per head and layer " + default("normsoftmax_learnable_gamma"))
     group.add_argument("--normsoftmax-max-temperature", type=_optional_number, default=None, metavar="T",
-                       help="cap on the attention temperature std/gamma, > 0, or 'none' "
+                       help=f"cap on the attention temperature std/gamma, {within(MAX_TEMPERATURE_RANGE)}, or 'none' "
                             + default("normsoftmax_max_temperature"))
     group.add_argument("--normsoftmax-statistic", choices=NORMSOFTMAX_STATISTIC_CHOICES, default=None,
                        help="spread statistic of the attention logits " + default("normsoftmax_statistic"))
     group.add_argument("--loss-softmax", choices=LOSS_SOFTMAX_CHOICES, default=None,
                        help="softmax of the head / loss " + default("loss_softmax"))
     group.add_argument("--loss-normsoftmax-gamma", type=_finite_float, default=None, metavar="GAMMA",
-                       help="spread of the normalised head logits, > 0 (bounds the reachable confidence) "
+                       help=f"spread of the normalised head logits, {within(GAMMA_RANGE)} (bounds the reachable confidence) "
                             + default("loss_normsoftmax_gamma"))
     group.add_argument("--logit-inverse-temperature", type=_finite_float, default=None, metavar="BETA",
-                       help="inverse temperature beta of the head softmax, > 0: the loss sees beta * logits "
+                       help=f"inverse temperature beta of the head softmax, {within(INVERSE_TEMPERATURE_RANGE)}: the loss sees "
+                            "beta * logits "
                             + default("logit_inverse_temperature"))
     group.add_argument("--sigma-reparam", action=argparse.BooleanOptionalAction, default=None,
                        help="sigmaReparam on the linear layers (and the ViT patch embedding) "
