@@ -148,9 +148,9 @@ def test_a_keyword_one_edit_from_a_flag_is_refused_naming_the_flag(name, flag, v
 
     refused(lambda: H.NormSoftmaxBertConfig(**{name: value}))
     refused(lambda: AutoConfig.for_model("normsoftmax_gpt2", **{name: value}))
-    H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=3).save_pretrained(tmp_path / "good")
+    tiny_classifier().save_pretrained(tmp_path / "good")
     refused(lambda: AutoConfig.from_pretrained(tmp_path / "good", **{name: value}))
-    refused(lambda: H.NormSoftmaxViTConfig.from_pretrained(tmp_path / "good", **{name: value}))
+    refused(lambda: AutoModelForSequenceClassification.from_pretrained(tmp_path / "good", **{name: value}))
     config_dict = json.loads((tmp_path / "good" / "config.json").read_text())
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({**config_dict, name: value}))
