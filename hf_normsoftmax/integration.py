@@ -1259,7 +1259,7 @@ class NormSoftmaxPreTrainedMixin:
         auto_map = remote_code_auto_map(model_class, type(self.config), auto_class) if save_remote_code else None
         code = remote_code_files(model_class, type(self.config)) if save_remote_code else ()
         result = _save_checkpoint(self, super().save_pretrained, save_directory, kwargs, auto_map, code)
-        if push is not None and self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+        if push is not None and _saves_on_this_rank(self, kwargs):
             return self._push_to_hub_without_package(processing_class=None, **push)
         return result
 
@@ -1631,6 +1631,13 @@ def _move_into_place(new, target, previous, variant: str | None) -> None:
         raise
 
 
+def _saves_on_this_rank(model, kwargs: dict) -> bool:
+    """Whether transformers' save writes files in this process (``should_save_on_this_rank`` where it exists)."""
+    is_main_process = kwargs.get("is_main_process", True)
+    should_save = getattr(model, "should_save_on_this_rank", None)
+    return bool(should_save(is_main_process)) if callable(should_save) else bool(is_main_process)
+
+
 _FOLDER_LOCKS: dict = {}
 _FOLDER_LOCKS_GUARD = threading.Lock()
 
@@ -1653,7 +1660,7 @@ def _save_checkpoint(model, stock_save, save_directory, kwargs: dict, auto_map: 
     import shutil
     import tempfile
 
-    if os.path.isfile(save_directory) or not model.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+    if os.path.isfile(save_directory) or not _saves_on_this_rank(model, kwargs):
         return stock_save(save_directory, **kwargs)
     if kwargs.get("distributed_checkpoint"):
         result = stock_save(save_directory, **kwargs)

@@ -856,7 +856,9 @@ def save_and_push(
             stacklevel=3,
         )
     token = _check_token(hub_kwargs.get("token"))
-    saves_here = model.should_save_on_this_rank(save_kwargs.get("is_main_process", True))
+    from ..integration import _saves_on_this_rank
+
+    saves_here = _saves_on_this_rank(model, save_kwargs)
     repo_id = None
     if saves_here:  # the repo id is settled before anything is written
         repo_id = _check_repo_id(_full_repo_id(hub_kwargs.get("repo_id") or Path(save_directory).name, token))
