@@ -39,7 +39,15 @@ import torch
 import torch.nn.functional as F
 
 from .attention_fast import FastAttention, FastSettings, compute_dtype, cpu_flash_available, exact_rows, fast_no_grad, make_plan
-from .normsoftmax import _check_options, _check_positive_finite, _is_number, norm_softmax
+from .normsoftmax import (
+    GAMMA_RANGE,
+    _check_in_range,
+    _check_options,
+    _check_positive_finite,
+    _check_tensor_in_range,
+    _is_number,
+    norm_softmax,
+)
 
 __all__ = [
     "MaskStructure",
@@ -112,16 +120,9 @@ def _check_gamma(gamma, query):
             ) from None
         if torch.broadcast_shapes(gamma.shape, row_shape) != row_shape:
             raise ValueError(f"gamma of shape {tuple(gamma.shape)} would enlarge the attention rows {row_shape}")
-        # a data-dependent check would break torch.compile graphs; eager calls get it
-        if not torch.compiler.is_compiling() and gamma.numel() > 0:
-            g = gamma.detach()
-            if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
-                raise ValueError(
-                    f"gamma must be positive and finite everywhere, got values in [{g.min().item():.4g}, "
-                    f"{g.max().item():.4g}]"
-                )
+        _check_tensor_in_range("gamma", gamma, GAMMA_RANGE)
     else:
-        _check_positive_finite("gamma", gamma)
+        _check_in_range("gamma", gamma, GAMMA_RANGE)
 
 
 # ----------------------------------------------------------------------------------------------------------------

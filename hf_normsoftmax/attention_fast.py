@@ -111,11 +111,27 @@ def _abs_bound(q: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
     return torch.matmul(q.abs(), diag.clamp(min=0.0).sqrt().unsqueeze(-1)).squeeze(-1).square()
 
 
+# Per-row work over (B, H, rows, D) slices of about this many elements: query-sized temporaries would raise the peak
+# memory above stock SDPA's for long sequences; calls up to this size run in one slice (one set of ops).
+_ROW_SLICE_ELEMENTS = 2**22
+
+
+def row_slices(x: torch.Tensor) -> list[slice]:
+    """Slices of the rows (dim -2) of a (B, H, L, D) tensor, each about _ROW_SLICE_ELEMENTS elements."""
+    B, H, L, D = x.shape
+    rows = max(1, _ROW_SLICE_ELEMENTS // max(1, B * H * D))
+    return [slice(start, start + rows) for start in range(0, L, rows)]
+
+
 def covariance_variance(q: torch.Tensor, kc: torch.Tensor, count: torch.Tensor):
     """Bidirectional rows: var_i = q_i^T C q_i, C = kc^T kc / n. Returns (var (B, H, L), bound (B, H, L), C)."""
     cov = torch.matmul(kc.transpose(-1, -2), kc).div_(count[..., None].clamp(min=1.0))
-    var = torch.linalg.vecdot(torch.matmul(q, cov), q)
-    return var.clamp_(min=0.0), _abs_bound(q, cov.diagonal(dim1=-2, dim2=-1)), cov
+    diag = cov.diagonal(dim1=-2, dim2=-1)
+    var, bound = q.new_empty(q.shape[:-1]), q.new_empty(q.shape[:-1])
+    for rows in row_slices(q):
+        torch.linalg.vecdot(torch.matmul(q[..., rows, :], cov), q[..., rows, :], out=var[..., rows])
+        bound[..., rows] = _abs_bound(q[..., rows, :], diag)
+    return var.clamp_(min=0.0), bound, cov
 
 
 class _Blocks(NamedTuple):
@@ -203,7 +219,7 @@ def causal_variance(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, b
     O the second moment of the centred keys before the block): its rounding bound is u |q|^T |O| |q|."""
     t = _causal_terms(q, kc, w, block)
     L = q.shape[-2]
-    m2_inner = t.deviation.square().sum(dim=-1)
+    m2_inner = torch.linalg.vector_norm(t.deviation, dim=-1).square()
     n_inner, n_before = t.n_inner, t.n_before
     m2 = t.m2_before_raw.clamp(min=0.0) + m2_inner + t.delta.square() * n_before * n_inner / t.n.clamp(min=1.0)
     var = (m2 / t.n.clamp(min=1.0)).flatten(-2)[..., :L]
@@ -369,14 +385,18 @@ def _rescaled(q, factor, dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _variance_gradients(plan: Plan, q, grad_var, key_weight, settings: FastSettings):
-    """(dL/dq, dL/dkc) of the per-row variance for dL/dvar (B, H, L, 1) (rows with no variance gradient: 0)."""
-    if plan.cov is not None:  # var_i = q_i^T C q_i, C = kc^T kc / n
-        weighted = q * grad_var
-        grad_q = torch.matmul(weighted, plan.cov).mul_(2.0)
-        grad_cov = torch.matmul(weighted.transpose(-1, -2), q).div_(plan.count[..., None].clamp(min=1.0))
-        return grad_q, torch.matmul(plan.kc, grad_cov).mul_(2.0)
-    return causal_variance_backward(q, plan.kc, key_weight, _causal_block(q.shape[-2]), grad_var[..., 0])
+def _covariance_backward(plan: Plan, q, grad_qs, grad_var, grad_kc):
+    """Bidirectional rows, var_i = q_i^T C q_i with C = kc^T kc / n, row slice by row slice: writes factor_i g_i +
+    2 dL/dvar_i C q_i over the kernel's query gradient ``grad_qs`` and adds the keys' term to ``grad_kc``."""
+    grad_cov = torch.zeros_like(plan.cov)
+    for rows in row_slices(q):
+        weighted = q[..., rows, :] * grad_var[..., rows, :]
+        grad_qs[..., rows, :].mul_(plan.factor[..., rows, :]).add_(torch.matmul(weighted, plan.cov), alpha=2.0)
+        grad_cov.add_(torch.matmul(weighted.transpose(-1, -2), q[..., rows, :]))
+    grad_cov.mul_(2.0 / plan.count[..., None].clamp(min=1.0))
+    for keys in row_slices(plan.kc):
+        grad_kc[..., keys, :].add_(torch.matmul(plan.kc[..., keys, :], grad_cov))
+    return grad_qs, grad_kc
 
 
 class FastAttention(torch.autograd.Function):
@@ -427,10 +447,9 @@ class FastAttention(torch.autograd.Function):
             grad_out = grad_out.masked_fill(settings.rows_without_keys, 0.0)
         if settings.cpu_flash:
             query, value, key_weight, out, lse, mask = ctx.saved_tensors
-            q_scaled = _rescaled(query.to(plan.factor.dtype), plan.factor, query.dtype)
             grad_qs, grad_kc, grad_v = _CPU_FLASH_BACKWARD(
-                grad_out.contiguous(), q_scaled, plan.kernel_key, value, out, lse, 0.0, settings.sdpa_is_causal,
-                attn_mask=mask, scale=1.0,
+                grad_out.contiguous(), _rescaled(query.to(plan.factor.dtype), plan.factor, query.dtype),
+                plan.kernel_key, value, out, lse, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0,
             )
         else:
             query, value, key_weight = ctx.saved_tensors
@@ -451,18 +470,25 @@ class FastAttention(torch.autograd.Function):
             grad_qs, grad_kc, grad_v = torch.autograd.grad(out, (q_leaf, k_leaf, v_leaf), grad_out)
         cd = plan.factor.dtype
         q = query.to(cd)
-        grad_qs = grad_qs.to(cd)
+        grad_qs, grad_kc = grad_qs.to(cd), grad_kc.to(cd)
         # dL/dfactor_i = g_i . q_i -> dL/d(1/T_i) -> dL/dvar_i (and dL/dgamma)
-        grad_inv = torch.where(plan.live, torch.linalg.vecdot(grad_qs, q)[..., None] * settings.scale, 0.0)
+        grad_inv = q.new_empty(*q.shape[:-1], 1)
+        for rows in row_slices(q):
+            torch.linalg.vecdot(grad_qs[..., rows, :], q[..., rows, :], out=grad_inv[..., rows, 0])
+        grad_inv = torch.where(plan.live, grad_inv * settings.scale, 0.0)
         grad_var = grad_inv * plan.inv_temperature * (-settings.power * settings.scale**2) / plan.spread_base
         grad_gamma = None
         if ctx.gamma_spec is not None:
             spread_inv = plan.spread_base.rsqrt() if settings.power == 0.5 else plan.spread_base.reciprocal()
             shape, dtype = ctx.gamma_spec
             grad_gamma = (grad_inv * spread_inv).sum_to_size(shape).to(dtype)
-        var_grad_q, var_grad_kc = _variance_gradients(plan, q, grad_var, key_weight, settings)
-        grad_q = var_grad_q.addcmul_(grad_qs, plan.factor)
-        grad_k = var_grad_kc.add_(grad_kc.to(cd))
+        if plan.cov is not None:
+            grad_q, grad_k = _covariance_backward(plan, q, grad_qs, grad_var, grad_kc)
+        else:
+            grad_q, grad_k = causal_variance_backward(q, plan.kc, key_weight, _causal_block(q.shape[-2]),
+                                                      grad_var[..., 0])
+            grad_q.addcmul_(grad_qs, plan.factor)
+            grad_k.add_(grad_kc)
         if key_weight is not None:  # padded keys get no gradient (kc is zero there)
             grad_k.mul_(key_weight[:, None, :, None])
         return grad_q.to(query.dtype), grad_k.to(ctx.key_dtype), grad_v, grad_gamma, None, None, None
