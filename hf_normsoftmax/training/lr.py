@@ -29,7 +29,7 @@ Limits of the rule (read before relying on it):
   SGD with learning rate ``eta / eps`` and the exponent drifts from 1 towards 2. Decoupled weight decay (AdamW)
   acts on ``theta`` at rate ``eta * weight_decay`` and is rescaled along with eta.
 * UNVERIFIED: the paper's own learning-rate rule could not be read from the paper body; the rule here is derived
-  from the gradient as above (it is also what REFERENCE.md section 1 states), not copied from the paper.
+  from the gradient as above, not copied from the paper.
 
 Usage::
 
