@@ -6,7 +6,7 @@ to SDPA (the machines are shared and noisy: ratios, never bare times). Peak memo
 subprocess per path: the resident-set high-water mark on CPU (Linux; large allocations mmapped so that frees return
 memory), ``torch.cuda.max_memory_allocated`` on GPU.
 
-    python benchmarks/bench_attention.py                # the issue's settings: B=4, H=12, d=64, fp32
+    python benchmarks/bench_attention.py                # the default settings: B=4, H=12, d=64, fp32
     python benchmarks/bench_attention.py --quick        # small smoke run
 """
 

@@ -1,4 +1,4 @@
-"""Smoke tests of the experiment scripts in benchmarks/experiments/ (issue 6).
+"""Smoke tests of the experiment scripts in benchmarks/experiments/.
 
 Each script's ``--quick`` mode (a few steps on a reduced grid, MNIST-5k so no Debian data package is needed) runs
 in-process and must leave the documented outputs: one JSON per run, ``summary.json``, ``summary.md`` with a table,

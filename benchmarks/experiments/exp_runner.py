@@ -1,4 +1,4 @@
-"""Shared runner of the small-scale experiments (issue 6): data, tiny ViT, training loop, run grid, summaries.
+"""Shared runner of the small-scale experiments: data, tiny ViT, training loop, run grid, summaries.
 
 Every experiment script in this folder describes its runs as a list of *specs* (flat JSON-able dicts: model, flags,
 optimizer, schedule, seed...). :func:`run_grid` trains each spec that has no result file yet (so an interrupted
