@@ -58,8 +58,8 @@ BASE_SPEC: dict[str, Any] = {
     "layernorm": True,
     # package flags
     "attention_softmax": "softmax",
-    # pinned to the values the published results (docs/results.md) were run with: the provisional package
-    # defaults of that time, before benchmarks/sweep_gamma.py set the defaults (None: the current package default)
+    # pinned to the values the published results (docs/results.md) were run with, which differ from the package
+    # defaults set by benchmarks/sweep_gamma.py (None: the package default)
     "normsoftmax_gamma": 1.0,
     "loss_softmax": "softmax",
     "loss_normsoftmax_gamma": 4.0,
