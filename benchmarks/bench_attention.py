@@ -146,6 +146,20 @@ def peak_memory(path, args, causal, padded):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
+def count_aten_ops(path, args, causal, padded) -> int:
+    """aten operator calls (torch profiler, every nesting level) of one forward + backward: each is a dispatch, a
+    parallel region on CPU and a kernel launch on a GPU, so the count sets the cost of small and contended calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v, mask = make_inputs(args.batch, args.heads, args.length, args.dim, padded, causal, args.device,
+                                torch.float32)
+    grad_out = torch.randn_like(q)
+    step(path, q, k, v, mask, causal, grad_out)  # warm-up: lazy initialisation is not part of a call
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(path, q, k, v, mask, causal, grad_out)
+    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
@@ -186,9 +200,9 @@ def main(argv=None):
     print()
     print(
         f"| N | mask | path | time vs SDPA | quartiles of the per-repetition ratios | "
-        f"peak memory vs SDPA (N={args.mem_length}) |"
+        f"peak memory vs SDPA (N={args.mem_length}) | aten ops (fwd+bwd) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for causal, padded in [(False, False), (False, True), (True, False), (True, True)]:
         runs = time_paths(paths, args, causal, padded, args.reps)
         times = {p: statistics.median(t) for p, t in runs.items()}
@@ -204,7 +218,9 @@ def main(argv=None):
         for p in paths:
             mem = f"{mems[p] / mems['sdpa']:.2f}x" if p in mems and mems.get("sdpa") else "-"
             spread = f"{paired[p][0]:.2f}x-{paired[p][1]:.2f}x"
-            print(f"| {args.length} | {name} | {p} | {times[p] / times['sdpa']:.2f}x | {spread} | {mem} |", flush=True)
+            ops = count_aten_ops(p, args, causal, padded)
+            print(f"| {args.length} | {name} | {p} | {times[p] / times['sdpa']:.2f}x | {spread} | {mem} | {ops} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
