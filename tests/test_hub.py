@@ -7,8 +7,8 @@ request through huggingface_hub.
 
 Round trips: push tiny stock BERT / GPT-2 / ViT models with their real tokenizers / image processor (MiniLM's
 WordPiece, OpenAI's GPT-2 BPE, a ViT image processor on sklearn digits), then ``from_pretrained(repo_id)`` in a
-fresh subprocess with an empty cache: outputs equal. When the hf_normsoftmax variants are installed, the same for
-a ViT, a BERT and a GPT-2 variant, loaded with the package and with the package hidden (remote code).
+fresh subprocess with an empty cache: outputs equal. The same for a ViT, a BERT and a GPT-2 variant, loaded with
+the package and with the package hidden (remote code).
 """
 
 from __future__ import annotations
@@ -49,19 +49,6 @@ _SUBPROCESS_OUTPUT: list = []
 # ------------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------------
-def _variants_available(families=FAMILIES) -> bool:
-    try:
-        from transformers import AutoConfig
-
-        import hf_normsoftmax  # noqa: F401
-
-        for family in families:
-            AutoConfig.for_model(f"normsoftmax_{family}")
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not available yet"
-        return False
-
-
 def _hub_env(hub, tmp_path: Path, token: str | None = ALICE_TOKEN, package: bool = True) -> dict:
     """Subprocess environment: the test double as endpoint, a fresh cache, a private TMPDIR."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "PYTHONPATH"))}
@@ -1082,8 +1069,6 @@ AUTO_CLASS = {"vit": "AutoModelForImageClassification", "bert": "AutoModelForSeq
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _variants_available(), reason="hf_normsoftmax variants (normsoftmax_vit/bert/gpt2) not "
-                    "registered yet")
 def test_roundtrip_variants_with_and_without_package(hub, tmp_path):
     repos = {f: f"alice/variant-{f}" for f in FAMILIES}
     work = tmp_path / "work"
@@ -1131,8 +1116,8 @@ def test_roundtrip_variants_with_and_without_package(hub, tmp_path):
 
 @pytest.fixture(scope="module")
 def variant_run_dir(tmp_path_factory):
-    if not _variants_available(("bert",)):
-        pytest.skip("normsoftmax_bert not registered yet")
+    import hf_normsoftmax  # noqa: F401  registers normsoftmax_bert for the in-process Trainer run
+
     return _train_run_dir(tmp_path_factory.mktemp("variant_run") / "run", "normsoftmax_bert",
                           {"attention_softmax": "normsoftmax", "sigma_reparam": True,
                            "sigma_reparam_exclude": ["classifier"]})
@@ -1195,7 +1180,6 @@ save_file({k: v.contiguous() for k, v in outputs("bert", model, tokenizer).items
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _variants_available(("bert",)), reason="normsoftmax_bert not registered yet")
 def test_trainer_push_to_hub_with_card_and_remote_code(hub, tmp_path):
     """trainer.push_to_hub() of a variant (NormSoftmaxCardMixin): our card, auto_map + code, loads without the
     package with the trained outputs."""
@@ -1291,7 +1275,6 @@ save_file({k: v.contiguous() for k, v in {**refs, **trainer_refs}.items()}, str(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _variants_available(), reason="hf_normsoftmax variants not registered yet")
 def test_model_push_to_hub_of_variants(hub, tmp_path):
     """model.push_to_hub of a ViT / BERT / GPT-2 variant uploads, in one commit, our card, the code + auto_map,
     safetensors weights, the config and the processor (given, or found next to the weights). A stock Trainer's
@@ -1409,7 +1392,6 @@ save_file({k: v.contiguous() for k, v in refs.items()}, str(work / "ref.safetens
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _variants_available(("vit", "bert")), reason="hf_normsoftmax variants not registered yet")
 def test_save_pretrained_push_to_hub_of_variants(hub, tmp_path):
     """save_pretrained(folder, push_to_hub=True) of a BERT / ViT variant writes the folder as without the push (plus
     the card) and uploads like model.push_to_hub: one commit, our card, code + auto_map, safetensors, processor.
