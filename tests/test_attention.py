@@ -560,3 +560,25 @@ def test_short_sequences_take_the_reference_path(monkeypatch):
     assert calls == [96, 97]
     with pytest.raises(ValueError, match="path must be"):
         attention.normsoftmax_attention(q, k, v, path="flash")
+
+
+def test_math_modules_import_only_torch_and_each_other():
+    """The math layer (pure torch) never imports transformers or huggingface_hub, and reaches other package files
+    only by same-folder relative imports (what a checkpoint's remote code carries)."""
+    import ast
+    from pathlib import Path
+
+    math_modules = {"normsoftmax", "losses", "attention", "attention_fast", "sigma_reparam", "entropy"}
+    package = Path(__file__).resolve().parents[1] / "hf_normsoftmax"
+    for name in sorted(math_modules):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+                assert not roots & {"transformers", "huggingface_hub", "hf_normsoftmax"}, (name, roots)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert node.module.split(".")[0] not in {"transformers", "huggingface_hub", "hf_normsoftmax"}, (
+                        name, node.module)
+                else:
+                    assert node.level == 1 and node.module in math_modules, (name, node.level, node.module)
