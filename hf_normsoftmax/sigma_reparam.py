@@ -107,6 +107,26 @@ def _read(buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buffer.to(dtype, copy=True)
 
 
+_ALIGNMENT = 64  # bytes: where PyTorch's CPU allocator starts every tensor it allocates
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it in a fresh allocation if its CPU data does not start on a 64-byte boundary.
+
+    CPU matrix-vector and dot products (and single-row matmuls) take a different vectorised route, which rounds
+    differently, for data off such a boundary, as tensors mapped from a safetensors file usually are. Feeding
+    them aligned data gives a loaded layer the bits of the layer the saving process allocated itself.
+    """
+    if (
+        not torch.compiler.is_compiling()  # (compiled graphs have no data pointers; they place their own data)
+        and type(tensor) in (torch.Tensor, nn.Parameter)  # not subclasses (DTensor, fake / functional tensors)
+        and tensor.device.type == "cpu"
+        and tensor.data_ptr() % _ALIGNMENT != 0
+    ):
+        return tensor.clone()  # preserve_format: a dense tensor keeps its strides
+    return tensor
+
+
 def _normalize(vector: torch.Tensor) -> torch.Tensor:
     """``F.normalize(vector, dim=0)`` for a 1-D CPU vector: the same bits (same norm, floor and division).
 
@@ -212,7 +232,7 @@ class _ScaledWeight(torch.autograd.Function):
         layout = ctx.layout
         compute_dtype = _compute_dtype(weight.dtype)
         create_graph = torch.is_grad_enabled()
-        w = weight.to(compute_dtype)
+        w = _aligned(weight).to(compute_dtype)
         g = grad_output.to(compute_dtype)
         if create_graph:
             sigma = torch.dot(torch.mv(_matrix(w, layout).t(), v), u).clamp(min=_sigma_floor(compute_dtype))
@@ -253,7 +273,8 @@ class _ReparamMatmul(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, state):
         alpha, layout, w_mm = state[2], state[4], state[5]
         if w_mm is None:
-            w_mm = weight.t() if layout == "out_in" else weight
+            aligned = _aligned(weight.detach())
+            w_mm = aligned.t() if layout == "out_in" else aligned
         if bias is not None:
             out = torch.addmm(bias, x, w_mm, alpha=alpha)
         else:
@@ -291,6 +312,7 @@ class _ReparamMatmul(torch.autograd.Function):
             return grad_x, grad_w, grad_b, grad_s, None
         # First-order backward on CPU: the scalars are Python numbers, which saves a dozen tiny tensor ops.
         zero = _cpu_zero(grad_out.dtype)
+        weight = _aligned(weight.detach())
         if need_x:
             grad_x = torch.addmm(zero, grad_out, weight if layout == "out_in" else weight.t(), beta=0, alpha=alpha)
         if need_w or need_s:
@@ -461,7 +483,7 @@ class SigmaReparamMixin:
         host sync, one graph), except the plain check, read on the host only while the layer may be plain
         (``_maybe_plain``: after a plain reset or a state-dict load, until a training forward sees it is not).
         """
-        weight = self.weight.detach()
+        weight = _aligned(self.weight.detach())
         compute_dtype = _compute_dtype(weight.dtype)
         matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
         u_stored, v_stored = self.reparam_u, self.reparam_v
@@ -523,7 +545,7 @@ class SigmaReparamMixin:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
         self._check_materialised("power_iteration_")
-        weight = self.weight.detach()
+        weight = _aligned(self.weight.detach())
         compute_dtype = _compute_dtype(weight.dtype)
         matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
         for _ in range(steps):
@@ -582,7 +604,7 @@ class SigmaReparamMixin:
         self.reparam_v.copy_(left)
         # u = normalize(W^T v) exactly as a training forward computes it, so the first forward sees an up-to-date
         # estimate (no step) and sigma equals reparam_scale bitwise.
-        matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
+        matrix = _matrix(_aligned(weight), self.weight_layout).to(compute_dtype)
         wt_v = torch.mv(matrix.t(), _read(self.reparam_v, compute_dtype))
         estimate = torch.dot(wt_v, F.normalize(wt_v, dim=0))
         # a weight below the normalisation floor (its estimate would be wrong or underflow): plain as well
@@ -732,6 +754,9 @@ class SigmaReparamMixin:
         detached = weight.detach()
         if type(detached) is not torch.Tensor:  # tensor subclasses (DTensor, fake / functional tensors)
             return None
+        # Aligned operands: the same bits whether the weight was allocated here or mapped from a checkpoint.
+        detached = _aligned(detached)
+        u_stored_in, v_stored_in = _aligned(u_stored), _aligned(v_stored)
         layout = self.weight_layout
         if layout == "out_in":
             matrix, matrix_t = detached, detached.t()
@@ -740,11 +765,11 @@ class SigmaReparamMixin:
         else:
             matrix = detached.reshape(detached.shape[0], -1)
             matrix_t = matrix.t()
-        wt_v = torch.mv(matrix_t, v_stored)
+        wt_v = torch.mv(matrix_t, v_stored_in)
         u_now = _normalize(wt_v)
         if torch.equal(u_now, u_stored):  # u is still the image of v: the weight has not changed
             return u_now, v_stored.clone(), torch.dot(wt_v, u_now), matrix_t
-        v_now = _normalize(torch.mv(matrix, u_stored))
+        v_now = _normalize(torch.mv(matrix, u_stored_in))
         wt_v = torch.mv(matrix_t, v_now)
         u_now = _normalize(wt_v)
         if store:
@@ -801,7 +826,8 @@ class SigmaReparamMixin:
                 flat = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
                 if not torch.is_grad_enabled():  # inference: the same addmm without the autograd Function
                     if w_mm is None:
-                        w_mm = weight.t() if layout == "out_in" else weight
+                        aligned = _aligned(weight.detach())
+                        w_mm = aligned.t() if layout == "out_in" else aligned
                     if bias is not None:
                         out = torch.addmm(bias, flat, w_mm, alpha=alpha)
                     else:

@@ -340,3 +340,69 @@ def test_shards_of_a_sharded_checkpoint_load_one_by_one(tmp_path):
     assert not result.missing_keys and not result.unexpected_keys
     expected = trained.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in fresh.state_dict().items())
+
+
+_EVAL_IN_A_FRESH_PROCESS = """
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+import hf_normsoftmax as H
+spec = json.loads(sys.argv[1])
+outputs, off_boundary = {}, 0
+for name, path in spec["models"].items():
+    model = getattr(H, spec["classes"][name]).from_pretrained(path).eval()
+    off_boundary += sum(m.weight.data_ptr() % 16 != 0 for m in model.modules() if hasattr(m, "reparam_u"))
+    with torch.no_grad():
+        for key, value in load_file(spec["inputs"]).items():
+            if key.startswith(name + "/"):
+                outputs[key] = model(**{key.split("/")[1]: value}).logits.contiguous()
+save_file(outputs, spec["out"])
+print("OFF_BOUNDARY", off_boundary)
+"""
+
+
+def test_eval_after_training_is_reproduced_bitwise_by_a_fresh_process(tmp_path):
+    """Train, evaluate, save; ``from_pretrained`` in a fresh process evaluates the same inputs to the same bits.
+
+    The fresh process maps the safetensors file: its sigmaReparam weights start wherever the file puts them, not on
+    the boundary this process's allocator used, and some CPU kernels round differently there."""
+    import json
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    models = {
+        "vit": H.NormSoftmaxViTForImageClassification(H.NormSoftmaxViTConfig(
+            **TINY_VIT, num_labels=3, attention_softmax="normsoftmax", sigma_reparam=True)),
+        "gpt2": H.NormSoftmaxGPT2LMHeadModel(H.NormSoftmaxGPT2Config(
+            **TINY_GPT2, attention_softmax="normsoftmax", sigma_reparam=True, sigma_reparam_exclude=["lm_head"])),
+        "bert": H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TRAINED_BERT)),
+    }
+    inputs = {"vit/pixel_values": torch.randn(2, 3, 16, 16), "gpt2/input_ids": IDS, "bert/input_ids": IDS}
+    expected, paths = {}, {}
+    for name, model in models.items():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        train_inputs = {k.split("/")[1]: v for k, v in inputs.items() if k.startswith(name + "/")}
+        for _ in range(2):  # the last optimizer step leaves a power-iteration step pending for eval
+            logits = model(**train_inputs).logits
+            logits.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            for key, value in inputs.items():
+                if key.startswith(name + "/"):
+                    expected[key] = model(**{key.split("/")[1]: value}).logits
+        paths[name] = _save(model, tmp_path / name)
+    save_file({k: v.clone() for k, v in inputs.items()}, tmp_path / "inputs.safetensors")
+    spec = {"models": paths, "classes": {name: type(model).__name__ for name, model in models.items()},
+            "inputs": str(tmp_path / "inputs.safetensors"), "out": str(tmp_path / "out.safetensors")}
+    completed = subprocess.run([sys.executable, "-c", _EVAL_IN_A_FRESH_PROCESS, json.dumps(spec)],
+                               capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert completed.returncode == 0, completed.stderr
+    off_boundary = int(completed.stdout.split("OFF_BOUNDARY")[1])
+    assert off_boundary > 0, "every loaded weight is on a 16-byte boundary: the test would check nothing"
+    got = load_file(tmp_path / "out.safetensors")
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), f"{key}: max abs diff {(got[key] - value).abs().max()}"

@@ -968,3 +968,53 @@ def test_weight_below_the_normalisation_floor_stays_plain_without_resetting_each
     for _ in range(3):
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
     assert not resets  # plain: W_hat = W, and no eigendecomposition per forward
+
+
+def _off_the_allocators_alignment(tensor: torch.Tensor, offset: int = 3) -> torch.Tensor:
+    """A copy of ``tensor`` starting ``offset`` elements into a fresh allocation: not on a 16-byte boundary, as
+    tensors mapped from a safetensors file often are."""
+    moved = torch.empty(tensor.numel() + offset, dtype=tensor.dtype)[offset:].view(tensor.shape)
+    moved.copy_(tensor)
+    assert moved.data_ptr() % 16 != 0
+    return moved
+
+
+@pytest.mark.parametrize("pending_step", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_and_buffers_off_the_allocators_alignment_give_the_same_bits(kind, pending_step):
+    """A checkpoint loaded by mapping the file gives the layer a weight (and buffers) at an arbitrary offset, where
+    CPU matrix-vector, dot and single-row products round differently: the loaded layer must still compute the
+    bits of the layer that was saved (eval after training in one process == eval after loading in another)."""
+    torch.manual_seed(0)
+    stock = {"linear": lambda: nn.Linear(48, 40), "conv": lambda: nn.Conv2d(3, 8, kernel_size=4, stride=4),
+             "conv1d": lambda: TinyConv1D(40, 48)}[kind]()
+    layer = REPARAM_CLASS[kind].from_module(stock)
+    inputs = [torch.randn(2, 3, 8, 8), torch.randn(1, 3, 4, 4)] if kind == "conv" else [torch.randn(5, 48),
+                                                                                         torch.randn(1, 48)]
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    for _ in range(2):
+        layer(inputs[0]).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if not pending_step:
+        layer(inputs[0])  # the power iteration catches up with the last optimizer step
+    layer.eval()
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.data = _off_the_allocators_alignment(twin.weight.data)
+        twin.reparam_u = _off_the_allocators_alignment(twin.reparam_u)
+        twin.reparam_v = _off_the_allocators_alignment(twin.reparam_v)
+    with torch.no_grad():
+        for x in inputs:
+            assert torch.equal(twin(x), layer(x))
+        assert torch.equal(twin.sigma, layer.sigma)
+        assert torch.equal(twin.effective_weight(), layer.effective_weight())
+    for x in inputs:
+        assert torch.equal(twin(x), layer(x))  # grad mode: the autograd route
+    for module in (layer, twin):  # training goes on with the same steps and gradients
+        module.train()
+        module(inputs[0]).square().mean().backward()
+    for (name, a), b in zip(layer.state_dict().items(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(layer.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
