@@ -825,13 +825,17 @@ def finish_normsoftmax_init(model: nn.Module) -> None:
       (the loaded one, or the tied embedding for a tied head), so a converted stock checkpoint computes exactly
       the stock function; likewise layers whose weight was not loaded (a head re-initialised by
       ``ignore_mismatched_sizes``): a loaded scale belongs to the checkpoint's weight, not to the new one;
-    * learnable gammas that were not loaded: ``normsoftmax_gamma``.
+    * learnable gammas that were not loaded: ``normsoftmax_gamma``;
+    * sigmaReparam weights and u/v buffers mapped from the checkpoint file off the 64-byte boundary are moved to a
+      fresh allocation (the layer would otherwise make an aligned copy in every forward, for bit-exact results).
 
     Runs once per tensor: later calls (e.g. ``tie_weights()`` after ``resize_token_embeddings``) never reset
     trained values. Layers still on the meta device are left for the call at the end of ``from_pretrained``.
     """
     config = getattr(model, "config", None)
     for module in model.modules():
+        if isinstance(module, SigmaReparamMixin) and not _is_meta(module.weight):
+            module._align_storage()  # mapped from the checkpoint file: no aligned copy in every forward
         if isinstance(module, SigmaReparamMixin) and not _is_meta(module.weight) and _reparam_shape_changed(module):
             _refit_resized_reparam(module)
         if isinstance(module, SigmaReparamMixin) and not getattr(module, "_normsoftmax_init_done", False):

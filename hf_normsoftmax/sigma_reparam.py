@@ -614,6 +614,16 @@ class SigmaReparamMixin:
         self.reparam_u.copy_(F.normalize(wt_v, dim=0))
         self.reparam_scale.copy_(torch.dot(wt_v, _read(self.reparam_u, compute_dtype)))
 
+    @torch.no_grad()
+    def _align_storage(self) -> None:
+        """Moves a weight or u/v buffer whose CPU data is off the 64-byte boundary (mapped from a checkpoint file)
+        into a fresh allocation, once: forwards then need no aligned copy per call (see ``_aligned``).
+        The same tensor objects (``.data`` replaced), so tied weights, hooks and references stay valid."""
+        for tensor in (self.weight, self.reparam_u, self.reparam_v):
+            aligned = _aligned(tensor.data)
+            if aligned is not tensor.data:
+                tensor.data = aligned
+
     def _make_plain(self) -> None:
         self._maybe_plain = True
         self.reparam_u.zero_()
