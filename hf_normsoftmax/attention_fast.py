@@ -57,6 +57,12 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, without an operator call when it already is (every call is a dispatch: on CPU a parallel
+    region, on a GPU a launch)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics dtype: float64 stays float64, everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -306,11 +312,11 @@ def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
     """Statistics, row factors and the exact rows of one call (no autograd)."""
     cd = compute_dtype(query.dtype)
     with torch.no_grad():
-        q = query.detach().to(cd)
-        kc, count = _centred_keys(key.detach().to(cd), key_weight)
+        q = _as(query.detach(), cd)
+        kc, count = _centred_keys(_as(key.detach(), cd), key_weight)
         kernel_key = kc if key.dtype == cd else kc.to(key.dtype)
         if kernel_key is not kc:  # statistics of the keys the kernel sees (the rounded centred keys)
-            kc = kernel_key.to(cd)
+            kc = _as(kernel_key, cd)
         var, bound, n, cov = row_variance(q, kc, count, key_weight, settings.causal)
         var, bound = var[..., None], bound[..., None]
         n = n[..., None]  # (B, 1, L, 1)
@@ -331,16 +337,15 @@ def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
             exact |= q.abs().amax(dim=-1, keepdim=True) * factor > biggest
         exact &= n > 0  # rows without keys: zero output, set by the kernel call
         exact_index = None
+        fast = n > 1  # rows whose factor varies: at least two keys, and not computed exactly
         if bool(exact.any()):
             exact_rows = exact.expand(*q.shape[:-1], 1)[..., 0]
             width = int(exact_rows.sum(dim=-1).amax())
             exact_index = torch.argsort(exact_rows.to(torch.int8), dim=-1, descending=True, stable=True)[..., :width]
             taken = torch.zeros_like(exact_rows).scatter_(-1, exact_index, True)[..., None]
-        else:
-            taken = torch.zeros((), dtype=torch.bool, device=q.device)
-        several = n > 1
-        live = several & ~taken if uncapped is None else several & ~taken & uncapped
-        factor = torch.where(several & ~taken, factor, 0.0)
+            fast = fast & ~taken
+        live = fast if uncapped is None else fast & uncapped
+        factor = torch.where(fast, factor, 0.0)
         return Plan(kc, kernel_key, count, cov, factor, inv_temperature, var_scaled.add_(settings.eps), live,
                     exact_index)
 
@@ -377,7 +382,7 @@ def _additive_mask(settings: FastSettings, dtype: torch.dtype) -> torch.Tensor |
 
 
 def _rescaled(q, factor, dtype):
-    return torch.mul(q, factor).to(dtype)
+    return _as(torch.mul(q, factor), dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,7 +415,7 @@ class FastAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, gamma, key_weight, plan: Plan, settings: FastSettings):
         with torch.autocast(query.device.type, enabled=False):
-            q_scaled = _rescaled(query.detach().to(plan.factor.dtype), plan.factor, query.dtype)
+            q_scaled = _rescaled(_as(query.detach(), plan.factor.dtype), plan.factor, query.dtype)
             ctx.plan, ctx.settings = plan, settings
             ctx.gamma_spec = (gamma.shape, gamma.dtype) if isinstance(gamma, torch.Tensor) and gamma.requires_grad \
                 else None
@@ -448,7 +453,7 @@ class FastAttention(torch.autograd.Function):
         if settings.cpu_flash:
             query, value, key_weight, out, lse, mask = ctx.saved_tensors
             grad_qs, grad_kc, grad_v = _CPU_FLASH_BACKWARD(
-                grad_out.contiguous(), _rescaled(query.to(plan.factor.dtype), plan.factor, query.dtype),
+                grad_out.contiguous(), _rescaled(_as(query, plan.factor.dtype), plan.factor, query.dtype),
                 plan.kernel_key, value, out, lse, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0,
             )
         else:
@@ -462,15 +467,15 @@ class FastAttention(torch.autograd.Function):
                     "(retain_graph=True): its dropout mask is not kept. Use dropout_p=0 or normsoftmax_attention_reference."
                 )
             else:  # a second backward through a retained graph: rebuild the kernel's graph
-                q_leaf = _rescaled(query.to(plan.factor.dtype), plan.factor, query.dtype).requires_grad_()
+                q_leaf = _rescaled(_as(query, plan.factor.dtype), plan.factor, query.dtype).requires_grad_()
                 k_leaf = plan.kernel_key.detach().requires_grad_()
                 v_leaf = value.detach().requires_grad_()
                 with torch.enable_grad():
                     out = _sdpa(q_leaf, k_leaf, v_leaf, settings)
             grad_qs, grad_kc, grad_v = torch.autograd.grad(out, (q_leaf, k_leaf, v_leaf), grad_out)
         cd = plan.factor.dtype
-        q = query.to(cd)
-        grad_qs, grad_kc = grad_qs.to(cd), grad_kc.to(cd)
+        q = _as(query, cd)
+        grad_qs, grad_kc = _as(grad_qs, cd), _as(grad_kc, cd)
         # dL/dfactor_i = g_i . q_i -> dL/d(1/T_i) -> dL/dvar_i (and dL/dgamma)
         grad_inv = q.new_empty(*q.shape[:-1], 1)
         for rows in row_slices(q):
@@ -491,13 +496,13 @@ class FastAttention(torch.autograd.Function):
             grad_k.add_(grad_kc)
         if key_weight is not None:  # padded keys get no gradient (kc is zero there)
             grad_k.mul_(key_weight[:, None, :, None])
-        return grad_q.to(query.dtype), grad_k.to(ctx.key_dtype), grad_v, grad_gamma, None, None, None
+        return _as(grad_q, query.dtype), _as(grad_k, ctx.key_dtype), grad_v, grad_gamma, None, None, None
 
 
 def fast_no_grad(query, key, value, plan: Plan, settings: FastSettings):
     """The kernel call of the fast path when no gradient is needed (inference)."""
     with torch.autocast(query.device.type, enabled=False):
-        q_scaled = _rescaled(query.to(plan.factor.dtype), plan.factor, query.dtype)
+        q_scaled = _rescaled(_as(query, plan.factor.dtype), plan.factor, query.dtype)
         if settings.cpu_flash:  # the kernel the training path calls: bit-identical outputs
             mask = _additive_mask(settings, query.dtype)
             out = _CPU_FLASH(q_scaled, plan.kernel_key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask,
