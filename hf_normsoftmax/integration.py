@@ -1053,6 +1053,9 @@ _LOADING_CHECKPOINT_CONFIG: contextvars.ContextVar[dict | None] = contextvars.Co
 )
 
 
+_FROM_PRETRAINED_LOCK = threading.RLock()
+
+
 class NormSoftmaxPreTrainedMixin:
     """Behaviour shared by every NormSoftmax variant model (put it first in the bases).
 
@@ -1115,9 +1118,13 @@ class NormSoftmaxPreTrainedMixin:
         output_loading_info = kwargs.pop("output_loading_info", False)
         context = _LOADING_CHECKPOINT_CONFIG.set(checkpoint_config)
         try:
-            model, loading_info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
+            # transformers' from_pretrained swaps class attributes while it loads (no_tie_weights replaces
+            # PreTrainedModel.tie_weights and puts back what it found): two loads in threads can leave the
+            # replacement in place for the rest of the process, and every later model untied. Loads take turns.
+            with _FROM_PRETRAINED_LOCK:
+                model, loading_info = super().from_pretrained(
+                    pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                )
         finally:
             _LOADING_CHECKPOINT_CONFIG.reset(context)
         if pretrained_model_name_or_path is not None:

@@ -270,38 +270,33 @@ def test_auto_model_loads_the_encoder_of_a_classifier_with_remote_code_only(tmp_
         assert torch.allclose(outputs["last_hidden_state"], expected[kind], atol=1e-5), kind
 
 
-def test_loads_in_two_threads_each_judge_their_own_checkpoint(tmp_path, monkeypatch):
-    """What a checkpoint must hold is decided per load: two loads held together between reading their checkpoint's
-    config.json and judging the loaded weights (a damaged variant checkpoint, a stock one) each see their own."""
+def test_loads_in_two_threads_each_judge_their_own_checkpoint(tmp_path):
+    """What a checkpoint must hold is decided per load: two loads started together in threads (a damaged variant
+    checkpoint, a stock one) each see their own. Variant loads take turns (transformers swaps class attributes
+    while loading): afterwards PreTrainedModel.tie_weights is still transformers' own and new models are tied."""
     import threading
 
     from transformers import PreTrainedModel
 
     torch.manual_seed(0)
+    original_tie_weights = PreTrainedModel.tie_weights
     trained = _as_trained(H.NormSoftmaxBertForSequenceClassification(H.NormSoftmaxBertConfig(**TRAINED_BERT)))
     damaged = _save(trained, tmp_path / "damaged")
     lost = _remove_entries(damaged, r"\.reparam_scale$")
     stock = _save(BertForSequenceClassification(BertConfig(**TINY_BERT, num_labels=3)), tmp_path / "stock")
-
-    both_loading = threading.Barrier(2, timeout=120)
-    finalize = PreTrainedModel._finalize_model_loading
-
-    def finalize_together(model, load_config, loading_info):
-        both_loading.wait()
-        return finalize(model, load_config, loading_info)
-
-    monkeypatch.setattr(PreTrainedModel, "_finalize_model_loading", staticmethod(finalize_together))
+    start = threading.Barrier(2, timeout=120)
     results, errors = {}, []
 
     def load(name, path):
         try:
+            start.wait()
             flags = {k: TRAINED_BERT[k] for k in ("attention_softmax", "normsoftmax_learnable_gamma", "sigma_reparam")}
-            _, results[name] = H.NormSoftmaxBertForSequenceClassification.from_pretrained(
-                path, output_loading_info=True, **flags
-            )
+            for _ in range(3):
+                _, results[name] = H.NormSoftmaxBertForSequenceClassification.from_pretrained(
+                    path, output_loading_info=True, **flags
+                )
         except BaseException as error:  # reported below, with the other thread's outcome
             errors.append(error)
-            both_loading.abort()
 
     threads = [threading.Thread(target=load, args=args) for args in (("damaged", damaged), ("stock", stock))]
     for thread in threads:
@@ -311,6 +306,9 @@ def test_loads_in_two_threads_each_judge_their_own_checkpoint(tmp_path, monkeypa
     assert not errors, errors
     assert results["damaged"]["missing_keys"] == set(lost)
     assert results["stock"]["missing_keys"] == set()
+    assert PreTrainedModel.tie_weights is original_tie_weights
+    tied = H.NormSoftmaxBertForMaskedLM(H.NormSoftmaxBertConfig(**TINY_BERT, sigma_reparam=True))
+    assert tied.cls.predictions.decoder.weight is tied.bert.embeddings.word_embeddings.weight
 
 
 def test_shards_of_a_sharded_checkpoint_load_one_by_one(tmp_path):
