@@ -26,8 +26,9 @@ Usage::
 ``--suite load`` times two attention-heavy steps, each without and with ``--load`` competing busy processes
 (pure-Python spin loops, as data-loader workers or a neighbour on a shared machine would be): ``gpt2-long`` (GPT-2
 LM, 2 layers x 384 wide, 6 heads, batch 2 x 1024 tokens of Shakespeare, GPT-2 BPE ids folded into 4,096 entries so
-that attention, not the LM head, dominates; stock SDPA vs NormSoftmax attention and vs every flag) and ``bert-padded`` (BERT 4 layers x 384 wide, random init, batch 8 x 128 with 25-75 % padding,
-training step and eval forward; stock vs every flag). Steps are interleaved stock / variant, and the reported
+that attention, not the LM head, dominates; stock SDPA vs NormSoftmax attention and vs every flag) and
+``bert-padded`` (BERT 4 layers x 384 wide, random init, batch 8 x 128 with 0-75 % padding per row, training step and
+eval forward; stock vs every flag). Steps are interleaved stock / variant, and the reported
 figure is the median over repetitions of the paired slowdown variant_time / stock_time (1.0 = as fast as stock).
 """
 

@@ -38,7 +38,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .attention_fast import FastAttention, FastSettings, compute_dtype, cpu_flash_available, exact_rows, fast_no_grad, make_plan
+from .attention_fast import (
+    FastAttention,
+    FastSettings,
+    compute_dtype,
+    cpu_flash_available,
+    exact_rows,
+    fast_no_grad,
+    make_plan,
+)
 from .normsoftmax import (
     GAMMA_RANGE,
     _check_in_range,

@@ -241,8 +241,7 @@ def _reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
 def causal_variance_backward(q, kc, w, block: int, grad_var: torch.Tensor):
     """(dL/dq, dL/dkc) of :func:`causal_variance`'s variance for dL/dvar (B, H, L), in closed form."""
     t = _causal_terms(q, kc, w, block)
-    B, H, L, D = q.shape
-    nb, c = t.blocks.nb, t.blocks.c
+    L = q.shape[-2]
     n = t.n.clamp(min=1.0)
     grad_m2 = t.blocks.values(grad_var) / n  # (B, H, nb, c)
     grad_m2_before = torch.where(t.m2_before_raw > 0, grad_m2, 0.0)
@@ -267,7 +266,8 @@ def causal_variance_backward(q, kc, w, block: int, grad_var: torch.Tensor):
     grad_block_keys = grad_kb.flatten(2, 3)[:, :, :L]
     if not t.prefix.shape[-2]:
         return grad_q, grad_block_keys
-    grad_prefix = torch.matmul(t.prefix, grad_outer_before.sum(dim=2)).mul_(2.0).add_(grad_sum_before.sum(dim=2)[:, :, None])
+    grad_prefix = torch.matmul(t.prefix, grad_outer_before.sum(dim=2)).mul_(2.0)
+    grad_prefix.add_(grad_sum_before.sum(dim=2)[:, :, None])
     return grad_q, torch.cat([grad_prefix, grad_block_keys], dim=-2)
 
 
@@ -464,7 +464,8 @@ class FastAttention(torch.autograd.Function):
             elif settings.dropout_p > 0:
                 raise RuntimeError(
                     "NormSoftmax attention with dropout_p > 0 cannot be backpropagated a second time "
-                    "(retain_graph=True): its dropout mask is not kept. Use dropout_p=0 or normsoftmax_attention_reference."
+                    "(retain_graph=True): its dropout mask is not kept. Use dropout_p=0 or "
+                    "normsoftmax_attention_reference."
                 )
             else:  # a second backward through a retained graph: rebuild the kernel's graph
                 q_leaf = _rescaled(_as(query, plan.factor.dtype), plan.factor, query.dtype).requires_grad_()
