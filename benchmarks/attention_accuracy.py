@@ -109,21 +109,21 @@ def half_precision_table(gamma=2.0, B=2, H=4, L=160, D=32, seeds=(0, 1, 2)):
                     mask = None if key_valid is None else key_valid[:, None, None, :]
                     grad_out = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(seed + 100))
 
-                    def fast(q, k, v):
+                    def fast(q, k, v, mask=mask, causal=causal):
                         return normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma,
                                                      path="fast")[0]
 
-                    def sdpa(q, k, v):
+                    def sdpa(q, k, v, valid=valid):
                         bool_mask = None if valid is None else valid.to(q.device)
                         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)
                         if bool_mask is not None:  # rows without keys: 0, as in the oracle
                             out = torch.where(bool_mask.any(-1, keepdim=True), out, 0.0)
                         return out
 
-                    e_fast = relative_errors(fast, lambda q, k, v: oracle(q, k, v, valid, gamma=gamma),
+                    e_fast = relative_errors(fast, lambda q, k, v, valid=valid: oracle(q, k, v, valid, gamma=gamma),
                                              (q, k, v), grad_out, dtype)
-                    e_sdpa = relative_errors(sdpa, lambda q, k, v: sdpa_oracle(q, k, v, valid), (q, k, v), grad_out,
-                                             dtype)
+                    e_sdpa = relative_errors(sdpa, lambda q, k, v, valid=valid: sdpa_oracle(q, k, v, valid), (q, k, v),
+                                             grad_out, dtype)
                     worst_fast = [max(a, b) for a, b in zip(worst_fast, e_fast, strict=True)]
                     worst_sdpa = [max(a, b) for a, b in zip(worst_sdpa, e_sdpa, strict=True)]
                 rows.append((str(dtype).replace("torch.", ""), causal, padded, worst_fast, worst_sdpa))
@@ -151,11 +151,11 @@ def cancellation_table(L=128, D=16, noises=(1e-1, 3e-2, 1e-2, 3e-3), seeds=(0, 1
                 def ref64(q, k, v, valid=valid):
                     return oracle(q, k, v, valid, gamma=2.0)
 
-                e_fast = relative_errors(lambda q, k, v: normsoftmax_attention(q, k, v, is_causal=causal, gamma=2.0,
-                                                                               path="fast")[0],
+                e_fast = relative_errors(lambda q, k, v, causal=causal: normsoftmax_attention(q, k, v, is_causal=causal,
+                                                                                             gamma=2.0, path="fast")[0],
                                          ref64, (q, k, v), grad_out, torch.float32)
-                e_ref = relative_errors(lambda q, k, v: normsoftmax_attention_reference(q, k, v, is_causal=causal,
-                                                                                        gamma=2.0)[0],
+                e_ref = relative_errors(lambda q, k, v, causal=causal: normsoftmax_attention_reference(
+                    q, k, v, is_causal=causal, gamma=2.0)[0],
                                         ref64, (q, k, v), grad_out, torch.float32)
                 worst_fast = [max(a, b) for a, b in zip(worst_fast, e_fast, strict=True)]
                 worst_ref = [max(a, b) for a, b in zip(worst_ref, e_ref, strict=True)]

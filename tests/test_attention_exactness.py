@@ -63,13 +63,15 @@ def test_half_precision_within_5x_of_stock_sdpa_error(dtype, causal, padded):
         mask = None if key_valid is None else key_valid[:, None, None, :]
         grad_out = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(seed + 100))
         fast = relative_errors(
-            lambda q, k, v: normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma)[0],
-            lambda q, k, v: oracle(q, k, v, valid, gamma=gamma),
+            lambda q, k, v, mask=mask: normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal, gamma=gamma)[0],
+            lambda q, k, v, valid=valid: oracle(q, k, v, valid, gamma=gamma),
             (q, k, v),
             grad_out,
             dtype,
         )
-        stock = relative_errors(_sdpa(valid), lambda q, k, v: sdpa_oracle(q, k, v, valid), (q, k, v), grad_out, dtype)
+        stock = relative_errors(
+            _sdpa(valid), lambda q, k, v, valid=valid: sdpa_oracle(q, k, v, valid), (q, k, v), grad_out, dtype
+        )
         worst.append([f / s for f, s in zip(fast, stock, strict=True)])
     ratios = [max(r[i] for r in worst) for i in range(4)]
     assert max(ratios) <= 5.0, dict(zip(("out", "dq", "dk", "dv"), ratios, strict=True))
@@ -184,8 +186,8 @@ def test_tiny_and_huge_inputs_match_the_oracle(magnitude):
         valid = full_valid(None, causal, B, L, L)
         grad_out = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(9))
         errors = relative_errors(
-            lambda q, k, v: normsoftmax_attention(q, k, v, is_causal=causal, gamma=2.0)[0],
-            lambda q, k, v: oracle(q, k, v, valid, gamma=2.0),
+            lambda q, k, v, causal=causal: normsoftmax_attention(q, k, v, is_causal=causal, gamma=2.0)[0],
+            lambda q, k, v, valid=valid: oracle(q, k, v, valid, gamma=2.0),
             (q, k, v),
             grad_out,
             torch.float32,

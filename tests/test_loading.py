@@ -218,7 +218,8 @@ def test_auto_model_loads_the_encoder_of_a_fine_tuned_sigma_reparam_classifier(t
     path = _save(classifier, tmp_path / kind)
 
     encoder, info = AutoModel.from_pretrained(path, output_loading_info=True)
-    assert type(encoder) is {"bert": H.NormSoftmaxBertModel, "gpt2": H.NormSoftmaxGPT2Model, "vit": H.NormSoftmaxViTModel}[kind]
+    encoder_classes = {"bert": H.NormSoftmaxBertModel, "gpt2": H.NormSoftmaxGPT2Model, "vit": H.NormSoftmaxViTModel}
+    assert type(encoder) is encoder_classes[kind]
     assert not [k for k in info["missing_keys"] if "reparam" in k or "normsoftmax_scale" in k], info
     assert any(k.endswith("reparam_scale") for k in info["unexpected_keys"])  # the head's, reported as unexpected
     with torch.no_grad():
@@ -325,7 +326,8 @@ def test_shards_of_a_sharded_checkpoint_load_one_by_one(tmp_path):
     weight_map = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
     # a shard that holds a gamma and weights of an attention module whose gamma is in another shard: alone, it
     # looks like a state dict with gammas that lacks one
-    gammas = {k[: -len("normsoftmax_scale")]: shard for k, shard in weight_map.items() if k.endswith("normsoftmax_scale")}
+    suffix = "normsoftmax_scale"
+    gammas = {k[: -len(suffix)]: shard for k, shard in weight_map.items() if k.endswith(suffix)}
     assert any(
         key.startswith(module) and shard in gammas.values() and shard != gammas[module]
         for key, shard in weight_map.items()

@@ -283,10 +283,12 @@ def add_variant_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str
     group.add_argument("--loss-softmax", choices=LOSS_SOFTMAX_CHOICES, default=None,
                        help="softmax of the head / loss " + default("loss_softmax"))
     group.add_argument("--loss-normsoftmax-gamma", type=_finite_float, default=None, metavar="GAMMA",
-                       help=f"spread of the normalised head logits, {within(GAMMA_RANGE)} (bounds the reachable confidence) "
+                       help=f"spread of the normalised head logits, {within(GAMMA_RANGE)} "
+                            "(bounds the reachable confidence) "
                             + default("loss_normsoftmax_gamma"))
     group.add_argument("--logit-inverse-temperature", type=_finite_float, default=None, metavar="BETA",
-                       help=f"inverse temperature beta of the head softmax, {within(INVERSE_TEMPERATURE_RANGE)}: the loss sees "
+                       help="inverse temperature beta of the head softmax, "
+                            f"{within(INVERSE_TEMPERATURE_RANGE)}: the loss sees "
                             "beta * logits "
                             + default("logit_inverse_temperature"))
     group.add_argument("--sigma-reparam", action=argparse.BooleanOptionalAction, default=None,
