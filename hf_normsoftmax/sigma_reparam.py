@@ -378,6 +378,16 @@ def _scaled_plus_outer(
     return out
 
 
+def _power_step(matrix, u_now, u_dtype, v_dtype, compute_dtype):
+    """One power-iteration step from ``u_now``: (u, v as stored, u, v in the compute dtype, sigma = (W^T v) . u)."""
+    v_new_stored = F.normalize(torch.mv(matrix, u_now), dim=0).to(v_dtype)
+    v_new = _read(v_new_stored, compute_dtype)
+    wt_v = torch.mv(matrix.t(), v_new)
+    u_new_stored = F.normalize(wt_v, dim=0).to(u_dtype)
+    u_new = _read(u_new_stored, compute_dtype)
+    return u_new_stored, v_new_stored, u_new, v_new, torch.dot(wt_v, u_new)
+
+
 class SigmaReparamMixin:
     """sigmaReparam for any layer class whose weight has a known layout; put it first in the bases.
 
@@ -497,12 +507,9 @@ class SigmaReparamMixin:
         decide_on_host = weight.device.type in _HOST_DECIDED_DEVICES and not torch.compiler.is_compiling()
         if decide_on_host:
             if bool(changed):
-                v_new_stored = F.normalize(torch.mv(matrix, u_now), dim=0).to(v_stored.dtype)
-                v_now = _read(v_new_stored, compute_dtype)
-                wt_v = torch.mv(matrix.t(), v_now)
-                u_new_stored = F.normalize(wt_v, dim=0).to(u_stored.dtype)
-                u_now = _read(u_new_stored, compute_dtype)
-                sigma_now = torch.dot(wt_v, u_now)
+                u_new_stored, v_new_stored, u_now, v_now, sigma_now = _power_step(
+                    matrix, u_now, u_stored.dtype, v_stored.dtype, compute_dtype
+                )
                 if store:
                     u_stored.copy_(u_new_stored)
                     v_stored.copy_(v_new_stored)
@@ -520,12 +527,9 @@ class SigmaReparamMixin:
                     return self._reparam_vectors(store, _woken=True)
             else:
                 self._maybe_plain = False
-        v_new_stored = F.normalize(torch.mv(matrix, u_now), dim=0).to(v_stored.dtype)
-        v_new = _read(v_new_stored, compute_dtype)
-        wt_v_new = torch.mv(matrix.t(), v_new)
-        u_new_stored = F.normalize(wt_v_new, dim=0).to(u_stored.dtype)
-        u_new = _read(u_new_stored, compute_dtype)
-        sigma_new = torch.dot(wt_v_new, u_new)
+        u_new_stored, v_new_stored, u_new, v_new, sigma_new = _power_step(
+            matrix, u_now, u_stored.dtype, v_stored.dtype, compute_dtype
+        )
         if store:
             u_stored.copy_(torch.where(changed, u_new_stored, u_stored))
             v_stored.copy_(torch.where(changed, v_new_stored, v_stored))
