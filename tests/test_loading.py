@@ -34,16 +34,22 @@ TRAINED_BERT = dict(TINY_BERT, num_labels=3, attention_softmax="normsoftmax", no
 
 @contextmanager
 def transformers_warnings():
-    """The warnings transformers logs (its logger does not propagate to the root logger pytest captures)."""
+    """The warnings transformers logs (its logger does not propagate to the root logger pytest captures).
+
+    The level is set here: code run earlier in the same process (e.g. an experiment runner called in-process by
+    another test) may have left transformers at error verbosity."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
     logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     logger.addHandler(handler)
     try:
         yield records
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _as_trained(model):

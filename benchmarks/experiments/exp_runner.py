@@ -539,16 +539,22 @@ def run_grid(specs: Sequence[Mapping[str, Any]], output_dir: Path, jobs: int = 2
         bar = tqdm(total=len(todo), desc=f"{Path(output_dir).name} runs", unit="run")
     started = time.time()
     if todo and (jobs == 1 or len(todo) == 1):
-        previous_threads = torch.get_num_threads()
-        _worker_init(threads)
-        try:
-            for spec in todo:
-                name, seconds, diverged = _run_and_save(spec, str(run_path(output_dir, spec)), progress)
-                if bar is not None:
-                    bar.set_postfix_str(f"{name} {seconds:.0f}s" + (" DIVERGED" if diverged else ""))
-                    bar.update()
-        finally:
-            torch.set_num_threads(previous_threads)
+        # in this process: the worker settings hold for these runs only (a caller's warnings filters and
+        # transformers verbosity come back afterwards)
+        from transformers.utils import logging as hf_logging
+
+        previous_threads, previous_verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+        with warnings.catch_warnings():
+            _worker_init(threads)
+            try:
+                for spec in todo:
+                    name, seconds, diverged = _run_and_save(spec, str(run_path(output_dir, spec)), progress)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{name} {seconds:.0f}s" + (" DIVERGED" if diverged else ""))
+                        bar.update()
+            finally:
+                torch.set_num_threads(previous_threads)
+                hf_logging.set_verbosity(previous_verbosity)
     elif todo:
         import multiprocessing
 
