@@ -15,27 +15,42 @@ A variant's ``save_pretrained`` writes its code and ``auto_map`` by default (``s
 so a stock ``Trainer`` also uploads them; only the card needs :class:`NormSoftmaxCardMixin` (see
 :mod:`hf_normsoftmax.hub.trainer` for why).
 
+``import hf_normsoftmax`` imports :mod:`hf_normsoftmax.hub.save` (a variant's ``save_pretrained``), and with it
+this package: so importing it stays cheap, the names below are resolved from their submodule on first access
+(the card, push and Trainer modules load on first use).
+
 The command line front end is ``hf-normsoftmax`` (:mod:`hf_normsoftmax.cli`). Training code is never needed to
 load a pushed checkpoint: the files a checkpoint needs sit directly in ``hf_normsoftmax/`` (see docs/design.md).
 """
 
-from .card import CardInputs, card_inputs_from_config, collect_run_dir, find_model_dir, render_card, write_card
-from .push import HubPushError, push_model, push_run_dir, save_and_push, stage_model, stage_run_dir
-from .trainer import NormSoftmaxCardMixin, normsoftmax_trainer_class
+from __future__ import annotations
 
-__all__ = [
-    "CardInputs",
-    "HubPushError",
-    "NormSoftmaxCardMixin",
-    "card_inputs_from_config",
-    "collect_run_dir",
-    "find_model_dir",
-    "normsoftmax_trainer_class",
-    "push_model",
-    "push_run_dir",
-    "render_card",
-    "save_and_push",
-    "stage_model",
-    "stage_run_dir",
-    "write_card",
-]
+import importlib
+from typing import Any
+
+# Public name -> submodule that defines it (imported on first access).
+_LAZY_EXPORTS = {
+    **dict.fromkeys(
+        ("CardInputs", "card_inputs_from_config", "collect_run_dir", "find_model_dir", "render_card", "write_card"),
+        "card",
+    ),
+    **dict.fromkeys(
+        ("HubPushError", "push_model", "push_run_dir", "save_and_push", "stage_model", "stage_run_dir"), "push"
+    ),
+    **dict.fromkeys(("NormSoftmaxCardMixin", "normsoftmax_trainer_class"), "trainer"),
+}
+
+__all__ = sorted(_LAZY_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    submodule = _LAZY_EXPORTS.get(name)
+    if submodule is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_EXPORTS))
