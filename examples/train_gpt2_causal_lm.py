@@ -51,6 +51,20 @@ DEFAULT_PROMPTS = ("ROMEO:", "To be, or not to be", "The king")
 _TOKENIZE_CHUNK_ROWS = 256
 
 
+def _fsdp2_utils():
+    """``fsdp2_utils.py`` beside this script (examples/ is not a package; the script may be run from anywhere or
+    loaded by path)."""
+    import importlib.util
+
+    name = "_hf_normsoftmax_example_fsdp2_utils"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("fsdp2_utils.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hf_normsoftmax.training.trainer_utils import (
         add_run_arguments,
@@ -299,17 +313,17 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     from hf_normsoftmax import NormSoftmaxGPT2LMHeadModel
     from hf_normsoftmax.training.diagnostics import CollapseDetector, collect_stability_stats
     from hf_normsoftmax.training.trainer_utils import (
-        all_reduce_unsharded_grads,
-        clip_grad_norm_mixed,
         cpu_distributed_launch,
         dump_rank_state,
         finish_run_dir,
-        full_state_dict,
-        fully_shard_model,
         save_results,
-        stability_stats_fsdp2,
         write_run_config,
     )
+
+    fsdp2 = _fsdp2_utils()
+    all_reduce_unsharded_grads, clip_grad_norm_mixed = fsdp2.all_reduce_unsharded_grads, fsdp2.clip_grad_norm_mixed
+    full_state_dict, fully_shard_model = fsdp2.full_state_dict, fsdp2.fully_shard_model
+    stability_stats_fsdp2 = fsdp2.stability_stats_fsdp2
 
     output_dir = Path(args.output_dir)
     # trackers (--report-to) write under output_dir/runs/, where the Trainer examples' TensorBoard files go too

@@ -193,12 +193,12 @@ def test_run_dir_writers_are_all_or_nothing(tmp_path, monkeypatch):
     import safetensors.torch
     from safetensors.torch import load_file
 
-    import hf_normsoftmax.training.trainer_utils as trainer_utils
-    from hf_normsoftmax.hub.card import _write_text_atomically
+    import hf_normsoftmax.training.run_files as run_files
+    from hf_normsoftmax.training.run_files import write_text_atomically
 
-    trainer_utils.dump_rank_state(tmp_path, {"w": torch.ones(3)}, 0, {"step": 1})
-    trainer_utils.write_json(tmp_path / "all_results.json", {"eval_loss": 1.0})
-    _write_text_atomically(tmp_path / "README.md", "old card")
+    run_files.dump_rank_state(tmp_path, {"w": torch.ones(3)}, 0, {"step": 1})
+    run_files.write_json(tmp_path / "all_results.json", {"eval_loss": 1.0})
+    write_text_atomically(tmp_path / "README.md", "old card")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     def disk_full_after_a_part(what):
@@ -216,10 +216,10 @@ def test_run_dir_writers_are_all_or_nothing(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(safetensors.torch, "save_file", disk_full_after_a_part("weights"))
         with pytest.raises(_Injected):
-            trainer_utils.dump_rank_state(tmp_path, {"w": torch.zeros(3)}, 0, {"step": 2})
-        patch.setattr(trainer_utils.json, "dump", disk_full_after_a_part("json"))
+            run_files.dump_rank_state(tmp_path, {"w": torch.zeros(3)}, 0, {"step": 2})
+        patch.setattr(run_files.json, "dump", disk_full_after_a_part("json"))
         with pytest.raises(_Injected):
-            trainer_utils.write_json(tmp_path / "all_results.json", {"eval_loss": 0.5})
+            run_files.write_json(tmp_path / "all_results.json", {"eval_loss": 0.5})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert torch.equal(load_file(tmp_path / "rank0.safetensors")["w"], torch.ones(3))
     umask = os.umask(0o022)

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configuration_normsoftmax import DEFAULT_LOSS_NORMSOFTMAX_GAMMA
+from ..training.run_files import write_text_atomically
 from .secrets import find_secret, known_tokens, looks_secret
 
 __all__ = [
@@ -860,14 +861,4 @@ def write_card(run_dir, output=None, *, repo_id: str | None = None, model_name: 
     target = Path(output) if output is not None else Path(run_dir) / "README.md"
     if target.is_dir() or (output is not None and str(output).endswith(("/", os.sep))):
         target = target / "README.md"
-    return _write_text_atomically(target, str(card))
-
-
-def _write_text_atomically(target: Path, text: str) -> Path:
-    """Write ``text`` to ``target`` through a temporary file in the same directory and ``os.replace``."""
-    from ..training.trainer_utils import atomic_output
-
-    target = Path(target)
-    with atomic_output(target) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write(text)
-    return target
+    return write_text_atomically(target, str(card))
