@@ -613,7 +613,8 @@ def test_card_for_variant_flags():
 
 def test_card_summarises_stability_log_keys():
     """StabilityCallback logs hundreds of per-layer / per-head keys: the card shows a few headline numbers."""
-    from hf_normsoftmax.hub.card import _summarise_log_history, card_inputs_from_config, render_card
+    from hf_normsoftmax.hub.card import card_inputs_from_config, render_card
+    from hf_normsoftmax.hub.card_inputs import summarise_log_history
 
     def stats(step, prefix, entropy_shift):
         out = {"step": step}
@@ -636,7 +637,7 @@ def test_card_summarises_stability_log_keys():
     for prefix in ("", "train/"):
         history = [{"loss": 2.0, "step": 1, "grad_norm": 1.0}, stats(0, prefix, 0.0), stats(10, prefix, -0.5),
                    {"loss": 1.5, "step": 10, "my_metric": 0.25}]
-        summary = _summarise_log_history(history)
+        summary = summarise_log_history(history)
         assert not [k for k in summary if "stability/" in k], sorted(summary)[:5]
         assert len(summary) <= 15, sorted(summary)
         # last measurement (step 10): layer means 0.5 + 0.55 + layer, averaged over 12 layers; min: layer 0, head 0
@@ -650,7 +651,7 @@ def test_card_summarises_stability_log_keys():
         assert summary["last logged loss"] == 1.5
 
     config = {"model_type": "normsoftmax_vit", "architectures": ["NormSoftmaxViTForImageClassification"]}
-    summary = _summarise_log_history([stats(5, "", 0.0)])
+    summary = summarise_log_history([stats(5, "", 0.0)])
     text = str(render_card(card_inputs_from_config(config, model_name="m", training_summary=summary)))
     assert "stability/" not in text
     assert "| final attention entropy (min over heads) | 1 |" in text

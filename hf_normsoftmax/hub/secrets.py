@@ -16,11 +16,14 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["TOKEN_PATTERN", "find_secret", "known_tokens", "looks_secret", "redact"]
+__all__ = ["SECRET_KEY_PATTERN", "TOKEN_PATTERN", "find_secret", "is_secret_key", "known_tokens", "looks_secret",
+           "redact"]
 
 #: A Hugging Face user access token ("hf_" + letters and digits; real ones have 34).
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
 _TOKEN_PATTERN_BYTES = re.compile(rb"hf_[A-Za-z0-9]{30,}")
+#: A key name that holds a credential (its value is never shown or pickled, whatever it looks like).
+SECRET_KEY_PATTERN = re.compile(r"token|secret|passw|api[_-]?key|(^|_)auth($|_)|credential", re.I)
 # shorter strings would match ordinary text: a "token" that short is not scanned for by value
 _MIN_TOKEN_LENGTH = 8
 _TOKEN_ENVIRONMENT = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -44,6 +47,11 @@ def known_tokens(*extra) -> tuple:
     except Exception:  # noqa: BLE001 - as above; older huggingface_hub versions lack the function
         pass
     return tuple(sorted((t for t in found if len(t) >= _MIN_TOKEN_LENGTH), key=len, reverse=True))
+
+
+def is_secret_key(key) -> bool:
+    """Whether a key name (a card table row, a ``TrainingArguments`` field) names a credential."""
+    return bool(SECRET_KEY_PATTERN.search(str(key)))
 
 
 def looks_secret(value, tokens: Iterable[str] = ()) -> bool:

@@ -45,16 +45,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .card import (
-    _last_eval_from_history,
-    _split_metrics,
-    _summarise_log_history,
-    _write_text_atomically,
+from ..training.run_files import write_text_atomically
+from .card import render_card
+from .card_inputs import (
     collect_run_dir,
-    render_card,
+    is_variant_config,
+    last_eval_from_history,
+    split_metrics,
+    summarise_log_history,
 )
-from .push import HubPushError, _is_variant_config
-from .secrets import find_secret, known_tokens, looks_secret, redact
+from .push import HubPushError
+from .secrets import find_secret, is_secret_key, known_tokens, looks_secret, redact
 
 __all__ = ["NormSoftmaxCardMixin", "normsoftmax_trainer_class"]
 
@@ -74,7 +75,7 @@ class NormSoftmaxCardMixin:
 
     def _normsoftmax_is_variant(self) -> bool:
         model = self._normsoftmax_unwrapped_model()
-        return hasattr(model, "config") and hasattr(model, "save_pretrained") and _is_variant_config(model.config)
+        return hasattr(model, "config") and hasattr(model, "save_pretrained") and is_variant_config(model.config)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -135,12 +136,12 @@ class NormSoftmaxCardMixin:
             inputs.notes.remove(_NO_STATE_NOTE)
             history = self.state.log_history
             summary = {"global_step": self.state.global_step, "epoch": self.state.epoch}
-            summary.update(_summarise_log_history(history))
+            summary.update(summarise_log_history(history))
             summary.update(inputs.training_summary)
             inputs.training_summary = {k: v for k, v in summary.items() if v is not None}
             inputs.sources.append("the Trainer's in-memory log history")
             if not inputs.eval_metrics:
-                inputs.eval_metrics = _split_metrics(_last_eval_from_history(history), "validation")
+                inputs.eval_metrics = split_metrics(last_eval_from_history(history), "validation")
         if language is not None:
             inputs.language = language
         if license is not None:
@@ -153,7 +154,7 @@ class NormSoftmaxCardMixin:
             inputs.dataset_name = _first(dataset)
         if dataset_tags is not None and not inputs.dataset_hub_id:
             inputs.dataset_hub_id = _first(dataset_tags)
-        return _write_text_atomically(output_dir / "README.md", str(render_card(inputs)))
+        return write_text_atomically(output_dir / "README.md", str(render_card(inputs)))
 
 
 class _PickledWithoutSecrets:
@@ -166,13 +167,11 @@ class _PickledWithoutSecrets:
     def __reduce_ex__(self, protocol):
         import copyreg
 
-        from .card import _is_secret_key
-
         original = type(self)._normsoftmax_original_class
         tokens = known_tokens(getattr(self, "hub_token", None))
         state = {}
         for key, value in self.__dict__.items():
-            if isinstance(value, str) and _is_secret_key(key):
+            if isinstance(value, str) and is_secret_key(key):
                 value = None
             state[key] = _without_secrets(value, tokens)
         return copyreg._reconstructor, (original, object, None), state
