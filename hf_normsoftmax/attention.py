@@ -33,18 +33,25 @@ Example::
 from __future__ import annotations
 
 import math
+import threading
+import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .attention_fast import (
+    _INTERVAL_BLOCK,
+    _INTERVAL_MAX_TILES,
     FastAttention,
     FastSettings,
+    Intervals,
     compute_dtype,
     cpu_flash_available,
     exact_rows,
     fast_no_grad,
+    interval_blocks,
     make_plan,
 )
 from .normsoftmax import (
@@ -60,6 +67,7 @@ from .normsoftmax import (
 __all__ = [
     "MaskStructure",
     "decompose_mask",
+    "key_intervals",
     "normsoftmax_attention",
     "normsoftmax_attention_reference",
     "valid_from_mask",
@@ -72,6 +80,8 @@ _REFERENCE_MAX_QUERY_LEN = 8
 _REFERENCE_MAX_LOGITS = 96 * 96
 # Query rows per step when checking a mask's structure: bounds the (B, rows, S) temporaries.
 _MASK_CHECK_ROWS = 256
+# Mask elements per step when finding each row's key interval.
+_INTERVAL_CHECK_ELEMENTS = 2**22
 
 
 class MaskStructure(NamedTuple):
@@ -227,6 +237,50 @@ def decompose_mask(attn_mask: torch.Tensor | None, is_causal: bool, batch_size: 
     return _padding_structure(key_valid, not padding_only, batch_size)
 
 
+def key_intervals(attn_mask: torch.Tensor | None, is_causal: bool, batch_size: int, L: int, S: int, device=None):
+    """Each query row's valid keys as one interval: ``(lo, hi)``, two (batch_size, L) int64 tensors, row ``i`` seeing
+    keys ``lo_i <= j < hi_i`` (``hi_i <= lo_i``: no key), for ``attn_mask`` combined with ``is_causal``.
+
+    Sliding windows, packed documents (block-diagonal, causal or not), their left padding and KV-cache offsets are
+    of this form. For any other mask, a string naming what it is (the fast path's fallback warning quotes it).
+    The check is exact: every row's count of valid keys equals the length of its interval."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        valid, bias = _split_float_mask(attn_mask)
+        if bias is not None:
+            return "an additive mask with biases (entries between -1e4 and 0, such as ALiBi slopes)"
+        attn_mask = valid
+    if attn_mask is None:
+        positions = torch.arange(L, dtype=torch.long, device=device)
+        hi = positions + (S - L + 1) if is_causal else torch.full((L,), S, dtype=torch.long, device=device)
+        lo = torch.zeros(L, dtype=torch.long, device=device)
+        return lo.expand(batch_size, L), hi.expand(batch_size, L)
+    mask = attn_mask
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[1] != 1:
+        if not bool((mask == mask[:, :1]).all()):
+            return "a per-head mask that differs between heads"
+        mask = mask[:, :1]
+    mask = mask[:, 0].expand(mask.shape[0], L, S)
+    rows = max(1, _INTERVAL_CHECK_ELEMENTS // (mask.shape[0] * S))
+    los, his, oks = [], [], []
+    for start in range(0, L, rows):
+        block = mask[:, start : start + rows]
+        if is_causal:
+            block = block & torch.ones(block.shape[1], S, dtype=torch.bool, device=mask.device).tril(S - L + start)
+        as_bytes = block.to(torch.uint8)
+        count = as_bytes.sum(dim=-1)
+        lo = as_bytes.argmax(dim=-1)  # the first valid key (0 for a row without any)
+        hi = S - as_bytes.flip(-1).argmax(dim=-1)
+        oks.append(((hi - lo == count) | (count == 0)).all())
+        los.append(torch.where(count > 0, lo, 0))
+        his.append(torch.where(count > 0, hi, 0))
+    if not bool(torch.stack(oks).all()):
+        return "a mask whose query rows see keys that are not one contiguous run"
+    lo, hi = torch.cat(los, dim=-1), torch.cat(his, dim=-1)
+    return lo.expand(batch_size, L), hi.expand(batch_size, L)
+
+
 def _padding_structure(key_valid: torch.Tensor, causal: bool, batch_size: int) -> MaskStructure:
     """(B', S) valid keys -> MaskStructure with (batch_size, S) valid keys, or None when every key is valid."""
     key_valid = key_valid.expand(batch_size, key_valid.shape[-1])
@@ -351,8 +405,15 @@ def normsoftmax_attention(
         raise ValueError(f"a causal mask needs query_len <= key_len, got query_len={L}, key_len={S}")
     cheaper_materialised = L <= _REFERENCE_MAX_QUERY_LEN or L * S <= _REFERENCE_MAX_LOGITS
     use_reference = path == "reference" or return_weights or (path == "auto" and cheaper_materialised)
-    structure = None if use_reference else decompose_mask(attn_mask, is_causal, B, L, S)
-    if structure is None:
+    cpu_flash = cpu_flash_available(query.device, dropout_p)
+    masks = None
+    if not use_reference:
+        masks = _cached_mask_plan(attn_mask, is_causal, B, H, key.shape[1], L, S, query.device, cpu_flash,
+                                  compute_dtype(query.dtype))
+        if isinstance(masks, str):
+            _warn_fallback(masks, B, H, L, S)
+            masks = None
+    if masks is None:
         return normsoftmax_attention_reference(
             query,
             key,
@@ -367,13 +428,9 @@ def normsoftmax_attention(
             dropout_p,
             return_weights,
         )
-    key, value = _expand_kv(query, key, value)
+    if masks.expand_kv:
+        key, value = _expand_kv(query, key, value)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    key_valid, causal = structure
-    cpu_flash = cpu_flash_available(query.device, dropout_p)
-    sdpa_mask, rows_without_keys, sdpa_is_causal = _sdpa_mask(
-        attn_mask, is_causal, key_valid, causal, B, L, S, query.device, cpu_flash
-    )
     inv_cap, eps_value, power = _check_options(max_temperature, eps, statistic)
     settings = FastSettings(
         scale=scale,
@@ -381,12 +438,14 @@ def normsoftmax_attention(
         eps=eps_value,
         power=power,
         dropout_p=dropout_p,
-        causal=causal,
+        causal=masks.causal,
         cpu_flash=cpu_flash,
-        sdpa_mask=sdpa_mask,
-        sdpa_is_causal=sdpa_is_causal,
-        rows_without_keys=rows_without_keys,
+        sdpa_mask=masks.sdpa_mask,
+        sdpa_is_causal=masks.sdpa_is_causal,
+        rows_without_keys=masks.rows_without_keys,
+        intervals=masks.intervals,
     )
+    key_valid = masks.key_valid
     key_weight = None if key_valid is None else key_valid.to(compute_dtype(query.dtype))
     plan = make_plan(query, key, key_weight, gamma, settings)
     inputs = (query, key, value) + ((gamma,) if isinstance(gamma, torch.Tensor) else ())
@@ -399,6 +458,125 @@ def normsoftmax_attention(
                           statistic)
         out = out.scatter(2, plan.exact_index[..., None].expand(*plan.exact_index.shape, D), rows)
     return out, None
+
+
+class MaskPlan(NamedTuple):
+    """How the fast path handles one mask: statistics (key padding + causality, or per-row key intervals) and the
+    mask the attention kernel gets (see :func:`_sdpa_mask`)."""
+
+    key_valid: torch.Tensor | None  # (B, S) keys that enter the statistics (centring, gradients), None = all
+    causal: bool
+    intervals: Intervals | None
+    sdpa_mask: torch.Tensor | None
+    rows_without_keys: torch.Tensor | None
+    sdpa_is_causal: bool
+    expand_kv: bool  # grouped-query keys/values expanded to one per query head (causal + non-contiguous padding)
+
+
+def _mask_plan(attn_mask, is_causal, B, H, key_heads, L, S, device, cpu_flash, dtype) -> MaskPlan | str:
+    """The fast path's plan for a mask, or a string naming the mask it cannot express."""
+    structure = decompose_mask(attn_mask, is_causal, B, L, S)
+    grouped = key_heads != H
+    if structure is not None:
+        key_valid, causal = structure
+        sdpa = _sdpa_mask(attn_mask, is_causal, key_valid, causal, B, L, S, device, cpu_flash)
+        if not (grouped and causal):
+            return MaskPlan(key_valid, causal, None, *sdpa, expand_kv=False)
+        # grouped-query causal rows: statistics per key head from intervals (padding must be one run of keys)
+        lo, hi = _causal_intervals(key_valid, B, L, S, device)
+        intervals = None if lo is None else interval_blocks(lo, hi, S, dtype)
+        if intervals is None:
+            return MaskPlan(key_valid, causal, None, *sdpa, expand_kv=True)
+        return MaskPlan(key_valid, False, intervals, *sdpa, expand_kv=False)
+    found = key_intervals(attn_mask, is_causal, B, L, S, device)
+    if isinstance(found, str):
+        return found
+    lo, hi = found
+    intervals = interval_blocks(lo, hi, S, dtype)
+    if intervals is None:
+        return (
+            f"a mask whose query rows, in blocks of {_INTERVAL_BLOCK}, do not share one run of whole key blocks "
+            f"beside at most {_INTERVAL_MAX_TILES} other key blocks"
+        )
+    if attn_mask is not None and attn_mask.dtype == torch.bool and attn_mask.shape == (B, 1, L, S) and not is_causal:
+        sdpa_mask = attn_mask  # the caller's mask, verified by key_intervals
+    else:
+        positions = torch.arange(S, device=device)
+        sdpa_mask = ((positions >= lo[..., None]) & (positions < hi[..., None]))[:, None]
+    has_key = (hi > lo)[:, None, :, None]
+    rows_without_keys = None if bool(has_key.all()) else ~has_key
+    return MaskPlan(intervals.seen, False, intervals, sdpa_mask, rows_without_keys, False, expand_kv=False)
+
+
+def _causal_intervals(key_valid, B, L, S, device):
+    """Causal rows over a key-padding vector as intervals (lo, hi), or (None, None) if the valid keys of some sequence
+    are not one contiguous run."""
+    positions = torch.arange(S, device=device)
+    if key_valid is None:
+        lo = torch.zeros(B, 1, dtype=torch.long, device=device)
+        end = torch.full((B, 1), S, dtype=torch.long, device=device)
+    else:
+        as_bytes = key_valid.to(torch.uint8)
+        count = as_bytes.sum(dim=-1, keepdim=True)
+        lo = as_bytes.argmax(dim=-1, keepdim=True)
+        end = S - as_bytes.flip(-1).argmax(dim=-1, keepdim=True)
+        if not bool(((end - lo == count) | (count == 0)).all()):
+            return None, None
+        end = torch.where(count > 0, end, lo)
+    hi = torch.minimum(positions[:L] + (S - L + 1), end)
+    return lo.expand(B, L), hi
+
+
+# Mask analyses, reused while the same mask tensor is passed again unchanged (every layer of a model gets the same
+# mask object): id(mask) -> (weak reference, fingerprint, plan). The fingerprint holds the tensor's version counter,
+# which every in-place change through torch bumps (also under no_grad); writes through ``.data`` or from outside
+# torch (numpy views) are not seen, so masks from inference mode, which has no version counter, are never cached.
+_MASK_PLANS: dict[int, tuple] = {}
+_MASK_PLANS_LOCK = threading.Lock()
+_MASK_PLANS_MAX = 16
+
+
+def _cached_mask_plan(attn_mask, is_causal, B, H, key_heads, L, S, device, cpu_flash, dtype):
+    args = (is_causal, B, H, key_heads, L, S, device, cpu_flash, dtype)
+    if attn_mask is None or attn_mask.is_inference() or torch.compiler.is_compiling():
+        return _mask_plan(attn_mask, *args)
+    fingerprint = (attn_mask.data_ptr(), attn_mask.shape, attn_mask.stride(), attn_mask.dtype, attn_mask.device,
+                   attn_mask._version, args)
+    key = id(attn_mask)
+    with _MASK_PLANS_LOCK:
+        entry = _MASK_PLANS.get(key)
+    if entry is not None and entry[0]() is attn_mask and entry[1] == fingerprint:
+        return entry[2]
+    plan = _mask_plan(attn_mask, *args)
+    if attn_mask._version != fingerprint[5]:  # changed while being analysed (another thread): do not keep
+        return plan
+
+    def forget(_ref, key=key):
+        with _MASK_PLANS_LOCK:
+            if key in _MASK_PLANS and _MASK_PLANS[key][0] is _ref:
+                del _MASK_PLANS[key]
+
+    with _MASK_PLANS_LOCK:
+        if len(_MASK_PLANS) >= _MASK_PLANS_MAX and key not in _MASK_PLANS:
+            del _MASK_PLANS[next(iter(_MASK_PLANS))]
+        _MASK_PLANS[key] = (weakref.ref(attn_mask, forget), fingerprint, plan)
+    return plan
+
+
+_WARNED_FALLBACKS: set[str] = set()
+
+
+def _warn_fallback(kind: str, B: int, H: int, L: int, S: int) -> None:
+    if kind in _WARNED_FALLBACKS:
+        return
+    _WARNED_FALLBACKS.add(kind)
+    megabytes = B * H * L * S * 4 / 2**20
+    warnings.warn(
+        f"normsoftmax_attention: {kind} is not expressible on the fast path; calls with such a mask materialise "
+        f"the (batch, heads, query_len, key_len) = {(B, H, L, S)} logits on the reference path ({megabytes:.0f} MB "
+        "per float32 copy, several copies with gradients). Warned once per kind of mask.",
+        stacklevel=3,
+    )
 
 
 def _sdpa_mask(attn_mask, is_causal, key_valid, causal, B, L, S, device, cpu_flash: bool):

@@ -83,6 +83,8 @@ class FastSettings(NamedTuple):
     # (B, 1, L, 1) query rows without any valid key, or None: they would give NaN inside the kernel, so they attend
     # everywhere there (their output is replaced by the exact rows' zeros)
     rows_without_keys: torch.Tensor | None
+    # per-row key intervals (sliding windows, packed documents, grouped-query causal), or None: see Intervals
+    intervals: Intervals | None = None
 
 
 def cpu_flash_available(device: torch.device, dropout_p: float) -> bool:
@@ -271,15 +273,226 @@ def causal_variance_backward(q, kc, w, block: int, grad_var: torch.Tensor):
     return grad_q, torch.cat([grad_prefix, grad_block_keys], dim=-2)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# interval masks: every query row sees one contiguous run of keys (sliding windows, packed documents)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Query rows (and keys) per block of the interval statistics.
+_INTERVAL_BLOCK = 64
+# Key blocks a query block may see outside its shared core (as logit tiles): a window's left edge (up to two blocks)
+# and the diagonal block; masks needing more fall back.
+_INTERVAL_MAX_TILES = 4
+
+
+class Intervals(NamedTuple):
+    """Per-row key intervals ``[lo_i, hi_i)`` as blocks of ``c`` query rows and ``c`` keys (keys shifted right by
+    ``pad`` so that query block ``b`` and key block ``b + (S + pad - L) / c`` hold the diagonal).
+
+    Each query block has a *core*: a run of whole key blocks that each of its rows sees entirely or not at all
+    (moments: a 0/1 ``cover`` matrix times the key blocks' moments, a sum without cancellation), and up to
+    ``_INTERVAL_MAX_TILES`` *tile* blocks: every other key block one of its rows touches, entered as logits."""
+
+    c: int
+    nb: int  # query blocks
+    nbk: int  # key blocks (block nbk is an all-zero block that unused tile slots point at)
+    pad: int
+    lo: torch.Tensor  # (B, L) int64 first key of each row (unshifted)
+    hi: torch.Tensor  # (B, L) int64 one past the last key (hi <= lo: the row sees no key)
+    count: torch.Tensor  # (B, 1, L) keys per row, statistics dtype
+    cover: torch.Tensor  # (B, 1, nb, nbk) 1 where the key block is in the query block's core
+    row_core: torch.Tensor  # (B, 1, 1, nb, c) 1 where the row sees its block's core
+    n_core: torch.Tensor  # (B, 1, 1, nb, c) keys in the core per row (0 where the row does not see it)
+    tile_index: torch.Tensor  # (B, nb, K) key blocks entered as tiles
+    tile_weight: torch.Tensor  # (B, 1, 1, nb, c, K * c) 1 where the row sees the tile's key
+    seen: torch.Tensor | None  # (B, S) keys some row sees, None when every key is seen
+
+
+def interval_blocks(lo: torch.Tensor, hi: torch.Tensor, S: int, dtype: torch.dtype) -> Intervals | None:
+    """The block plan of per-row key intervals (see :class:`Intervals`), or None when some query block needs more
+    than ``_INTERVAL_MAX_TILES`` tile blocks (one host sync)."""
+    B, L = lo.shape
+    c = _INTERVAL_BLOCK
+    nb = -(-L // c)
+    pad = (L - S) % c
+    nbk = -(-(S + pad) // c)
+    device = lo.device
+    empty_rows = hi <= lo
+    lo_s = torch.where(empty_rows, 0, lo + pad)
+    hi_s = torch.where(empty_rows, 0, hi + pad)
+    lo_b = F.pad(lo_s, (0, nb * c - L)).view(B, nb, c)
+    hi_b = F.pad(hi_s, (0, nb * c - L)).view(B, nb, c)
+    empty = hi_b <= lo_b
+    first_full, end_full = (lo_b + (c - 1)) // c, hi_b // c
+    has_full = (first_full < end_full) & ~empty
+    # the core of a query block: a run of whole key blocks every row sees entirely or not at all. First choice: the
+    # whole blocks all its rows share (windows); else the whole blocks of the rows that have some, ending where the
+    # first of the rows reaching past its start ends (a document going on beside documents starting in the block);
+    # else none (all touched key blocks become tiles).
+    shared_start = torch.where(empty, -1, first_full).amax(-1)  # (B, nb)
+    shared_end = torch.where(empty, nbk + 1, end_full).amin(-1)
+    some_start = torch.where(has_full, first_full, -1).amax(-1)
+    reaching = ~empty & (hi_b > (some_start * c)[..., None])
+    some_end = torch.where(reaching, end_full, nbk + 1).amin(-1)
+
+    def rows_seeing(start, end):
+        start, end = (start * c)[..., None], (end * c)[..., None]
+        sees = ~empty & (lo_b <= start) & (hi_b >= end)
+        return sees, (sees | empty | (hi_b <= start) | (lo_b >= end)).all(-1)
+
+    some_ok = rows_seeing(some_start, some_end)[1]
+    use_shared = shared_start < shared_end
+    use_some = ~use_shared & (some_start < some_end) & some_ok
+    has_core = use_shared | use_some
+    core_start = torch.where(use_shared, shared_start, torch.where(use_some, some_start, 0))
+    core_end = torch.where(use_shared, shared_end, torch.where(use_some, some_end, 0))
+    sees = rows_seeing(core_start, core_end)[0] & has_core[..., None]
+    first = torch.where(empty, nbk, lo_b // c).amin(-1)  # touched key blocks [first, last)
+    last = torch.where(empty, 0, (hi_b + (c - 1)) // c).amax(-1)
+    left = torch.where(has_core, core_start - first, last - first).clamp(min=0)
+    right = torch.where(has_core, last - core_end, 0).clamp(min=0)
+    tiles = left + right
+    # keys some row sees: +1 at each row's start, -1 at its end, running sum
+    edges = torch.zeros(B, S + 1, dtype=torch.int32, device=device)
+    edges.scatter_add_(1, lo.clamp(0, S).where(~empty_rows, 0), (~empty_rows).to(torch.int32))
+    edges.scatter_add_(1, hi.clamp(0, S).where(~empty_rows, 0), -(~empty_rows).to(torch.int32))
+    seen = edges[:, :S].cumsum(-1) > 0
+    width, unseen = torch.stack([tiles.amax(), (~seen).sum()]).tolist()
+    if width > _INTERVAL_MAX_TILES:
+        return None
+    width = max(width, 1)
+    slot = torch.arange(width, device=device)
+    tile_index = torch.where(
+        slot < left[..., None], first[..., None] + slot,
+        torch.where(slot < tiles[..., None], core_end[..., None] + slot - left[..., None], nbk),
+    )  # (B, nb, K)
+    positions = (tile_index[..., None] * c + torch.arange(c, device=device)).flatten(-2)  # (B, nb, K c)
+    tile_weight = (positions[:, :, None, :] >= lo_b[..., None]) & (positions[:, :, None, :] < hi_b[..., None])
+    blocks = torch.arange(nbk, device=device)
+    cover = (blocks >= core_start[..., None]) & (blocks < core_end[..., None])  # (B, nb, nbk)
+    n_core = torch.where(sees, ((core_end - core_start) * c)[..., None], 0)
+    count = (hi - lo).clamp(min=0).to(dtype)[:, None, :]
+    return Intervals(
+        c, nb, nbk, pad, lo, hi, count, cover[:, None].to(dtype), sees[:, None, None].to(dtype),
+        n_core[:, None, None].to(dtype), tile_index, tile_weight[:, None, None].to(dtype), seen if unseen else None,
+    )
+
+
+class _IntervalTerms(NamedTuple):
+    """The per-block quantities of :func:`interval_variance` that its backward needs (g = query heads per key head)."""
+
+    qb: torch.Tensor  # (B, Hk, g, nb, c, D) query rows
+    key_blocks: torch.Tensor  # (B, Hk, nbk, c, D) centred keys, shifted and zero-padded
+    tile_keys: torch.Tensor  # (B, Hk, 1, nb, K c, D)
+    core_sum: torch.Tensor  # (B, Hk, 1, nb, D)
+    core_outer: torch.Tensor  # (B, Hk, 1, nb, D, D)
+    deviation: torch.Tensor  # (B, Hk, g, nb, c, K c) tile logit minus its row mean, 0 where not seen
+    n_tile: torch.Tensor  # (B, 1, 1, nb, c)
+    mean_core: torch.Tensor  # (B, Hk, g, nb, c)
+    m2_core_raw: torch.Tensor  # before clamping at 0
+    delta: torch.Tensor  # mean_tile - mean_core
+    n: torch.Tensor  # (B, 1, 1, nb, c) keys per row
+
+
+def _interval_terms(q: torch.Tensor, kc: torch.Tensor, iv: Intervals) -> _IntervalTerms:
+    B, H, L, D = q.shape
+    Hk, S = kc.shape[1], kc.shape[-2]
+    c, nb, nbk = iv.c, iv.nb, iv.nbk
+    qb = F.pad(q, (0, 0, 0, nb * c - L)).unflatten(-2, (nb, c)).unflatten(1, (Hk, H // Hk))
+    padded = F.pad(kc, (0, 0, iv.pad, (nbk + 1) * c - S - iv.pad)).unflatten(-2, (nbk + 1, c))
+    key_blocks = padded[:, :, :nbk]
+    cover = iv.cover  # (B, 1, nb, nbk)
+    core_sum = torch.matmul(cover, key_blocks.sum(dim=-2))[:, :, None]
+    outer = torch.matmul(key_blocks.transpose(-1, -2), key_blocks)  # (B, Hk, nbk, D, D)
+    core_outer = torch.matmul(cover, outer.flatten(-2)).unflatten(-1, (D, D))[:, :, None]
+    batch = torch.arange(B, device=q.device)[:, None, None]
+    tile_keys = padded[batch, :, iv.tile_index]  # (B, nb, K, Hk, c, D)
+    tile_keys = tile_keys.permute(0, 3, 1, 2, 4, 5).flatten(3, 4)[:, :, None]
+    weight = iv.tile_weight
+    n_tile = weight.sum(dim=-1)
+    tile = torch.matmul(qb, tile_keys.transpose(-1, -2)).mul_(weight)
+    mean_tile = tile.sum(dim=-1) / n_tile.clamp(min=1.0)
+    deviation = tile.sub_(mean_tile[..., None]).mul_(weight)
+    n_core = iv.n_core
+    mean_core = torch.matmul(qb, core_sum[..., None]).squeeze(-1) / n_core.clamp(min=1.0)
+    dot_outer = torch.linalg.vecdot(torch.matmul(qb, core_outer), qb)
+    m2_core_raw = (dot_outer - n_core * mean_core.square()).mul_(iv.row_core)
+    return _IntervalTerms(qb, key_blocks, tile_keys, core_sum, core_outer, deviation, n_tile, mean_core, m2_core_raw,
+                          mean_tile - mean_core, n_core + n_tile)
+
+
+def interval_variance(q: torch.Tensor, kc: torch.Tensor, iv: Intervals):
+    """Rows over their key intervals: variance (B, H, L), rounding bound (B, H, L), keys per row (B, 1, L).
+
+    Row i's keys are its block's core (if it sees it) and its tile keys: the core's mean and sum of squared
+    deviations come from moments (``m2 = q^T O q - n mean^2``, ``O`` the second moment of the centred core keys,
+    rounding bound ``u |q|^T |O| |q|``), the tile's from its logits (two passes), joined by Chan's merge as in
+    :func:`causal_variance`."""
+    B, H, L, _ = q.shape
+    t = _interval_terms(q, kc, iv)
+    m2_tile = torch.linalg.vector_norm(t.deviation, dim=-1).square()
+    n_core, n_tile = iv.n_core, t.n_tile
+    m2 = t.m2_core_raw.clamp(min=0.0) + m2_tile + t.delta.square() * n_core * n_tile / t.n.clamp(min=1.0)
+    var = (m2 / t.n.clamp(min=1.0)).reshape(B, H, -1)[..., :L]
+    bound = (_abs_bound(t.qb, t.core_outer.diagonal(dim1=-2, dim2=-1)) * iv.row_core / t.n.clamp(min=1.0))
+    return var, bound.reshape(B, H, -1)[..., :L], iv.count
+
+
+def interval_variance_backward(q: torch.Tensor, kc: torch.Tensor, iv: Intervals, grad_var: torch.Tensor):
+    """(dL/dq (B, H, L, D), dL/dkc (B, Hk, S, D)) of :func:`interval_variance`'s variance for dL/dvar (B, H, L)."""
+    B, H, L, D = q.shape
+    Hk, S = kc.shape[1], kc.shape[-2]
+    c, nb, nbk = iv.c, iv.nb, iv.nbk
+    t = _interval_terms(q, kc, iv)
+    n = t.n.clamp(min=1.0)
+    n_core, n_tile = iv.n_core, t.n_tile
+    grad_m2 = F.pad(grad_var, (0, nb * c - L)).view(t.qb.shape[:-1]) / n
+    grad_m2_core = torch.where(t.m2_core_raw > 0, grad_m2, 0.0)
+    grad_delta = 2.0 * grad_m2 * t.delta * n_core * n_tile / n
+    grad_sum_coef = (-2.0 * grad_m2_core * n_core * t.mean_core - grad_delta) / n_core.clamp(min=1.0)
+    grad_tile = t.deviation.mul_(2.0 * grad_m2[..., None]).addcmul_(
+        iv.tile_weight, (grad_delta / n_tile.clamp(min=1.0))[..., None]
+    )
+    grad_qb = torch.matmul(grad_tile, t.tile_keys)
+    grad_qb.addcmul_(grad_sum_coef[..., None], t.core_sum[..., None, :])
+    weighted = t.qb * grad_m2_core[..., None]
+    grad_qb.add_(torch.matmul(weighted, t.core_outer).mul_(2.0))
+    # core moments -> key blocks (the transpose of the cover sum), per key head
+    grad_core_sum = torch.matmul(grad_sum_coef[..., None, :], t.qb).squeeze(-2).sum(dim=2)  # (B, Hk, nb, D)
+    grad_core_outer = torch.matmul(weighted.transpose(-1, -2), t.qb).sum(dim=2)  # (B, Hk, nb, D, D)
+    cover_t = iv.cover.transpose(-1, -2)
+    grad_block_sum = torch.matmul(cover_t, grad_core_sum)  # (B, Hk, nbk, D)
+    grad_block_outer = torch.matmul(cover_t, grad_core_outer.flatten(-2)).unflatten(-1, (D, D))
+    grad_blocks = torch.matmul(t.key_blocks, grad_block_outer).mul_(2.0).add_(grad_block_sum[..., None, :])
+    # tile logits -> their keys, added back to the blocks they were gathered from
+    grad_tile_keys = torch.matmul(grad_tile.transpose(-1, -2), t.qb).sum(dim=2)  # (B, Hk, nb, K c, D)
+    K = iv.tile_index.shape[-1]
+    grad_padded = grad_blocks.new_zeros(B, nbk + 1, Hk, c, D)
+    grad_padded[:, :nbk] = grad_blocks.transpose(1, 2)
+    batch = torch.arange(B, device=q.device)[:, None, None].expand(iv.tile_index.shape)
+    grad_padded.index_put_((batch, iv.tile_index), grad_tile_keys.unflatten(3, (K, c)).permute(0, 2, 3, 1, 4, 5),
+                           accumulate=True)
+    grad_kc = grad_padded.transpose(1, 2).flatten(2, 3)[:, :, iv.pad : iv.pad + S]
+    return grad_qb.flatten(1, 2).flatten(2, 3)[:, :, :L], grad_kc
+
+
 def _causal_block(L: int) -> int:
     return _CAUSAL_BLOCK if L <= _CAUSAL_LONG_FROM else _CAUSAL_BLOCK_LONG
 
 
-def row_variance(q, kc, count, key_weight, causal: bool):
+def _grouped(x: torch.Tensor, key_heads: int) -> torch.Tensor:
+    """(B, H, L, ...) -> (B, Hk, g L, ...): the rows of the g query heads that share a key head, one after another
+    (rows are independent where every row sees the same keys)."""
+    return x if x.shape[1] == key_heads else x.reshape(x.shape[0], key_heads, -1, *x.shape[3:])
+
+
+def row_variance(q, kc, count, key_weight, causal: bool, intervals: Intervals | None = None):
     """(var (B, H, L), rounding bound (B, H, L), valid keys per row (B, 1, L), bidirectional covariance or None)."""
+    if intervals is not None:
+        var, bound, n = interval_variance(q, kc, intervals)
+        return var, bound, n, None
     if not causal:
-        var, bound, cov = covariance_variance(q, kc, count)
-        return var, bound, count.expand(q.shape[0], 1, q.shape[-2]), cov
+        var, bound, cov = covariance_variance(_grouped(q, kc.shape[1]), kc, count)
+        return var.view(q.shape[:-1]), bound.view(q.shape[:-1]), count.expand(q.shape[0], 1, q.shape[-2]), cov
     var, bound, n = causal_variance(q, kc, key_weight, _causal_block(q.shape[-2]))
     return var, bound, n, None
 
@@ -317,7 +530,7 @@ def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
         kernel_key = kc if key.dtype == cd else kc.to(key.dtype)
         if kernel_key is not kc:  # statistics of the keys the kernel sees (the rounded centred keys)
             kc = _as(kernel_key, cd)
-        var, bound, n, cov = row_variance(q, kc, count, key_weight, settings.causal)
+        var, bound, n, cov = row_variance(q, kc, count, key_weight, settings.causal, settings.intervals)
         var, bound = var[..., None], bound[..., None]
         n = n[..., None]  # (B, 1, L, 1)
         gamma = gamma.detach() if isinstance(gamma, torch.Tensor) else gamma
@@ -361,7 +574,7 @@ def _sdpa(q_scaled, key, value, settings: FastSettings):
         mask = mask | settings.rows_without_keys
     return F.scaled_dot_product_attention(
         q_scaled, key, value, attn_mask=mask, dropout_p=settings.dropout_p, is_causal=settings.sdpa_is_causal,
-        scale=1.0,
+        scale=1.0, enable_gqa=key.shape[1] != q_scaled.shape[1],
     )
 
 
@@ -390,13 +603,14 @@ def _rescaled(q, factor, dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _covariance_backward(plan: Plan, q, grad_qs, grad_var, grad_kc):
+def _covariance_backward(plan: Plan, q, grad_qs, grad_var, grad_kc, factor):
     """Bidirectional rows, var_i = q_i^T C q_i with C = kc^T kc / n, row slice by row slice: writes factor_i g_i +
-    2 dL/dvar_i C q_i over the kernel's query gradient ``grad_qs`` and adds the keys' term to ``grad_kc``."""
+    2 dL/dvar_i C q_i over the kernel's query gradient ``grad_qs`` and adds the keys' term to ``grad_kc``. Grouped
+    query heads come as (B, Hk, g L, ...) rows (see :func:`_grouped`)."""
     grad_cov = torch.zeros_like(plan.cov)
     for rows in row_slices(q):
         weighted = q[..., rows, :] * grad_var[..., rows, :]
-        grad_qs[..., rows, :].mul_(plan.factor[..., rows, :]).add_(torch.matmul(weighted, plan.cov), alpha=2.0)
+        grad_qs[..., rows, :].mul_(factor[..., rows, :]).add_(torch.matmul(weighted, plan.cov), alpha=2.0)
         grad_cov.add_(torch.matmul(weighted.transpose(-1, -2), q[..., rows, :]))
     grad_cov.mul_(2.0 / plan.count[..., None].clamp(min=1.0))
     for keys in row_slices(plan.kc):
@@ -488,8 +702,15 @@ class FastAttention(torch.autograd.Function):
             spread_inv = plan.spread_base.rsqrt() if settings.power == 0.5 else plan.spread_base.reciprocal()
             shape, dtype = ctx.gamma_spec
             grad_gamma = (grad_inv * spread_inv).sum_to_size(shape).to(dtype)
-        if plan.cov is not None:
-            grad_q, grad_k = _covariance_backward(plan, q, grad_qs, grad_var, grad_kc)
+        if settings.intervals is not None:
+            grad_q, grad_k = interval_variance_backward(q, plan.kc, settings.intervals, grad_var[..., 0])
+            grad_q.addcmul_(grad_qs, plan.factor)
+            grad_k.add_(grad_kc)
+        elif plan.cov is not None:
+            Hk = plan.kc.shape[1]
+            grad_q, grad_k = _covariance_backward(plan, _grouped(q, Hk), _grouped(grad_qs, Hk),
+                                                  _grouped(grad_var, Hk), grad_kc, _grouped(plan.factor, Hk))
+            grad_q = grad_q.view(q.shape)
         else:
             grad_q, grad_k = causal_variance_backward(q, plan.kc, key_weight, _causal_block(q.shape[-2]),
                                                       grad_var[..., 0])
@@ -524,14 +745,21 @@ def exact_rows(query, key, value, index, key_valid, gamma, settings: FastSetting
     """NormSoftmax attention of the query rows ``index`` (B, H, X), with their logits materialised in the
     statistics dtype: (B, H, X, D) in the query dtype. Differentiable (ordinary autograd)."""
     B, H, L, D = query.shape
-    S = key.shape[-2]
+    Hk, S = key.shape[1], key.shape[-2]
     cd = compute_dtype(query.dtype)
     rows = index[..., None]
     q = query.gather(2, rows.expand(*index.shape, D)).to(cd)
-    logits = torch.matmul(q, key.to(cd).transpose(-1, -2)) * settings.scale
+    # grouped query heads: (B, Hk, g, X, D) against their key head, no expanded keys
+    logits = torch.matmul(q.unflatten(1, (Hk, H // Hk)), key.to(cd).transpose(-1, -2)[:, :, None]).flatten(1, 2)
+    logits = logits * settings.scale
     valid = None if key_valid is None else key_valid[:, None, None, :]
-    if settings.causal:
-        causal = torch.arange(S, device=query.device) <= (rows + (S - L))  # (B, H, X, S)
+    positions = torch.arange(S, device=query.device)
+    if settings.intervals is not None:
+        lo, hi = (x[:, None, :].expand(B, H, L).gather(2, index)[..., None] for x in (settings.intervals.lo,
+                                                                                     settings.intervals.hi))
+        valid = (positions >= lo) & (positions < hi)  # (B, H, X, S)
+    elif settings.causal:
+        causal = positions <= (rows + (S - L))  # (B, H, X, S)
         valid = causal if valid is None else valid & causal
     if valid is not None:
         valid = valid.expand(logits.shape)
@@ -541,4 +769,5 @@ def exact_rows(query, key, value, index, key_valid, gamma, settings: FastSetting
                            statistic=statistic)
     if settings.dropout_p > 0:
         weights = F.dropout(weights, p=settings.dropout_p)
-    return torch.matmul(weights, value.to(cd)).to(query.dtype)
+    out = torch.matmul(weights.unflatten(1, (Hk, H // Hk)), value.to(cd)[:, :, None]).flatten(1, 2)
+    return out.to(query.dtype)
