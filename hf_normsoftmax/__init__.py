@@ -69,21 +69,21 @@ from .configuration_normsoftmax import (
     NormSoftmaxViTConfig,
 )
 from .entropy import attention_entropy
-from .integration import (
+from .hf_attention import (
     ATTENTION_IMPLEMENTATION,
     LEARNABLE_GAMMA_PARAMETER,
     REFERENCE_ATTENTION_IMPLEMENTATION,
-    NormSoftmaxPreTrainedMixin,
-    SigmaReparamConv1D,
-    apply_sigma_reparam,
     register_normsoftmax_attention,
-    reset_normsoftmax_state,
-    training_logits,
 )
+from .hf_heads import training_logits
+from .hf_pretrained import NormSoftmaxPreTrainedMixin
+from .hf_state import SigmaReparamConv1D, apply_sigma_reparam, reset_normsoftmax_state
+from .hub import save as _package_save
 from .losses import (
     InverseTemperatureCrossEntropyLoss,
     NormSoftmaxCrossEntropyLoss,
     inverse_temperature_cross_entropy,
+    logits_and_cross_entropy,
     normsoftmax_cross_entropy,
 )
 from .modeling_normsoftmax_bert import (
@@ -177,6 +177,8 @@ def register() -> None:
     Runs on ``import hf_normsoftmax``; calling it again is harmless.
     """
     register_normsoftmax_attention()
+    # the variant classes save with their code, push with the hf_normsoftmax card and export through the package
+    NormSoftmaxPreTrainedMixin._package_features = _package_save
     for config_class, auto_classes in _AUTO_REGISTRY.items():
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         for auto_class, model_class in auto_classes.items():
@@ -341,7 +343,7 @@ def save_pretrained_with_code(model: PreTrainedModel, save_directory, auto_class
             f"Invalid value for `model`: {type(model).__name__} is not a NormSoftmax variant class. Allowed: "
             "instances of the classes exported by hf_normsoftmax."
         )
-    model.save_pretrained(save_directory, **{**kwargs, "save_remote_code": True, "auto_class": auto_class})
+    return _package_save.save_with_code(model, save_directory, auto_class=auto_class, **kwargs)
 
 
 __all__ = [
@@ -384,6 +386,7 @@ __all__ = [
     "convert_stock_model",
     "from_stock",
     "inverse_temperature_cross_entropy",
+    "logits_and_cross_entropy",
     "merge_and_unload",
     "norm_softmax",
     "normalize_logits",

@@ -35,7 +35,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .configuration_normsoftmax import NORMSOFTMAX_FLAGS
-from .integration import LEARNABLE_GAMMA_PARAMETER
+from .hf_attention import LEARNABLE_GAMMA_PARAMETER
 from .sigma_reparam import SigmaReparamMixin
 
 __all__ = ["export_run_dir", "merge_and_unload", "stock_class_of"]

@@ -36,7 +36,8 @@ from transformers.models.bert.modeling_bert import (
 )
 
 from .configuration_normsoftmax import NormSoftmaxBertConfig
-from .integration import NormSoftmaxPreTrainedMixin, normsoftmax_head_forward
+from .hf_heads import normsoftmax_head_forward
+from .hf_pretrained import NormSoftmaxPreTrainedMixin
 
 
 class NormSoftmaxBertPreTrainedMixin(NormSoftmaxPreTrainedMixin):
@@ -68,7 +69,7 @@ class NormSoftmaxBertModel(NormSoftmaxBertPreTrainedMixin, BertModel):
 
 
 # The head classes keep the stock forward and its signature; `normsoftmax_head_forward` runs it without the targets,
-# then returns the logits the training softmax sees and their cross-entropy (see integration.head_outputs).
+# then returns the logits the training softmax sees and their cross-entropy (see hf_heads.head_outputs).
 
 
 class NormSoftmaxBertForMaskedLM(NormSoftmaxBertPreTrainedMixin, BertForMaskedLM):

@@ -34,7 +34,8 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 
 from .configuration_normsoftmax import NormSoftmaxGPT2Config
-from .integration import NormSoftmaxPreTrainedMixin, normsoftmax_head_forward
+from .hf_heads import normsoftmax_head_forward
+from .hf_pretrained import NormSoftmaxPreTrainedMixin
 
 
 class NormSoftmaxGPT2PreTrainedMixin(NormSoftmaxPreTrainedMixin):
@@ -59,7 +60,7 @@ class NormSoftmaxGPT2Model(NormSoftmaxGPT2PreTrainedMixin, GPT2Model):
 
 
 # The head classes keep the stock forward and its signature; `normsoftmax_head_forward` runs it without the targets,
-# then returns the logits the training softmax sees and their cross-entropy (see integration.head_outputs).
+# then returns the logits the training softmax sees and their cross-entropy (see hf_heads.head_outputs).
 
 
 class NormSoftmaxGPT2LMHeadModel(NormSoftmaxGPT2PreTrainedMixin, GPT2LMHeadModel):

@@ -32,7 +32,8 @@ from transformers.models.vit.modeling_vit import (
 )
 
 from .configuration_normsoftmax import NormSoftmaxViTConfig
-from .integration import NormSoftmaxPreTrainedMixin, normsoftmax_head_forward
+from .hf_heads import normsoftmax_head_forward
+from .hf_pretrained import NormSoftmaxPreTrainedMixin
 
 
 class NormSoftmaxViTPreTrainedMixin(NormSoftmaxPreTrainedMixin):

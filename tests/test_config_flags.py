@@ -18,7 +18,7 @@ from test_models_common import TINY_BERT
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import hf_normsoftmax as H
-from hf_normsoftmax import integration
+from hf_normsoftmax import hf_attention, hf_heads, hf_state
 from hf_normsoftmax.normsoftmax import GAMMA_RANGE, NormSoftmax, norm_softmax
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def tiny_classifier(**flags):
 
 
 def converted_layers(model) -> int:
-    return sum(isinstance(m, integration.SIGMA_REPARAM_LAYER_TYPES) for m in model.modules())
+    return sum(isinstance(m, hf_state.SIGMA_REPARAM_LAYER_TYPES) for m in model.modules())
 
 
 @pytest.mark.parametrize(("flag", "value"), STRUCTURAL_CHANGES, ids=lambda x: repr(x))
@@ -120,7 +120,7 @@ def test_structural_flags_are_free_until_the_model_is_built():
     config.sigma_reparam = True
     config.sigma_reparam_exclude = ["classifier"]
     model = H.NormSoftmaxBertForSequenceClassification(config)
-    assert converted_layers(model) > 0 and not isinstance(model.classifier, integration.SIGMA_REPARAM_LAYER_TYPES)
+    assert converted_layers(model) > 0 and not isinstance(model.classifier, hf_state.SIGMA_REPARAM_LAYER_TYPES)
     config.attention_softmax = "normsoftmax"  # flags read at every forward stay free
     config.logit_inverse_temperature = 0.5
     with pytest.raises(ValueError, match="convert_stock_model"):
@@ -223,7 +223,7 @@ def test_learned_gammas_outside_the_range_are_clamped_where_the_attention_uses_t
     ids = torch.randint(0, 97, (2, 12))
     drifted = torch.tensor([1e6, -5.0, 0.0, 3.0]).view(4, 1, 1)
     clamped = drifted.clamp(*GAMMA_RANGE)
-    scales = [p for n, p in model.named_parameters() if n.endswith(integration.LEARNABLE_GAMMA_PARAMETER)]
+    scales = [p for n, p in model.named_parameters() if n.endswith(hf_attention.LEARNABLE_GAMMA_PARAMETER)]
     with torch.no_grad():
         for p in scales:
             p.copy_(clamped)
@@ -258,7 +258,7 @@ def test_float16_head_with_beta_whose_logits_overflow_float16_matches_a_float64_
     labels = torch.tensor([[0, 8, -100, 4], [1, 1, 2, 3], [5, 6, 7, -100]])
     probe = torch.randn(3, 4, 9, dtype=torch.float64)  # a gradient through the returned logits too
     z = raw.clone().requires_grad_()
-    logits, loss = integration.head_logits_and_loss(z, labels, config)
+    logits, loss = hf_heads.head_logits_and_loss(z, labels, config)
     (loss + (logits * probe).sum()).backward()
 
     z64 = raw.double().requires_grad_()
@@ -272,9 +272,9 @@ def test_float16_head_with_beta_whose_logits_overflow_float16_matches_a_float64_
     assert z.grad.dtype == torch.float16 and torch.isfinite(z.grad).all()
     torch.testing.assert_close(z.grad.double(), z64.grad.half().double(), rtol=2e-3, atol=1e-3)
     # without labels, and where float16 suffices
-    assert torch.equal(integration.training_logits(raw, config), logits.detach())
+    assert torch.equal(hf_heads.training_logits(raw, config), logits.detach())
     small = (raw / 100).clone()
-    small_logits, small_loss = integration.head_logits_and_loss(small, labels, config)
+    small_logits, small_loss = hf_heads.head_logits_and_loss(small, labels, config)
     assert small_logits.dtype == torch.float16
     torch.testing.assert_close(small_loss, F.cross_entropy(small_logits.float().reshape(-1, 9), labels.reshape(-1)))
 
@@ -287,9 +287,9 @@ def test_float16_normsoftmax_head_over_a_huge_vocabulary_matches_a_float64_refer
     raw[0, 7] = 5.0
     raw[1, :1000] = torch.linspace(-3, 3, 1000).half()
     labels = torch.tensor([3, 999])
-    logits, loss = integration.head_logits_and_loss(raw, labels, config)
+    logits, loss = hf_heads.head_logits_and_loss(raw, labels, config)
     centred = raw.double() - raw.double().mean(-1, keepdim=True)
-    logits64 = gamma * centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + integration.HEAD_NORMSOFTMAX_EPS)
+    logits64 = gamma * centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + config.normsoftmax_eps)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all() and torch.isfinite(loss)
     torch.testing.assert_close(logits.double(), logits64, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(loss.double(), F.cross_entropy(logits64, labels), rtol=1e-5, atol=1e-3)

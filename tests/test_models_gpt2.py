@@ -30,7 +30,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 import hf_normsoftmax as H
-from hf_normsoftmax.integration import SigmaReparamConv1D
+from hf_normsoftmax.hf_state import SigmaReparamConv1D
 from hf_normsoftmax.training.data import gpt2_tokenizer_dir
 
 B, L, NUM_LABELS = 2, 8, 3

@@ -21,6 +21,7 @@ import torch
 from test_models_common import TINY_BERT, TINY_GPT2, TINY_VIT
 
 import hf_normsoftmax as H
+from hf_normsoftmax.hub.save import auto_class_of
 
 ALL_ON = dict(attention_softmax="normsoftmax", normsoftmax_learnable_gamma=True, normsoftmax_max_temperature=2.0,
               loss_softmax="normsoftmax", sigma_reparam=True)
@@ -136,8 +137,9 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         assert set(saved["auto_map"]) == {"AutoConfig", "AutoModel", auto_name}, saved["auto_map"]
         assert saved["auto_map"]["AutoConfig"] == f"configuration_normsoftmax.{config_class.__name__}"
         assert saved["auto_map"][auto_name].endswith(f".{model_class.__name__}")
-        for needed in ("integration.py", "configuration_normsoftmax.py", "attention.py", "normsoftmax.py",
-                       "losses.py", "sigma_reparam.py", f"modeling_normsoftmax_{name}.py"):
+        for needed in ("hf_pretrained.py", "hf_attention.py", "hf_heads.py", "hf_state.py",
+                       "configuration_normsoftmax.py", "attention.py", "normsoftmax.py", "losses.py",
+                       "sigma_reparam.py", f"modeling_normsoftmax_{name}.py"):
             assert (path / needed).is_file(), needed
         inputs = _inputs(name)
         torch.save(inputs, tmp_path / f"{name}.pt")
@@ -220,7 +222,7 @@ def test_auto_class_of_every_variant_class_matches_its_registration():
     """The Auto class a save writes into auto_map is the one the package registers the class with."""
     for auto_classes in H._AUTO_REGISTRY.values():
         for auto_class, model_class in auto_classes.items():
-            assert model_class.normsoftmax_auto_class() == auto_class.__name__, model_class.__name__
+            assert auto_class_of(model_class) == auto_class.__name__, model_class.__name__
 
 
 def _saved(path):
@@ -239,7 +241,7 @@ def test_default_save_writes_code_and_loads_with_the_package_classes(tmp_path):
         "AutoModelForSequenceClassification": "modeling_normsoftmax_bert.NormSoftmaxBertForSequenceClassification",
         "AutoModel": "modeling_normsoftmax_bert.NormSoftmaxBertModel",  # the encoder of the same file
     }
-    assert {"configuration_normsoftmax.py", "modeling_normsoftmax_bert.py", "integration.py"} <= set(py)
+    assert {"configuration_normsoftmax.py", "modeling_normsoftmax_bert.py", "hf_pretrained.py"} <= set(py)
     # nothing sticks to the classes or the config instance
     for cls in (type(model), type(model.config)):
         assert cls.__dict__.get("_auto_class") is None, cls

@@ -1,0 +1,243 @@
+"""NormSoftmax attention inside transformers: the attention implementations a variant runs.
+
+``"normsoftmax"`` (the fast exact path of :func:`hf_normsoftmax.attention.normsoftmax_attention`) and
+``"normsoftmax_reference"`` (materialised logits, what a variant runs when asked for ``"eager"``) are registered in
+transformers' ``AttentionInterface`` and, with ``sdpa_mask``, in ``AttentionMaskInterface`` (without a mask
+function transformers would hand the attention ``attention_mask=None`` and the causal/padding mask would be lost).
+
+Using NormSoftmax attention in any stock model that goes through transformers' attention interface:
+
+```python
+>>> import hf_normsoftmax  # registers "normsoftmax"
+>>> from transformers import AutoModelForCausalLM
+>>> model = AutoModelForCausalLM.from_pretrained("path/to/llama", attn_implementation="normsoftmax")
+```
+
+Such a stock model has no flags: it uses ``normsoftmax_gamma`` etc. from its config when present, else the
+package defaults.
+
+Diagnostics hook: if an attention module has a non-None attribute ``_normsoftmax_recorder``, it is called as
+``recorder(module=..., query=..., key=..., attention_mask=<4D bool (True = attend) or None>, is_causal=...,
+scaling=..., softmax="normsoftmax" | "softmax", gamma=..., max_temperature=..., eps=...)`` before every attention
+computation, with the exact inputs the attention is computed from.
+
+Copied into remote-code checkpoints: imports only torch, transformers and same-folder modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from .attention import normsoftmax_attention, normsoftmax_attention_reference, valid_from_mask
+from .configuration_normsoftmax import DEFAULT_NORMSOFTMAX_GAMMA
+from .normsoftmax import GAMMA_RANGE
+
+try:  # private: tells whether a model forward is collecting attention weights (GPT-2 drops output_attentions)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - other transformers versions
+    _active_collector = None
+
+ATTENTION_IMPLEMENTATION = "normsoftmax"
+REFERENCE_ATTENTION_IMPLEMENTATION = "normsoftmax_reference"
+# Name of the learnable per-head gamma on attention modules (the loader renames keys containing "gamma"/"beta").
+LEARNABLE_GAMMA_PARAMETER = "normsoftmax_scale"
+# Learned gammas are clamped into GAMMA_RANGE where the attention uses them (the parameter keeps its value): a
+# gamma <= 0 would invert or flatten the attention, and the math is only finite for gammas inside the range.
+MIN_LEARNED_GAMMA, MAX_LEARNED_GAMMA = GAMMA_RANGE
+RECORDER_ATTRIBUTE = "_normsoftmax_recorder"
+
+# Requests a variant accepts for `attn_implementation`, and what it runs for them.
+VARIANT_ATTN_IMPLEMENTATIONS = {
+    None: ATTENTION_IMPLEMENTATION,
+    "sdpa": ATTENTION_IMPLEMENTATION,
+    ATTENTION_IMPLEMENTATION: ATTENTION_IMPLEMENTATION,
+    "eager": REFERENCE_ATTENTION_IMPLEMENTATION,
+    REFERENCE_ATTENTION_IMPLEMENTATION: REFERENCE_ATTENTION_IMPLEMENTATION,
+}
+
+
+
+def _attention_weights_requested(kwargs: dict) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    if _active_collector is None:
+        return False
+    collected = _active_collector.get()
+    return bool(collected) and any("attentions" in key for key in collected)
+
+
+def attention_gamma(module: nn.Module) -> float | torch.Tensor:
+    """The gamma the attention of ``module`` uses: its learnable per-head gammas, else the config value."""
+    learned = getattr(module, LEARNABLE_GAMMA_PARAMETER, None)
+    if learned is not None:
+        return learned.clamp(MIN_LEARNED_GAMMA, MAX_LEARNED_GAMMA)
+    return getattr(getattr(module, "config", None), "normsoftmax_gamma", DEFAULT_NORMSOFTMAX_GAMMA)
+
+
+def _with_position_bias(attention_mask, position_bias):
+    """Fold an additive position bias into an additive float mask (masked entries: most negative value)."""
+    bias = position_bias.to(torch.float32)
+    if attention_mask is None:
+        return bias
+    if attention_mask.dtype == torch.bool:
+        return bias.masked_fill(~attention_mask, torch.finfo(torch.float32).min)
+    return bias + attention_mask.to(torch.float32)
+
+
+def _softmax_attention_reference(query, key, value, attention_mask, is_causal, scaling, dropout):
+    """Plain softmax attention with materialised weights (for `output_attentions` and the eager request).
+
+    Rows without any valid key give zeros, as NormSoftmax attention does.
+    """
+    B, H, L, D = query.shape
+    S = key.shape[-2]
+    if key.shape[1] != H:
+        key = key.repeat_interleave(H // key.shape[1], dim=1)
+        value = value.repeat_interleave(H // value.shape[1], dim=1)
+    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    logits = torch.matmul(query.to(compute_dtype), key.to(compute_dtype).transpose(-1, -2)) * scaling
+    valid = None
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            valid = attention_mask
+        else:
+            valid = valid_from_mask(attention_mask)
+            logits = logits + torch.where(valid, attention_mask.to(compute_dtype), 0.0)
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(diagonal=S - L)
+        valid = causal if valid is None else valid & causal
+    if valid is not None:
+        logits = logits.masked_fill(~valid, torch.finfo(compute_dtype).min)
+    weights = torch.softmax(logits, dim=-1)
+    if valid is not None:
+        weights = weights.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
+    probs = F.dropout(weights, p=dropout) if dropout > 0 else weights
+    out = torch.matmul(probs, value.to(compute_dtype)).to(query.dtype)
+    return out, weights.to(query.dtype)
+
+
+def _normsoftmax_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, *, reference, **kwargs
+):
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            f"Invalid value for `softcap`: {kwargs['softcap']!r}. NormSoftmax attention does not support logit "
+            "soft-capping. Allowed: None."
+        )
+    config = getattr(module, "config", None)
+    softmax_kind = getattr(config, "attention_softmax", "normsoftmax")
+    B, H, L, D = query.shape
+    scaling = D**-0.5 if scaling is None else float(scaling)
+    is_causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+    if attention_mask is None and is_causal and L > 1 and key.shape[-2] > L:
+        # transformers only skips the causal mask here for a prefill into an empty static cache, where causality
+        # is aligned top-left: the cache slots after the L new keys are still empty.
+        key, value = key[:, :, :L], value[:, :, :L]
+    causal = is_causal and L > 1  # a single query row (decoding) sees every key: bottom-right alignment
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        attention_mask = _with_position_bias(attention_mask, position_bias)
+    want_weights = _attention_weights_requested(kwargs)
+
+    gamma = attention_gamma(module)
+    max_temperature = getattr(config, "normsoftmax_max_temperature", None)
+    eps = getattr(config, "normsoftmax_eps", 1e-6)
+    statistic = getattr(config, "normsoftmax_statistic", "std")
+
+    recorder = getattr(module, RECORDER_ATTRIBUTE, None)
+    if recorder is not None:
+        recorder(
+            module=module, query=query, key=key, attention_mask=valid_from_mask(attention_mask), is_causal=causal,
+            scaling=scaling, softmax=softmax_kind, gamma=gamma, max_temperature=max_temperature, eps=eps,
+        )
+
+    if softmax_kind == "softmax":
+        if not reference and not want_weights and position_bias is None:
+            # exactly the stock SDPA computation (same function transformers runs for attn_implementation="sdpa")
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                **{k: v for k, v in kwargs.items() if k not in ("is_causal", "position_bias")},
+            )
+        out, weights = _softmax_attention_reference(query, key, value, attention_mask, causal, scaling, dropout)
+        return out.transpose(1, 2).contiguous(), weights
+
+    op = normsoftmax_attention_reference if reference else normsoftmax_attention
+    out, weights = op(
+        query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling, gamma=gamma,
+        max_temperature=max_temperature, eps=eps, statistic=statistic, dropout_p=dropout,
+        return_weights=want_weights,
+    )
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def normsoftmax_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention function registered as ``"normsoftmax"``: the fast exact NormSoftmax attention.
+
+    Follows transformers' attention-interface contract: ``query/key/value`` are ``(B, H, L|S, D)``, the result is
+    ``(attn_output (B, L, H, D), attn_weights (B, H, L, S) or None)``. Weights are materialised only when the
+    forward asks for attentions. For a variant config with ``attention_softmax="softmax"`` it runs the stock SDPA
+    attention. Causality comes from ``module.is_causal`` (or an explicit ``is_causal``).
+    """
+    return _normsoftmax_attention_forward(
+        module, query, key, value, attention_mask, dropout, scaling, is_causal, reference=False, **kwargs
+    )
+
+
+def normsoftmax_reference_attention_forward(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention function registered as ``"normsoftmax_reference"``: materialised logits, same results.
+
+    Arguments (``dropout``, ``scaling``, ``is_causal``, ...) and result as :func:`normsoftmax_attention_forward`.
+    What a NormSoftmax variant runs when asked for ``attn_implementation="eager"``.
+    """
+    return _normsoftmax_attention_forward(module, query, key, value, attention_mask, reference=True, **kwargs)
+
+
+def register_normsoftmax_attention() -> None:
+    """Register ``"normsoftmax"`` and ``"normsoftmax_reference"`` with transformers (idempotent).
+
+    Both get ``sdpa_mask`` (4D bool, True = attend) as mask function: without a registered mask function
+    transformers passes ``attention_mask=None`` to the attention and padding/causality would be lost.
+    """
+    AttentionInterface.register(ATTENTION_IMPLEMENTATION, normsoftmax_attention_forward)
+    AttentionInterface.register(REFERENCE_ATTENTION_IMPLEMENTATION, normsoftmax_reference_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(REFERENCE_ATTENTION_IMPLEMENTATION, sdpa_mask)
+
+
+# The modeling files import this module: registering here makes remote-code checkpoints self-sufficient.
+register_normsoftmax_attention()
+
+
+def resolve_variant_attn_implementation(requested: str | None) -> str:
+    """Map an ``attn_implementation`` request on a variant to what it runs: never plain softmax silently.
+
+    ``None``/``"sdpa"``/``"normsoftmax"`` -> ``"normsoftmax"``; ``"eager"``/``"normsoftmax_reference"`` ->
+    ``"normsoftmax_reference"`` (materialised path). Anything else (flash, flex, kernels) raises.
+    """
+    if isinstance(requested, str) or requested is None:
+        resolved = VARIANT_ATTN_IMPLEMENTATIONS.get(requested)
+        if resolved is not None:
+            return resolved
+    allowed = ", ".join(repr(k) for k in VARIANT_ATTN_IMPLEMENTATIONS)
+    raise ValueError(
+        f"Invalid value for `attn_implementation`: {requested!r}. NormSoftmax variants always run their attention "
+        f"through {ATTENTION_IMPLEMENTATION!r} (the `attention_softmax` flag chooses softmax or NormSoftmax). "
+        f"Allowed: {allowed}."
+    )
