@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,18 @@ CASES = {
 TRAINED_STATE_SUFFIXES = ("reparam_scale", "reparam_u", "reparam_v", "normsoftmax_scale")
 
 
+def checkpoint_folder(name: str, tmp_path: Path) -> Path:
+    """The fixture folder ``name`` as it was saved, in ``tmp_path``: a folder saved with its code keeps the code
+    in ``NAME.code.zip`` (the old code is data here, never read as part of the project's source)."""
+    folder = tmp_path / "fixture" / name
+    shutil.copytree(FIXTURES / name, folder)
+    code = FIXTURES / f"{name}.code.zip"
+    if code.is_file():
+        with zipfile.ZipFile(code) as archive:
+            archive.extractall(folder)
+    return folder
+
+
 def _stored(name):
     """(model inputs, the saving code's eval logits, its logits after the pending power-iteration step)."""
     tensors = load_file(FIXTURES / f"{name}.io.safetensors")
@@ -47,7 +61,7 @@ def _stored(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_old_checkpoint_loads_with_every_trained_value_and_its_outputs(name, tmp_path):
     auto_class, variant_class = CASES[name]
-    folder = FIXTURES / name
+    folder = checkpoint_folder(name, tmp_path)
     model, info = auto_class.from_pretrained(folder, output_loading_info=True)
     assert type(model) is variant_class
     assert {key: value for key, value in info.items() if value} == {}, info
@@ -57,8 +71,8 @@ def test_old_checkpoint_loads_with_every_trained_value_and_its_outputs(name, tmp
     # from its checkpoint names, so the comparison is between the two files)
     saved = load_file(folder / "model.safetensors")
     assert [key for key in saved if key.endswith(TRAINED_STATE_SUFFIXES)]  # sigmaReparam and gamma state
-    model.save_pretrained(tmp_path, save_remote_code=False)
-    resaved = load_file(tmp_path / "model.safetensors")
+    model.save_pretrained(tmp_path / "resaved", save_remote_code=False)
+    resaved = load_file(tmp_path / "resaved" / "model.safetensors")
     assert sorted(resaved) == sorted(saved)
     for key, value in saved.items():
         assert torch.equal(resaved[key], value), key
@@ -96,7 +110,7 @@ def test_old_checkpoint_loads_with_its_own_code_without_the_package(tmp_path):
     work = tmp_path / "cwd"
     work.mkdir()
     result = subprocess.run(
-        [sys.executable, "-c", load, str(FIXTURES / name), str(tmp_path / "inputs.pt")],
+        [sys.executable, "-c", load, str(checkpoint_folder(name, tmp_path)), str(tmp_path / "inputs.pt")],
         cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
