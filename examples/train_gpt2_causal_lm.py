@@ -311,7 +311,8 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     from transformers import get_linear_schedule_with_warmup
 
     from hf_normsoftmax import NormSoftmaxGPT2LMHeadModel
-    from hf_normsoftmax.training.diagnostics import CollapseDetector, collect_stability_stats
+    from hf_normsoftmax.training.alarms import CollapseDetector
+    from hf_normsoftmax.training.diagnostics import collect_stability_stats
     from hf_normsoftmax.training.trainer_utils import (
         cpu_distributed_launch,
         dump_rank_state,

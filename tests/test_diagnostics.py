@@ -14,7 +14,7 @@ import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 import hf_normsoftmax as H
-from hf_normsoftmax.integration import RECORDER_ATTRIBUTE
+from hf_normsoftmax.hf_attention import RECORDER_ATTRIBUTE
 from hf_normsoftmax.training.alarms import CollapseDetector
 from hf_normsoftmax.training.diagnostics import (
     StabilityMonitor,

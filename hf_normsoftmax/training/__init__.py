@@ -39,10 +39,9 @@ _LAZY_EXPORTS = {
 
 # Stability diagnostics, their Trainer callback and plots (the callback imports the Trainer, so stays lazy too).
 _LAZY_EXPORTS.update({
-    name: "diagnostics"
-    for name in ("CollapseDetector", "StabilityEvent", "StabilityMonitor", "collect_stability_stats",
-                 "qk_spectral_norms")
+    name: "diagnostics" for name in ("StabilityMonitor", "collect_stability_stats", "qk_spectral_norms")
 })
+_LAZY_EXPORTS.update({name: "alarms" for name in ("CollapseDetector", "StabilityEvent")})
 _LAZY_EXPORTS.update({name: "callbacks" for name in ("StabilityCallback",)})
 _LAZY_EXPORTS.update({name: "plots" for name in ("plot_run_dir", "plot_stability_history", "read_stability_history")})
 

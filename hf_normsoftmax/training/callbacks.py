@@ -10,7 +10,7 @@ no grad, RNG state forked: training results are bit-identical with and without t
   progress bar or printer) gets a one-line summary instead of the hundreds of keys (:func:`console_summary`:
   step, probe loss, lowest head entropy and where, highest attention-logit std and where, sigma range, logit
   norm, alarms so far);
-* checks the entropy-collapse / loss-spike alarms (:class:`~hf_normsoftmax.training.diagnostics.CollapseDetector`)
+* checks the entropy-collapse / loss-spike alarms (:class:`~hf_normsoftmax.training.alarms.CollapseDetector`)
   and logs a warning naming the layer and head;
 * appends the measurement to ``<output_dir>/stability_history.jsonl`` (also the training losses and the alarms),
   flushed as it goes, so a run that dies still leaves its history;
@@ -53,7 +53,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .diagnostics import STABILITY_PREFIX, CollapseDetector, StabilityEvent, StabilityMonitor
+from .alarms import CollapseDetector, StabilityEvent
+from .diagnostics import STABILITY_PREFIX, StabilityMonitor
 
 __all__ = ["HISTORY_FILE", "StabilityCallback", "console_summary"]
 
@@ -149,7 +150,7 @@ class StabilityCallback(TrainerCallback):
             (None disables).
         loss_spike_factor: alarm when the training loss (as logged) or the probe loss exceeds this multiple of
             the running median of its last ``loss_window`` values (None disables).
-        loss_window, min_loss_history: see :class:`~hf_normsoftmax.training.diagnostics.CollapseDetector`.
+        loss_window, min_loss_history: see :class:`~hf_normsoftmax.training.alarms.CollapseDetector`.
         history_file: file name in ``args.output_dir`` for the history (None: write nothing, no plots).
         plot_at_end: draw the PNG plots into ``args.output_dir`` at the end of training.
         chunk_size: query rows per block when recomputing attention statistics.
@@ -158,7 +159,7 @@ class StabilityCallback(TrainerCallback):
         trainer: the Trainer to log through (else found automatically, or set with :meth:`bind`).
 
     Attributes after training: ``history`` (list of measurement dicts, each with ``step``), ``events`` (the
-    :class:`~hf_normsoftmax.training.diagnostics.StabilityEvent` alarms).
+    :class:`~hf_normsoftmax.training.alarms.StabilityEvent` alarms).
     """
 
     def __init__(self, every_n_steps: int = 50, probe_batch: Mapping[str, Any] | None = None,

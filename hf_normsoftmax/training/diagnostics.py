@@ -29,7 +29,7 @@ name (``bert.encoder.layer.3.attention.self`` -> 3). The W_Q W_K^T norm ignores 
 
 Padding query positions are excluded from the attention means (taken from the batch's 2-D ``attention_mask``), as
 are rows with no valid key. Attention statistics come from the diagnostics hook of
-:mod:`hf_normsoftmax.integration`, so the model must run its attention through ``"normsoftmax"`` (every variant does,
+:mod:`hf_normsoftmax.hf_attention`, so the model must run its attention through ``"normsoftmax"`` (every variant does,
 also with ``attention_softmax="softmax"``; a stock model needs ``attn_implementation="normsoftmax"``); the
 statistics are recomputed from the same queries and keys, in query chunks, without an ``L x S`` tensor per layer.
 
@@ -67,7 +67,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..entropy import attention_statistics
-from ..integration import ATTENTION_IMPLEMENTATION, RECORDER_ATTRIBUTE, REFERENCE_ATTENTION_IMPLEMENTATION
+from ..hf_attention import ATTENTION_IMPLEMENTATION, RECORDER_ATTRIBUTE, REFERENCE_ATTENTION_IMPLEMENTATION
 from ..sigma_reparam import SigmaReparamMixin
 
 __all__ = [
