@@ -56,15 +56,19 @@ def _check_reduction(reduction) -> str:
     return reduction
 
 
-def _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_batch) -> None:
-    _check_float_tensor("input", input)
-    if input.ndim == 0:
-        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+def _check_loss_options(ignore_index, reduction, label_smoothing) -> None:
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     _check_reduction(reduction)
     if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+
+
+def _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_batch) -> None:
+    _check_float_tensor("input", input)
+    if input.ndim == 0:
+        raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+    _check_loss_options(ignore_index, reduction, label_smoothing)
     if num_items_in_batch is None:
         return
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -403,16 +407,33 @@ class _CrossEntropyBase(nn.Module):
         super().__init__()
         if weight is not None:
             _check_float_tensor("weight", weight)
-        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        _check_reduction(reduction)
-        if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+        _check_loss_options(ignore_index, reduction, label_smoothing)
         # A buffer, as in nn.CrossEntropyLoss, so it follows .to(device).
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)
+
+    def _method_options(self) -> dict:
+        """The method's keyword arguments of the loss function (gamma, ... / beta)."""
+        raise NotImplementedError
+
+    def forward(self, input, target, num_items_in_batch=None):
+        return type(self)._loss_function(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            num_items_in_batch=num_items_in_batch,
+            **self._method_options(),
+        )
+
+    def extra_repr(self) -> str:
+        options = {**self._method_options(), "ignore_index": self.ignore_index, "reduction": self.reduction,
+                   "label_smoothing": self.label_smoothing}
+        return ", ".join(f"{name}={value!r}" for name, value in options.items())
 
 
 class NormSoftmaxCrossEntropyLoss(_CrossEntropyBase):
@@ -423,6 +444,8 @@ class NormSoftmaxCrossEntropyLoss(_CrossEntropyBase):
         criterion = NormSoftmaxCrossEntropyLoss(gamma=3.0, label_smoothing=0.1)
         loss = criterion(torch.randn(8, 10), torch.randint(0, 10, (8,)), num_items_in_batch=32)
     """
+
+    _loss_function = staticmethod(normsoftmax_cross_entropy)
 
     def __init__(
         self,
@@ -443,27 +466,9 @@ class NormSoftmaxCrossEntropyLoss(_CrossEntropyBase):
         self.eps = float(eps)
         self.statistic = statistic
 
-    def forward(self, input, target, num_items_in_batch=None):
-        return normsoftmax_cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-            max_temperature=self.max_temperature,
-            eps=self.eps,
-            statistic=self.statistic,
-            num_items_in_batch=num_items_in_batch,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"gamma={self.gamma}, max_temperature={self.max_temperature}, eps={self.eps}, "
-            f"statistic={self.statistic!r}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}"
-        )
+    def _method_options(self) -> dict:
+        return {"gamma": self.gamma, "max_temperature": self.max_temperature, "eps": self.eps,
+                "statistic": self.statistic}
 
 
 class InverseTemperatureCrossEntropyLoss(_CrossEntropyBase):
@@ -474,6 +479,8 @@ class InverseTemperatureCrossEntropyLoss(_CrossEntropyBase):
         criterion = InverseTemperatureCrossEntropyLoss(beta=0.3)
         loss = criterion(torch.randn(8, 10), torch.randint(0, 10, (8,)))
     """
+
+    _loss_function = staticmethod(inverse_temperature_cross_entropy)
 
     def __init__(
         self,
@@ -487,20 +494,5 @@ class InverseTemperatureCrossEntropyLoss(_CrossEntropyBase):
         super().__init__(weight, ignore_index, reduction, label_smoothing)
         self.beta = _check_in_range("beta", beta, INVERSE_TEMPERATURE_RANGE)
 
-    def forward(self, input, target, num_items_in_batch=None):
-        return inverse_temperature_cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            beta=self.beta,
-            num_items_in_batch=num_items_in_batch,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}"
-        )
+    def _method_options(self) -> dict:
+        return {"beta": self.beta}
