@@ -49,7 +49,9 @@ __all__ = [
     "write_card",
 ]
 
-_TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+# The one card template: a link to model_cards/model_card.md in a checkout (setuptools copies the file it points
+# to into a built wheel).
+_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # ------------------------------------------------------------------------------------------------------------
@@ -190,17 +192,17 @@ def _cell(value) -> str:
 
 
 def template_path(family: str) -> Path:
-    """Path of the packaged Jinja template of a family (``vit``, ``bert`` or ``gpt2``).
+    """Path of the packaged Jinja template that renders the cards of ``family`` (``vit``, ``bert`` or ``gpt2``).
 
-    The templates are edited in the repository's ``model_cards/`` folder and shipped as identical copies in
-    ``hf_normsoftmax/hub/templates/`` (a test checks that both copies are byte-identical).
+    One template serves the three families: the text is shared and the family-specific parts are blocks selected
+    by the ``family`` variable. It is edited in the repository's ``model_cards/model_card.md``; the package holds
+    a link to that file, which a built wheel replaces by the file itself.
     """
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} is not one of {FAMILIES}")
-    path = _TEMPLATES_DIR / f"{family}.md"
-    if not path.is_file():
-        raise FileNotFoundError(f"model card template for {family!r} missing at {path} (broken installation?)")
-    return path
+    if not _TEMPLATE.is_file():
+        raise FileNotFoundError(f"model card template missing at {_TEMPLATE} (broken installation?)")
+    return _TEMPLATE
 
 
 def _task_for(architecture: str | None):
@@ -367,6 +369,7 @@ def build_template_context(inputs: CardInputs) -> tuple:
     if eval_results is None or not eval_results:
         card_data.model_name = None  # model_name is only meaningful inside model-index
     kwargs = {
+        "family": family,
         "model_name": inputs.model_name,
         "repo_id": inputs.repo_id or f"YOUR_NAMESPACE/{_slug(inputs.model_name)}",
         "repo_id_known": inputs.repo_id is not None,
