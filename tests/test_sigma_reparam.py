@@ -239,7 +239,7 @@ def test_weight_replaced_by_new_parameter_triggers_a_step():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_normalize_helper_is_bitwise_f_normalize(dtype):
     """The CPU fast path's normalisation must give F.normalize's bits (checks compare vectors exactly)."""
-    from hf_normsoftmax.sigma_reparam import _normalize
+    from hf_normsoftmax.sigma_reparam_ops import _normalize
 
     g = torch.Generator().manual_seed(0)
     vectors = [torch.randn(n, generator=g, dtype=dtype) * 10.0**e for n in (1, 3, 8, 17, 384, 1536) for e in (-6, 0, 6)]
@@ -325,7 +325,7 @@ def test_gradients_match_exact_formula_with_fixed_vectors(kind, training, fused)
 def test_float64_gradcheck_module(kind):
     """gradcheck / gradgradcheck of the layer's unfused math as a function of x, W, s and bias (u, v fixed; a
     forward would re-derive them from a perturbed weight, so the layer's own _ScaledWeight + computation)."""
-    from hf_normsoftmax.sigma_reparam import _ScaledWeight
+    from hf_normsoftmax.sigma_reparam_ops import _ScaledWeight
 
     _, layer, x = converted(kind, dtype=torch.float64)
     randomize_vectors(layer)
@@ -352,7 +352,7 @@ def test_float64_gradcheck_module(kind):
 @pytest.mark.parametrize("given_w_mm", [False, True])
 def test_float64_gradcheck_fused_training_op(layout, bias, given_w_mm):
     """The CPU training op (scale / sigma folded into the matmul), with sigma = v^T W u evaluated at each W."""
-    from hf_normsoftmax.sigma_reparam import _ReparamMatmul
+    from hf_normsoftmax.sigma_reparam_ops import _ReparamMatmul
 
     torch.manual_seed(4)
     out_features, in_features = 5, 4
