@@ -31,6 +31,7 @@ from torch import nn
 from .normsoftmax import (
     GAMMA_RANGE,
     INVERSE_TEMPERATURE_RANGE,
+    _broadcasts_to,
     _check_float_tensor,
     _check_in_range,
     _check_options,
@@ -352,11 +353,7 @@ def normsoftmax_cross_entropy(
 def _check_beta(beta, input: torch.Tensor):
     if isinstance(beta, torch.Tensor):
         _check_float_tensor("beta", beta)
-        try:
-            shape = torch.broadcast_shapes(beta.shape, input.shape)
-        except RuntimeError:
-            shape = None
-        if shape != input.shape:
+        if not _broadcasts_to(beta, input.shape):
             raise ValueError(
                 f"beta tensor of shape {tuple(beta.shape)} must be broadcastable to the input shape "
                 f"{tuple(input.shape)}"

@@ -139,6 +139,14 @@ def _check_dim(dim, ndim: int) -> int:
     return dim % ndim
 
 
+def _broadcasts_to(tensor: torch.Tensor, shape: torch.Size) -> bool:
+    """Whether ``tensor`` broadcasts to exactly ``shape`` (without growing it)."""
+    try:
+        return torch.broadcast_shapes(tensor.shape, shape) == shape
+    except RuntimeError:
+        return False
+
+
 def _check_mask(mask, input: torch.Tensor):
     if mask is None:
         return None
@@ -146,11 +154,7 @@ def _check_mask(mask, input: torch.Tensor):
         raise TypeError(f"mask must be None or a bool tensor (True = valid), got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = valid), got dtype {mask.dtype}")
-    try:
-        shape = torch.broadcast_shapes(mask.shape, input.shape)
-    except RuntimeError:
-        shape = None
-    if shape != input.shape:
+    if not _broadcasts_to(mask, input.shape):
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} must be broadcastable to the input shape {tuple(input.shape)}"
         )
@@ -164,12 +168,8 @@ def _check_gamma(gamma, input: torch.Tensor, dim: int):
     if isinstance(gamma, torch.Tensor):
         _check_float_tensor("gamma", gamma)
         ndim = input.ndim
-        try:
-            shape = torch.broadcast_shapes(gamma.shape, input.shape)
-        except RuntimeError:
-            shape = None
         offset = ndim - gamma.ndim  # gamma's dims align with the input's trailing dims
-        if shape != input.shape or (dim >= offset and gamma.shape[dim - offset] != 1):
+        if not _broadcasts_to(gamma, input.shape) or (dim >= offset and gamma.shape[dim - offset] != 1):
             raise ValueError(
                 f"gamma tensor of shape {tuple(gamma.shape)} must be broadcastable to the input shape "
                 f"{tuple(input.shape)} with size 1 (or absent) at the normalised dim {dim}"
