@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import math
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from source_imports import imported_roots
 
 from hf_normsoftmax.normsoftmax import NormSoftmax, norm_softmax, normalize_logits
 
@@ -296,15 +296,7 @@ def test_bad_module_arguments():
 
 
 def test_module_imports_only_torch_and_stdlib():
-    tree = ast.parse(MODULE_PATH.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots = {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            roots = {"." if node.level else node.module.split(".")[0]}
-        else:
-            continue
-        assert roots <= {"torch", "math", "collections", "typing", "__future__", "."}, roots
+    assert imported_roots(MODULE_PATH) - {"torch", "math", "collections", "typing", "__future__", "."} == set()
 
 
 # ---------------------------------------------------------------------------------------------------------------
