@@ -17,33 +17,19 @@ import importlib
 from typing import Any
 
 # Public name -> submodule that defines it (imported on first access).
-_LAZY_EXPORTS = {
-    name: "data"
-    for name in (
-        "BUILTIN_DATASETS",
-        "BuiltinDataset",
-        "FASHION_MNIST_CLASSES",
-        "gpt2_tokenizer_dir",
-        "load_dataset_spec",
-        "load_digits_dataset",
-        "load_fashion_mnist",
-        "load_gpt2_tokenizer",
-        "load_mnist5k",
-        "load_rotten_tomatoes",
-        "load_shakespeare_text",
-        "minilm_path",
-        "require_columns",
-        "train_eval_split",
-    )
-}
-
-# Stability diagnostics, their Trainer callback and plots (the callback imports the Trainer, so stays lazy too).
-_LAZY_EXPORTS.update({
-    name: "diagnostics" for name in ("StabilityMonitor", "collect_stability_stats", "qk_spectral_norms")
-})
-_LAZY_EXPORTS.update({name: "alarms" for name in ("CollapseDetector", "StabilityEvent")})
-_LAZY_EXPORTS.update({name: "callbacks" for name in ("StabilityCallback",)})
-_LAZY_EXPORTS.update({name: "plots" for name in ("plot_run_dir", "plot_stability_history", "read_stability_history")})
+_LAZY_EXPORTS = dict.fromkeys(
+    ("FASHION_MNIST_CLASSES", "gpt2_tokenizer_dir", "load_digits_dataset", "load_fashion_mnist", "load_gpt2_tokenizer",
+     "load_mnist5k", "load_rotten_tomatoes", "load_shakespeare_text", "minilm_path"),
+    "builtin_data",
+)
+_LAZY_EXPORTS.update(dict.fromkeys(
+    ("BUILTIN_DATASETS", "BuiltinDataset", "load_dataset_spec", "require_columns", "train_eval_split"), "data"
+))
+# Stability diagnostics, their alarms, the Trainer callback and plots (the callback imports the Trainer: lazy too).
+_LAZY_EXPORTS.update(dict.fromkeys(("StabilityMonitor", "collect_stability_stats", "qk_spectral_norms"), "diagnostics"))
+_LAZY_EXPORTS.update(dict.fromkeys(("CollapseDetector", "StabilityEvent"), "alarms"))
+_LAZY_EXPORTS.update(dict.fromkeys(("StabilityCallback",), "callbacks"))
+_LAZY_EXPORTS.update(dict.fromkeys(("plot_run_dir", "plot_stability_history", "read_stability_history"), "plots"))
 
 __all__ = sorted(_LAZY_EXPORTS)
 

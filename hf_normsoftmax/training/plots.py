@@ -28,13 +28,14 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..normsoftmax import _is_number
 from .diagnostics import STABILITY_PREFIX, parse_stability_key
 
 __all__ = ["ENTROPY_PLOT", "LOGITS_PLOT", "SIGMA_PLOT", "plot_run_dir", "plot_stability_history",
@@ -47,10 +48,6 @@ SIGMA_PLOT = "stability_sigma_reparam.png"
 _DPI = 110
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _has_stability_keys(record: Mapping) -> bool:
     return any(isinstance(k, str) and k.startswith(STABILITY_PREFIX) for k in record)
 
@@ -60,12 +57,20 @@ def _checkpoint_number(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _trainer_state_files(run_dir: Path) -> list[Path]:
+def _log_histories(run_dir: Path) -> Iterator[list[dict[str, Any]]]:
+    """The ``log_history`` entries with a numeric step, of each readable ``trainer_state.json``: the run dir's
+    first, then the checkpoints', newest first."""
     files = [run_dir / "trainer_state.json"]
     checkpoints = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir()), key=_checkpoint_number,
                          reverse=True)
     files.extend(p / "trainer_state.json" for p in checkpoints)
-    return [f for f in files if f.is_file()]
+    for state_file in files:
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        history = state.get("log_history") if isinstance(state, dict) else None
+        yield [dict(e) for e in history or [] if isinstance(e, dict) and _is_number(e.get("step"))]
 
 
 def read_stability_history(run_dir: str | Path, history_file: str = HISTORY_FILE) -> list[dict[str, Any]]:
@@ -92,13 +97,7 @@ def read_stability_history(run_dir: str | Path, history_file: str = HISTORY_FILE
                 records.append(record)
         if any(_has_stability_keys(r) for r in records):
             return records
-    for state_file in _trainer_state_files(run_dir):
-        try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        history = state.get("log_history") if isinstance(state, dict) else None
-        records = [dict(e) for e in history or [] if isinstance(e, dict) and _is_number(e.get("step"))]
+    for records in _log_histories(run_dir):
         if any(_has_stability_keys(r) for r in records):
             return records
     raise ValueError(
@@ -345,14 +344,8 @@ def plot_run_dir(run_dir: str | Path, history_file: str = HISTORY_FILE) -> list[
 
 
 def _losses_from_trainer_state(run_dir: Path) -> list[dict[str, Any]]:
-    for state_file in _trainer_state_files(run_dir):
-        try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        history = state.get("log_history") if isinstance(state, dict) else None
-        losses = [{"step": e["step"], "loss": e["loss"]} for e in history or []
-                  if isinstance(e, dict) and _is_number(e.get("step")) and _is_number(e.get("loss"))]
+    for history in _log_histories(run_dir):
+        losses = [{"step": e["step"], "loss": e["loss"]} for e in history if _is_number(e.get("loss"))]
         if losses:
             return losses
     return []
