@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
-from .losses import inverse_temperature_cross_entropy, logits_and_cross_entropy
+from .fused_cross_entropy import cross_entropy, logits_and_cross_entropy
 from .normsoftmax import normalize_logits
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -84,8 +84,8 @@ def head_logits_and_loss(
     exactly). ``labels (...)`` are class indices, ``ignore_index`` ignored; ``None`` gives no loss. The loss is
     the mean over non-ignored labels, or with ``num_items_in_batch`` their sum divided by it (transformers'
     gradient-accumulation semantics). With a flag on, logits and loss come from one fused op
-    (:func:`hf_normsoftmax.losses.logits_and_cross_entropy`), several times cheaper than separate ops for a 50k
-    vocabulary. Half-precision
+    (:func:`hf_normsoftmax.fused_cross_entropy.logits_and_cross_entropy`), several times cheaper than separate ops
+    for a 50k vocabulary. Half-precision
     logits are transformed in float32; the returned logits keep the half dtype unless it would overflow, then they
     are float32 (see :func:`training_logits`): the loss is always the float32 cross-entropy of the returned logits.
     """
@@ -122,11 +122,10 @@ def head_cross_entropy(
     """
     num_classes = logits.shape[-1]
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return inverse_temperature_cross_entropy(
+    return cross_entropy(
         logits.reshape(-1, num_classes),
         labels.reshape(-1).to(logits.device),
         ignore_index=ignore_index,
-        beta=1.0,
         num_items_in_batch=num_items_in_batch,
     )
 
