@@ -2,7 +2,9 @@
 
 ``import hf_normsoftmax`` registers
 
-* the model types ``normsoftmax_vit``, ``normsoftmax_bert`` and ``normsoftmax_gpt2`` with ``AutoConfig`` and the
+* the model types ``normsoftmax_vit``, ``normsoftmax_bert``, ``normsoftmax_gpt2`` and the decoder families
+  ``normsoftmax_{llama,qwen2,qwen3,mistral,gemma2,phi3}`` (AutoModel, AutoModelForCausalLM,
+  AutoModelForSequenceClassification) with ``AutoConfig`` and the
   Auto model classes (ViT: AutoModel, AutoModelForImageClassification, AutoModelForMaskedImageModeling; BERT:
   AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
   AutoModelForQuestionAnswering, AutoModelForMultipleChoice, AutoModelForCausalLM; GPT-2: AutoModel,
@@ -68,6 +70,14 @@ from .configuration_normsoftmax import (
     NormSoftmaxGPT2Config,
     NormSoftmaxViTConfig,
 )
+from .configuration_normsoftmax_decoders import (
+    NormSoftmaxGemma2Config,
+    NormSoftmaxLlamaConfig,
+    NormSoftmaxMistralConfig,
+    NormSoftmaxPhi3Config,
+    NormSoftmaxQwen2Config,
+    NormSoftmaxQwen3Config,
+)
 from .entropy import attention_entropy
 from .hf_attention import (
     ATTENTION_IMPLEMENTATION,
@@ -94,6 +104,26 @@ from .modeling_normsoftmax_bert import (
     NormSoftmaxBertForTokenClassification,
     NormSoftmaxBertLMHeadModel,
     NormSoftmaxBertModel,
+)
+from .modeling_normsoftmax_decoders import (
+    NormSoftmaxGemma2ForCausalLM,
+    NormSoftmaxGemma2ForSequenceClassification,
+    NormSoftmaxGemma2Model,
+    NormSoftmaxLlamaForCausalLM,
+    NormSoftmaxLlamaForSequenceClassification,
+    NormSoftmaxLlamaModel,
+    NormSoftmaxMistralForCausalLM,
+    NormSoftmaxMistralForSequenceClassification,
+    NormSoftmaxMistralModel,
+    NormSoftmaxPhi3ForCausalLM,
+    NormSoftmaxPhi3ForSequenceClassification,
+    NormSoftmaxPhi3Model,
+    NormSoftmaxQwen2ForCausalLM,
+    NormSoftmaxQwen2ForSequenceClassification,
+    NormSoftmaxQwen2Model,
+    NormSoftmaxQwen3ForCausalLM,
+    NormSoftmaxQwen3ForSequenceClassification,
+    NormSoftmaxQwen3Model,
 )
 from .modeling_normsoftmax_gpt2 import (
     NormSoftmaxGPT2ForQuestionAnswering,
@@ -134,6 +164,24 @@ _AUTO_REGISTRY: dict[type, dict[Any, type]] = {
         AutoModelForSequenceClassification: NormSoftmaxGPT2ForSequenceClassification,
         AutoModelForTokenClassification: NormSoftmaxGPT2ForTokenClassification,
         AutoModelForQuestionAnswering: NormSoftmaxGPT2ForQuestionAnswering,
+    },
+    # decoder families (modeling_normsoftmax_decoders.py)
+    **{
+        config_class: {AutoModel: base, AutoModelForCausalLM: causal_lm, AutoModelForSequenceClassification: classifier}
+        for config_class, base, causal_lm, classifier in (
+            (NormSoftmaxLlamaConfig, NormSoftmaxLlamaModel, NormSoftmaxLlamaForCausalLM,
+             NormSoftmaxLlamaForSequenceClassification),
+            (NormSoftmaxQwen2Config, NormSoftmaxQwen2Model, NormSoftmaxQwen2ForCausalLM,
+             NormSoftmaxQwen2ForSequenceClassification),
+            (NormSoftmaxQwen3Config, NormSoftmaxQwen3Model, NormSoftmaxQwen3ForCausalLM,
+             NormSoftmaxQwen3ForSequenceClassification),
+            (NormSoftmaxMistralConfig, NormSoftmaxMistralModel, NormSoftmaxMistralForCausalLM,
+             NormSoftmaxMistralForSequenceClassification),
+            (NormSoftmaxGemma2Config, NormSoftmaxGemma2Model, NormSoftmaxGemma2ForCausalLM,
+             NormSoftmaxGemma2ForSequenceClassification),
+            (NormSoftmaxPhi3Config, NormSoftmaxPhi3Model, NormSoftmaxPhi3ForCausalLM,
+             NormSoftmaxPhi3ForSequenceClassification),
+        )
     },
 }
 
@@ -370,6 +418,30 @@ __all__ = [
     "NormSoftmaxGPT2ForTokenClassification",
     "NormSoftmaxGPT2LMHeadModel",
     "NormSoftmaxGPT2Model",
+    "NormSoftmaxGemma2Config",
+    "NormSoftmaxGemma2ForCausalLM",
+    "NormSoftmaxGemma2ForSequenceClassification",
+    "NormSoftmaxGemma2Model",
+    "NormSoftmaxLlamaConfig",
+    "NormSoftmaxLlamaForCausalLM",
+    "NormSoftmaxLlamaForSequenceClassification",
+    "NormSoftmaxLlamaModel",
+    "NormSoftmaxMistralConfig",
+    "NormSoftmaxMistralForCausalLM",
+    "NormSoftmaxMistralForSequenceClassification",
+    "NormSoftmaxMistralModel",
+    "NormSoftmaxPhi3Config",
+    "NormSoftmaxPhi3ForCausalLM",
+    "NormSoftmaxPhi3ForSequenceClassification",
+    "NormSoftmaxPhi3Model",
+    "NormSoftmaxQwen2Config",
+    "NormSoftmaxQwen2ForCausalLM",
+    "NormSoftmaxQwen2ForSequenceClassification",
+    "NormSoftmaxQwen2Model",
+    "NormSoftmaxQwen3Config",
+    "NormSoftmaxQwen3ForCausalLM",
+    "NormSoftmaxQwen3ForSequenceClassification",
+    "NormSoftmaxQwen3Model",
     "NormSoftmaxViTConfig",
     "NormSoftmaxViTForImageClassification",
     "NormSoftmaxViTForMaskedImageModeling",

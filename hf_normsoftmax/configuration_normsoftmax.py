@@ -102,7 +102,18 @@ DEFAULT_NORMSOFTMAX_GAMMA = 2.0
 DEFAULT_LOSS_NORMSOFTMAX_GAMMA = 2.0
 
 # Stock model type that each variant converts on load.
-STOCK_MODEL_TYPE = {"normsoftmax_vit": "vit", "normsoftmax_bert": "bert", "normsoftmax_gpt2": "gpt2"}
+STOCK_MODEL_TYPE = {
+    "normsoftmax_vit": "vit",
+    "normsoftmax_bert": "bert",
+    "normsoftmax_gpt2": "gpt2",
+    # decoder families (configuration_normsoftmax_decoders.py)
+    "normsoftmax_llama": "llama",
+    "normsoftmax_qwen2": "qwen2",
+    "normsoftmax_qwen3": "qwen3",
+    "normsoftmax_mistral": "mistral",
+    "normsoftmax_gemma2": "gemma2",
+    "normsoftmax_phi3": "phi3",
+}
 VARIANT_MODEL_TYPE = {stock: variant for variant, stock in STOCK_MODEL_TYPE.items()}
 
 NORMSOFTMAX_FLAGS = (

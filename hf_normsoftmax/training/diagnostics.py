@@ -68,6 +68,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..entropy import attention_statistics
 from ..hf_attention import ATTENTION_IMPLEMENTATION, RECORDER_ATTRIBUTE, REFERENCE_ATTENTION_IMPLEMENTATION
+from ..modeling_normsoftmax_decoders import SOFTCAP_ATTENTION_IMPLEMENTATION, SOFTCAP_REFERENCE_ATTENTION_IMPLEMENTATION
 from ..sigma_reparam import SigmaReparamMixin
 
 __all__ = [
@@ -84,7 +85,9 @@ __all__ = [
 
 STABILITY_PREFIX = "stability/"
 # Attention implementations that call the diagnostics hook.
-_HOOKED_IMPLEMENTATIONS = (ATTENTION_IMPLEMENTATION, REFERENCE_ATTENTION_IMPLEMENTATION)
+_HOOKED_IMPLEMENTATIONS = (ATTENTION_IMPLEMENTATION, REFERENCE_ATTENTION_IMPLEMENTATION,
+                           # Gemma 2 variants (the hook runs unless the module soft-caps its logits; then it refuses)
+                           SOFTCAP_ATTENTION_IMPLEMENTATION, SOFTCAP_REFERENCE_ATTENTION_IMPLEMENTATION)
 _KEY_PATTERN = re.compile(r"^stability/(?P<quantity>[a-z_]+)(?:/(?P<group>[^/]+))?(?:/(?P<item>.+))?$")
 
 
@@ -135,6 +138,7 @@ def _has_projections(module: nn.Module) -> bool:
     return (
         ("query" in children and "key" in children)
         or ("q_proj" in children and "k_proj" in children)
+        or ("qkv_proj" in children and "o_proj" in children)  # Phi-3: fused q, k, v rows
         or isinstance(children.get("c_attn"), Conv1D)
     )
 
@@ -205,6 +209,11 @@ def _qk_head_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
             w_q, w_k = fused[:split], fused[split:2 * split]
     elif "query" in children:
         w_q, w_k = _out_in_weight(children["query"]), _out_in_weight(children["key"])
+    elif "qkv_proj" in children:  # Phi-3: query rows, then key rows, then value rows
+        fused = _out_in_weight(children["qkv_proj"])
+        query_rows = _num_heads(module) * module.head_dim
+        key_rows = (fused.shape[0] - query_rows) // 2
+        w_q, w_k = fused[:query_rows], fused[query_rows:query_rows + key_rows]
     else:
         w_q, w_k = _out_in_weight(children["q_proj"]), _out_in_weight(children["k_proj"])
     heads = _num_heads(module)
