@@ -26,6 +26,8 @@ Copied into remote-code checkpoints: imports only torch, transformers and same-f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,15 +53,16 @@ LEARNABLE_GAMMA_PARAMETER = "normsoftmax_scale"
 MIN_LEARNED_GAMMA, MAX_LEARNED_GAMMA = GAMMA_RANGE
 RECORDER_ATTRIBUTE = "_normsoftmax_recorder"
 
-# Requests a variant accepts for `attn_implementation`, and what it runs for them.
-VARIANT_ATTN_IMPLEMENTATIONS = {
-    None: ATTENTION_IMPLEMENTATION,
+# The names a variant accepts for `attn_implementation` (kept on its config as given, as on a stock model; None
+# becomes "sdpa", transformers' default) -> the function its attention modules run for that name. NormSoftmax
+# variants run NormSoftmax (or, for attention_softmax="softmax", the stock computation) through these two: never a
+# kernel that would silently compute plain softmax attention, and always with the diagnostics hook.
+VARIANT_ATTENTION_FUNCTIONS = {
     "sdpa": ATTENTION_IMPLEMENTATION,
-    ATTENTION_IMPLEMENTATION: ATTENTION_IMPLEMENTATION,
     "eager": REFERENCE_ATTENTION_IMPLEMENTATION,
+    ATTENTION_IMPLEMENTATION: ATTENTION_IMPLEMENTATION,
     REFERENCE_ATTENTION_IMPLEMENTATION: REFERENCE_ATTENTION_IMPLEMENTATION,
 }
-
 
 
 def _attention_weights_requested(kwargs: dict) -> bool:
@@ -225,19 +228,96 @@ def register_normsoftmax_attention() -> None:
 register_normsoftmax_attention()
 
 
-def resolve_variant_attn_implementation(requested: str | None) -> str:
-    """Map an ``attn_implementation`` request on a variant to what it runs: never plain softmax silently.
+def _allowed_variant_attn_implementations() -> str:
+    return ", ".join(repr(name) for name in (None, *VARIANT_ATTENTION_FUNCTIONS))
 
-    ``None``/``"sdpa"``/``"normsoftmax"`` -> ``"normsoftmax"``; ``"eager"``/``"normsoftmax_reference"`` ->
-    ``"normsoftmax_reference"`` (materialised path). Anything else (flash, flex, kernels) raises.
+
+def resolve_variant_attn_implementation(requested: str | None) -> str:
+    """The ``attn_implementation`` a variant's config keeps for a request: the user's own name (``None`` ->
+    ``"sdpa"``, transformers' default). Anything but ``"sdpa"``, ``"eager"``, ``"normsoftmax"`` and
+    ``"normsoftmax_reference"`` (flash, flex, kernels, paged) raises: those would run plain softmax attention.
+
+    What the attention modules run for the name is :func:`variant_attention_function`.
     """
-    if isinstance(requested, str) or requested is None:
-        resolved = VARIANT_ATTN_IMPLEMENTATIONS.get(requested)
-        if resolved is not None:
-            return resolved
-    allowed = ", ".join(repr(k) for k in VARIANT_ATTN_IMPLEMENTATIONS)
+    if requested is None:
+        return "sdpa"
+    if isinstance(requested, str) and requested in VARIANT_ATTENTION_FUNCTIONS:
+        return requested
     raise ValueError(
-        f"Invalid value for `attn_implementation`: {requested!r}. NormSoftmax variants always run their attention "
-        f"through {ATTENTION_IMPLEMENTATION!r} (the `attention_softmax` flag chooses softmax or NormSoftmax). "
-        f"Allowed: {allowed}."
+        f"Invalid value for `attn_implementation`: {requested!r}. NormSoftmax variants run their attention through "
+        f"{ATTENTION_IMPLEMENTATION!r} for 'sdpa' and {REFERENCE_ATTENTION_IMPLEMENTATION!r} (materialised weights) "
+        "for 'eager' (the `attention_softmax` flag chooses softmax or NormSoftmax). "
+        f"Allowed: {_allowed_variant_attn_implementations()}."
     )
+
+
+def variant_attention_function(attn_implementation: str | None) -> str:
+    """The attention function (registered name) a variant's attention modules run when its config names
+    ``attn_implementation``: ``"sdpa"`` (and None) -> ``"normsoftmax"``, ``"eager"`` -> ``"normsoftmax_reference"``."""
+    if attn_implementation is None:
+        return ATTENTION_IMPLEMENTATION
+    function = VARIANT_ATTENTION_FUNCTIONS.get(attn_implementation) if isinstance(attn_implementation, str) else None
+    if function is None:  # set on the config past the model's checks (e.g. `_attn_implementation_internal`)
+        resolve_variant_attn_implementation(attn_implementation)  # raises, naming the value
+    return function
+
+
+class VariantAttentionConfig:
+    """The config a variant's attention module sees: the model's config, every attribute read and written through
+    (later flag changes are seen), except ``_attn_implementation``, which names the function the variant runs for
+    the model's choice (:func:`variant_attention_function`).
+
+    transformers' attention modules read ``self.config._attn_implementation`` at every forward and look it up in
+    ``ALL_ATTENTION_FUNCTIONS`` (GPT-2 runs its own eager code for ``"eager"``): with this view the model's config
+    keeps the user's ``"sdpa"`` / ``"eager"`` (what transformers and user code check, e.g. for
+    ``output_attentions``) while its attention runs ``"normsoftmax"`` / ``"normsoftmax_reference"``. Copies and
+    pickles keep the link: a deep copy of the model gives a view of the copied config.
+    """
+
+    __slots__ = ("_normsoftmax_model_config",)
+
+    def __init__(self, model_config: Any):
+        object.__setattr__(self, "_normsoftmax_model_config", model_config)
+
+    @property
+    def model_config(self) -> Any:
+        """The model's config this view reads through to."""
+        return object.__getattribute__(self, "_normsoftmax_model_config")
+
+    @property
+    def _attn_implementation(self) -> str:
+        return variant_attention_function(self.model_config._attn_implementation)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name.endswith("__"):  # copy / pickle protocol lookups: this object's own
+            raise AttributeError(name)
+        return getattr(self.model_config, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.model_config, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self.model_config, name)
+
+    def __reduce__(self):
+        return (type(self), (self.model_config,))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(of {type(self.model_config).__name__}, runs {self._attn_implementation!r})"
+
+
+def use_variant_attention_config(model: nn.Module, attention_classes: tuple[type, ...]) -> int:
+    """Give every attention module of ``model`` (instances of ``attention_classes``) a
+    :class:`VariantAttentionConfig` of the config it holds. Returns how many modules were changed."""
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, attention_classes):
+            continue
+        config = getattr(module, "config", None)
+        if isinstance(config, VariantAttentionConfig):
+            config = config.model_config
+        if config is None:
+            continue
+        module.config = VariantAttentionConfig(config)
+        count += 1
+    return count

@@ -16,7 +16,11 @@ import threading
 from transformers import PreTrainedConfig
 
 from .configuration_normsoftmax import NORMSOFTMAX_FLAGS, check_flag_combination
-from .hf_attention import LEARNABLE_GAMMA_PARAMETER, resolve_variant_attn_implementation
+from .hf_attention import (
+    LEARNABLE_GAMMA_PARAMETER,
+    resolve_variant_attn_implementation,
+    use_variant_attention_config,
+)
 from .hf_state import (
     NEW_KEY,
     NEW_KEY_PATTERNS,
@@ -44,15 +48,25 @@ _FROM_PRETRAINED_LOCK = threading.RLock()
 class NormSoftmaxPreTrainedMixin:
     """Behaviour shared by every NormSoftmax variant model (put it first in the bases).
 
-    * attention always dispatches through ``"normsoftmax"`` (``"eager"`` -> ``"normsoftmax_reference"``), which
-      also serves ``attention_softmax="softmax"`` (stock SDPA), so diagnostics see every variant;
+    * the config keeps the attention implementation the user asked for (``"sdpa"`` by default, ``"eager"``), as a
+      stock model's does; the attention modules see it through a :class:`VariantAttentionConfig` and run
+      ``"normsoftmax"`` for ``"sdpa"`` and ``"normsoftmax_reference"`` (materialised weights, so
+      ``output_attentions`` works) for ``"eager"``. Both also serve ``attention_softmax="softmax"`` (the stock
+      computation), so diagnostics see every variant. Flash, flex and kernel requests are refused by name: they
+      would run plain softmax attention;
     * at construction: flag checks, sigmaReparam conversion of the selected layers, learnable gammas;
     * after loading and tying: :func:`finish_normsoftmax_init`;
-    * ``from_pretrained`` refuses checkpoints of another architecture and trained sigmaReparam / gamma entries the
-      model would ignore, and reports the ones a variant checkpoint lacks as missing keys;
+    * ``from_pretrained`` follows transformers' loading: weights the checkpoint lacks are initialised and reported
+      (``missing_keys``, transformers' load report), also when it holds none of the model's weights. Where it
+      differs, it is because the difference would otherwise go unseen: a checkpoint whose config.json names another
+      model type is refused (as the variant configs refuse it: its flags and sizes are not this model's); trained
+      sigmaReparam / gamma entries the model would ignore are refused (it would run the raw weights, not the
+      trained ones); the ones a variant checkpoint lacks are reported as missing keys (transformers would
+      initialise them silently, as new entries of a stock checkpoint);
     * ``load_state_dict(strict=False)`` (Trainer resume) refuses a variant state dict lacking such entries.
 
-    Subclasses set ``_normsoftmax_attention_classes`` (the attention modules that get learnable gammas).
+    Subclasses set ``_normsoftmax_attention_classes`` (the attention modules: they get learnable gammas and the
+    attention config view).
     """
 
     _normsoftmax_attention_classes: tuple[type, ...] = ()
@@ -60,6 +74,11 @@ class NormSoftmaxPreTrainedMixin:
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         return resolve_variant_attn_implementation(requested_attention)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation: str | None, is_init_check: bool = False,
+                                              **kwargs) -> str:
+        # before transformers' flash / kernel handling, which would load a kernel (plain softmax) from the Hub
+        return resolve_variant_attn_implementation(attn_implementation)
 
     def post_init(self):
         config = self.config
@@ -74,6 +93,7 @@ class NormSoftmaxPreTrainedMixin:
             apply_sigma_reparam(self, config.sigma_reparam_include, config.sigma_reparam_exclude)
         if config.normsoftmax_learnable_gamma:
             add_learnable_gamma(self, self._normsoftmax_attention_classes, config)
+        use_variant_attention_config(self, self._normsoftmax_attention_classes)
         super().post_init()
         self._keys_to_ignore_on_load_missing = set(self._keys_to_ignore_on_load_missing) | set(NEW_KEY_PATTERNS)
         # from now on the config refuses changes of the flags that decided this structure (sigma_reparam, ...)
@@ -87,8 +107,9 @@ class NormSoftmaxPreTrainedMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """``PreTrainedModel.from_pretrained`` that refuses checkpoints of another architecture and sigmaReparam /
-        learnable-gamma weights the model would ignore (:func:`check_loaded_weights`), and reports the ones a
+        """``PreTrainedModel.from_pretrained`` that refuses a checkpoint whose config.json names another model type
+        and sigmaReparam / learnable-gamma weights the model would ignore (:func:`check_loaded_weights`; weights
+        it lacks, even all of them, are initialised and reported as transformers does), and reports the ones a
         variant checkpoint should hold but lacks (:func:`missing_trained_state`) like any missing weight: in
         ``loading_info["missing_keys"]`` and transformers' load report. Stock checkpoints (and variant ones saved
         without the flags) are converted silently: the new entries are initialised from the loaded weights."""

@@ -319,22 +319,26 @@ def missing_trained_state(model: nn.Module, checkpoint_config: dict | None, load
 
 
 def check_loaded_weights(model: PreTrainedModel, loading_info: dict, source: Any) -> None:
-    """Refuse loads that would silently compute something else than the checkpoint.
+    """Refuse loads that would silently compute something else than the checkpoint, as far as transformers does not
+    report them itself.
 
-    * No weight of the checkpoint matches the model: a checkpoint of another architecture.
     * The checkpoint has sigmaReparam scales / learnable gammas for layers the model loads without them: the model
-      would run the raw weights instead of the trained effective ones. Entries of layers the model does not have
+      would run the raw weights instead of the trained effective ones, and transformers' report would list them
+      as unexpected keys of a checkpoint that otherwise loaded. Refused. Entries of layers the model does not have
       at all (their weights are unexpected too, e.g. the head of a classifier loaded with ``AutoModel``) are
       dropped with those layers, as transformers drops their weights.
+    * None of the model's weights is in the checkpoint (another architecture's weights, a base model saved under
+      other names): as transformers does, the model is initialised and the load reported (its missing keys in
+      transformers' load report and ``loading_info``), with a warning naming the checkpoint.
     """
     missing = set(loading_info.get("missing_keys", ()))
     unexpected = set(loading_info.get("unexpected_keys", ()))
     model_keys = [k for k in model.state_dict() if not NEW_KEY.search(k)]
     if model_keys and all(k in missing for k in model_keys):
-        raise ValueError(
-            f"Checkpoint of another architecture: none of the {len(model_keys)} weights of "
-            f"{type(model).__name__} is in the checkpoint {source!r} (it has {len(unexpected)} other weights, e.g. "
-            f"{sorted(unexpected)[:3]}). Load it with the model class of its own architecture."
+        logger.warning(
+            f"None of the {len(model_keys)} weights of {type(model).__name__} is in the checkpoint {source!r} (it "
+            f"has {len(unexpected)} other weights, e.g. {sorted(unexpected)[:3]}): every weight is newly "
+            "initialised. A checkpoint of another architecture loads with the model class of its own architecture."
         )
     unexpected_weights = [k for k in unexpected if not NEW_KEY.search(k)]
 

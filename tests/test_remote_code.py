@@ -57,6 +57,10 @@ LOADER = textwrap.dedent(
         model = auto_class.from_pretrained(job["path"], trust_remote_code=True).eval()
         report["class"] = f"{type(model).__module__}.{type(model).__name__}"
         report["attn_implementation"] = model.config._attn_implementation
+        report["attention_runs"] = sorted({  # what the attention modules run, seen through their config view
+            m.config._attn_implementation for m in model.modules()
+            if type(getattr(m, "config", None)).__name__ == "VariantAttentionConfig"
+        })
         with torch.no_grad():
             out = model(**torch.load(job["inputs"]))
         torch.save({k: v for k, v in out.items() if isinstance(v, torch.Tensor)}, job["inputs"] + ".out")
@@ -159,7 +163,8 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         report = reports[name]
         assert report["package_importable"] is False
         assert report["class"].startswith("transformers_modules.") and report["class"].endswith(model_class.__name__)
-        assert report["attn_implementation"] == "normsoftmax"
+        assert report["attn_implementation"] == "sdpa"  # the user's name, as on a stock model
+        assert report["attention_runs"] == ["normsoftmax"]
         assert "trust_remote_code=True" in report["without_trust"], report["without_trust"]
         resaved_map = report["resaved_auto_map"]
         assert set(resaved_map) == {"AutoConfig", "AutoModel", CASES[name][3]}, resaved_map
