@@ -594,6 +594,38 @@ def _additive_mask(settings: FastSettings, dtype: torch.dtype) -> torch.Tensor |
     return mask
 
 
+def _cpu_flash(q_scaled, key, value, settings: FastSettings, mask):
+    """torch's CPU flash kernel: (out, logsumexp). Grouped query heads go in one call per member of the group (each
+    with every key head): the kernel takes grouped shapes, but its backward on them is several times slower than on
+    expanded keys, and a call per member needs no expanded keys."""
+    groups = q_scaled.shape[1] // key.shape[1]
+    if groups == 1:
+        return _CPU_FLASH(q_scaled, key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0)[:2]
+    parts = [_CPU_FLASH(q_scaled[:, member::groups], key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask,
+                        scale=1.0)[:2] for member in range(groups)]
+    return (torch.stack([p[0] for p in parts], dim=2).flatten(1, 2),
+            torch.stack([p[1] for p in parts], dim=2).flatten(1, 2))
+
+
+def _cpu_flash_backward(grad_out, q_scaled, key, value, out, lse, settings: FastSettings, mask):
+    """(grad of the rescaled queries, keys, values) of :func:`_cpu_flash`."""
+    groups = q_scaled.shape[1] // key.shape[1]
+    if groups == 1:
+        return _CPU_FLASH_BACKWARD(grad_out.contiguous(), q_scaled, key, value, out, lse, 0.0, settings.sdpa_is_causal,
+                                   attn_mask=mask, scale=1.0)
+    grad_q, grad_k, grad_v = [], None, None
+    for member in range(groups):
+        heads = slice(member, None, groups)
+        gq, gk, gv = _CPU_FLASH_BACKWARD(
+            grad_out[:, heads].contiguous(), q_scaled[:, heads].contiguous(), key, value, out[:, heads].contiguous(),
+            lse[:, heads].contiguous(), 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0,
+        )
+        grad_q.append(gq)
+        grad_k = gk if grad_k is None else grad_k.add_(gk)
+        grad_v = gv if grad_v is None else grad_v.add_(gv)
+    return torch.stack(grad_q, dim=2).flatten(1, 2), grad_k, grad_v
+
+
 def _rescaled(q, factor, dtype):
     return _as(torch.mul(q, factor), dtype)
 
@@ -636,8 +668,7 @@ class FastAttention(torch.autograd.Function):
             ctx.key_dtype = key.dtype
             if settings.cpu_flash:
                 mask = _additive_mask(settings, query.dtype)
-                out, lse = _CPU_FLASH(q_scaled, plan.kernel_key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask,
-                                      scale=1.0)
+                out, lse = _cpu_flash(q_scaled, plan.kernel_key, value, settings, mask)
                 if settings.rows_without_keys is not None:  # in place: their gradient is zeroed in the backward
                     out.masked_fill_(settings.rows_without_keys, 0.0)
                 ctx.save_for_backward(query, value, key_weight, out, lse, mask)
@@ -666,9 +697,9 @@ class FastAttention(torch.autograd.Function):
             grad_out = grad_out.masked_fill(settings.rows_without_keys, 0.0)
         if settings.cpu_flash:
             query, value, key_weight, out, lse, mask = ctx.saved_tensors
-            grad_qs, grad_kc, grad_v = _CPU_FLASH_BACKWARD(
-                grad_out.contiguous(), _rescaled(_as(query, plan.factor.dtype), plan.factor, query.dtype),
-                plan.kernel_key, value, out, lse, 0.0, settings.sdpa_is_causal, attn_mask=mask, scale=1.0,
+            grad_qs, grad_kc, grad_v = _cpu_flash_backward(
+                grad_out, _rescaled(_as(query, plan.factor.dtype), plan.factor, query.dtype), plan.kernel_key, value,
+                out, lse, settings, mask,
             )
         else:
             query, value, key_weight = ctx.saved_tensors
@@ -727,8 +758,7 @@ def fast_no_grad(query, key, value, plan: Plan, settings: FastSettings):
         q_scaled = _rescaled(_as(query, plan.factor.dtype), plan.factor, query.dtype)
         if settings.cpu_flash:  # the kernel the training path calls: bit-identical outputs
             mask = _additive_mask(settings, query.dtype)
-            out = _CPU_FLASH(q_scaled, plan.kernel_key, value, 0.0, settings.sdpa_is_causal, attn_mask=mask,
-                             scale=1.0)[0]
+            out = _cpu_flash(q_scaled, plan.kernel_key, value, settings, mask)[0]
         else:
             out = _sdpa(q_scaled, plan.kernel_key, value, settings)
         if settings.rows_without_keys is not None:
