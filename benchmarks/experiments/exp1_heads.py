@@ -88,11 +88,11 @@ def summarize(args, specs, results, command) -> dict:
                  f"NormSoftmax {100 * R.mean_std(per_attention['normsoftmax'])[0]:.2f}% "
                  f"(difference {100 * average_gap:+.2f} points). Range of the mean accuracy across head counts: "
                  f"softmax {100 * spread['softmax']:.2f} points, NormSoftmax {100 * spread['normsoftmax']:.2f} "
-                 f"points. Compute: {R.total_seconds(results):.0f} s of training in total.")
+                 f"points.")
     summary = {"experiment": "exp1_heads", "rows": summary_rows, "average_gap": average_gap,
-               "accuracy_range_across_heads": spread, "total_train_seconds": R.total_seconds(results),
+               "accuracy_range_across_heads": spread,
                "flags_example": next(iter(results.values()))["flags"]}
-    R.write_summary(args.output_dir, summary, markdown, command)
+    R.write_summary(args.output_dir, summary, markdown, command, results)
     plot(args, summary_rows, heads)
     return summary
 
@@ -121,19 +121,14 @@ def plot(args, rows, heads):
     R.save_figure(figure, args.output_dir, "exp1_heads.png", args.figures_dir, quick=args.quick)
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    R.check_dataset_available(args, parser)
+def check_heads(args, parser) -> None:
     bad = [h for h in args.heads if 64 % h]
     if bad:
         parser.error(f"--heads {bad} do not divide the width 64")
-    specs = make_specs(args)
-    results = R.run_grid(specs, args.output_dir, jobs=args.jobs, threads=args.threads, progress=not args.no_progress)
-    command = ["python", "benchmarks/experiments/exp1_heads.py", *(sys.argv[1:] if argv is None else argv)]
-    summarize(args, specs, results, command)
-    print((args.output_dir / "summary.md").read_text())
-    return 0
+
+
+def main(argv=None) -> int:
+    return R.run_experiment(Path(__file__).name, argv, build_parser, make_specs, summarize, check_args=check_heads)
 
 
 if __name__ == "__main__":

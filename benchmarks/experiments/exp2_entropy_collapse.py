@@ -49,7 +49,7 @@ LAST_MEASUREMENTS = 3
 
 def build_parser():
     parser = R.base_parser(__doc__.split("\n\n")[0], "runs/exp2_entropy", default_seeds="0,1")
-    parser.add_argument("--settings", default="adamw,noln_sgd",
+    parser.add_argument("--settings", type=R.name_list(SETTINGS), default="adamw,noln_sgd",
                         help="comma-separated subset of: " + ", ".join(SETTINGS) + " (default: both)")
     parser.add_argument("--adamw-lrs", type=R.float_list, default=SETTINGS["adamw"]["lrs"],
                         help="learning rates of the adamw setting (default: 1e-3,3e-3,1e-2,3e-2,0.1)")
@@ -62,7 +62,7 @@ def build_parser():
 
 
 def make_specs(args) -> list[dict]:
-    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    settings = args.settings
     lrs = {"adamw": args.adamw_lrs, "noln_sgd": args.sgd_lrs}
     seeds, steps, every = args.seeds, args.steps, args.stability_every
     if args.quick:
@@ -176,11 +176,9 @@ def summarize(args, specs, results, command) -> dict:
     markdown += (f"\n\nEntropy: mean over heads and probe rows, natural log; maximum ln 17 = {math.log(17):.2f}. "
                  f"Collapsed: some layer's entropy (mean of the last {LAST_MEASUREMENTS} measurements) below "
                  f"{COLLAPSE_FRACTION:.0%} of its initial value (before a divergence, if any). "
-                 f"Diverged: non-finite loss. n = {len(args_seeds(specs))} seeds per cell. "
-                 f"Compute: {R.total_seconds(results):.0f} s of training in total.")
-    summary = {"experiment": "exp2_entropy_collapse", "rows": rows, "figure_lr": chosen,
-               "total_train_seconds": R.total_seconds(results)}
-    R.write_summary(args.output_dir, summary, markdown, command)
+                 f"Diverged: non-finite loss. n = {len(args_seeds(specs))} seeds per cell.")
+    summary = {"experiment": "exp2_entropy_collapse", "rows": rows, "figure_lr": chosen}
+    R.write_summary(args.output_dir, summary, markdown, command, results)
     for setting in settings:
         plot_entropy(args, specs, results, setting, chosen[setting])
     plot_sweep(args, rows, settings)
@@ -227,7 +225,6 @@ def plot_entropy(args, specs, results, setting, lr):
     axes[0].legend(fontsize=8)
     figure.suptitle(f"{SETTINGS[setting]['label']}, lr = {lr:g} (thick: seed {seeds[0]}, thin: other seeds; "
                     "dotted: divergence)", fontsize=10)
-    figure.tight_layout()
     R.save_figure(figure, args.output_dir, f"exp2_entropy_{setting}.png", args.figures_dir, quick=args.quick)
 
 
@@ -261,23 +258,11 @@ def plot_sweep(args, rows, settings):
         axes[0][column].set_title(SETTINGS[setting]["label"], fontsize=9)
         axes[0][column].axhline(math.log(17), color="gray", linestyle="--", linewidth=0.7)
         axes[0][column].legend(fontsize=8)
-    figure.tight_layout()
     R.save_figure(figure, args.output_dir, "exp2_lr_sweep.png", args.figures_dir, quick=args.quick)
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    R.check_dataset_available(args, parser)
-    unknown = [s for s in args.settings.split(",") if s.strip() and s.strip() not in SETTINGS]
-    if unknown:
-        parser.error(f"--settings: unknown {unknown}; allowed: {list(SETTINGS)}")
-    specs = make_specs(args)
-    results = R.run_grid(specs, args.output_dir, jobs=args.jobs, threads=args.threads, progress=not args.no_progress)
-    command = ["python", "benchmarks/experiments/exp2_entropy_collapse.py", *(sys.argv[1:] if argv is None else argv)]
-    summarize(args, specs, results, command)
-    print((args.output_dir / "summary.md").read_text())
-    return 0
+    return R.run_experiment(Path(__file__).name, argv, build_parser, make_specs, summarize)
 
 
 if __name__ == "__main__":

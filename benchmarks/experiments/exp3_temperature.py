@@ -38,8 +38,8 @@ def build_parser():
     parser = R.base_parser(__doc__.split("\n\n")[0], "runs/exp3_temperature")
     parser.add_argument("--betas", type=R.float_list, default=BETAS,
                         help="inverse temperatures (default: 0.01,0.03,0.1,0.3,1,3,10)")
-    parser.add_argument("--optimizers", default="sgd,adamw", help="comma-separated subset of sgd, adamw "
-                                                                  "(default: both)")
+    parser.add_argument("--optimizers", type=R.name_list(BASE_LR), default="sgd,adamw",
+                        help="comma-separated subset of sgd, adamw (default: both)")
     parser.add_argument("--sgd-base-lr", type=float, default=BASE_LR["sgd"],
                         help=f"SGD learning rate at beta = 1 (default: {BASE_LR['sgd']})")
     parser.add_argument("--adamw-base-lr", type=float, default=BASE_LR["adamw"],
@@ -59,7 +59,7 @@ def learning_rate(base_lr: float, beta: float, optimizer: str, rule: str) -> flo
 
 
 def make_specs(args) -> list[dict]:
-    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    optimizers = args.optimizers
     betas, seeds, steps = args.betas, args.seeds, args.steps
     if args.quick:
         betas, seeds, steps, optimizers = [betas[0], betas[-1]], seeds[:1], 6, optimizers[:1]
@@ -117,10 +117,9 @@ def summarize(args, specs, results, command) -> dict:
             markdown += (f"\n\n{optimizer}: best beta = {top['beta']:g} ({100 * top['accuracy_mean']:.2f}%)"
                          + (f"; beta = 1: {100 * at_one['accuracy_mean']:.2f}%" if at_one else "") + ".")
     markdown += (f"\n\nLearning-rate rule: {args.lr_rule}. Accuracy means/stds leave out diverged runs "
-                 f"(non-finite loss). Compute: {R.total_seconds(results):.0f} s of training in total.")
-    summary = {"experiment": "exp3_temperature", "lr_rule": args.lr_rule, "rows": rows, "best": best,
-               "total_train_seconds": R.total_seconds(results)}
-    R.write_summary(args.output_dir, summary, markdown, command)
+                 "(non-finite loss).")
+    summary = {"experiment": "exp3_temperature", "lr_rule": args.lr_rule, "rows": rows, "best": best}
+    R.write_summary(args.output_dir, summary, markdown, command, results)
     plot(args, rows, optimizers)
     return summary
 
@@ -166,24 +165,12 @@ def plot(args, rows, optimizers):
     axes[1].set_title("Logit norm the softmax sees", fontsize=9)
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    figure.tight_layout()
     suffix = "" if args.lr_rule == "scaled" else "_fixed_lr"
     R.save_figure(figure, args.output_dir, f"exp3_temperature{suffix}.png", args.figures_dir, quick=args.quick)
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    R.check_dataset_available(args, parser)
-    unknown = [o for o in args.optimizers.split(",") if o.strip() and o.strip() not in BASE_LR]
-    if unknown:
-        parser.error(f"--optimizers: unknown {unknown}; allowed: {list(BASE_LR)}")
-    specs = make_specs(args)
-    results = R.run_grid(specs, args.output_dir, jobs=args.jobs, threads=args.threads, progress=not args.no_progress)
-    command = ["python", "benchmarks/experiments/exp3_temperature.py", *(sys.argv[1:] if argv is None else argv)]
-    summarize(args, specs, results, command)
-    print((args.output_dir / "summary.md").read_text())
-    return 0
+    return R.run_experiment(Path(__file__).name, argv, build_parser, make_specs, summarize)
 
 
 if __name__ == "__main__":

@@ -85,18 +85,13 @@ def summarize(args, specs, results, command) -> dict:
         row = {"config": name, "attention_softmax": CONFIGS[name][0], "loss_softmax": CONFIGS[name][1],
                "n": len(runs), "flags": runs[0]["flags"], "loss_targets": {}, "accuracy_targets": {}}
         line = [LABELS[name]]
-        for target in args.loss_targets:
-            steps = [first_step(r["eval"], "loss", target, below=True) for r in runs]
-            row["loss_targets"][str(target)] = steps
-            reached = [s for s in steps if s is not None]
-            line.append(f"{R.fmt_mean_std(reached, digits=0)} ({len(reached)}/{len(runs)})" if reached
-                        else f"not reached (0/{len(runs)})")
-        for target in args.accuracy_targets:
-            steps = [first_step(r["eval"], "accuracy", target, below=False) for r in runs]
-            row["accuracy_targets"][str(target)] = steps
-            reached = [s for s in steps if s is not None]
-            line.append(f"{R.fmt_mean_std(reached, digits=0)} ({len(reached)}/{len(runs)})" if reached
-                        else f"not reached (0/{len(runs)})")
+        for key, targets, below in (("loss", args.loss_targets, True), ("accuracy", args.accuracy_targets, False)):
+            for target in targets:
+                steps = [first_step(r["eval"], key, target, below=below) for r in runs]
+                row[f"{key}_targets"][str(target)] = steps
+                reached = [s for s in steps if s is not None]
+                line.append(f"{R.fmt_mean_std(reached, digits=0)} ({len(reached)}/{len(runs)})" if reached
+                            else f"not reached (0/{len(runs)})")
         final_loss = [r["eval"][-1]["loss"] for r in runs]
         final_acc = [r["eval"][-1]["accuracy"] for r in runs]
         early_loss = [_eval_at(r["eval"], 50) for r in runs]
@@ -115,10 +110,9 @@ def summarize(args, specs, results, command) -> dict:
                  f"test acc % at step {steps} (full test set)"])
     markdown = R.markdown_table(header, table)
     markdown += (f"\n\nSteps: first evaluation (every {specs[0]['eval_every']} steps, first 500 test images) at which "
-                 f"the target is met; mean ± std over the seeds that reach it (reached/n). n = {n_seeds} seeds. "
-                 f"Compute: {R.total_seconds(results):.0f} s of training in total.")
-    summary = {"experiment": "exp4_convergence", "rows": rows, "total_train_seconds": R.total_seconds(results)}
-    R.write_summary(args.output_dir, summary, markdown, command)
+                 f"the target is met; mean ± std over the seeds that reach it (reached/n). n = {n_seeds} seeds.")
+    summary = {"experiment": "exp4_convergence", "rows": rows}
+    R.write_summary(args.output_dir, summary, markdown, command, results)
     plot(args, specs, results)
     return summary
 
@@ -163,20 +157,11 @@ def plot(args, specs, results):
         axes[0].axhline(target, color="gray", linestyle=":", linewidth=0.7)
     axes[0].legend(fontsize=8)
     figure.suptitle("Early training, tiny ViT (mean ± std over seeds)", fontsize=10)
-    figure.tight_layout()
     R.save_figure(figure, args.output_dir, "exp4_convergence.png", args.figures_dir, quick=args.quick)
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    R.check_dataset_available(args, parser)
-    specs = make_specs(args)
-    results = R.run_grid(specs, args.output_dir, jobs=args.jobs, threads=args.threads, progress=not args.no_progress)
-    command = ["python", "benchmarks/experiments/exp4_convergence.py", *(sys.argv[1:] if argv is None else argv)]
-    summarize(args, specs, results, command)
-    print((args.output_dir / "summary.md").read_text())
-    return 0
+    return R.run_experiment(Path(__file__).name, argv, build_parser, make_specs, summarize)
 
 
 if __name__ == "__main__":
