@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from script_exits import help_text, usage_error
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
@@ -114,18 +115,11 @@ def test_exp3_uses_the_package_lr_rule():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_help(name, capsys):
-    module = _load(name)
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
+    text = help_text(_load(name).main, capsys)
     for option in ("--quick", "--seeds", "--output-dir"):
         assert option in text
 
 
 def test_bad_arguments_are_refused(capsys):
-    module = _load("exp1_heads")
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(["--heads", "3", "--dataset", "mnist5k"])
-    assert exit_info.value.code == 2
-    assert "do not divide the width" in capsys.readouterr().err
+    message = usage_error(_load("exp1_heads").main, ["--heads", "3", "--dataset", "mnist5k"], capsys)
+    assert "do not divide the width" in message
