@@ -5,6 +5,10 @@
 transformers' ``AttentionInterface`` and, with ``sdpa_mask``, in ``AttentionMaskInterface`` (without a mask
 function transformers would hand the attention ``attention_mask=None`` and the causal/padding mask would be lost).
 
+A variant's config keeps the name the user asked for (``"sdpa"`` by default, ``"eager"``), as a stock model's does;
+its attention modules see the config through a :class:`VariantAttentionConfig`, which names ``"normsoftmax"`` for
+``"sdpa"`` and ``"normsoftmax_reference"`` for ``"eager"``.
+
 Using NormSoftmax attention in any stock model that goes through transformers' attention interface:
 
 ```python

@@ -210,3 +210,44 @@ def test_checkpoint_without_any_of_the_models_weights_is_initialised_and_reporte
     assert torch.isfinite(last_hidden_state(variant.eval(), inputs_for("bert"))).all()
     layers = [m for m in variant.modules() if isinstance(m, SigmaReparamMixin)]
     assert layers and all(torch.allclose(m.reparam_scale, m.sigma, rtol=1e-5) for m in layers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# initialisation: the sigmaReparam buffers are set by init_weights(), deterministically from the weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def built_on_meta_and_initialised(model_class, config, seed: int):
+    with torch.device("meta"):
+        model = model_class(copy.deepcopy(config))
+    model.to_empty(device="cpu")
+    with torch.no_grad():  # whatever the memory held: init_weights() must set every buffer
+        for name, buffer in model.named_buffers():
+            if name.rpartition(".")[2] in ("reparam_u", "reparam_v"):
+                buffer.fill_(float("nan"))
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize("model_class,config", [
+    (H.NormSoftmaxBertForMaskedLM, H.NormSoftmaxBertConfig(**TINY_BERT, sigma_reparam=True)),
+    (H.NormSoftmaxGPT2LMHeadModel, H.NormSoftmaxGPT2Config(**TINY_GPT2, sigma_reparam=True)),
+    (H.NormSoftmaxViTForImageClassification, H.NormSoftmaxViTConfig(**TINY_VIT, sigma_reparam=True)),
+], ids=lambda x: getattr(x, "__name__", ""))
+def test_init_weights_sets_the_sigma_reparam_buffers_deterministically(model_class, config):
+    first = built_on_meta_and_initialised(model_class, config, seed=0)
+    second = built_on_meta_and_initialised(model_class, config, seed=0)
+    buffers = dict(first.named_buffers())
+    assert any(name.endswith("reparam_u") for name in buffers)
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in second.named_buffers())
+    for module in first.modules():
+        if isinstance(module, SigmaReparamMixin):
+            # the sign-fixed top singular pair of the layer's weight: sigma exact at init, W_hat = W
+            recomputed = copy.deepcopy(module)
+            recomputed.reset_reparam()
+            assert torch.equal(module.reparam_u, recomputed.reparam_u)
+            assert torch.equal(module.reparam_v, recomputed.reparam_v)
+            torch.testing.assert_close(module.sigma, module.reparam_scale, rtol=1e-5, atol=0)
+    first.init_weights()  # a second init of the same model keeps them
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in first.named_buffers())
