@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from test_models_common import (
     ALL_FLAG_SETS,
     TINY_BERT,
+    assert_checkpointing_keeps_gradients,
     assert_finite_grads,
-    expected_training_logits,
+    assert_head_training_outputs,
+    bf16_autocast_output,
     flag_id,
-    ops_loss_on_raw,
     raw_head_twin,
     save,
     state_dict_keys_without_new,
@@ -80,20 +81,6 @@ HEADS = ["masked-lm", "causal-lm", "sequence-classification", "token-classificat
          "question-answering"]
 
 
-def expected_loss(head, logits_by_name, labels):
-    if head == "question-answering":
-        start, end = logits_by_name["start_logits"], logits_by_name["end_logits"]
-        ignored = start.shape[1]
-        sp = labels["start_positions"].clamp(0, ignored)
-        ep = labels["end_positions"].clamp(0, ignored)
-        return (F.cross_entropy(start, sp, ignore_index=ignored) + F.cross_entropy(end, ep, ignore_index=ignored)) / 2
-    logits = logits_by_name["logits"]
-    target = labels["labels"]
-    if head == "causal-lm":
-        logits, target = logits[:, :-1], target[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-
-
 @pytest.mark.parametrize("flags", ALL_FLAG_SETS, ids=flag_id)
 @pytest.mark.parametrize("head", HEADS)
 def test_every_flag_combination_every_head(head, flags):
@@ -101,20 +88,7 @@ def test_every_flag_combination_every_head(head, flags):
     torch.manual_seed(0)
     model_class, extra, inputs, labels = head_inputs(head)
     model = model_class(H.NormSoftmaxBertConfig(**TINY_BERT, **extra, **flags)).eval()
-    twin = raw_head_twin(model)
-    out = model(**inputs, **labels)
-    with torch.no_grad():
-        raw = twin(**inputs)
-    names = ["start_logits", "end_logits"] if head == "question-answering" else ["logits"]
-    seen = {}
-    for name in names:
-        seen[name] = getattr(out, name)
-        assert torch.allclose(seen[name], expected_training_logits(getattr(raw, name), model.config), atol=1e-5)
-    assert torch.allclose(out.loss, expected_loss(head, seen, labels), atol=1e-5)
-    if head in ("masked-lm", "sequence-classification", "token-classification"):
-        assert torch.allclose(out.loss, ops_loss_on_raw(raw.logits, labels["labels"], model.config), atol=1e-5)
-    out.loss.backward()
-    assert_finite_grads(model)
+    assert_head_training_outputs(model, inputs, labels, shifted=head == "causal-lm")
 
 
 @pytest.mark.parametrize("flags", ALL_FLAG_SETS[::5], ids=flag_id)
@@ -302,34 +276,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(flags):
     model.train()
     ids = _ids()
     labels = torch.tensor([0, 2])
-
-    def grads():
-        model.zero_grad()
-        model(ids, attention_mask=_mask(ids), labels=labels).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    calls = []
+    calls, calls_before_each_forward = [], []
     model.bert.encoder.layer[0].attention.self.register_forward_hook(lambda *args: calls.append(1))
-    plain = grads()
-    assert len(calls) == 1
-    # activation_checkpointing_enable is transformers >= 5.23's name; the floor release has only the old one
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    checkpointed = grads()
-    assert len(calls) == 3  # the layer really was recomputed in the backward
-    assert plain.keys() == checkpointed.keys()
-    for name in plain:
-        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+    def loss():
+        calls_before_each_forward.append(len(calls))
+        return model(ids, attention_mask=_mask(ids), labels=labels).loss
+
+    assert_checkpointing_keeps_gradients(model, loss)
+    # one call in the plain forward, two with checkpointing: the layer really was recomputed in the backward
+    assert calls_before_each_forward == [0, 1] and len(calls) == 3
 
 
 def test_bf16_autocast_with_every_flag():
     torch.manual_seed(0)
     model = H.NormSoftmaxBertForMaskedLM(H.NormSoftmaxBertConfig(**TINY_BERT, **ALL_ON)).train()
     ids = _ids()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(ids, attention_mask=_mask(ids), labels=ids)
-    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
-    out.loss.backward()
-    assert_finite_grads(model)
+    out = bf16_autocast_output(model, input_ids=ids, attention_mask=_mask(ids), labels=ids)
+    assert out.loss.dtype == torch.float32
     with torch.no_grad():
         full = model.eval()(ids, attention_mask=_mask(ids), labels=ids).loss
     assert abs(float(out.loss.detach()) - float(full)) < 0.1 * float(full)

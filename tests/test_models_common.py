@@ -136,6 +136,86 @@ def assert_finite_grads(model):
         assert any(n.endswith("reparam_scale") for n in names)
 
 
+def outputs_and_raw_twin_outputs(model, inputs: dict, labels: dict, logit_names: list[str]):
+    """``model(**inputs, **labels)`` and, without gradients, its raw-logit twin's outputs on ``inputs``; each of
+    ``logit_names`` in the model's output must be what the training softmax sees of the twin's raw logits."""
+    twin = raw_head_twin(model)
+    out = model(**inputs, **labels)
+    with torch.no_grad():
+        raw = twin(**inputs)
+    for name in logit_names:
+        assert torch.allclose(getattr(out, name), expected_training_logits(getattr(raw, name), model.config),
+                              atol=1e-5), name
+    return out, raw
+
+
+def assert_head_training_outputs(model, inputs: dict, labels: dict, shifted: bool = False) -> None:
+    """A head in training: its logits are what the training softmax sees of the raw logits (raw_head_twin's); its
+    loss is the cross-entropy of those logits, of the same formula on the raw logits and of the foundation losses
+    on the raw logits (question answering: the mean over start and end, positions past the sequence ignored as
+    stock transformers does; ``shifted``: next-token targets); gradients reach every new parameter."""
+    question_answering = "start_positions" in labels
+    names = ["start_logits", "end_logits"] if question_answering else ["logits"]
+    out, raw = outputs_and_raw_twin_outputs(model, inputs, labels, names)
+    terms = []  # (logits, raw logits, targets, ignore_index) of each cross-entropy the loss averages
+    if question_answering:
+        ignored = out.start_logits.shape[1]
+        for end in ("start", "end"):
+            terms.append((getattr(out, f"{end}_logits"), getattr(raw, f"{end}_logits"),
+                          labels[f"{end}_positions"].clamp(0, ignored), ignored))
+    else:
+        logits, raw_logits, target = out.logits, raw.logits, labels["labels"]
+        if shifted:
+            logits, raw_logits, target = logits[:, :-1], raw_logits[:, :-1], target[:, 1:]
+        terms.append((logits, raw_logits, target, -100))
+
+    def cross_entropy(logits, target, ignore_index):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index)
+
+    config = model.config
+    for expected in (
+        [cross_entropy(logits, target, ignore) for logits, _, target, ignore in terms],
+        [cross_entropy(expected_training_logits(raw, config), target, ignore) for _, raw, target, ignore in terms],
+        [ops_loss_on_raw(raw, target, config, ignore_index=ignore) for _, raw, target, ignore in terms],
+    ):
+        assert torch.allclose(out.loss, sum(expected) / len(expected), atol=1e-5)
+    out.loss.backward()
+    assert_finite_grads(model)
+
+
+def assert_checkpointing_keeps_gradients(model, loss) -> None:
+    """The gradients of ``loss()`` (a forward of ``model`` in train mode) with activation checkpointing on equal
+    those without; checkpointing is switched off again afterwards."""
+
+    def grads():
+        model.zero_grad()
+        loss().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    # activation_checkpointing_* are transformers >= 5.23's names; the floor release has only the old ones
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    plain = grads()
+    enable()
+    checkpointed = grads()
+    disable()
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def bf16_autocast_output(model, **model_inputs):
+    """The output of ``model(**model_inputs)`` (with labels) under CPU bfloat16 autocast: its logits are bfloat16
+    and its loss gives finite gradients."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**model_inputs)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert_finite_grads(model)
+    return out
+
+
 def state_dict_keys_without_new(model) -> set[str]:
     new = ("reparam_scale", "reparam_u", "reparam_v", H.LEARNABLE_GAMMA_PARAMETER)
     return {k for k in model.state_dict() if k.rsplit(".", 1)[-1] not in new}

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_models_common import (
     ALL_FLAG_SETS,
     TINY_GPT2,
-    assert_finite_grads,
-    expected_training_logits,
+    assert_checkpointing_keeps_gradients,
+    assert_head_training_outputs,
+    bf16_autocast_output,
     flag_id,
-    ops_loss_on_raw,
-    raw_head_twin,
     save,
     state_dict_keys_without_new,
 )
@@ -73,25 +71,7 @@ def test_every_flag_combination_every_head(head, flags):
     torch.manual_seed(0)
     model_class, extra, inputs, labels = head_inputs(head)
     model = model_class(H.NormSoftmaxGPT2Config(**TINY_GPT2, **extra, **flags)).eval()
-    twin = raw_head_twin(model)
-    out = model(**inputs, **labels)
-    with torch.no_grad():
-        raw = twin(**inputs)
-    if head == "question-answering":
-        start = expected_training_logits(raw.start_logits, model.config)
-        end = expected_training_logits(raw.end_logits, model.config)
-        assert torch.allclose(out.start_logits, start, atol=1e-5) and torch.allclose(out.end_logits, end, atol=1e-5)
-        expected = (F.cross_entropy(start, labels["start_positions"])
-                    + F.cross_entropy(end, labels["end_positions"])) / 2
-        assert torch.allclose(out.loss, expected, atol=1e-5)
-    else:
-        assert torch.allclose(out.logits, expected_training_logits(raw.logits, model.config), atol=1e-5)
-        raw_logits, target = raw.logits, labels["labels"]
-        if head == "causal-lm":
-            raw_logits, target = raw_logits[:, :-1], target[:, 1:]
-        assert torch.allclose(out.loss, ops_loss_on_raw(raw_logits, target, model.config), atol=1e-5)
-    out.loss.backward()
-    assert_finite_grads(model)
+    assert_head_training_outputs(model, inputs, labels, shifted=head == "causal-lm")
 
 
 def test_sequence_classification_uses_last_non_padding_token():
@@ -226,25 +206,8 @@ def test_gradient_checkpointing_and_bf16_with_every_flag():
     torch.manual_seed(0)
     model = H.NormSoftmaxGPT2LMHeadModel(H.NormSoftmaxGPT2Config(**TINY_GPT2, **ALL_ON)).train()
     inputs, labels = head_inputs("causal-lm")[2:]
-
-    def grads():
-        model.zero_grad()
-        model(**inputs, **labels).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    # activation_checkpointing_enable is transformers >= 5.23's name; the floor release has only the old one
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    checkpointed = grads()
-    for name in plain:
-        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
-    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(**inputs, **labels)
-    assert out.logits.dtype == torch.bfloat16
-    out.loss.backward()
-    assert_finite_grads(model)
+    assert_checkpointing_keeps_gradients(model, lambda: model(**inputs, **labels).loss)
+    bf16_autocast_output(model, **inputs, **labels)
 
 
 def _gpt2_tokenizer(directory) -> GPT2TokenizerFast:

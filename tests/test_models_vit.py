@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from test_models_common import (
     ALL_FLAG_SETS,
     TINY_VIT,
+    assert_checkpointing_keeps_gradients,
     assert_finite_grads,
-    expected_training_logits,
+    bf16_autocast_output,
     flag_id,
     ops_loss_on_raw,
-    raw_head_twin,
+    outputs_and_raw_twin_outputs,
     save,
     state_dict_keys_without_new,
 )
@@ -47,12 +48,9 @@ def test_image_classification_every_flag_combination(flags):
     torch.manual_seed(0)
     model = H.NormSoftmaxViTForImageClassification(
         H.NormSoftmaxViTConfig(**TINY_VIT, num_labels=NUM_LABELS, **flags)).eval()
-    twin = raw_head_twin(model)
     pixels, labels = _pixels(), torch.tensor([3, 0])
-    out = model(pixel_values=pixels, labels=labels)
-    with torch.no_grad():
-        raw = twin(pixel_values=pixels).logits
-    assert torch.allclose(out.logits, expected_training_logits(raw, model.config), atol=1e-5)
+    out, raw = outputs_and_raw_twin_outputs(model, dict(pixel_values=pixels), dict(labels=labels), ["logits"])
+    raw = raw.logits
     assert torch.allclose(out.loss, F.cross_entropy(out.logits, labels), atol=1e-5)
     assert torch.allclose(out.loss, ops_loss_on_raw(raw, labels, model.config), atol=1e-5)
     out.loss.backward()
@@ -142,25 +140,8 @@ def test_gradient_checkpointing_and_bf16_with_every_flag():
     model = H.NormSoftmaxViTForImageClassification(
         H.NormSoftmaxViTConfig(**TINY_VIT, num_labels=NUM_LABELS, **ALL_ON)).train()
     pixels, labels = _pixels(), torch.tensor([1, 2])
-
-    def grads():
-        model.zero_grad()
-        model(pixel_values=pixels, labels=labels).loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    # activation_checkpointing_enable is transformers >= 5.23's name; the floor release has only the old one
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    checkpointed = grads()
-    for name in plain:
-        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
-    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(pixel_values=pixels, labels=labels)
-    assert out.logits.dtype == torch.bfloat16
-    out.loss.backward()
-    assert_finite_grads(model)
+    assert_checkpointing_keeps_gradients(model, lambda: model(pixel_values=pixels, labels=labels).loss)
+    bf16_autocast_output(model, pixel_values=pixels, labels=labels)
 
 
 def test_image_classification_pipeline_with_saved_processor(tmp_path):
