@@ -180,31 +180,15 @@ def logits_and_cross_entropy(
 
 
 def cross_entropy(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    size_average: bool | None = None,
-    ignore_index: int = -100,
-    reduce: bool | None = None,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    num_items_in_batch: int | torch.Tensor | None = None,
+    logits: torch.Tensor, target: torch.Tensor, *, num_items_in_batch: int | torch.Tensor | None = None, **kwargs
 ) -> torch.Tensor:
-    """``F.cross_entropy`` with transformers' ``num_items_in_batch``: when given, the sum over the non-ignored
-    items divided by it (``reduction`` "mean" or "sum"), so the losses of accumulated micro-batches add up to the
-    full batch's mean."""
-    logits = input
+    """``F.cross_entropy(logits, target, **kwargs)`` with transformers' ``num_items_in_batch``: when given, the sum
+    over the non-ignored items divided by it (``reduction`` "mean" or "sum"), so the losses of accumulated
+    micro-batches add up to the full batch's mean."""
     if num_items_in_batch is None:
-        return F.cross_entropy(
-            logits,
-            target,
-            weight=weight,
-            size_average=size_average,
-            ignore_index=ignore_index,
-            reduce=reduce,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-        )
+        return F.cross_entropy(logits, target, **kwargs)
+    size_average, reduce = kwargs.pop("size_average", None), kwargs.pop("reduce", None)
+    reduction = kwargs.pop("reduction", "mean")
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce, emit_warning=False)
     if reduction == "none":
@@ -213,9 +197,7 @@ def cross_entropy(
         )
     # transformers' semantics: sum over the non-ignored items, divided by the item count of the whole
     # (accumulated) batch, so the micro-batch losses add up to the full-batch mean.
-    loss = F.cross_entropy(
-        logits, target, weight=weight, ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing
-    )
+    loss = F.cross_entropy(logits, target, reduction="sum", **kwargs)
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(loss.device)
     return loss / num_items_in_batch

@@ -111,6 +111,16 @@ def _fused_loss(input, target, reduction, ignore_index, num_items_in_batch, **tr
     return loss
 
 
+def _f_cross_entropy(
+    logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, num_items_in_batch
+):
+    """The F.cross_entropy arguments of the functions below, by name."""
+    return cross_entropy(
+        logits, target, weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+        reduction=reduction, label_smoothing=label_smoothing, num_items_in_batch=num_items_in_batch,
+    )
+
+
 def normsoftmax_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -156,7 +166,7 @@ def normsoftmax_cross_entropy(
         eps=eps,
         statistic=statistic,
     )
-    return cross_entropy(
+    return _f_cross_entropy(
         logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, num_items_in_batch
     )
 
@@ -205,7 +215,7 @@ def inverse_temperature_cross_entropy(
     logits = _loss_logits(input)
     if not (isinstance(beta, float) and beta == 1.0):
         logits = logits * beta
-    return cross_entropy(
+    return _f_cross_entropy(
         logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, num_items_in_batch
     )
 
