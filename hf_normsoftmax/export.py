@@ -56,8 +56,13 @@ _HEADS = {
     "GPT2ForQuestionAnswering": "qa_outputs",
     "ViTForImageClassification": "classifier",
 }
+# the decoder families of modeling_normsoftmax_decoders.py
+_DECODER_FAMILIES = ("Llama", "Qwen2", "Qwen3", "Mistral", "Gemma2", "Phi3")
+_HEADS.update({f"{family}ForCausalLM": "lm_head" for family in _DECODER_FAMILIES})
+_HEADS.update({f"{family}ForSequenceClassification": "score" for family in _DECODER_FAMILIES})
 # Classes whose head may be a regression head (num_labels == 1 / problem_type "regression"): beta is not applied.
-_MAY_REGRESS = ("BertForSequenceClassification", "GPT2ForSequenceClassification", "ViTForImageClassification")
+_MAY_REGRESS = ("BertForSequenceClassification", "GPT2ForSequenceClassification", "ViTForImageClassification",
+                *(f"{family}ForSequenceClassification" for family in _DECODER_FAMILIES))
 
 
 def stock_class_of(model_or_class: Any) -> type[PreTrainedModel]:
@@ -87,6 +92,14 @@ def _check_foldable(config: Any) -> None:
         raise ValueError(
             "Cannot export to a stock model: `normsoftmax_learnable_gamma`=True learns per-head gammas that scale "
             "NormSoftmax-normalised attention logits (a data-dependent normalisation) with no stock counterpart."
+        )
+    cap = getattr(config, "final_logit_softcapping", None)
+    beta = getattr(config, "logit_inverse_temperature", 1.0)
+    if cap is not None and beta != 1.0:
+        raise ValueError(
+            f"Cannot export to a stock model: `logit_inverse_temperature`={beta!r} scales the logits after "
+            f"`final_logit_softcapping`={cap!r} (beta * cap * tanh(z / cap)), which no weight of the stock head "
+            "computes. Only such models with `logit_inverse_temperature`=1.0, or without the final cap, export."
         )
 
 

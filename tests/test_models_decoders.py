@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models_common import expected_training_logits
+from test_models_common import TINY_DECODER, expected_training_logits
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -33,10 +33,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 import hf_normsoftmax as H
 
-TINY_DECODER = dict(
-    vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
 # family -> (stock config, stock causal LM, variant config, variant causal LM, variant classifier, family settings);
 # the windows (4 keys) are shorter than the test sequences, so the sliding-window masks matter
 FAMILIES = {
@@ -437,3 +433,28 @@ def test_causal_lm_example_trains_a_decoder_family_from_scratch(family, tmp_path
     assert "No model card" in capsys.readouterr().out
     loaded = AutoModelForCausalLM.from_pretrained(output_dir)
     assert type(loaded) is FAMILIES[family][3] and loaded.config.normsoftmax_learnable_gamma
+
+
+# ------------------------------------------------------------------------------------------------------------
+# export to stock transformers
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("head", ["causal_lm", "classifier"])
+def test_merge_and_unload_folds_sigma_reparam_and_beta_into_the_stock_decoder(head):
+    torch.manual_seed(0)
+    model = variant("llama", 3 if head == "causal_lm" else 4, sigma_reparam=True, logit_inverse_temperature=0.5,
+                    num_labels=3).eval()
+    perturb_new_state(model)
+    ids, mask = left_padded()
+    stock = model.merge_and_unload().eval()
+    assert type(stock) is (LlamaForCausalLM if head == "causal_lm" else LlamaForSequenceClassification)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        got = stock(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool() if head == "causal_lm" else slice(None)
+    assert torch.allclose(got[real], expected[real], atol=1e-5)
+
+
+def test_merge_and_unload_refuses_beta_after_gemma2_final_cap():
+    model = H.NormSoftmaxGemma2ForCausalLM(H.NormSoftmaxGemma2Config(**GEMMA2_CAPPED, logit_inverse_temperature=0.5))
+    with pytest.raises(ValueError, match="`logit_inverse_temperature`=0.5 .* `final_logit_softcapping`=0.7"):
+        model.merge_and_unload()
