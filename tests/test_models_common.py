@@ -62,6 +62,11 @@ TINY_VIT = dict(
     image_size=16, patch_size=4, num_channels=3, hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
     intermediate_size=32, encoder_stride=4,
 )
+# the decoder families' shared sizes (grouped-query: 2 key/value heads for 4 query heads)
+TINY_DECODER = dict(
+    vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
 
 ATTENTION_FLAG_SETS = [
     dict(attention_softmax="softmax"),
