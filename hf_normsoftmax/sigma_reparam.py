@@ -61,7 +61,6 @@ from .sigma_reparam_ops import (  # the numerics of this module's layers
     Selector,
     _aligned,
     _compute_dtype,
-    _cpu_zero,
     _ensure_optimizer_step_hook,
     _full_precision,
     _in_range,
@@ -72,6 +71,7 @@ from .sigma_reparam_ops import (  # the numerics of this module's layers
     _power_step,
     _read,
     _ReparamMatmul,
+    _scaled_addmm,
     _ScaledWeight,
     _sigma_floor,
     _wakes,
@@ -541,13 +541,7 @@ class SigmaReparamMixin(_PowerIterationState):
             if _in_range(alpha, weight.dtype) == alpha:
                 flat = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
                 if not torch.is_grad_enabled():  # inference: the same addmm without the autograd Function
-                    if w_mm is None:
-                        aligned = _aligned(weight.detach())
-                        w_mm = aligned.t() if layout == "out_in" else aligned
-                    if bias is not None:
-                        out = torch.addmm(bias, flat, w_mm, alpha=alpha)
-                    else:
-                        out = torch.addmm(_cpu_zero(flat.dtype), flat, w_mm, beta=0, alpha=alpha)
+                    out = _scaled_addmm(flat, weight, bias, alpha, layout, w_mm)
                 else:
                     out = _ReparamMatmul.apply(flat, weight, bias, scale, (u, v, alpha, sigma_value, layout, w_mm))
                 if input.dim() == 2:

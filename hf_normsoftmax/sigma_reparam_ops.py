@@ -212,6 +212,17 @@ class _ScaledWeight(torch.autograd.Function):
         return grad_weight, grad_scale, None, None, None, None
 
 
+def _scaled_addmm(x, weight, bias, alpha: float, layout: str, w_mm=None) -> torch.Tensor:
+    """``alpha * x @ W^T + bias`` for a (rows, in) input; ``w_mm`` is the weight as the matmul takes it, if already
+    at hand (aligned, transposed for the out_in layout)."""
+    if w_mm is None:
+        aligned = _aligned(weight.detach())
+        w_mm = aligned.t() if layout == "out_in" else aligned
+    if bias is not None:
+        return torch.addmm(bias, x, w_mm, alpha=alpha)
+    return torch.addmm(_cpu_zero(x.dtype), x, w_mm, beta=0, alpha=alpha)
+
+
 class _ReparamMatmul(torch.autograd.Function):
     """``y = bias + alpha * x @ W_mm`` for 2-D ``x``, ``alpha = scale / sigma`` (``W_mm = W^T`` for "out_in", ``W``
     for "in_out").
@@ -231,14 +242,7 @@ class _ReparamMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, state):
-        alpha, layout, w_mm = state[2], state[4], state[5]
-        if w_mm is None:
-            aligned = _aligned(weight.detach())
-            w_mm = aligned.t() if layout == "out_in" else aligned
-        if bias is not None:
-            out = torch.addmm(bias, x, w_mm, alpha=alpha)
-        else:
-            out = torch.addmm(_cpu_zero(x.dtype), x, w_mm, beta=0, alpha=alpha)
+        out = _scaled_addmm(x, weight, bias, alpha=state[2], layout=state[4], w_mm=state[5])
         ctx.save_for_backward(x, weight, scale)
         ctx.state = state
         return out
