@@ -18,10 +18,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from timing_options import CLOCKS, add_timing_options, apply_timing_options
 
 from hf_normsoftmax.attention import normsoftmax_attention, normsoftmax_attention_reference
 
@@ -68,7 +68,7 @@ def time_paths(paths, args, causal, padded, reps):
         step(p, q, k, v, mask, causal, grad_out)
     for _ in range(reps):
         for p in paths:  # interleaved so load changes hit every path alike
-            clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            clock = CLOCKS[args.clock]
             if args.device == "cuda":
                 torch.cuda.synchronize()
             t0 = clock()
@@ -167,16 +167,9 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--mem-length", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow materialising reference")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="wall clock, or process CPU time (steadier on a shared machine; use with --threads 1)",
-    )
+    add_timing_options(parser)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -187,8 +180,7 @@ def main(argv=None):
         return peak_memory_child(
             args.memory_child, args.batch, args.heads, args.length, args.dim, args.causal, args.padded, args.device
         )
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_timing_options(parser, args, min_reps=1)
     if args.quick:
         args.batch, args.heads, args.length, args.mem_length, args.reps = 2, 2, 64, 256, 3
 

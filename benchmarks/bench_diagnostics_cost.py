@@ -30,8 +30,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 import datasets  # noqa: E402
+from timing_options import add_timing_options, apply_timing_options  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -150,20 +150,16 @@ def main(argv=None) -> None:
     parser.add_argument("--model", choices=["gpt2", "bert", "both"], default="both")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per training run")
     parser.add_argument("--every", type=int, default=50, help="StabilityCallback every_n_steps")
-    parser.add_argument("--reps", type=int, default=5, help="timed (without, with) pairs; the median is reported")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_timing_options(parser, reps=5, reps_help="timed (without, with) pairs; the median is reported", clock=False)
     options = parser.parse_args(argv)
-    if options.reps < 5:
-        parser.error("--reps must be at least 5 (the medians are reported)")
     if options.steps < options.every:
         parser.error("--steps must be at least --every")
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    apply_timing_options(parser, options)
     hf_logging.set_verbosity_error()
     kinds = ["gpt2", "bert"] if options.model == "both" else [options.model]
     print(f"StabilityCallback cost, every_n_steps={options.every}, {options.steps} steps/run, hidden {options.hidden}, "

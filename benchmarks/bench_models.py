@@ -44,6 +44,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from timing_options import CLOCKS, add_timing_options, apply_timing_options  # noqa: E402
 
 import hf_normsoftmax as H  # noqa: E402
 
@@ -142,7 +143,7 @@ def time_steps(step, steps: int, clock) -> float:
 
 
 def run(workload: str, reps: int, steps: int, batch: int, length: int, clock_name: str) -> bool:
-    clock = {"wall": time.perf_counter, "cpu": time.process_time}[clock_name]
+    clock = CLOCKS[clock_name]
     build = {"gpt2": gpt2_workload, "bert": bert_workload}[workload]
     stock_factory, variant_factory, inputs, description = build(batch, length)
     torch.manual_seed(0)
@@ -251,7 +252,7 @@ LOAD_TARGETS = {  # (quiet, under load): upper bounds of the slowdown
 
 
 def run_load_suite(reps: int, load: int, clock_name: str) -> bool:
-    clock = {"wall": time.perf_counter, "cpu": time.process_time}[clock_name]
+    clock = CLOCKS[clock_name]
     gpt2_stock, gpt2_variant, gpt2_inputs = gpt2_long_workload()
     bert_stock, bert_variant, bert_inputs = bert_padded_workload()
     torch.manual_seed(0)
@@ -293,21 +294,12 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=["throughput", "load"], default="throughput",
                         help="throughput: the workloads above; load: attention-heavy steps, quiet and under load")
     parser.add_argument("--load", type=int, default=2, help="competing busy processes for --suite load")
-    parser.add_argument("--reps", type=int, default=7, help="repetitions (median taken), >= 5")
     parser.add_argument("--steps", type=int, default=3, help="training steps per repetition")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall",
-        help="wall: elapsed time; cpu: process CPU time, far less sensitive to other jobs on a shared machine "
-        "(meaningful with --threads 1)",
-    )
+    add_timing_options(parser)
     args = parser.parse_args(argv)
-    if args.reps < 5:
-        parser.error(f"--reps must be >= 5 (a median of at least 5), got {args.reps}")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_timing_options(parser, args)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # load reports (e.g. the new classifier head) are expected here

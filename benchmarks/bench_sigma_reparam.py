@@ -26,13 +26,13 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from timing_options import add_timing_options, apply_timing_options  # noqa: E402
 
 from hf_normsoftmax.sigma_reparam import sigma_reparam_  # noqa: E402
 
@@ -137,21 +137,10 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument(
-        "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
-        help="wall clock, or process CPU time (steadier on a shared machine; use with --threads 1)",
-    )
+    add_timing_options(parser)
     args = parser.parse_args(argv)
-    if args.reps < 5:
-        parser.error("--reps must be at least 5 (the medians are reported)")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = apply_timing_options(parser, args)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     for hidden in args.hidden:
