@@ -337,7 +337,8 @@ def sharpened(model):
 
 def test_gemma2_softmax_variant_is_the_soft_capped_stock_model():
     torch.manual_seed(0)
-    stock = sharpened(Gemma2ForCausalLM(Gemma2Config(**GEMMA2_CAPPED)).eval())
+    # eager: the stock attention that applies the cap (transformers 5.15's default SDPA for Gemma 2 ignores it)
+    stock = sharpened(Gemma2ForCausalLM(Gemma2Config(**GEMMA2_CAPPED, attn_implementation="eager")).eval())
     ids, mask = left_padded()
     real = mask.bool()
     converted = H.convert_stock_model(stock).eval()
@@ -345,7 +346,8 @@ def test_gemma2_softmax_variant_is_the_soft_capped_stock_model():
         expected = stock(input_ids=ids, attention_mask=mask).logits[real]
         assert torch.allclose(converted(input_ids=ids, attention_mask=mask).logits[real], expected, atol=1e-6)
         # the caps matter here: the same weights without the attention cap give other logits
-        uncapped = Gemma2ForCausalLM(Gemma2Config(**{**GEMMA2_CAPPED, "attn_logit_softcapping": None})).eval()
+        uncapped = Gemma2ForCausalLM(Gemma2Config(**{**GEMMA2_CAPPED, "attn_logit_softcapping": None},
+                                                  attn_implementation="eager")).eval()
         uncapped.load_state_dict(stock.state_dict())
         assert (uncapped(input_ids=ids, attention_mask=mask).logits[real] - expected).abs().max() > 1e-2
 
