@@ -262,11 +262,13 @@ def _variant_class(variant_model_type: str, task: str | None, architectures: lis
 
 
 def from_stock(stock: str | PreTrainedModel, task: str | None = None, **kwargs) -> PreTrainedModel:
-    """Load a stock ViT/BERT/GPT-2 checkpoint (path or Hub id) or convert a loaded stock model into its variant.
+    """Load a stock ViT/BERT/GPT-2/Llama/Qwen2/Qwen3/Mistral/Gemma 2/Phi-3 checkpoint (path or Hub id) or convert a
+    loaded stock model into its variant.
 
     Args:
-        stock: a checkpoint path / Hub id (``model_type`` ``"vit"``, ``"bert"`` or ``"gpt2"``; a variant
-            checkpoint also works), or a stock model instance (see :func:`convert_stock_model`).
+        stock: a checkpoint path / Hub id (``model_type`` ``"vit"``, ``"bert"``, ``"gpt2"``, ``"llama"``,
+            ``"qwen2"``, ``"qwen3"``, ``"mistral"``, ``"gemma2"`` or ``"phi3"``; a variant checkpoint also works), or
+            a stock model instance (see :func:`convert_stock_model`).
         task: which head to build, as a pipeline task (``"text-classification"``, ``"token-classification"``,
             ``"question-answering"``, ``"fill-mask"``, ``"text-generation"``, ``"image-classification"``,
             ``"multiple-choice"``, ``"feature-extraction"``...). Default: the checkpoint's own architecture,
@@ -313,7 +315,8 @@ def from_stock(stock: str | PreTrainedModel, task: str | None = None, **kwargs) 
 
 
 def convert_stock_model(model: PreTrainedModel, **flags) -> PreTrainedModel:
-    """A variant copy of a loaded stock ViT/BERT/GPT-2 model, with ``flags`` set (the input is left untouched).
+    """A variant copy of a loaded stock model (ViT, BERT, GPT-2 or a decoder family of
+    ``modeling_normsoftmax_decoders.py``), with ``flags`` set (the input is left untouched).
 
     The variant class matches the stock class (``BertForSequenceClassification`` ->
     ``NormSoftmaxBertForSequenceClassification``, ...); every stock weight is copied, the new entries are
