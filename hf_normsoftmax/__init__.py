@@ -314,6 +314,11 @@ def from_stock(stock: str | PreTrainedModel, task: str | None = None, **kwargs) 
     return model_class.from_pretrained(stock, **kwargs)
 
 
+# Stock config fields convert_stock_model also takes, per stock model type: NormSoftmax attention refuses Gemma 2's
+# attention soft-capping (configuration_normsoftmax_decoders.py), so the conversion can switch it off.
+_CONVERSION_OVERRIDES = {"gemma2": ("attn_logit_softcapping",)}
+
+
 def convert_stock_model(model: PreTrainedModel, **flags) -> PreTrainedModel:
     """A variant copy of a loaded stock model (ViT, BERT, GPT-2 or a decoder family of
     ``modeling_normsoftmax_decoders.py``), with ``flags`` set (the input is left untouched).
@@ -342,11 +347,12 @@ def convert_stock_model(model: PreTrainedModel, **flags) -> PreTrainedModel:
             f"Invalid value for `model`: a {type(model).__name__} (model type {stock_type!r}) has no NormSoftmax "
             f"variant. Allowed: instances of {allowed}."
         )
-    unknown = sorted(set(flags) - set(NORMSOFTMAX_FLAGS))
+    allowed = [*NORMSOFTMAX_FLAGS, *_CONVERSION_OVERRIDES.get(stock_type, ())]
+    unknown = sorted(set(flags) - set(allowed))
     if unknown:
-        raise ValueError(f"Invalid flags {unknown} for convert_stock_model. Allowed: {list(NORMSOFTMAX_FLAGS)}.")
+        raise ValueError(f"Invalid flags {unknown} for convert_stock_model. Allowed: {allowed}.")
     config_dict = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "transformers_version")}
-    config = variant_class.config_class(**config_dict, **flags)
+    config = variant_class.config_class(**{**config_dict, **flags})
     first_param = next(model.parameters())
     variant = variant_class(config).to(device=first_param.device, dtype=first_param.dtype)
     result = variant.load_state_dict(model.state_dict(), strict=False)

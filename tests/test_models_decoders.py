@@ -373,6 +373,13 @@ def test_gemma2_normsoftmax_with_attention_cap_is_refused_by_name(tmp_path):
         H.from_stock(str(tmp_path), attention_softmax="normsoftmax")
     model = H.from_stock(str(tmp_path), attention_softmax="normsoftmax", attn_logit_softcapping=None)
     assert model.config.attn_logit_softcapping is None and model.config.attention_softmax == "normsoftmax"
+    stock = Gemma2ForCausalLM(Gemma2Config(**GEMMA2_CAPPED))
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        H.convert_stock_model(stock, attention_softmax="normsoftmax")
+    converted = H.convert_stock_model(stock, attention_softmax="normsoftmax", attn_logit_softcapping=None)
+    assert converted.config.attn_logit_softcapping is None and stock.config.attn_logit_softcapping == 0.5
+    with pytest.raises(ValueError, match=r"Invalid flags \['attn_logit_softcapping'\]"):  # only Gemma 2 has it
+        H.convert_stock_model(LlamaForCausalLM(LlamaConfig(**settings("llama"))), attn_logit_softcapping=None)
     # switched on later, on a model built with a cap: refused at the first forward
     capped = H.NormSoftmaxGemma2ForCausalLM(H.NormSoftmaxGemma2Config(**GEMMA2_CAPPED))
     capped.config.attention_softmax = "normsoftmax"
