@@ -25,9 +25,14 @@ from timing_options import CLOCKS, add_timing_options, apply_timing_options
 
 from hf_normsoftmax.attention import normsoftmax_attention, normsoftmax_attention_reference
 
+def _expanded(q, k, v):
+    groups = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
 PATHS = {
     "sdpa": lambda q, k, v, mask, causal: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal and mask is None
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=k.shape[1] != q.shape[1]
     ),
     "normsoftmax_fast": lambda q, k, v, mask, causal: normsoftmax_attention(q, k, v, attn_mask=mask, is_causal=causal)[
         0
@@ -35,12 +40,20 @@ PATHS = {
     "normsoftmax_reference": lambda q, k, v, mask, causal: normsoftmax_attention_reference(
         q, k, v, attn_mask=mask, is_causal=causal
     )[0],
+    # grouped-query keys/values expanded to one per query head before the call (what the fast path avoids)
+    "normsoftmax_fast_expanded": lambda q, k, v, mask, causal: normsoftmax_attention(
+        q, *_expanded(q, k, v), attn_mask=mask, is_causal=causal
+    )[0],
 }
 
 
-def make_inputs(batch, heads, length, dim, padded, causal, device, dtype, seed=0):
+def make_inputs(batch, heads, length, dim, padded, causal, device, dtype, seed=0, window=0, kv_heads=0):
+    """q (B, H, N, d), k/v (B, kv_heads or H, N, d) and the mask: None, key padding, causal + padding, or (window > 0)
+    a causal sliding window of that many keys as transformers builds it for sdpa, a (B, 1, N, N) bool tensor."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, length, dim, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    kv = kv_heads or heads
+    q, k, v = (torch.randn(batch, h, length, dim, generator=g).to(device, dtype).requires_grad_()
+               for h in (heads, kv, kv))
     mask = None
     if padded:
         valid = torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -48,7 +61,39 @@ def make_inputs(batch, heads, length, dim, padded, causal, device, dtype, seed=0
         mask = valid[:, None, None, :]
         if causal:  # stock SDPA cannot combine a mask with is_causal: give both paths the full 4D mask
             mask = mask & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    if window:
+        i = torch.arange(length, device=device)
+        band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        mask = band.expand(batch, 1, length, length) if mask is None else mask & band
     return q, k, v, mask
+
+
+CASES = {
+    # name: (causal, padded, sliding window, grouped-query)
+    "bidirectional": (False, False, False, False),
+    "padding": (False, True, False, False),
+    "causal": (True, False, False, False),
+    "causal+padding": (True, True, False, False),
+    "window": (True, False, True, False),
+    "gqa": (True, False, False, True),
+}
+DEFAULT_CASES = "bidirectional,padding,causal,causal+padding"
+
+
+def case_inputs(case, args, length=None):
+    causal, padded, window, grouped = CASES[case]
+    return make_inputs(args.batch, args.heads, length or args.length, args.dim, padded, causal, args.device,
+                       torch.float32, window=args.window if window else 0, kv_heads=args.kv_heads if grouped else 0)
+
+
+def case_name(case, args):
+    causal, padded, window, grouped = CASES[case]
+    name = ("causal" if causal else "bidirectional") + (" + padding" if padded else "")
+    if window:
+        name += f" + window {args.window}"
+    if grouped:
+        name += f", {args.heads}/{args.kv_heads} heads (GQA)"
+    return name
 
 
 def step(path, q, k, v, mask, causal, grad_out):
@@ -58,10 +103,9 @@ def step(path, q, k, v, mask, causal, grad_out):
     out.backward(grad_out)
 
 
-def time_paths(paths, args, causal, padded, reps):
-    q, k, v, mask = make_inputs(
-        args.batch, args.heads, args.length, args.dim, padded, causal, args.device, torch.float32
-    )
+def time_paths(paths, args, case, reps):
+    q, k, v, mask = case_inputs(case, args)
+    causal = CASES[case][0]
     grad_out = torch.randn_like(q)
     times = {p: [] for p in paths}
     for p in paths:  # warm-up
@@ -93,14 +137,16 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_child(path, batch, heads, length, dim, causal, padded, device):
+def peak_memory_child(path, case, args):
     """Run one forward+backward in this (fresh) process and print the peak memory above the inputs, in bytes.
 
     CPU: the resident-set high-water mark (VmHWM), reset after a warm-up step, minus the resident set before the
     measured step. The parent sets MALLOC_MMAP_THRESHOLD_ so that glibc serves large tensors by mmap and returns
     them to the system when freed: the high-water mark then follows the live tensors instead of heap leftovers.
     """
-    q, k, v, mask = make_inputs(batch, heads, length, dim, padded, causal, device, torch.float32)
+    device = args.device
+    q, k, v, mask = case_inputs(case, args)
+    causal = CASES[case][0]
     grad_out = torch.randn_like(q)
     step(path, q, k, v, mask, causal, grad_out)  # warm-up: thread pools, lazy initialisation
     for t in (q, k, v):
@@ -122,37 +168,24 @@ def peak_memory_child(path, batch, heads, length, dim, causal, padded, device):
     print(json.dumps({"peak": peak}))
 
 
-def peak_memory(path, args, causal, padded):
+def peak_memory(path, args, case):
     cmd = [
-        sys.executable,
-        __file__,
-        "--memory-child",
-        path,
-        "--batch",
-        str(args.batch),
-        "--heads",
-        str(args.heads),
-        "--length",
-        str(args.mem_length),
-        "--dim",
-        str(args.dim),
-        "--device",
-        args.device,
+        sys.executable, __file__, "--memory-child", path, "--case", case, "--batch", str(args.batch),
+        "--heads", str(args.heads), "--length", str(args.mem_length), "--dim", str(args.dim), "--device", args.device,
+        "--window", str(args.window), "--kv-heads", str(args.kv_heads),
     ]
-    cmd += ["--causal"] if causal else []
-    cmd += ["--padded"] if padded else []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # see peak_memory_child
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
-def count_aten_ops(path, args, causal, padded) -> int:
+def count_aten_ops(path, args, case) -> int:
     """aten operator calls (torch profiler, every nesting level) of one forward + backward: each is a dispatch, a
     parallel region on CPU and a kernel launch on a GPU, so the count sets the cost of small and contended calls."""
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v, mask = make_inputs(args.batch, args.heads, args.length, args.dim, padded, causal, args.device,
-                                torch.float32)
+    q, k, v, mask = case_inputs(case, args)
+    causal = CASES[case][0]
     grad_out = torch.randn_like(q)
     step(path, q, k, v, mask, causal, grad_out)  # warm-up: lazy initialisation is not part of a call
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -168,23 +201,30 @@ def main(argv=None):
     parser.add_argument("--mem-length", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--window", type=int, default=256, help="keys per query row of the 'window' case")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads of the 'gqa' case "
+                        "(default: heads / 4)")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow materialising reference")
     add_timing_options(parser)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    parser.add_argument("--causal", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.kv_heads is None:
+        args.kv_heads = max(1, args.heads // 4)
     if args.memory_child:
-        return peak_memory_child(
-            args.memory_child, args.batch, args.heads, args.length, args.dim, args.causal, args.padded, args.device
-        )
+        return peak_memory_child(args.memory_child, args.case, args)
     apply_timing_options(parser, args, min_reps=1)
     if args.quick:
         args.batch, args.heads, args.length, args.mem_length, args.reps = 2, 2, 64, 256, 3
+        args.kv_heads, args.window = 1, 16
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; allowed: {', '.join(CASES)}")
 
-    paths = ["sdpa", "normsoftmax_fast"] + ([] if args.no_reference else ["normsoftmax_reference"])
     print(
         f"# NormSoftmax attention, forward+backward, B={args.batch} H={args.heads} d={args.dim} fp32 {args.device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, median of {args.reps}"
@@ -195,8 +235,13 @@ def main(argv=None):
         f"peak memory vs SDPA (N={args.mem_length}) | aten ops (fwd+bwd) |"
     )
     print("|---|---|---|---|---|---|---|")
-    for causal, padded in [(False, False), (False, True), (True, False), (True, True)]:
-        runs = time_paths(paths, args, causal, padded, args.reps)
+    for case in cases:
+        paths = ["sdpa", "normsoftmax_fast"]
+        if CASES[case][3]:
+            paths.append("normsoftmax_fast_expanded")
+        if not args.no_reference:
+            paths.append("normsoftmax_reference")
+        runs = time_paths(paths, args, case, args.reps)
         times = {p: statistics.median(t) for p, t in runs.items()}
         # each repetition's ratio to the SDPA call just before it: their spread shows how noisy this run was
         paired = {p: quartiles([a / b for a, b in zip(runs[p], runs["sdpa"], strict=True)]) for p in paths}
@@ -205,14 +250,15 @@ def main(argv=None):
             for p in paths:
                 if p == "normsoftmax_reference" and args.mem_length > 1024:
                     continue  # materialises B*H*N*N floats several times: many GB at N=4096
-                mems[p] = peak_memory(p, args, causal, padded)
-        name = ("causal" if causal else "bidirectional") + (" + padding" if padded else "")
+                mems[p] = peak_memory(p, args, case)
         for p in paths:
             mem = f"{mems[p] / mems['sdpa']:.2f}x" if p in mems and mems.get("sdpa") else "-"
+            if p in mems:
+                mem += f" ({mems[p] / 2**20:.0f} MB)"
             spread = f"{paired[p][0]:.2f}x-{paired[p][1]:.2f}x"
-            ops = count_aten_ops(p, args, causal, padded)
-            print(f"| {args.length} | {name} | {p} | {times[p] / times['sdpa']:.2f}x | {spread} | {mem} | {ops} |",
-                  flush=True)
+            ops = count_aten_ops(p, args, case)
+            print(f"| {args.length} | {case_name(case, args)} | {p} | {times[p] / times['sdpa']:.2f}x | {spread} | "
+                  f"{mem} | {ops} |", flush=True)
 
 
 if __name__ == "__main__":

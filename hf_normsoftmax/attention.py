@@ -13,10 +13,13 @@ Two implementations with one signature:
   *exactly* ordinary attention on rescaled queries ``q_i * scale / T_i`` with ``T_i = sqrt(var_i + eps) / gamma``
   (softmax is shift invariant, so the mean needs no correction). The rescaled queries go to torch's
   ``scaled_dot_product_attention`` with ``scale=1``. Causal masks make ``S_i`` grow with ``i``: the second moments
-  then come from chunk-wise prefix sums (``O(L d^2 + L c d)`` work for chunk size ``c``).
+  then come from chunk-wise prefix sums (``O(L d^2 + L c d)`` work for chunk size ``c``). Masks under which every
+  row sees one contiguous run of keys (sliding windows, packed documents, with padding; see
+  :func:`key_intervals`) take per-block moments of the keys all rows of a block see plus a few ``c x c`` logit
+  tiles (``O(L d^2 + L c d)`` as well).
 
-Shapes: ``query (B, H, L, D)``, ``key``/``value`` ``(B, Hk, S, D)`` with ``H % Hk == 0`` (grouped-query attention
-is expanded). ``attn_mask`` is bool (True = attend) or additive float, broadcastable to ``(B, H, L, S)``. A causal
+Shapes: ``query (B, H, L, D)``, ``key``/``value`` ``(B, Hk, S, D)`` with ``H % Hk == 0`` (grouped-query attention:
+the fast path keeps the ``Hk`` key heads, statistics per key head). ``attn_mask`` is bool (True = attend) or additive float, broadcastable to ``(B, H, L, S)``. A causal
 mask (``is_causal=True``) is aligned bottom-right when ``L < S``, as in decoding with a KV cache: query ``i`` sees
 keys ``j <= i + S - L``. Queries with no valid key return exact zeros (never NaN), so padding never leaks NaN into
 valid rows through ``p @ V``.
@@ -33,7 +36,6 @@ Example::
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 import weakref
 from typing import NamedTuple
@@ -387,8 +389,20 @@ def normsoftmax_attention(
       computed in float32. Output and gradients stay within 5x of the error stock SDPA makes in the same dtype.
     * rows without any valid key give exact zeros and zero gradients; masked keys get zero gradients.
 
-    Takes the reference path (and says so in nothing but cost) when weights are requested, for masks that are not
-    key padding and/or causal (see :func:`decompose_mask`), and where it is cheaper: very short query blocks (decode
+    Masks on the fast path: none, key padding, causal (``is_causal`` or a causal 4D mask) with padding, and every
+    mask under which each query row sees one contiguous run of keys, as transformers builds them for sliding
+    windows (Mistral, Gemma 2, Qwen2), packed documents (block-diagonal, from ``position_ids``), with left padding
+    and KV-cache offsets, bool or additive (:func:`key_intervals`; the run's statistics come from moments of whole
+    64-key blocks shared by a block of 64 rows plus at most 4 other key blocks as logit tiles). Other masks
+    (additive biases, per-head masks that differ, rows seeing several runs, runs too ragged for the blocks) take
+    the reference path, with a warning naming the mask and the cost once per kind. A mask's analysis is reused
+    while the same tensor is passed again unchanged (its version counter decides; see ``_MASK_PLANS``).
+
+    Grouped-query keys/values (``Hk < H``) are never expanded: statistics per key head, the kernel takes the
+    grouped shapes (SDPA's ``enable_gqa``; on CPU one flash-kernel call per member of the group). Causal grouped
+    rows whose key padding is not one contiguous run are the exception: their keys are expanded.
+
+    Takes the reference path when weights are requested and where it is cheaper: very short query blocks (decode
     steps) and short sequences (at most ``_REFERENCE_MAX_LOGITS`` logits per head, a ``96 x 96`` tile).
     ``path="fast"`` skips the size hand-over (masks and weights still decide as above); ``path="reference"``
     always materialises; ``"auto"`` (default) chooses as described.
@@ -445,8 +459,7 @@ def normsoftmax_attention(
         rows_without_keys=masks.rows_without_keys,
         intervals=masks.intervals,
     )
-    key_valid = masks.key_valid
-    key_weight = None if key_valid is None else key_valid.to(compute_dtype(query.dtype))
+    key_valid, key_weight = masks.key_valid, masks.key_weight
     plan = make_plan(query, key, key_weight, gamma, settings)
     inputs = (query, key, value) + ((gamma,) if isinstance(gamma, torch.Tensor) else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
@@ -465,6 +478,7 @@ class MaskPlan(NamedTuple):
     mask the attention kernel gets (see :func:`_sdpa_mask`)."""
 
     key_valid: torch.Tensor | None  # (B, S) keys that enter the statistics (centring, gradients), None = all
+    key_weight: torch.Tensor | None  # key_valid in the statistics dtype
     causal: bool
     intervals: Intervals | None
     sdpa_mask: torch.Tensor | None
@@ -475,19 +489,27 @@ class MaskPlan(NamedTuple):
 
 def _mask_plan(attn_mask, is_causal, B, H, key_heads, L, S, device, cpu_flash, dtype) -> MaskPlan | str:
     """The fast path's plan for a mask, or a string naming the mask it cannot express."""
+    plan = _mask_plan_parts(attn_mask, is_causal, B, H, key_heads, L, S, device, cpu_flash, dtype)
+    if isinstance(plan, str):
+        return plan
+    key_valid, *rest = plan
+    return MaskPlan(key_valid, None if key_valid is None else key_valid.to(dtype), *rest)
+
+
+def _mask_plan_parts(attn_mask, is_causal, B, H, key_heads, L, S, device, cpu_flash, dtype):
     structure = decompose_mask(attn_mask, is_causal, B, L, S)
     grouped = key_heads != H
     if structure is not None:
         key_valid, causal = structure
         sdpa = _sdpa_mask(attn_mask, is_causal, key_valid, causal, B, L, S, device, cpu_flash)
         if not (grouped and causal):
-            return MaskPlan(key_valid, causal, None, *sdpa, expand_kv=False)
+            return (key_valid, causal, None, *sdpa, False)
         # grouped-query causal rows: statistics per key head from intervals (padding must be one run of keys)
         lo, hi = _causal_intervals(key_valid, B, L, S, device)
         intervals = None if lo is None else interval_blocks(lo, hi, S, dtype)
         if intervals is None:
-            return MaskPlan(key_valid, causal, None, *sdpa, expand_kv=True)
-        return MaskPlan(key_valid, False, intervals, *sdpa, expand_kv=False)
+            return (key_valid, causal, None, *sdpa, True)
+        return (key_valid, False, intervals, *sdpa, False)
     found = key_intervals(attn_mask, is_causal, B, L, S, device)
     if isinstance(found, str):
         return found
@@ -505,7 +527,7 @@ def _mask_plan(attn_mask, is_causal, B, H, key_heads, L, S, device, cpu_flash, d
         sdpa_mask = ((positions >= lo[..., None]) & (positions < hi[..., None]))[:, None]
     has_key = (hi > lo)[:, None, :, None]
     rows_without_keys = None if bool(has_key.all()) else ~has_key
-    return MaskPlan(intervals.seen, False, intervals, sdpa_mask, rows_without_keys, False, expand_kv=False)
+    return (intervals.seen, False, intervals, sdpa_mask, rows_without_keys, False, False)
 
 
 def _causal_intervals(key_valid, B, L, S, device):
@@ -529,37 +551,54 @@ def _causal_intervals(key_valid, B, L, S, device):
 
 # Mask analyses, reused while the same mask tensor is passed again unchanged (every layer of a model gets the same
 # mask object): id(mask) -> (weak reference, fingerprint, plan). The fingerprint holds the tensor's version counter,
-# which every in-place change through torch bumps (also under no_grad); writes through ``.data`` or from outside
-# torch (numpy views) are not seen, so masks from inference mode, which has no version counter, are never cached.
+# which every in-place change through torch bumps (also under no_grad). Writes that bypass it (through ``.data`` or a
+# numpy view) are not seen; nothing is cached in inference mode or for inference tensors (no version counter).
+# No lock: each dict operation is atomic, a lookup checks the weak reference and the fingerprint, and a race costs at
+# most a repeated analysis (a lock here could deadlock: the weak-reference callback runs inside garbage collection,
+# which may start while the same thread holds it).
 _MASK_PLANS: dict[int, tuple] = {}
-_MASK_PLANS_LOCK = threading.Lock()
+_SHAPE_PLANS: dict[tuple, MaskPlan] = {}  # plans without a mask tensor, by shapes
 _MASK_PLANS_MAX = 16
+
+
+def _remember(cache: dict, key, value) -> None:
+    while len(cache) >= _MASK_PLANS_MAX:
+        try:
+            cache.pop(next(iter(cache)), None)
+        except (StopIteration, RuntimeError):  # emptied or changed by another thread meanwhile
+            break
+    cache[key] = value
 
 
 def _cached_mask_plan(attn_mask, is_causal, B, H, key_heads, L, S, device, cpu_flash, dtype):
     args = (is_causal, B, H, key_heads, L, S, device, cpu_flash, dtype)
-    if attn_mask is None or attn_mask.is_inference() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        # inference tensors have no version counter, and a plan made of them could not serve a training call
+        return _mask_plan(attn_mask, *args)
+    if attn_mask is None:  # the plan depends on the shapes alone
+        plan = _SHAPE_PLANS.get(args)
+        if plan is None:
+            plan = _mask_plan(None, *args)
+            _remember(_SHAPE_PLANS, args, plan)
+        return plan
+    if attn_mask.is_inference():
         return _mask_plan(attn_mask, *args)
     fingerprint = (attn_mask.data_ptr(), attn_mask.shape, attn_mask.stride(), attn_mask.dtype, attn_mask.device,
                    attn_mask._version, args)
     key = id(attn_mask)
-    with _MASK_PLANS_LOCK:
-        entry = _MASK_PLANS.get(key)
+    entry = _MASK_PLANS.get(key)
     if entry is not None and entry[0]() is attn_mask and entry[1] == fingerprint:
         return entry[2]
     plan = _mask_plan(attn_mask, *args)
     if attn_mask._version != fingerprint[5]:  # changed while being analysed (another thread): do not keep
         return plan
 
-    def forget(_ref, key=key):
-        with _MASK_PLANS_LOCK:
-            if key in _MASK_PLANS and _MASK_PLANS[key][0] is _ref:
-                del _MASK_PLANS[key]
+    def forget(ref, key=key):
+        entry = _MASK_PLANS.get(key)
+        if entry is not None and entry[0] is ref:
+            _MASK_PLANS.pop(key, None)
 
-    with _MASK_PLANS_LOCK:
-        if len(_MASK_PLANS) >= _MASK_PLANS_MAX and key not in _MASK_PLANS:
-            del _MASK_PLANS[next(iter(_MASK_PLANS))]
-        _MASK_PLANS[key] = (weakref.ref(attn_mask, forget), fingerprint, plan)
+    _remember(_MASK_PLANS, key, (weakref.ref(attn_mask, forget), fingerprint, plan))
     return plan
 
 

@@ -4,8 +4,11 @@ For query ``i`` over its valid key set ``S_i`` the logits ``s_ij = q_i . k_j`` h
 ``var_i = q_i^T Cov_{S_i}(k) q_i``, so NormSoftmax attention is ordinary attention on the rescaled queries
 ``q_i * scale / T_i`` (``T_i = sqrt(scale^2 var_i + eps) / gamma``; softmax is shift invariant, so the mean needs
 no correction). This module computes ``var_i`` from key moments in ``O(L d^2)`` (causal masks: per block of query
-rows, exclusive prefix moments of the earlier blocks plus the block's own ``c x c`` logits, merged exactly), and
-hands the rescaled queries to torch's attention kernel.
+rows, exclusive prefix moments of the earlier blocks plus the block's own ``c x c`` logits, merged exactly; masks
+where each row sees one run of keys (windows, packed documents): per block of query rows, the moments of the whole
+key blocks all its rows see, summed block by block (no differences of prefix sums, which cancel), plus a few
+``c x c`` logit tiles, see :class:`Intervals`), and hands the rescaled queries to torch's attention kernel.
+Grouped-query heads share their key head's statistics; keys and values are never expanded.
 
 What makes it exact, not just fast:
 
@@ -492,7 +495,9 @@ def row_variance(q, kc, count, key_weight, causal: bool, intervals: Intervals | 
         return var, bound, n, None
     if not causal:
         var, bound, cov = covariance_variance(_grouped(q, kc.shape[1]), kc, count)
-        return var.view(q.shape[:-1]), bound.view(q.shape[:-1]), count.expand(q.shape[0], 1, q.shape[-2]), cov
+        if kc.shape[1] != q.shape[1]:
+            var, bound = var.view(q.shape[:-1]), bound.view(q.shape[:-1])
+        return var, bound, count.expand(q.shape[0], 1, q.shape[-2]), cov
     var, bound, n = causal_variance(q, kc, key_weight, _causal_block(q.shape[-2]))
     return var, bound, n, None
 
@@ -741,7 +746,8 @@ class FastAttention(torch.autograd.Function):
             Hk = plan.kc.shape[1]
             grad_q, grad_k = _covariance_backward(plan, _grouped(q, Hk), _grouped(grad_qs, Hk),
                                                   _grouped(grad_var, Hk), grad_kc, _grouped(plan.factor, Hk))
-            grad_q = grad_q.view(q.shape)
+            if Hk != q.shape[1]:
+                grad_q = grad_q.view(q.shape)
         else:
             grad_q, grad_k = causal_variance_backward(q, plan.kc, key_weight, _causal_block(q.shape[-2]),
                                                       grad_var[..., 0])
