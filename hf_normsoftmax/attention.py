@@ -593,10 +593,10 @@ def _cached_mask_plan(attn_mask, is_causal, B, H, key_heads, L, S, device, cpu_f
     if attn_mask._version != fingerprint[5]:  # changed while being analysed (another thread): do not keep
         return plan
 
-    def forget(ref, key=key):
-        entry = _MASK_PLANS.get(key)
+    def forget(ref, key=key, plans=_MASK_PLANS):  # bound here: module globals are gone at interpreter exit
+        entry = plans.get(key)
         if entry is not None and entry[0] is ref:
-            _MASK_PLANS.pop(key, None)
+            plans.pop(key, None)
 
     _remember(_MASK_PLANS, key, (weakref.ref(attn_mask, forget), fingerprint, plan))
     return plan
