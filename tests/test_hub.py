@@ -292,7 +292,8 @@ for family, repo in spec["items"]:
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model.push_to_hub(spec["repush"][repo], processing_class=processor)
+            model.push_to_hub(spec["repush"][repo])  # transformers' own push: model, then the processor
+            processor.push_to_hub(spec["repush"][repo])
         print("REPUSH_WARNINGS " + json.dumps([str(w.message) for w in caught if w.category is UserWarning]))
     if repo in spec.get("resave", {}):  # save_pretrained(push_to_hub=True) of the loaded model
         import warnings
@@ -1353,11 +1354,11 @@ def test_model_push_to_hub_of_variants(hub, tmp_path):
             want = {k.replace("trainer", "bert"): v for k, v in ref.items() if k.startswith(prefix)}
             _assert_outputs_equal(want, _strip_repo(got, repo))
 
-    # the remote-code classes, where hf_normsoftmax cannot be imported: push_to_hub falls back to transformers'
-    # (generic card, with a warning), the code + auto_map still go along, the tokenizer in the same commit
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("REPUSH_WARNINGS "))
-    assert any("falls back to transformers' push_to_hub" in w for w in json.loads(line[len("REPUSH_WARNINGS "):]))
-    assert hub.commit_count(repushed) == 2, hub.commit_messages(repushed)  # creation + ONE upload commit
+    # the remote-code classes, where hf_normsoftmax cannot be imported, push with transformers' own push_to_hub
+    # (the checkpoint carries no upload code): its generic card, the code + auto_map (transformers copies the code
+    # of a class loaded with trust_remote_code), then the tokenizer's own push
+    assert any(line.startswith("REPUSH_WARNINGS ") for line in proc.stdout.splitlines())
+    assert hub.commit_count(repushed) == 3, hub.commit_messages(repushed)  # creation, model, tokenizer
     files = set(hub.list_files(repushed))
     assert {"modeling_normsoftmax_bert.py", "configuration_normsoftmax.py", "model.safetensors",
             "tokenizer.json"} <= files, sorted(files)
@@ -1476,9 +1477,9 @@ def test_save_pretrained_push_to_hub_of_variants(hub, tmp_path):
             assert modules[repo].startswith(expected), (repo, modules[repo])
             _assert_outputs_equal({k: v for k, v in ref.items() if k.startswith(family)}, _strip_repo(got, repo))
 
-    # the remote-code class without the package: transformers' save_pretrained upload (its generic card), warned
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESAVE_WARNINGS "))
-    assert any("falls back to transformers' own upload" in w for w in json.loads(line[len("RESAVE_WARNINGS ") :]))
+    # the remote-code class without the package: transformers' own save_pretrained(push_to_hub=True) upload (its
+    # generic card), the code + auto_map copied by transformers
+    assert any(line.startswith("RESAVE_WARNINGS ") for line in proc.stdout.splitlines())
     files = set(hub.list_files(fallback))
     assert {"modeling_normsoftmax_bert.py", "configuration_normsoftmax.py", "model.safetensors"} <= files, files
     assert set(json.loads(hub.file_bytes(fallback, "config.json"))["auto_map"]) == {
