@@ -247,11 +247,11 @@ def resolve_variant_attn_implementation(requested: str | None) -> str:
         return "sdpa"
     if isinstance(requested, str) and requested in VARIANT_ATTENTION_FUNCTIONS:
         return requested
-    raise ValueError(
-        f"Invalid value for `attn_implementation`: {requested!r}. NormSoftmax variants run their attention through "
-        f"{ATTENTION_IMPLEMENTATION!r} for 'sdpa' and {REFERENCE_ATTENTION_IMPLEMENTATION!r} (materialised weights) "
-        "for 'eager' (the `attention_softmax` flag chooses softmax or NormSoftmax). "
-        f"Allowed: {_allowed_variant_attn_implementations()}."
+    raise ValueError(  # begins as transformers' own message for an unsupported name
+        f'Specified `attn_implementation="{requested}"` is not supported by NormSoftmax variants: '
+        f"they run their attention through {ATTENTION_IMPLEMENTATION!r} for 'sdpa' and "
+        f"{REFERENCE_ATTENTION_IMPLEMENTATION!r} (materialised weights) for 'eager' (the `attention_softmax` flag "
+        f"chooses softmax or NormSoftmax). Allowed: {_allowed_variant_attn_implementations()}."
     )
 
 

@@ -409,7 +409,7 @@ def test_resolve_variant_attn_implementation():
     for requested in ("eager", "normsoftmax_reference"):
         assert (variant_attention_function(resolve_variant_attn_implementation(requested))
                 == REFERENCE_ATTENTION_IMPLEMENTATION)
-    with pytest.raises(ValueError, match="`attn_implementation`: 'flash_attention_2'.*Allowed"):
+    with pytest.raises(ValueError, match='`attn_implementation="flash_attention_2"`.*Allowed'):
         resolve_variant_attn_implementation("flash_attention_2")
 
 
