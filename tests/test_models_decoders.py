@@ -242,6 +242,10 @@ def test_save_load_round_trip_keeps_flags_and_state(family, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
                            loaded(input_ids=ids, attention_mask=mask).logits)
+    # saved again without code into the same folder: none of the package's auto_map entries stays behind (the
+    # configuration file of the decoders is the package's own code too)
+    loaded.save_pretrained(tmp_path, save_remote_code=False)
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
 
 
 @pytest.mark.slow

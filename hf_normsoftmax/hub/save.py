@@ -49,7 +49,7 @@ def auto_class_of(model_or_class) -> str:
     return registered if registered else _auto_class_by_name(cls.__name__)
 
 
-_OWN_CODE_MARKERS = ("configuration_normsoftmax.", "modeling_normsoftmax_")
+_OWN_CODE_MARKERS = ("configuration_normsoftmax.", "configuration_normsoftmax_", "modeling_normsoftmax_")
 
 
 def _names_own_code(ref) -> bool:
