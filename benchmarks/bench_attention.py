@@ -25,6 +25,7 @@ from timing_options import CLOCKS, add_timing_options, apply_timing_options
 
 from hf_normsoftmax.attention import normsoftmax_attention, normsoftmax_attention_reference
 
+
 def _expanded(q, k, v):
     groups = q.shape[1] // k.shape[1]
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -19,10 +19,10 @@ Two implementations with one signature:
   tiles (``O(L d^2 + L c d)`` as well).
 
 Shapes: ``query (B, H, L, D)``, ``key``/``value`` ``(B, Hk, S, D)`` with ``H % Hk == 0`` (grouped-query attention:
-the fast path keeps the ``Hk`` key heads, statistics per key head). ``attn_mask`` is bool (True = attend) or additive float, broadcastable to ``(B, H, L, S)``. A causal
-mask (``is_causal=True``) is aligned bottom-right when ``L < S``, as in decoding with a KV cache: query ``i`` sees
-keys ``j <= i + S - L``. Queries with no valid key return exact zeros (never NaN), so padding never leaks NaN into
-valid rows through ``p @ V``.
+the fast path keeps the ``Hk`` key heads, statistics per key head). ``attn_mask`` is bool (True = attend) or
+additive float, broadcastable to ``(B, H, L, S)``. A causal mask (``is_causal=True``) is aligned bottom-right when
+``L < S``, as in decoding with a KV cache: query ``i`` sees keys ``j <= i + S - L``. Queries with no valid key
+return exact zeros (never NaN), so padding never leaks NaN into valid rows through ``p @ V``.
 
 Example::
 
@@ -550,8 +550,9 @@ def _causal_intervals(key_valid, B, L, S, device):
 
 
 # Mask analyses, reused while the same mask tensor is passed again unchanged (every layer of a model gets the same
-# mask object): id(mask) -> (weak reference, fingerprint, plan). The fingerprint holds the tensor's version counter,
-# which every in-place change through torch bumps (also under no_grad). Writes that bypass it (through ``.data`` or a
+# mask object): id(mask) -> (weak reference, fingerprint, plan, whether the kernel takes the mask itself). The
+# fingerprint holds the tensor's version counter, which every in-place change through torch bumps (also under
+# no_grad). Writes that bypass it (through ``.data`` or a
 # numpy view) are not seen; nothing is cached in inference mode or for inference tensors (no version counter).
 # No lock: each dict operation is atomic, a lookup checks the weak reference and the fingerprint, and a race costs at
 # most a repeated analysis (a lock here could deadlock: the weak-reference callback runs inside garbage collection,
@@ -588,17 +589,22 @@ def _cached_mask_plan(attn_mask, is_causal, B, H, key_heads, L, S, device, cpu_f
     key = id(attn_mask)
     entry = _MASK_PLANS.get(key)
     if entry is not None and entry[0]() is attn_mask and entry[1] == fingerprint:
-        return entry[2]
+        plan = entry[2]
+        return plan._replace(sdpa_mask=attn_mask) if entry[3] else plan
     plan = _mask_plan(attn_mask, *args)
     if attn_mask._version != fingerprint[5]:  # changed while being analysed (another thread): do not keep
         return plan
+    # the kept plan must not hold the mask itself (the weak reference could then never clear): the kernel's mask,
+    # when it is the caller's tensor, is put back on each hit
+    callers_mask = isinstance(plan, MaskPlan) and plan.sdpa_mask is attn_mask
+    kept = plan._replace(sdpa_mask=None) if callers_mask else plan
 
     def forget(ref, key=key, plans=_MASK_PLANS):  # bound here: module globals are gone at interpreter exit
         entry = plans.get(key)
         if entry is not None and entry[0] is ref:
             plans.pop(key, None)
 
-    _remember(_MASK_PLANS, key, (weakref.ref(attn_mask, forget), fingerprint, plan))
+    _remember(_MASK_PLANS, key, (weakref.ref(attn_mask, forget), fingerprint, kept, callers_mask))
     return plan
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,16 @@ def test_grouped_query_attention_matches_the_oracle_with_expanded_keys(name, kv_
     assert_matches_oracle(q, k, v, mask, valid, is_causal=is_causal, gamma=2.0)
 
 
+@pytest.mark.parametrize("name", ["causal", "window_left_padding"])
+def test_generic_kernel_backend_with_grouped_heads(monkeypatch, name):
+    """The device-generic kernel call (SDPA in its own small graph, ``enable_gqa``), which CPU calls use only with
+    dropout and GPUs always: same results."""
+    import hf_normsoftmax.attention_fast as attention_fast
+
+    monkeypatch.setattr(attention_fast, "_CPU_FLASH", None)
+    test_grouped_query_attention_matches_the_oracle_with_expanded_keys(name, kv_heads=2)
+
+
 class _Recorder(TorchDispatchMode):
     """Every operator call with the shapes and dtypes of its outputs."""
 
@@ -273,9 +284,12 @@ def test_mask_analysis_is_reused_for_the_same_unchanged_mask(monkeypatch):
     assert len(analysed) == 2
     torch.testing.assert_close(changed, oracle(q, k, v, mask), atol=1e-9, rtol=1e-7)
     assert torch.equal(changed[:, :, 100:], torch.zeros_like(changed[:, :, 100:]))
-    # a mask freed and another built in its place (same id / data_ptr possible): never the old analysis
+    # a mask freed (nothing kept alive by the analysis) and another built in its place (same id / data_ptr
+    # possible): never the old analysis
+    freed = weakref.ref(mask)
     del mask
     gc.collect()
+    assert freed() is None
     other = window_mask(B, L, 20)
     torch.testing.assert_close(fast(q, k, v, attn_mask=other), oracle(q, k, v, other), atol=1e-9, rtol=1e-7)
     with torch.inference_mode():  # no version counter: analysed on every call
