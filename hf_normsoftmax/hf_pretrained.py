@@ -89,6 +89,11 @@ class NormSoftmaxPreTrainedMixin:
                 "variant config (NormSoftmaxViTConfig, NormSoftmaxBertConfig or NormSoftmaxGPT2Config)."
             )
         check_flag_combination(config)
+        if not self._normsoftmax_attention_classes:  # its attention would run what the config names: stock SDPA
+            raise TypeError(
+                f"{type(self).__name__} sets no `_normsoftmax_attention_classes`: a NormSoftmax variant names the "
+                "attention modules of its architecture there (e.g. (BertSelfAttention, BertCrossAttention))."
+            )
         if config.sigma_reparam:
             apply_sigma_reparam(self, config.sigma_reparam_include, config.sigma_reparam_exclude)
         if config.normsoftmax_learnable_gamma:

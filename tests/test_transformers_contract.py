@@ -190,6 +190,16 @@ def test_attention_modules_follow_the_models_config_through_copies_and_pickles()
     assert all(module.config is stock.config for module in stock.modules() if hasattr(module, "config"))
 
 
+def test_a_variant_class_without_attention_classes_is_refused():
+    """Its attention modules would keep the model's config and run what it names ("sdpa": plain softmax)."""
+
+    class Unmarked(H.NormSoftmaxBertModel):
+        _normsoftmax_attention_classes = ()
+
+    with pytest.raises(TypeError, match="Unmarked sets no `_normsoftmax_attention_classes`"):
+        Unmarked(H.NormSoftmaxBertConfig(**TINY_BERT, attention_softmax="normsoftmax"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # loading: a checkpoint with none of the model's weights is reported, as in transformers
 # ---------------------------------------------------------------------------------------------------------------
