@@ -63,7 +63,12 @@ class NormSoftmaxPreTrainedMixin:
       sigmaReparam / gamma entries the model would ignore are refused (it would run the raw weights, not the
       trained ones); the ones a variant checkpoint lacks are reported as missing keys (transformers would
       initialise them silently, as new entries of a stock checkpoint);
-    * ``load_state_dict(strict=False)`` (Trainer resume) refuses a variant state dict lacking such entries.
+    * ``load_state_dict(strict=False)`` (Trainer resume) refuses a variant state dict lacking such entries;
+    * initialisation (construction, ``init_weights()``, loading) sets the sigmaReparam buffers ``reparam_u`` /
+      ``reparam_v`` deterministically: the top singular pair of the layer's weight, so that sigma is exact and
+      ``W_hat = W`` at init. They follow the weights, where transformers expects buffers that do not depend on
+      them (its ``test_init_weights_can_init_buffers`` compares two models with different random weights): a
+      fixed vector would make the initial sigma an estimate and change the function of a converted checkpoint.
 
     Subclasses set ``_normsoftmax_attention_classes`` (the attention modules: they get learnable gammas and the
     attention config view).
