@@ -33,10 +33,19 @@ from typing import Any
 from ..configuration_normsoftmax import DEFAULT_LOSS_NORMSOFTMAX_GAMMA
 from ..normsoftmax import _is_number
 from ..training.run_files import write_text_atomically
-from .card_inputs import FAMILIES, CardInputs, card_inputs_from_config, collect_run_dir, find_model_dir, model_family
+from .card_inputs import (
+    DECODER_FAMILIES,
+    FAMILIES,
+    CardInputs,
+    card_inputs_from_config,
+    collect_run_dir,
+    find_model_dir,
+    model_family,
+)
 from .secrets import find_secret, known_tokens
 
 __all__ = [
+    "DECODER_FAMILIES",
     "FAMILIES",
     "CardInputs",
     "METHODS",
@@ -152,6 +161,11 @@ _FLAG_MEANINGS = {
 _FLAG_PREFIXES = ("attention_softmax", "normsoftmax_", "loss_softmax", "loss_normsoftmax", "logit_inverse",
                   "sigma_reparam")
 
+# The decoder families: (name shown in the card, prefix of transformers' class names).
+_DECODER_NAMES = {"llama": ("Llama", "Llama"), "qwen2": ("Qwen2", "Qwen2"), "qwen3": ("Qwen3", "Qwen3"),
+                  "mistral": ("Mistral", "Mistral"), "gemma2": ("Gemma 2", "Gemma2"), "phi3": ("Phi-3", "Phi3")}
+_DECODER_HEADS = ("ForCausalLM", "ForSequenceClassification", "Model")
+
 _TASKS = (  # (architecture-name suffix, pipeline tag, auto class)
     ("ForImageClassification", "image-classification", "AutoModelForImageClassification"),
     ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
@@ -192,14 +206,15 @@ def _cell(value) -> str:
 
 
 def template_path(family: str) -> Path:
-    """Path of the packaged Jinja template that renders the cards of ``family`` (``vit``, ``bert`` or ``gpt2``).
+    """Path of the packaged Jinja template that renders the cards of ``family`` (``vit``, ``bert``, ``gpt2`` or a
+    decoder family of :data:`DECODER_FAMILIES`).
 
-    One template serves the three families: the text is shared and the family-specific parts are blocks selected
-    by the ``family`` variable. It is edited in the repository's ``model_cards/model_card.md``; the package holds
+    One template serves every family: the text is shared and the family-specific parts are blocks selected
+    by the ``family`` variable (one block for all the decoder families, which ``decoder`` selects). It is edited in the repository's ``model_cards/model_card.md``; the package holds
     a link to that file, which a built wheel replaces by the file itself.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family {family!r} is not one of {FAMILIES}")
+    if family not in FAMILIES + DECODER_FAMILIES:
+        raise ValueError(f"family {family!r} is not one of {FAMILIES + DECODER_FAMILIES}")
     if not _TEMPLATE.is_file():
         raise FileNotFoundError(f"model card template missing at {_TEMPLATE} (broken installation?)")
     return _TEMPLATE
@@ -259,6 +274,37 @@ def _confidence_bound(gamma: float, num_classes: int):
     x = torch.zeros(num_classes, dtype=torch.float64)
     x[0] = 1.0
     return float(norm_softmax(x, dim=-1, gamma=float(gamma))[0])
+
+
+def _decoder_stock_class(family: str, architecture: str | None) -> str:
+    """The stock transformers class a decoder variant extends (``NormSoftmaxLlamaForCausalLM`` ->
+    ``LlamaForCausalLM``); the family's causal LM when the architecture is not one of its variant classes."""
+    prefix = _DECODER_NAMES[family][1]
+    for head in _DECODER_HEADS:
+        if architecture == f"NormSoftmax{prefix}{head}":
+            return f"{prefix}{head}"
+    return f"{prefix}ForCausalLM"
+
+
+def _decoder_limitations(family: str, config: Mapping[str, Any], flags: Mapping[str, Any]) -> list:
+    """What a decoder card says about the family's own settings that the flags table does not show."""
+    if family != "gemma2":
+        return []
+    out = []
+    if "attn_logit_softcapping" in config:
+        cap = config["attn_logit_softcapping"]
+        if cap is None:
+            text = "Gemma 2's attention logit soft-capping is off (`attn_logit_softcapping` = none)"
+            if str(flags.get("attention_softmax", "softmax")).lower() == "normsoftmax":
+                text += ": NormSoftmax attention bounds every row of attention logits itself, and refuses the cap"
+            out.append(text + ".")
+        else:
+            out.append(f"Attention logits are soft-capped as in stock Gemma 2 (`attn_logit_softcapping` = "
+                       f"{_fmt(cap)}: cap * tanh(s / cap) before the softmax).")
+    if config.get("final_logit_softcapping") is not None:
+        out.append(f"The head's logits are soft-capped (`final_logit_softcapping` = "
+                   f"{_fmt(config['final_logit_softcapping'])}): beta and the loss see cap * tanh(z / cap).")
+    return out
 
 
 def _clean_base_model(value):
@@ -338,6 +384,8 @@ def build_template_context(inputs: CardInputs) -> tuple:
             k = config.get("num_labels") or len(config.get("id2label") or {}) or None
             if family == "gpt2" or "LMHead" in (inputs.architecture or "") or "MaskedLM" in (inputs.architecture or ""):
                 k = config.get("vocab_size")
+            if family in DECODER_FAMILIES and auto_class == "AutoModelForCausalLM":
+                k = config.get("vocab_size")
             bound = _confidence_bound(gamma, k) if k else None
             text = ("NormSoftmax in the loss bounds the confidence the training objective can ask for "
                     f"(loss_normsoftmax_gamma = {_fmt(gamma)})")
@@ -346,6 +394,9 @@ def build_template_context(inputs: CardInputs) -> tuple:
                 text += f": over {k} classes the largest reachable probability under NormSoftmax is {shown}"
             limitations.append(text + ". The model returns the normalised logits, so a softmax over its "
                                "outputs is the distribution the loss trained, with that bounded confidence.")
+    decoder = family in DECODER_FAMILIES
+    if decoder:
+        limitations.extend(_decoder_limitations(family, config, flags))
     if not inputs.eval_metrics:
         limitations.append("No evaluation results were found for this checkpoint.")
     nonfinite = inputs.training_summary.get("non-finite logged losses")
@@ -368,6 +419,11 @@ def build_template_context(inputs: CardInputs) -> tuple:
     )
     if eval_results is None or not eval_results:
         card_data.model_name = None  # model_name is only meaningful inside model-index
+    size_keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "n_layer", "n_embd", "n_head",
+                 "intermediate_size", "vocab_size", "image_size", "patch_size", "num_labels")
+    if decoder:  # a causal LM's config carries transformers' default num_labels, which no head uses
+        size_keys = size_keys[:-1] + ("num_key_value_heads", "max_position_embeddings") + (
+            () if auto_class == "AutoModelForCausalLM" else ("num_labels",))
     kwargs = {
         "family": family,
         "model_name": inputs.model_name,
@@ -383,9 +439,11 @@ def build_template_context(inputs: CardInputs) -> tuple:
         "num_channels": config.get("num_channels", 3),
         "image_mode": _image_mode(config.get("num_channels", 3)),
         "base_model_text": base_text,
-        "size": {k: config.get(k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                             "n_layer", "n_embd", "n_head", "intermediate_size", "vocab_size",
-                                             "image_size", "patch_size", "num_labels") if config.get(k) is not None},
+        "size": {k: config.get(k) for k in size_keys if config.get(k) is not None},
+        "decoder": decoder,
+        "decoder_name": _DECODER_NAMES[family][0] if decoder else None,
+        "decoder_stock_class": _decoder_stock_class(family, inputs.architecture) if decoder else None,
+        "causal_lm": auto_class == "AutoModelForCausalLM",
         "flag_rows": flag_rows,
         "methods": methods,
         "any_method_active": any(m["active"] for m in methods),

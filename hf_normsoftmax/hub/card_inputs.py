@@ -43,6 +43,7 @@ from ..normsoftmax import _is_number
 from .secrets import is_secret_key, known_tokens, looks_secret
 
 __all__ = [
+    "DECODER_FAMILIES",
     "FAMILIES",
     "CardInputs",
     "card_inputs_from_config",
@@ -51,11 +52,15 @@ __all__ = [
     "is_variant_config",
     "last_eval_from_history",
     "model_family",
+    "modeling_module",
     "split_metrics",
     "summarise_log_history",
 ]
 
 FAMILIES = ("vit", "bert", "gpt2")
+# The decoder families of modeling_normsoftmax_decoders.py: cards for their variants (``normsoftmax_llama``, ...)
+# only; a stock checkpoint of these families is its publisher's, with its own card.
+DECODER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _BOOKKEEPING = {"epoch", "step", "total_flos", "train_runtime", "train_samples_per_second",
                 "train_steps_per_second", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
@@ -78,17 +83,28 @@ def _read_json(path: Path, what: str):
 
 
 def model_family(model_type: str) -> str:
-    """Map a config ``model_type`` to a card family: ``vit``, ``bert`` or ``gpt2``.
+    """Map a config ``model_type`` to a card family: ``vit``, ``bert``, ``gpt2`` or a decoder family.
 
-    Accepts the stock types (``vit``, ``bert``, ``gpt2``) and the variants (``normsoftmax_vit``, ...).
+    Accepts the stock types ``vit``, ``bert``, ``gpt2`` and the variants ``normsoftmax_vit``, ...,
+    ``normsoftmax_gpt2``, ``normsoftmax_llama``, ... (see :data:`DECODER_FAMILIES`).
     """
     if not isinstance(model_type, str):
         raise TypeError(f"model_type must be a string, got {model_type!r}")
-    base = model_type[len("normsoftmax_"):] if model_type.startswith("normsoftmax_") else model_type
-    if base not in FAMILIES:
-        allowed = ", ".join(FAMILIES + tuple(f"normsoftmax_{f}" for f in FAMILIES))
+    variant = model_type.startswith("normsoftmax_")
+    base = model_type[len("normsoftmax_"):] if variant else model_type
+    if base not in FAMILIES and not (variant and base in DECODER_FAMILIES):
+        allowed = ", ".join(FAMILIES + tuple(f"normsoftmax_{f}" for f in FAMILIES + DECODER_FAMILIES))
         raise ValueError(f"model_type {model_type!r} has no model card template; allowed model types: {allowed}")
     return base
+
+
+def modeling_module(family: str) -> str:
+    """Name of the package module that defines the variant classes of a card family."""
+    if family in DECODER_FAMILIES:
+        return "modeling_normsoftmax_decoders"
+    if family in FAMILIES:
+        return f"modeling_normsoftmax_{family}"
+    raise ValueError(f"family {family!r} is not one of {FAMILIES + DECODER_FAMILIES}")
 
 
 

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from .card import render_card
-from .card_inputs import card_inputs_from_config, collect_run_dir, find_model_dir, is_variant_config, model_family
+from .card_inputs import (
+    card_inputs_from_config,
+    collect_run_dir,
+    find_model_dir,
+    is_variant_config,
+    model_family,
+    modeling_module,
+)
 from .save import save_with_code
 
 __all__ = [
@@ -102,12 +109,13 @@ def _load_variant(model_dir: Path):
         raise HubPushError(f"{model_dir / 'config.json'} names no architecture ('architectures' is empty): cannot "
                            "tell which class to load")
     arch = archs[0]
-    family = model_family(config["model_type"])
-    # the modeling file of the family defines every variant class of it
-    modeling = importlib.import_module(f"..modeling_normsoftmax_{family}", __package__)
+    # the modeling file of the family defines every variant class of it (one file for the decoder families)
+    modeling = importlib.import_module(f"..{modeling_module(model_family(config['model_type']))}", __package__)
     cls = getattr(modeling, arch, None)
-    if cls is None:
-        raise HubPushError(f"architecture {arch!r} from {model_dir / 'config.json'} is not a class of hf_normsoftmax")
+    # the module also imports stock classes and other families' variants: only a class of this model type loads
+    if getattr(getattr(cls, "config_class", None), "model_type", None) != config["model_type"]:
+        raise HubPushError(f"architecture {arch!r} from {model_dir / 'config.json'} is not a class of hf_normsoftmax "
+                           f"for model type {config['model_type']!r}")
     return cls.from_pretrained(model_dir)
 
 
