@@ -44,18 +44,15 @@ import torch
 import torch.nn.functional as F
 
 from .attention_fast import (
-    _INTERVAL_BLOCK,
-    _INTERVAL_MAX_TILES,
     FastAttention,
     FastSettings,
-    Intervals,
     compute_dtype,
     cpu_flash_available,
     exact_rows,
     fast_no_grad,
-    interval_blocks,
     make_plan,
 )
+from .attention_statistics import _INTERVAL_BLOCK, _INTERVAL_MAX_TILES, Intervals, interval_blocks
 from .normsoftmax import (
     GAMMA_RANGE,
     _check_in_range,

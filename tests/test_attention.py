@@ -398,9 +398,9 @@ def test_softmax_attention_limit_of_sdpa_is_not_normsoftmax():
 @pytest.fixture
 def small_causal_blocks(monkeypatch):
     """Blocks of 4 query rows: several blocks plus a partial last block at test sizes."""
-    import hf_normsoftmax.attention_fast as attention_fast
+    import hf_normsoftmax.attention_statistics as attention_statistics
 
-    monkeypatch.setattr(attention_fast, "_CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(attention_statistics, "_CAUSAL_BLOCK", 4)
 
 
 BLOCK_CASES = [c for c in CASES if c[0] in ("plain", "padded", "causal", "causal_left_pad", "cache_prefill_left_pad")]
@@ -568,8 +568,8 @@ def test_math_modules_import_only_torch_and_each_other():
     import ast
     from pathlib import Path
 
-    math_modules = {"normsoftmax", "losses", "fused_cross_entropy", "attention", "attention_fast", "sigma_reparam",
-                    "sigma_reparam_ops", "entropy"}
+    math_modules = {"normsoftmax", "losses", "fused_cross_entropy", "attention", "attention_fast",
+                    "attention_statistics", "sigma_reparam", "sigma_reparam_ops", "entropy"}
     package = Path(__file__).resolve().parents[1] / "hf_normsoftmax"
     for name in sorted(math_modules):
         tree = ast.parse((package / f"{name}.py").read_text())

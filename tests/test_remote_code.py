@@ -142,7 +142,7 @@ def test_remote_code_checkpoints_load_without_the_package(route, tmp_path):
         assert saved["auto_map"]["AutoConfig"] == f"configuration_normsoftmax.{config_class.__name__}"
         assert saved["auto_map"][auto_name].endswith(f".{model_class.__name__}")
         for needed in ("hf_pretrained.py", "hf_attention.py", "hf_heads.py", "hf_state.py",
-                       "configuration_normsoftmax.py", "attention.py", "normsoftmax.py", "losses.py",
+                       "configuration_normsoftmax.py", "attention.py", "normsoftmax.py", "fused_cross_entropy.py",
                        "sigma_reparam.py", f"modeling_normsoftmax_{name}.py"):
             assert (path / needed).is_file(), needed
         inputs = _inputs(name)
