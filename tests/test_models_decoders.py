@@ -443,7 +443,11 @@ def test_causal_lm_example_trains_a_decoder_family_from_scratch(family, tmp_path
     history = [json.loads(line) for line in (output_dir / "stability_history.jsonl").read_text().splitlines()]
     assert any("stability/entropy/layer_1/head_1" in record for record in history)
     assert (output_dir / "stability_entropy.png").is_file()
-    assert "No model card" in capsys.readouterr().out
+    name, stock = {"llama": ("Llama", "LlamaForCausalLM"), "gemma2": ("Gemma 2", "Gemma2ForCausalLM")}[family]
+    assert f"Model card ({name} family): {output_dir / 'README.md'}" in capsys.readouterr().out
+    card = (output_dir / "README.md").read_text()
+    assert f"template for the {name} family" in card and f"built on transformers' `{stock}`" in card
+    assert "| `normsoftmax_learnable_gamma` | `true` |" in card and "](stability_entropy.png)" in card
     loaded = AutoModelForCausalLM.from_pretrained(output_dir)
     assert type(loaded) is FAMILIES[family][3] and loaded.config.normsoftmax_learnable_gamma
 
