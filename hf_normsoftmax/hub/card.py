@@ -1,8 +1,8 @@
 """Model cards for hf_normsoftmax checkpoints, rendered offline with huggingface_hub's ModelCard/ModelCardData.
 
 A card is built from what a ``transformers.Trainer`` output directory ("run dir") holds, or from a model config
-alone, and rendered with the Jinja template of the model family (``vit``, ``bert``, ``gpt2``; see
-:func:`template_path`). Nothing here touches the network.
+alone, and rendered with the Jinja template of the model family (``vit``, ``bert``, ``gpt2``, or a decoder family:
+``llama``, ``qwen2``, ``qwen3``, ``mistral``, ``gemma2``, ``phi3``; see :func:`template_path`). Nothing here touches the network.
 
 Usage::
 
