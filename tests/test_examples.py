@@ -142,6 +142,7 @@ BERT_BAD_INPUT_CASES = [
 GPT2_BAD_INPUT_CASES = [
     (["--fsdp2"], ["--fsdp2", "several processes"]),
     (["--report-to", "no_such_tracker"], ["--report-to 'no_such_tracker'", "tensorboard"]),
+    (["--model-type", "bert"], ["--model-type", "'bert'", "llama"]),  # the decoder runs: test_models_decoders.py
 ]
 
 
