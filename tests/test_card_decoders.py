@@ -5,7 +5,6 @@ its card, code, weights and tokenizer in one commit to the loopback Hub test dou
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,7 +84,7 @@ model.push_to_hub(spec["repo"], processing_class=tokenizer, card_fields={"datase
 
 
 @pytest.mark.xdist_group("hub")
-def test_push_to_hub_of_a_llama_variant_uploads_its_card_in_one_commit(hub, tmp_path):
+def test_push_to_hub_of_a_llama_variant_uploads_its_card_in_one_commit(hub, tmp_path):  # noqa: F811 - fixture
     repo = "alice/tiny-llama-push"
     work = tmp_path / "work"
     work.mkdir()

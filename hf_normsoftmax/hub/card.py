@@ -2,7 +2,8 @@
 
 A card is built from what a ``transformers.Trainer`` output directory ("run dir") holds, or from a model config
 alone, and rendered with the Jinja template of the model family (``vit``, ``bert``, ``gpt2``, or a decoder family:
-``llama``, ``qwen2``, ``qwen3``, ``mistral``, ``gemma2``, ``phi3``; see :func:`template_path`). Nothing here touches the network.
+``llama``, ``qwen2``, ``qwen3``, ``mistral``, ``gemma2``, ``phi3``; see :func:`template_path`). Nothing here
+touches the network.
 
 Usage::
 
@@ -210,8 +211,9 @@ def template_path(family: str) -> Path:
     decoder family of :data:`DECODER_FAMILIES`).
 
     One template serves every family: the text is shared and the family-specific parts are blocks selected
-    by the ``family`` variable (one block for all the decoder families, which ``decoder`` selects). It is edited in the repository's ``model_cards/model_card.md``; the package holds
-    a link to that file, which a built wheel replaces by the file itself.
+    by the ``family`` variable (one block for all the decoder families, which ``decoder`` selects). It is edited
+    in the repository's ``model_cards/model_card.md``; the package holds a link to that file, which a built wheel
+    replaces by the file itself.
     """
     if family not in FAMILIES + DECODER_FAMILIES:
         raise ValueError(f"family {family!r} is not one of {FAMILIES + DECODER_FAMILIES}")
