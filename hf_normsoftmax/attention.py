@@ -69,6 +69,7 @@ __all__ = [
     "key_intervals",
     "normsoftmax_attention",
     "normsoftmax_attention_reference",
+    "softmax_attention_reference",
     "valid_from_mask",
 ]
 
@@ -321,6 +322,39 @@ def normsoftmax_attention_reference(
     """
     _check_inputs(query, key, value, scale, max_temperature, eps, statistic, dropout_p)
     _check_gamma(gamma, query)
+    logits, valid, value = _materialised_logits(query, key, value, attn_mask, is_causal, scale)
+    weights = norm_softmax(
+        logits, dim=-1, mask=valid, gamma=gamma, max_temperature=max_temperature, eps=eps, statistic=statistic
+    )
+    return _attend(weights, value, query.dtype, dropout_p, return_weights)
+
+
+def softmax_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stock softmax attention with materialised weights, masks read as :func:`normsoftmax_attention_reference`
+    reads them (what a variant with ``attention_softmax="softmax"`` runs when attention weights are asked for).
+    Rows without any valid key give zeros, as NormSoftmax attention does."""
+    _check_inputs(query, key, value, scale, None, 1e-6, "std", dropout_p)
+    logits, valid, value = _materialised_logits(query, key, value, attn_mask, is_causal, scale)
+    if valid is not None:
+        logits = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+    weights = torch.softmax(logits, dim=-1)
+    if valid is not None:
+        weights = weights.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
+    return _attend(weights, value, query.dtype, dropout_p, return_weights)
+
+
+def _materialised_logits(query, key, value, attn_mask, is_causal, scale):
+    """``scale * q k^T`` plus the mask's biases, in float32 (float64 for float64 inputs), the (B, H, L, S) valid
+    mask or None, and the values (grouped-query keys/values expanded)."""
     B, H, L, D = query.shape
     S = key.shape[-2]
     if attn_mask is not None:
@@ -328,7 +362,6 @@ def normsoftmax_attention_reference(
     key, value = _expand_kv(query, key, value)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-
     logits = torch.matmul(query.to(compute_dtype), key.to(compute_dtype).transpose(-1, -2)) * scale
     valid = None
     if attn_mask is not None:
@@ -343,12 +376,13 @@ def normsoftmax_attention_reference(
         valid = causal if valid is None else valid & causal
     if valid is not None:
         valid = valid.expand(B, H, L, S)
-    weights = norm_softmax(
-        logits, dim=-1, mask=valid, gamma=gamma, max_temperature=max_temperature, eps=eps, statistic=statistic
-    )
+    return logits, valid, value
+
+
+def _attend(weights, value, dtype, dropout_p, return_weights):
     probs = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    out = torch.matmul(probs, value.to(compute_dtype)).to(query.dtype)
-    return out, (weights.to(query.dtype) if return_weights else None)
+    out = torch.matmul(probs, value.to(weights.dtype)).to(dtype)
+    return out, (weights.to(dtype) if return_weights else None)
 
 
 

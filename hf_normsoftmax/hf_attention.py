@@ -33,13 +33,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .attention import normsoftmax_attention, normsoftmax_attention_reference, valid_from_mask
+from .attention import (
+    normsoftmax_attention,
+    normsoftmax_attention_reference,
+    softmax_attention_reference,
+    valid_from_mask,
+)
 from .configuration_normsoftmax import DEFAULT_NORMSOFTMAX_GAMMA
 from .normsoftmax import GAMMA_RANGE
 
@@ -96,38 +100,6 @@ def _with_position_bias(attention_mask, position_bias):
     return bias + attention_mask.to(torch.float32)
 
 
-def _softmax_attention_reference(query, key, value, attention_mask, is_causal, scaling, dropout):
-    """Plain softmax attention with materialised weights (for `output_attentions` and the eager request).
-
-    Rows without any valid key give zeros, as NormSoftmax attention does.
-    """
-    B, H, L, D = query.shape
-    S = key.shape[-2]
-    if key.shape[1] != H:
-        key = key.repeat_interleave(H // key.shape[1], dim=1)
-        value = value.repeat_interleave(H // value.shape[1], dim=1)
-    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    logits = torch.matmul(query.to(compute_dtype), key.to(compute_dtype).transpose(-1, -2)) * scaling
-    valid = None
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            valid = attention_mask
-        else:
-            valid = valid_from_mask(attention_mask)
-            logits = logits + torch.where(valid, attention_mask.to(compute_dtype), 0.0)
-    if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(diagonal=S - L)
-        valid = causal if valid is None else valid & causal
-    if valid is not None:
-        logits = logits.masked_fill(~valid, torch.finfo(compute_dtype).min)
-    weights = torch.softmax(logits, dim=-1)
-    if valid is not None:
-        weights = weights.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
-    probs = F.dropout(weights, p=dropout) if dropout > 0 else weights
-    out = torch.matmul(probs, value.to(compute_dtype)).to(query.dtype)
-    return out, weights.to(query.dtype)
-
-
 def _normsoftmax_attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, *, reference, **kwargs
 ):
@@ -170,7 +142,10 @@ def _normsoftmax_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                 **{k: v for k, v in kwargs.items() if k not in ("is_causal", "position_bias")},
             )
-        out, weights = _softmax_attention_reference(query, key, value, attention_mask, causal, scaling, dropout)
+        out, weights = softmax_attention_reference(
+            query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling, dropout_p=dropout,
+            return_weights=True,
+        )
         return out.transpose(1, 2).contiguous(), weights
 
     op = normsoftmax_attention_reference if reference else normsoftmax_attention
