@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .checks import check_count, is_count
 from .diagnostics import layer_sort_key, parse_stability_key
 
 __all__ = ["CollapseDetector", "StabilityEvent"]
@@ -81,10 +82,8 @@ class CollapseDetector:
         ):
             raise ValueError(f"Invalid value for `loss_spike_factor`: {loss_spike_factor!r}. Allowed: None or a "
                              "finite number > 1.")
-        if isinstance(loss_window, bool) or not isinstance(loss_window, int) or loss_window < 1:
-            raise ValueError(f"Invalid value for `loss_window`: {loss_window!r}. Allowed: an int >= 1.")
-        if (isinstance(min_loss_history, bool) or not isinstance(min_loss_history, int)
-                or not 1 <= min_loss_history <= loss_window):
+        check_count("loss_window", loss_window)
+        if not is_count(min_loss_history) or not 1 <= min_loss_history <= loss_window:
             raise ValueError(f"Invalid value for `min_loss_history`: {min_loss_history!r}. Allowed: an int in "
                              f"[1, loss_window={loss_window}].")
         self.entropy_fraction = entropy_fraction

@@ -54,6 +54,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .alarms import CollapseDetector, StabilityEvent
+from .checks import check_bools, check_count
 from .diagnostics import STABILITY_PREFIX, StabilityMonitor
 
 __all__ = ["HISTORY_FILE", "StabilityCallback", "console_summary"]
@@ -63,10 +64,6 @@ logger = logging.getLogger(__name__)
 HISTORY_FILE = "stability_history.jsonl"
 # How far up the call stack the Trainer is looked for (callback <- CallbackHandler.call_event <- on_* <- Trainer).
 _STACK_SEARCH_DEPTH = 8
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _clone_detached(value: Any) -> Any:
@@ -168,23 +165,17 @@ class StabilityCallback(TrainerCallback):
                  loss_window: int = 20, min_loss_history: int = 5, history_file: str | None = HISTORY_FILE,
                  plot_at_end: bool = True, chunk_size: int = 256, attention: bool = True,
                  trainer: Trainer | None = None):
-        if not _is_count(every_n_steps) or every_n_steps < 1:
-            raise ValueError(f"Invalid value for `every_n_steps`: {every_n_steps!r}. Allowed: an int >= 1.")
+        check_count("every_n_steps", every_n_steps)
         if probe_batch is not None and not isinstance(probe_batch, Mapping):
             raise TypeError(f"Invalid value for `probe_batch`: {type(probe_batch).__name__}. Allowed: None or a "
                             "mapping of model inputs (e.g. {'input_ids': tensor, 'attention_mask': tensor}).")
-        if max_probe_examples is not None and (not _is_count(max_probe_examples) or max_probe_examples < 1):
-            raise ValueError(f"Invalid value for `max_probe_examples`: {max_probe_examples!r}. Allowed: None or an "
-                             "int >= 1.")
-        for name, value in (("log_per_head", log_per_head), ("plot_at_end", plot_at_end), ("attention", attention)):
-            if not isinstance(value, bool):
-                raise TypeError(f"Invalid value for `{name}`: {value!r}. Allowed: True or False.")
+        check_count("max_probe_examples", max_probe_examples, optional=True)
+        check_bools(log_per_head=log_per_head, plot_at_end=plot_at_end, attention=attention)
         if history_file is not None and (not isinstance(history_file, str) or not history_file
                                          or os.path.basename(history_file) != history_file):
             raise ValueError(f"Invalid value for `history_file`: {history_file!r}. Allowed: None or a plain file "
                              "name (written into args.output_dir).")
-        if not _is_count(chunk_size) or chunk_size < 1:
-            raise ValueError(f"Invalid value for `chunk_size`: {chunk_size!r}. Allowed: a positive int.")
+        check_count("chunk_size", chunk_size)
         self.every_n_steps = every_n_steps
         self.max_probe_examples = max_probe_examples
         self.log_per_head = log_per_head

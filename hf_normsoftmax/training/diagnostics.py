@@ -70,6 +70,7 @@ from ..entropy import attention_statistics
 from ..hf_attention import ATTENTION_IMPLEMENTATION, RECORDER_ATTRIBUTE, REFERENCE_ATTENTION_IMPLEMENTATION
 from ..modeling_normsoftmax_decoders import SOFTCAP_ATTENTION_IMPLEMENTATION, SOFTCAP_REFERENCE_ATTENTION_IMPLEMENTATION
 from ..sigma_reparam import SigmaReparamMixin
+from .checks import check_bools, check_count
 
 __all__ = [
     "STABILITY_PREFIX",
@@ -344,12 +345,8 @@ class StabilityMonitor:
                  sigma_reparam: bool = True, chunk_size: int = 256):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Invalid value for `model`: {type(model).__name__}. Allowed: a torch nn.Module.")
-        for name, value in (("attention", attention), ("qk_spectral_norm", qk_spectral_norm),
-                            ("sigma_reparam", sigma_reparam)):
-            if not isinstance(value, bool):
-                raise TypeError(f"Invalid value for `{name}`: {value!r}. Allowed: True or False.")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"Invalid value for `chunk_size`: {chunk_size!r}. Allowed: a positive int.")
+        check_bools(attention=attention, qk_spectral_norm=qk_spectral_norm, sigma_reparam=sigma_reparam)
+        check_count("chunk_size", chunk_size)
         self.model = model
         self.attention = attention
         self.qk_spectral_norm = qk_spectral_norm
