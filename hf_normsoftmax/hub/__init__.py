@@ -25,8 +25,7 @@ load a pushed checkpoint: the files a checkpoint needs sit directly in ``hf_norm
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy_exports import lazy_exports
 
 # Public name -> submodule that defines it (imported on first access).
 _LAZY_EXPORTS = {
@@ -42,15 +41,4 @@ _LAZY_EXPORTS = {
 
 __all__ = sorted(_LAZY_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    submodule = _LAZY_EXPORTS.get(name)
-    if submodule is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_EXPORTS))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY_EXPORTS)
