@@ -31,6 +31,8 @@ torch.Size([1, 10])
 
 from __future__ import annotations
 
+import types
+
 import torch
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
@@ -203,108 +205,43 @@ class _CausalLMLossType:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Llama
+# The classes of each family: the same three heads over the family's stock classes
 # --------------------------------------------------------------------------------------------------------------
-class NormSoftmaxLlamaPreTrainedMixin(NormSoftmaxPreTrainedMixin):
-    config_class = NormSoftmaxLlamaConfig
-    _normsoftmax_attention_classes = (LlamaAttention,)
+def _named_class(name: str, bases: tuple[type, ...], doc: str | None = None, **attributes) -> type:
+    """``class <name>(*bases)`` with ``attributes``, defined in this module (pickling and remote-code saves find the
+    class by ``__module__`` and name)."""
+    namespace = {"__module__": __name__, "__qualname__": name, "__doc__": doc, **attributes}
+    return types.new_class(name, bases, exec_body=lambda ns: ns.update(namespace))
 
 
-class NormSoftmaxLlamaModel(NormSoftmaxLlamaPreTrainedMixin, LlamaModel):
-    r"""Llama decoder with the NormSoftmax flags; outputs as [`LlamaModel`]."""
+def _family_mixin(family: str, config_class: type, attention_class: type) -> type:
+    """``NormSoftmax<family>PreTrainedMixin``: the variant mixin with the family's config and attention class."""
+    return _named_class(f"NormSoftmax{family}PreTrainedMixin", (NormSoftmaxPreTrainedMixin,),
+                        config_class=config_class, _normsoftmax_attention_classes=(attention_class,))
 
 
-class NormSoftmaxLlamaForCausalLM(NormSoftmaxLlamaPreTrainedMixin, _CausalLMLossType, LlamaForCausalLM):
-    r"""Llama with a language-modeling head: `logits` are what the training softmax over the vocabulary sees,
-    `loss` is their next-token cross-entropy (labels shifted inside, -100 ignored, `num_items_in_batch` honoured)."""
-
-    forward = normsoftmax_head_forward(LlamaForCausalLM.forward, "causal_lm")
-
-
-class NormSoftmaxLlamaForSequenceClassification(NormSoftmaxLlamaPreTrainedMixin, LlamaForSequenceClassification):
-    r"""Llama with a sequence classification head on the last non-padding token; logits/loss per problem type as
-    in [`NormSoftmaxGPT2ForSequenceClassification`]."""
-
-    forward = normsoftmax_head_forward(LlamaForSequenceClassification.forward, "sequence_classification")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Qwen2
-# --------------------------------------------------------------------------------------------------------------
-class NormSoftmaxQwen2PreTrainedMixin(NormSoftmaxPreTrainedMixin):
-    config_class = NormSoftmaxQwen2Config
-    _normsoftmax_attention_classes = (Qwen2Attention,)
-
-
-class NormSoftmaxQwen2Model(NormSoftmaxQwen2PreTrainedMixin, Qwen2Model):
-    r"""Qwen2 decoder with the NormSoftmax flags; outputs as [`Qwen2Model`]."""
+def _family_classes(family: str, shown_as: str, mixin: type, model: type, causal_lm: type, classifier: type,
+                    causal_lm_note: str = "") -> tuple[type, type, type]:
+    """``NormSoftmax<family>Model``, ``...ForCausalLM`` and ``...ForSequenceClassification``: ``mixin`` first, then
+    the stock class (the heads' forward returns the logits their training softmax sees, hf_heads)."""
+    base = _named_class(f"NormSoftmax{family}Model", (mixin, model),
+                        f"{shown_as} decoder with the NormSoftmax flags; outputs as [`{model.__name__}`].")
+    lm = _named_class(
+        f"NormSoftmax{family}ForCausalLM", (mixin, _CausalLMLossType, causal_lm),
+        f"{shown_as} with a language-modeling head: `logits` are what the training softmax over the vocabulary sees, "
+        "`loss` is their next-token cross-entropy (labels shifted inside, -100 ignored, `num_items_in_batch` "
+        f"honoured).{causal_lm_note}",
+        forward=normsoftmax_head_forward(causal_lm.forward, "causal_lm"),
+    )
+    sequence = _named_class(
+        f"NormSoftmax{family}ForSequenceClassification", (mixin, classifier),
+        f"{shown_as} with a sequence classification head on the last non-padding token; logits/loss per problem "
+        "type as in [`NormSoftmaxGPT2ForSequenceClassification`].",
+        forward=normsoftmax_head_forward(classifier.forward, "sequence_classification"),
+    )
+    return base, lm, sequence
 
 
-class NormSoftmaxQwen2ForCausalLM(NormSoftmaxQwen2PreTrainedMixin, _CausalLMLossType, Qwen2ForCausalLM):
-    r"""Qwen2 with a language-modeling head (see [`NormSoftmaxLlamaForCausalLM`])."""
-
-    forward = normsoftmax_head_forward(Qwen2ForCausalLM.forward, "causal_lm")
-
-
-class NormSoftmaxQwen2ForSequenceClassification(NormSoftmaxQwen2PreTrainedMixin, Qwen2ForSequenceClassification):
-    r"""Qwen2 with a sequence classification head (see [`NormSoftmaxLlamaForSequenceClassification`])."""
-
-    forward = normsoftmax_head_forward(Qwen2ForSequenceClassification.forward, "sequence_classification")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Qwen3
-# --------------------------------------------------------------------------------------------------------------
-class NormSoftmaxQwen3PreTrainedMixin(NormSoftmaxPreTrainedMixin):
-    config_class = NormSoftmaxQwen3Config
-    _normsoftmax_attention_classes = (Qwen3Attention,)
-
-
-class NormSoftmaxQwen3Model(NormSoftmaxQwen3PreTrainedMixin, Qwen3Model):
-    r"""Qwen3 decoder with the NormSoftmax flags; outputs as [`Qwen3Model`]."""
-
-
-class NormSoftmaxQwen3ForCausalLM(NormSoftmaxQwen3PreTrainedMixin, _CausalLMLossType, Qwen3ForCausalLM):
-    r"""Qwen3 with a language-modeling head (see [`NormSoftmaxLlamaForCausalLM`])."""
-
-    forward = normsoftmax_head_forward(Qwen3ForCausalLM.forward, "causal_lm")
-
-
-class NormSoftmaxQwen3ForSequenceClassification(NormSoftmaxQwen3PreTrainedMixin, Qwen3ForSequenceClassification):
-    r"""Qwen3 with a sequence classification head (see [`NormSoftmaxLlamaForSequenceClassification`])."""
-
-    forward = normsoftmax_head_forward(Qwen3ForSequenceClassification.forward, "sequence_classification")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Mistral
-# --------------------------------------------------------------------------------------------------------------
-class NormSoftmaxMistralPreTrainedMixin(NormSoftmaxPreTrainedMixin):
-    config_class = NormSoftmaxMistralConfig
-    _normsoftmax_attention_classes = (MistralAttention,)
-
-
-class NormSoftmaxMistralModel(NormSoftmaxMistralPreTrainedMixin, MistralModel):
-    r"""Mistral decoder with the NormSoftmax flags; outputs as [`MistralModel`]."""
-
-
-class NormSoftmaxMistralForCausalLM(NormSoftmaxMistralPreTrainedMixin, _CausalLMLossType, MistralForCausalLM):
-    r"""Mistral with a language-modeling head (see [`NormSoftmaxLlamaForCausalLM`])."""
-
-    forward = normsoftmax_head_forward(MistralForCausalLM.forward, "causal_lm")
-
-
-class NormSoftmaxMistralForSequenceClassification(
-    NormSoftmaxMistralPreTrainedMixin, MistralForSequenceClassification
-):
-    r"""Mistral with a sequence classification head (see [`NormSoftmaxLlamaForSequenceClassification`])."""
-
-    forward = normsoftmax_head_forward(MistralForSequenceClassification.forward, "sequence_classification")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Gemma 2
-# --------------------------------------------------------------------------------------------------------------
 class NormSoftmaxGemma2PreTrainedMixin(NormSoftmaxPreTrainedMixin):
     config_class = NormSoftmaxGemma2Config
     _normsoftmax_attention_classes = (Gemma2Attention,)
@@ -326,45 +263,33 @@ class NormSoftmaxGemma2PreTrainedMixin(NormSoftmaxPreTrainedMixin):
                 module.config = SoftcapAttentionConfig(module.config)
 
 
-class NormSoftmaxGemma2Model(NormSoftmaxGemma2PreTrainedMixin, Gemma2Model):
-    r"""Gemma 2 decoder with the NormSoftmax flags; outputs as [`Gemma2Model`]."""
-
-
-class NormSoftmaxGemma2ForCausalLM(NormSoftmaxGemma2PreTrainedMixin, _CausalLMLossType, Gemma2ForCausalLM):
-    r"""Gemma 2 with a language-modeling head (see [`NormSoftmaxLlamaForCausalLM`]). `final_logit_softcapping` is
-    applied first: the capped logits are the `z` that beta scales and NormSoftmax normalises."""
-
-    forward = normsoftmax_head_forward(Gemma2ForCausalLM.forward, "causal_lm")
-
-
-class NormSoftmaxGemma2ForSequenceClassification(NormSoftmaxGemma2PreTrainedMixin, Gemma2ForSequenceClassification):
-    r"""Gemma 2 with a sequence classification head (see [`NormSoftmaxLlamaForSequenceClassification`])."""
-
-    forward = normsoftmax_head_forward(Gemma2ForSequenceClassification.forward, "sequence_classification")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Phi-3
-# --------------------------------------------------------------------------------------------------------------
-class NormSoftmaxPhi3PreTrainedMixin(NormSoftmaxPreTrainedMixin):
-    config_class = NormSoftmaxPhi3Config
-    _normsoftmax_attention_classes = (Phi3Attention,)
-
-
-class NormSoftmaxPhi3Model(NormSoftmaxPhi3PreTrainedMixin, Phi3Model):
-    r"""Phi-3 decoder with the NormSoftmax flags; outputs as [`Phi3Model`]."""
-
-
-class NormSoftmaxPhi3ForCausalLM(NormSoftmaxPhi3PreTrainedMixin, _CausalLMLossType, Phi3ForCausalLM):
-    r"""Phi-3 with a language-modeling head (see [`NormSoftmaxLlamaForCausalLM`])."""
-
-    forward = normsoftmax_head_forward(Phi3ForCausalLM.forward, "causal_lm")
-
-
-class NormSoftmaxPhi3ForSequenceClassification(NormSoftmaxPhi3PreTrainedMixin, Phi3ForSequenceClassification):
-    r"""Phi-3 with a sequence classification head (see [`NormSoftmaxLlamaForSequenceClassification`])."""
-
-    forward = normsoftmax_head_forward(Phi3ForSequenceClassification.forward, "sequence_classification")
+NormSoftmaxLlamaPreTrainedMixin = _family_mixin("Llama", NormSoftmaxLlamaConfig, LlamaAttention)
+NormSoftmaxLlamaModel, NormSoftmaxLlamaForCausalLM, NormSoftmaxLlamaForSequenceClassification = _family_classes(
+    "Llama", "Llama", NormSoftmaxLlamaPreTrainedMixin, LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification
+)
+NormSoftmaxQwen2PreTrainedMixin = _family_mixin("Qwen2", NormSoftmaxQwen2Config, Qwen2Attention)
+NormSoftmaxQwen2Model, NormSoftmaxQwen2ForCausalLM, NormSoftmaxQwen2ForSequenceClassification = _family_classes(
+    "Qwen2", "Qwen2", NormSoftmaxQwen2PreTrainedMixin, Qwen2Model, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+)
+NormSoftmaxQwen3PreTrainedMixin = _family_mixin("Qwen3", NormSoftmaxQwen3Config, Qwen3Attention)
+NormSoftmaxQwen3Model, NormSoftmaxQwen3ForCausalLM, NormSoftmaxQwen3ForSequenceClassification = _family_classes(
+    "Qwen3", "Qwen3", NormSoftmaxQwen3PreTrainedMixin, Qwen3Model, Qwen3ForCausalLM, Qwen3ForSequenceClassification
+)
+NormSoftmaxMistralPreTrainedMixin = _family_mixin("Mistral", NormSoftmaxMistralConfig, MistralAttention)
+NormSoftmaxMistralModel, NormSoftmaxMistralForCausalLM, NormSoftmaxMistralForSequenceClassification = _family_classes(
+    "Mistral", "Mistral", NormSoftmaxMistralPreTrainedMixin, MistralModel, MistralForCausalLM,
+    MistralForSequenceClassification,
+)
+NormSoftmaxGemma2Model, NormSoftmaxGemma2ForCausalLM, NormSoftmaxGemma2ForSequenceClassification = _family_classes(
+    "Gemma2", "Gemma 2", NormSoftmaxGemma2PreTrainedMixin, Gemma2Model, Gemma2ForCausalLM,
+    Gemma2ForSequenceClassification,
+    causal_lm_note=" `final_logit_softcapping` is applied first: the capped logits are the `z` that beta scales and "
+                   "NormSoftmax normalises.",
+)
+NormSoftmaxPhi3PreTrainedMixin = _family_mixin("Phi3", NormSoftmaxPhi3Config, Phi3Attention)
+NormSoftmaxPhi3Model, NormSoftmaxPhi3ForCausalLM, NormSoftmaxPhi3ForSequenceClassification = _family_classes(
+    "Phi3", "Phi-3", NormSoftmaxPhi3PreTrainedMixin, Phi3Model, Phi3ForCausalLM, Phi3ForSequenceClassification
+)
 
 
 __all__ = [
