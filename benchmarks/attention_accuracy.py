@@ -220,26 +220,32 @@ def interval_mask_table(gamma=2.0, H=4, D=32, seeds=(0, 1, 2)):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.parse_args(argv)
-    print("Half precision, random inputs (B=2 H=4 L=S=160 d=32 gamma=2; padded: second sequence 37 keys shorter; "
-          "worst of 3 seeds). Errors relative to the largest entry; budget: 5x stock SDPA's error.")
+def print_budget_table(title, rows):
+    """``rows`` of ``(dtype, mask, fast errors, SDPA errors)`` as a markdown table, with the worst ratio of a fast
+    error to its SDPA budget."""
+    print(title)
     print("| dtype | mask | out | dq | dk | dv | SDPA out | SDPA dq | SDPA dk | SDPA dv | worst ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for dtype, causal, padded, fast, sdpa in half_precision_table():
-        mask = ("causal" if causal else "bidirectional") + (" + padding" if padded else "")
+    for dtype, mask, fast, sdpa in rows:
         ratio = max(a / b for a, b in zip(fast, sdpa, strict=True))
         print(f"| {dtype} | {mask} | " + " | ".join(f"{e:.1e}" for e in fast + sdpa) + f" | {ratio:.2f}x |")
     print()
-    print("Half precision, sliding-window and packed-document masks, grouped-query heads (H=4 d=32 gamma=2, "
-          "worst of 3 seeds; the SDPA budget with the same mask and expanded keys).")
-    print("| dtype | mask | out | dq | dk | dv | SDPA out | SDPA dq | SDPA dk | SDPA dv | worst ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for dtype, name, fast, sdpa in interval_mask_table():
-        ratio = max(a / b for a, b in zip(fast, sdpa, strict=True))
-        print(f"| {dtype} | {name} | " + " | ".join(f"{e:.1e}" for e in fast + sdpa) + f" | {ratio:.2f}x |")
-    print()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
+    print_budget_table(
+        "Half precision, random inputs (B=2 H=4 L=S=160 d=32 gamma=2; padded: second sequence 37 keys shorter; "
+        "worst of 3 seeds). Errors relative to the largest entry; budget: 5x stock SDPA's error.",
+        ((dtype, ("causal" if causal else "bidirectional") + (" + padding" if padded else ""), fast, sdpa)
+         for dtype, causal, padded, fast, sdpa in half_precision_table()),
+    )
+    print_budget_table(
+        "Half precision, sliding-window and packed-document masks, grouped-query heads (H=4 d=32 gamma=2, "
+        "worst of 3 seeds; the SDPA budget with the same mask and expanded keys).",
+        interval_mask_table(),
+    )
     print("Cancellation, float32: keys along one direction (x10) + isotropic noise, queries orthogonal to it "
           "(L=S=128, d=16, gamma=2, worst of 2 seeds); 'reference' = the materialising path.")
     print("| mask | noise | median logit var | out | dq | dk | dv | reference out | ref dq | ref dk | ref dv |")
