@@ -76,7 +76,7 @@ def make_specs(args) -> list[dict]:
                 for seed in seeds:
                     specs.append({
                         "name": f"{setting}_lr{lr:g}_{method}_s{seed}", "group": setting,
-                        "dataset": args.dataset, "n_train": args.n_train, "n_test": args.n_test,
+                        **R.data_spec(args),
                         "layernorm": config["layernorm"], "optimizer": config["optimizer"], "lr": lr,
                         "weight_decay": 0.0, "warmup_steps": 0, "schedule": "constant", "steps": steps,
                         "sigma_reparam": sigma, "stability_every": every, "seed": seed,

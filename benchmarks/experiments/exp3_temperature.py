@@ -70,7 +70,7 @@ def make_specs(args) -> list[dict]:
             for seed in seeds:
                 specs.append({
                     "name": f"{optimizer}_{args.lr_rule}_beta{beta:g}_s{seed}", "group": optimizer,
-                    "dataset": args.dataset, "n_train": args.n_train, "n_test": args.n_test,
+                    **R.data_spec(args),
                     "logit_inverse_temperature": beta, "optimizer": optimizer,
                     "lr": learning_rate(base[optimizer], beta, optimizer, args.lr_rule),
                     "weight_decay": 0.0, "warmup_steps": min(30, steps // 10), "schedule": "cosine",

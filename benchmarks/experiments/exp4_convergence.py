@@ -60,7 +60,7 @@ def make_specs(args) -> list[dict]:
         for seed in seeds:
             specs.append({
                 "name": f"{name}_s{seed}", "group": name,
-                "dataset": args.dataset, "n_train": args.n_train, "n_test": args.n_test,
+                **R.data_spec(args),
                 "attention_softmax": attention, "loss_softmax": loss,
                 "optimizer": "adamw", "lr": args.lr, "weight_decay": 0.0, "warmup_steps": min(20, steps // 10),
                 "schedule": "constant", "steps": steps, "eval_every": every, "eval_examples": 500, "seed": seed,

