@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 # Defaults of the variant flags in this example (the config defaults are the stock model).
@@ -74,25 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Everything before training: checks, data, tokenizer, model. Bad input raises before any training."""
-    from datasets import Value
     from transformers import AutoTokenizer, PreTrainedConfig, set_seed
 
     import hf_normsoftmax
-    from hf_normsoftmax.training.data import load_dataset_spec, minilm_path, require_columns, train_eval_split
-    from hf_normsoftmax.training.trainer_utils import (
-        BadInputError,
-        check_output_dir,
-        check_training_length,
-        eval_split_name,
-        label_names_of,
-        load_accuracy_metric,
-        resolve_learning_rate,
-        resolve_resume_checkpoint,
-        variant_flags_from_args,
-    )
+    from hf_normsoftmax.training.data import check_text_column, minilm_path
+    from hf_normsoftmax.training.trainer_utils import BadInputError, prepare_classifier
 
-    check_training_length(args)
-    flags = variant_flags_from_args(args, "normsoftmax_bert", EXAMPLE_FLAG_DEFAULTS)
     model_path = args.model_name_or_path or minilm_path()
     config_dict, _ = PreTrainedConfig.get_config_dict(model_path)
     if config_dict.get("model_type") not in ("bert", "normsoftmax_bert"):
@@ -100,29 +86,13 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
             f"--model-name-or-path {model_path!r} is a {config_dict.get('model_type')!r} checkpoint; this example "
             "needs a BERT checkpoint (model type 'bert' or 'normsoftmax_bert')"
         )
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    check_output_dir(args.output_dir, args.overwrite_output_dir, resume)
-    learning_rate = resolve_learning_rate(args, flags, optimizer="adamw")
-    metric = load_accuracy_metric(args.metric_source)
     max_positions = config_dict.get("max_position_embeddings", 512)
     if args.max_seq_length > max_positions:
         raise BadInputError(f"--max-seq-length {args.max_seq_length} exceeds the model's {max_positions} positions")
-
-    dataset = load_dataset_spec(args.dataset, seed=args.seed)
-    require_columns(dataset, [args.text_column, args.label_column], purpose="text classification")
-    eval_split = eval_split_name(dataset)
-    train_dataset, eval_dataset = train_eval_split(dataset, test_size=0.2, seed=args.seed)
-    text_feature = train_dataset.features[args.text_column]
-    if not (isinstance(text_feature, Value) and text_feature.dtype in ("string", "large_string")):
-        raise BadInputError(
-            f"column {args.text_column!r} of --dataset {args.dataset!r} does not hold text (feature {text_feature!r});"
-            " pass --text-column with the text column"
-        )
-    class_names = label_names_of(train_dataset, args.label_column)
-    if args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(args.max_train_samples, len(train_dataset))))
-    if args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(args.max_eval_samples, len(eval_dataset))))
+    setup = prepare_classifier(args, "normsoftmax_bert", EXAMPLE_FLAG_DEFAULTS, args.text_column,
+                               "text classification", test_size=0.2)
+    train_dataset, eval_dataset, class_names = setup["train_dataset"], setup["eval_dataset"], setup["class_names"]
+    check_text_column(train_dataset, args.text_column, args.dataset)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
@@ -131,21 +101,18 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         encoded["labels"] = batch[args.label_column]
         return encoded
 
-    columns = train_dataset.column_names
-    train_tokens = train_dataset.map(tokenize, batched=True, remove_columns=columns, desc="tokenizing train")
-    eval_tokens = eval_dataset.map(tokenize, batched=True, remove_columns=eval_dataset.column_names,
-                                   desc="tokenizing eval")
-
     set_seed(args.seed)
     model = hf_normsoftmax.from_stock(
         model_path, task="text-classification", num_labels=len(class_names),
         id2label=dict(enumerate(class_names)), label2id={name: i for i, name in enumerate(class_names)},
-        **flags,
+        **setup["flags"],
     )
     return {
-        "flags": flags, "resume": resume, "eval_split": eval_split, "learning_rate": learning_rate, "metric": metric,
-        "train_dataset": train_tokens, "eval_dataset": eval_tokens, "tokenizer": tokenizer, "model": model,
-        "model_path": model_path, "class_names": class_names,
+        **setup, "model": model, "tokenizer": tokenizer, "model_path": model_path,
+        "train_dataset": train_dataset.map(tokenize, batched=True, remove_columns=train_dataset.column_names,
+                                           desc="tokenizing train"),
+        "eval_dataset": eval_dataset.map(tokenize, batched=True, remove_columns=eval_dataset.column_names,
+                                         desc="tokenizing eval"),
     }
 
 
@@ -154,34 +121,11 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     from transformers import DataCollatorWithPadding
 
     from hf_normsoftmax.training.data import minilm_path
-    from hf_normsoftmax.training.trainer_utils import (
-        accuracy_from_logits,
-        finish_trainer_run,
-        resumable_trainer_class,
-        stability_callbacks,
-        training_arguments_from_args,
-    )
+    from hf_normsoftmax.training.trainer_utils import train_classifier
 
-    training_args = training_arguments_from_args(args, setup["learning_rate"])
-    # a Trainer whose resume_from_checkpoint also restores weights saved under legacy key names (see
-    # resumable_trainer_class: transformers 5.23's own resume silently skips them for ViT)
-    trainer = resumable_trainer_class()(
-        model=setup["model"],
-        args=training_args,
-        train_dataset=setup["train_dataset"],
-        eval_dataset=setup["eval_dataset"],
-        data_collator=DataCollatorWithPadding(setup["tokenizer"]),
-        compute_metrics=accuracy_from_logits(setup["metric"]),
-        processing_class=setup["tokenizer"],
-        callbacks=stability_callbacks(args),
-    )
-    train_result = trainer.train(resume_from_checkpoint=setup["resume"])
     is_minilm = args.model_name_or_path is None or str(args.model_name_or_path) == minilm_path()
-    return finish_trainer_run(trainer, args, train_result, {
-        "model_name": Path(args.output_dir).name,
+    run_config = {
         "base_model": "sentence-transformers/all-MiniLM-L6-v2" if is_minilm else str(args.model_name_or_path),
-        "dataset": {"name": args.dataset, "split": "train", "eval_split": setup["eval_split"],
-                    "num_train": len(setup["train_dataset"]), "num_eval": len(setup["eval_dataset"])},
         "task": "text-classification",
         "language": "en",
         "description": ("A pretrained BERT converted to an hf_normsoftmax variant and fine-tuned with the example "
@@ -190,18 +134,16 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
             "max_seq_length": args.max_seq_length, "learning_rate": setup["learning_rate"],
             "batch_size_per_device": args.batch_size, "seed": args.seed, **setup["flags"],
         },
-    })
+    }
+    return train_classifier(args, setup, run_config, data_collator=DataCollatorWithPadding(setup["tokenizer"]),
+                            processing_class=setup["tokenizer"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, check everything, train; returns the metrics. Bad input exits with status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from hf_normsoftmax.training.trainer_utils import exit_on_bad_input
+    from hf_normsoftmax.training.trainer_utils import run_example
 
-    with exit_on_bad_input(parser):
-        setup = prepare(args)
-    return train(args, setup)
+    return run_example(build_parser, prepare, train, argv)
 
 
 if __name__ == "__main__":

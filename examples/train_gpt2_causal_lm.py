@@ -163,27 +163,13 @@ def token_blocks(texts, tokenizer, block_size: int, max_blocks: int | None) -> l
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """Everything before training: checks, data, tokenizer, model. Bad input raises before any training."""
     import torch
-    from datasets import Value
     from transformers import AutoTokenizer, set_seed
 
-    from hf_normsoftmax.training.data import (
-        load_dataset_spec,
-        load_gpt2_tokenizer,
-        require_columns,
-        train_eval_split,
-    )
-    from hf_normsoftmax.training.trainer_utils import (
-        BadInputError,
-        check_output_dir,
-        check_training_length,
-        eval_split_name,
-        resolve_learning_rate,
-        variant_flags_from_args,
-    )
+    from hf_normsoftmax.training.data import check_text_column, load_gpt2_tokenizer, load_train_eval
+    from hf_normsoftmax.training.trainer_utils import BadInputError, check_run_options
 
-    check_training_length(args)
     # the flags are the same for every family: checked once (Gemma 2's cap is decided in build_config)
-    flags = variant_flags_from_args(args, "normsoftmax_gpt2", EXAMPLE_FLAG_DEFAULTS)
+    flags, _, learning_rate = check_run_options(args, "normsoftmax_gpt2", EXAMPLE_FLAG_DEFAULTS)
     if args.n_embd % args.n_head:
         raise BadInputError(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
     if not 0.0 <= args.dropout < 1.0:
@@ -195,18 +181,13 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.fsdp2 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         raise BadInputError("--fsdp2 shards the model itself; do not combine it with accelerate's FSDP plugin "
                             "(accelerate launch --use_fsdp): drop one of the two")
-    check_output_dir(args.output_dir, args.overwrite_output_dir, None)
-    learning_rate = resolve_learning_rate(args, flags, optimizer="adamw")
     report_to = tracker_names(args.report_to)
 
-    dataset = load_dataset_spec(args.dataset, seed=args.seed)
-    require_columns(dataset, [args.text_column], purpose="causal language modelling")
-    eval_split = eval_split_name(dataset)
-    train_dataset, eval_dataset = train_eval_split(dataset, test_size=0.1, seed=args.seed)
-    feature = train_dataset.features[args.text_column]
-    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
-        raise BadInputError(f"column {args.text_column!r} of --dataset {args.dataset!r} does not hold text "
-                            f"(feature {feature!r}); pass --text-column with the text column")
+    # --max-train-samples / --max-eval-samples count blocks here (token_blocks), not rows
+    train_dataset, eval_dataset, eval_split = load_train_eval(
+        args.dataset, [args.text_column], "causal language modelling", test_size=0.1, seed=args.seed
+    )
+    check_text_column(train_dataset, args.text_column, args.dataset)
     if args.tokenizer_name_or_path is None:
         tokenizer = load_gpt2_tokenizer()
     else:
@@ -365,6 +346,7 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     from hf_normsoftmax.training.diagnostics import collect_stability_stats
     from hf_normsoftmax.training.trainer_utils import (
         cpu_distributed_launch,
+        dataset_record,
         dump_rank_state,
         finish_run_dir,
         save_results,
@@ -543,9 +525,8 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
         write_run_config(
             output_dir,
             model_name=output_dir.name,
-            dataset={"name": args.dataset, "split": "train", "eval_split": setup["eval_split"],
-                     "num_train": len(setup["train_blocks"]), "num_eval": len(setup["eval_blocks"]),
-                     "description": f"blocks of {args.block_size} GPT-2 BPE tokens"},
+            dataset=dataset_record(args, setup["eval_split"], len(setup["train_blocks"]), len(setup["eval_blocks"]),
+                                   description=f"blocks of {args.block_size} GPT-2 BPE tokens"),
             task="text-generation",
             language="en",
             description=(f"A small {FAMILY_NAMES[args.model_type]} trained from random initialisation with the "
@@ -568,13 +549,9 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, check everything, train; returns the metrics. Bad input exits with status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from hf_normsoftmax.training.trainer_utils import exit_on_bad_input
+    from hf_normsoftmax.training.trainer_utils import run_example
 
-    with exit_on_bad_input(parser):
-        setup = prepare(args)
-    return train(args, setup)
+    return run_example(build_parser, prepare, train, argv)
 
 
 if __name__ == "__main__":

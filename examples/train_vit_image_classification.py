@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 # Defaults of the variant flags in this example (the config defaults are the stock model).
@@ -86,44 +85,20 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import set_seed
 
     from hf_normsoftmax import NormSoftmaxViTConfig, NormSoftmaxViTForImageClassification
-    from hf_normsoftmax.training.data import load_dataset_spec, require_columns, train_eval_split
-    from hf_normsoftmax.training.trainer_utils import (
-        BadInputError,
-        check_output_dir,
-        check_training_length,
-        eval_split_name,
-        label_names_of,
-        load_accuracy_metric,
-        resolve_learning_rate,
-        resolve_resume_checkpoint,
-        variant_flags_from_args,
-    )
+    from hf_normsoftmax.training.trainer_utils import BadInputError, prepare_classifier
 
-    check_training_length(args)
-    flags = variant_flags_from_args(args, "normsoftmax_vit", EXAMPLE_FLAG_DEFAULTS)
     if args.hidden_size % args.num_heads:
         raise BadInputError(f"--hidden-size {args.hidden_size} must be a multiple of --num-heads {args.num_heads}")
     if not 0.0 <= args.dropout < 1.0:
         raise BadInputError(f"--dropout must be in [0, 1), got {args.dropout}")
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    check_output_dir(args.output_dir, args.overwrite_output_dir, resume)
-    learning_rate = resolve_learning_rate(args, flags, optimizer="adamw")
-    metric = load_accuracy_metric(args.metric_source)
-
-    dataset = load_dataset_spec(args.dataset, seed=args.seed)
-    require_columns(dataset, [args.image_column, args.label_column], purpose="image classification")
-    eval_split = eval_split_name(dataset)
-    train_dataset, eval_dataset = train_eval_split(dataset, test_size=0.1, seed=args.seed)
+    setup = prepare_classifier(args, "normsoftmax_vit", EXAMPLE_FLAG_DEFAULTS, args.image_column,
+                               "image classification", test_size=0.1)
+    train_dataset, class_names = setup["train_dataset"], setup["class_names"]
     if not isinstance(train_dataset.features[args.image_column], ImageFeature):
         raise BadInputError(
             f"column {args.image_column!r} of --dataset {args.dataset!r} does not hold images (feature "
             f"{train_dataset.features[args.image_column]!r}); pass --image-column with the image column"
         )
-    class_names = label_names_of(train_dataset, args.label_column)
-    if args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(args.max_train_samples, len(train_dataset))))
-    if args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(args.max_eval_samples, len(eval_dataset))))
 
     first_image = train_dataset[0][args.image_column]
     mode, channels = _image_mode(first_image)
@@ -150,15 +125,10 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         intermediate_size=args.intermediate_size, hidden_dropout_prob=args.dropout,
         attention_probs_dropout_prob=args.dropout, num_labels=len(class_names),
         id2label=dict(enumerate(class_names)), label2id={name: i for i, name in enumerate(class_names)},
-        **flags,
+        **setup["flags"],
     )
-    model = NormSoftmaxViTForImageClassification(config)
-    return {
-        "flags": flags, "resume": resume, "eval_split": eval_split, "learning_rate": learning_rate,
-        "metric": metric, "mode": mode,
-        "train_dataset": train_dataset, "eval_dataset": eval_dataset, "image_processor": image_processor,
-        "model": model, "class_names": class_names, "image_size": image_size,
-    }
+    return {**setup, "model": NormSoftmaxViTForImageClassification(config), "image_processor": image_processor,
+            "mode": mode, "image_size": image_size}
 
 
 def make_collator(image_processor, image_column: str, label_column: str, mode: str):
@@ -176,32 +146,9 @@ def make_collator(image_processor, image_column: str, label_column: str, mode: s
 
 def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
     """Trainer run, final evaluation, and the run-dir files. Returns the merged metrics."""
-    from hf_normsoftmax.training.trainer_utils import (
-        accuracy_from_logits,
-        finish_trainer_run,
-        resumable_trainer_class,
-        stability_callbacks,
-        training_arguments_from_args,
-    )
+    from hf_normsoftmax.training.trainer_utils import train_classifier
 
-    training_args = training_arguments_from_args(args, setup["learning_rate"], remove_unused_columns=False)
-    # a Trainer whose resume_from_checkpoint also restores weights saved under legacy key names (see
-    # resumable_trainer_class: transformers 5.23's own resume silently skips them for ViT)
-    trainer = resumable_trainer_class()(
-        model=setup["model"],
-        args=training_args,
-        train_dataset=setup["train_dataset"],
-        eval_dataset=setup["eval_dataset"],
-        data_collator=make_collator(setup["image_processor"], args.image_column, args.label_column, setup["mode"]),
-        compute_metrics=accuracy_from_logits(setup["metric"]),
-        processing_class=setup["image_processor"],
-        callbacks=stability_callbacks(args),
-    )
-    train_result = trainer.train(resume_from_checkpoint=setup["resume"])
-    return finish_trainer_run(trainer, args, train_result, {
-        "model_name": Path(args.output_dir).name,
-        "dataset": {"name": args.dataset, "split": "train", "eval_split": setup["eval_split"],
-                    "num_train": len(setup["train_dataset"]), "num_eval": len(setup["eval_dataset"])},
+    run_config = {
         "task": "image-classification",
         "description": ("A small ViT trained from random initialisation with the hf_normsoftmax example "
                         "examples/train_vit_image_classification.py (no pretrained ViT weights are used)."),
@@ -211,18 +158,17 @@ def train(args: argparse.Namespace, setup: dict[str, Any]) -> dict[str, Any]:
             "dropout": args.dropout, "learning_rate": setup["learning_rate"], "batch_size_per_device": args.batch_size,
             "seed": args.seed, **setup["flags"],
         },
-    })
+    }
+    collate = make_collator(setup["image_processor"], args.image_column, args.label_column, setup["mode"])
+    return train_classifier(args, setup, run_config, data_collator=collate, processing_class=setup["image_processor"],
+                            remove_unused_columns=False)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv``, check everything, train; returns the metrics. Bad input exits with status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from hf_normsoftmax.training.trainer_utils import exit_on_bad_input
+    from hf_normsoftmax.training.trainer_utils import run_example
 
-    with exit_on_bad_input(parser):
-        setup = prepare(args)
-    return train(args, setup)
+    return run_example(build_parser, prepare, train, argv)
 
 
 if __name__ == "__main__":

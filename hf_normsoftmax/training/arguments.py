@@ -12,7 +12,9 @@
   without NormSoftmax attention) is refused as well.
 * :func:`add_run_arguments`: the options every example shares (``--dataset``, ``--output-dir``, ``--max-steps`` /
   ``--epochs``, ``--learning-rate``, ...), and the checks of their combinations (:func:`check_training_length`,
-  :func:`check_output_dir`, :func:`resolve_resume_checkpoint`, :func:`resolve_learning_rate`).
+  :func:`check_output_dir`, :func:`resolve_resume_checkpoint`, :func:`resolve_learning_rate`; all of them and the
+  variant flags in one call: :func:`check_run_options`).
+* :func:`run_example`: an example's ``main``: parse, set up under :func:`exit_on_bad_input`, train.
 
 Usage (inside an example)::
 
@@ -33,7 +35,7 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = [
     "add_run_arguments",
     "add_variant_arguments",
     "check_output_dir",
+    "check_run_options",
     "check_training_length",
     "default_report_to",
     "exit_on_bad_input",
@@ -54,6 +57,7 @@ __all__ = [
     "positive_int",
     "resolve_learning_rate",
     "resolve_resume_checkpoint",
+    "run_example",
     "variant_flags_from_args",
 ]
 
@@ -81,6 +85,17 @@ def exit_on_bad_input(parser: argparse.ArgumentParser) -> Iterator[None]:
         if not isinstance(error, BadInputError):
             message = f"{message} [{type(error).__name__}]"
         parser.error(message)
+
+
+def run_example(build_parser: Callable[[], argparse.ArgumentParser], prepare: Callable[[argparse.Namespace], Any],
+                train: Callable[[argparse.Namespace, Any], Any], argv: list[str] | None = None) -> Any:
+    """``train(args, prepare(args))`` for ``args = build_parser().parse_args(argv)``: bad input found by ``prepare``
+    (every check, the data, the model) exits with status 2 before training starts (:func:`exit_on_bad_input`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with exit_on_bad_input(parser):
+        setup = prepare(args)
+    return train(args, setup)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -477,3 +492,16 @@ def resolve_resume_checkpoint(resume: str | None, output_dir: str | os.PathLike)
             f"--resume-from-checkpoint {resume!r} is not a Trainer checkpoint (no trainer_state.json in it)"
         )
     return str(path)
+
+
+def check_run_options(args: argparse.Namespace, model_type: str, flag_defaults: Mapping[str, Any] | None = None
+                      ) -> tuple[dict[str, Any], str | None, float]:
+    """The checks an example starts with: :func:`check_training_length`, the variant flags
+    (:func:`variant_flags_from_args` with ``model_type``'s config), the checkpoint to resume from (Trainer
+    examples: ``--resume-from-checkpoint``), :func:`check_output_dir`, :func:`resolve_learning_rate` (AdamW).
+    Returns ``(flags, resume checkpoint or None, learning rate)``."""
+    check_training_length(args)
+    flags = variant_flags_from_args(args, model_type, flag_defaults)
+    resume = resolve_resume_checkpoint(getattr(args, "resume_from_checkpoint", None), args.output_dir)
+    check_output_dir(args.output_dir, args.overwrite_output_dir, resume)
+    return flags, resume, resolve_learning_rate(args, flags, optimizer="adamw")

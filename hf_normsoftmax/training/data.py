@@ -6,7 +6,8 @@ Hub dataset id; and the checks of what a dataset holds.
   (csv, json, jsonl, parquet, txt, arrow, optionally compressed) or folder (saved dataset, image folder), or a Hub
   dataset id (``owner/name[:config]``, needs the network);
 * :func:`train_eval_split`: the evaluation split of a dataset, or one split off its training data;
-* :func:`require_columns`: a clear error when a dataset lacks the columns a task needs.
+* :func:`require_columns`: a clear error when a dataset lacks the columns a task needs;
+* :func:`load_train_eval`: all of that for an example's ``--dataset`` (and :func:`check_text_column`).
 
 The loaders of the built-in datasets and the offline pretrained assets (:func:`minilm_path`,
 :func:`gpt2_tokenizer_dir`, :func:`load_gpt2_tokenizer`) are importable from here too.
@@ -33,10 +34,11 @@ if TYPE_CHECKING:  # datasets/transformers are imported lazily so that importing
     from datasets import Dataset, DatasetDict
 
 from . import builtin_data
+from .arguments import BadInputError
 from .builtin_data import *  # noqa: F403  (the built-in datasets and assets are importable from here too)
 
-__all__ = [*builtin_data.__all__, "BUILTIN_DATASETS", "BuiltinDataset", "load_dataset_spec", "require_columns",
-           "train_eval_split"]
+__all__ = [*builtin_data.__all__, "BUILTIN_DATASETS", "BuiltinDataset", "check_text_column", "eval_split_name",
+           "load_dataset_spec", "load_train_eval", "require_columns", "train_eval_split"]
 
 # File suffix -> datasets packaged builder, for single local files.
 _FILE_BUILDERS = {
@@ -333,3 +335,41 @@ def require_columns(dataset: Any, columns: str | Iterable[str], purpose: str) ->
                 f"(built-in: {_builtin_list()})."
             )
     return dataset
+
+
+def eval_split_name(dataset: Any) -> str:
+    """Which split :func:`train_eval_split` evaluates on, for the record."""
+    for name in ("validation", "test"):
+        if name in dataset:
+            return name
+    return "held-out part of train"
+
+
+def load_train_eval(
+    spec: str, columns: Iterable[str], purpose: str, *, test_size: float, seed: int,
+    max_train: int | None = None, max_eval: int | None = None,
+) -> tuple[Dataset, Dataset, str]:
+    """An example's ``--dataset``: ``(train, eval, name of the eval split)``.
+
+    :func:`load_dataset_spec`, :func:`require_columns` (every split), :func:`train_eval_split` (``test_size`` of
+    train cut off when there is no eval split); each part then keeps at most its first ``max_train`` /
+    ``max_eval`` rows.
+    """
+    dataset = load_dataset_spec(spec, seed=seed)
+    require_columns(dataset, list(columns), purpose=purpose)
+    train, evaluation = train_eval_split(dataset, test_size=test_size, seed=seed)
+    if max_train is not None:
+        train = train.select(range(min(max_train, len(train))))
+    if max_eval is not None:
+        evaluation = evaluation.select(range(min(max_eval, len(evaluation))))
+    return train, evaluation, eval_split_name(dataset)
+
+
+def check_text_column(dataset: Dataset, column: str, spec: str) -> None:
+    """:class:`~hf_normsoftmax.training.arguments.BadInputError` unless ``column`` holds strings."""
+    from datasets import Value
+
+    feature = dataset.features[column]
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        raise BadInputError(f"column {column!r} of --dataset {spec!r} does not hold text (feature {feature!r}); "
+                            "pass --text-column with the text column")

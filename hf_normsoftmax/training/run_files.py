@@ -5,7 +5,8 @@
 * :func:`save_results` (``{split}_results.json`` + ``all_results.json``, the layout of ``Trainer.save_metrics``),
   :func:`write_run_config` (``run_config.json``, read by the model card), :func:`finish_run_dir` (stability plots
   and the model card ``README.md``);
-* :func:`dump_rank_state`: each process's weights and buffers, to check that distributed ranks agree.
+* :func:`dump_rank_state`: each process's weights and buffers, to check that distributed ranks agree;
+* :func:`dataset_record`: the ``dataset`` entry of an example's ``run_config.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "atomic_output",
+    "dataset_record",
     "dump_rank_state",
     "finish_run_dir",
     "save_results",
@@ -103,6 +105,12 @@ def write_run_config(output_dir: str | os.PathLike, **fields: Any) -> Path:
     (name or mapping), ``task``, ``license``, ``language``, ``description``, ``hyperparameters``.
     """
     return write_json(Path(output_dir) / "run_config.json", {k: v for k, v in fields.items() if v is not None})
+
+
+def dataset_record(args: Any, eval_split: str, num_train: int, num_eval: int, **extra: Any) -> dict[str, Any]:
+    """What an example trained and evaluated on, for ``run_config.json``: ``--dataset``, the splits and sizes."""
+    return {"name": args.dataset, "split": "train", "eval_split": eval_split, "num_train": num_train,
+            "num_eval": num_eval, **extra}
 
 
 def finish_run_dir(output_dir: str | os.PathLike, *, model_name: str | None = None) -> dict[str, Any]:

@@ -6,6 +6,9 @@
   legacy key names (which transformers' own resume silently skips for ViT) and refuses checkpoints that lack
   trained sigmaReparam / learnable-gamma state.
 * :func:`finish_trainer_run`: save, final evaluation, metrics, run files, card.
+* :func:`prepare_classifier` and :func:`train_classifier`: what the Trainer examples (classifiers) share before
+  training (the run options, the accuracy metric, the data and its class names) and the whole run (the resumable
+  Trainer, accuracy from the logits, the stability callback, ``train()``, :func:`finish_trainer_run`).
 * :func:`cpu_distributed_launch`: ``accelerate launch --multi_gpu`` on a machine without GPUs starts independent
   single-process runs unless the CPU backend is requested: the examples request it when this returns True.
 """
@@ -19,14 +22,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .run_files import dump_rank_state, finish_run_dir, write_json, write_run_config
+from .arguments import check_run_options
+from .data import eval_split_name, load_train_eval
+from .metrics import accuracy_from_logits, label_names_of, load_accuracy_metric
+from .run_files import dataset_record, dump_rank_state, finish_run_dir, write_json, write_run_config
 
 __all__ = [
     "cpu_distributed_launch",
     "eval_split_name",
     "finish_trainer_run",
+    "prepare_classifier",
     "resumable_trainer_class",
     "stability_callbacks",
+    "train_classifier",
     "training_arguments_from_args",
 ]
 
@@ -43,14 +51,6 @@ def cpu_distributed_launch() -> bool:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     return world_size > 1 and not torch.cuda.is_available()
-
-
-def eval_split_name(dataset: Any) -> str:
-    """Which split :func:`~hf_normsoftmax.training.data.train_eval_split` evaluates on, for the record."""
-    for name in ("validation", "test"):
-        if name in dataset:
-            return name
-    return "held-out part of train"
 
 
 def stability_callbacks(args: argparse.Namespace) -> list[Any]:
@@ -127,6 +127,52 @@ def finish_trainer_run(trainer, args: argparse.Namespace, train_result, run_conf
         write_run_config(args.output_dir, hyperparameters=hyperparameters, **config)
         finish_run_dir(args.output_dir)
     return {**train_metrics, **eval_metrics}
+
+
+def prepare_classifier(args: argparse.Namespace, model_type: str, flag_defaults: Mapping[str, Any] | None,
+                       input_column: str, purpose: str, test_size: float) -> dict[str, Any]:
+    """The setup a Trainer example (a classifier) needs before its own data checks and model:
+    :func:`~hf_normsoftmax.training.arguments.check_run_options`, the ``--metric-source`` accuracy metric, and
+    ``--dataset`` (``input_column`` and ``--label-column``, at most ``--max-train-samples`` /
+    ``--max-eval-samples`` rows; :func:`~hf_normsoftmax.training.data.load_train_eval`) with its class names.
+    Returns ``flags``, ``resume``, ``learning_rate``, ``metric``, ``train_dataset``, ``eval_dataset``,
+    ``eval_split`` and ``class_names``, the keys :func:`train_classifier` reads (``model`` added by the example)."""
+    flags, resume, learning_rate = check_run_options(args, model_type, flag_defaults)
+    metric = load_accuracy_metric(args.metric_source)
+    train_dataset, eval_dataset, eval_split = load_train_eval(
+        args.dataset, [input_column, args.label_column], purpose, test_size=test_size, seed=args.seed,
+        max_train=args.max_train_samples, max_eval=args.max_eval_samples,
+    )
+    return {
+        "flags": flags, "resume": resume, "learning_rate": learning_rate, "metric": metric,
+        "train_dataset": train_dataset, "eval_dataset": eval_dataset, "eval_split": eval_split,
+        "class_names": label_names_of(train_dataset, args.label_column),
+    }
+
+
+def train_classifier(args: argparse.Namespace, setup: Mapping[str, Any], run_config: Mapping[str, Any], *,
+                     data_collator: Any, processing_class: Any, **training_overrides: Any) -> dict:
+    """A Trainer example's run from its ``setup`` (``model``, ``train_dataset``, ``eval_dataset``, ``metric``,
+    ``learning_rate``, ``resume``, ``eval_split``): :func:`resumable_trainer_class` with accuracy from the logits
+    and :func:`stability_callbacks`, trained (resumed from ``setup["resume"]`` when set), then
+    :func:`finish_trainer_run` with ``run_config`` plus the model name (the output dir's) and the dataset record.
+    ``training_overrides`` go to :func:`training_arguments_from_args`. Returns the train and eval metrics."""
+    # the resumable Trainer also restores weights saved under legacy key names (transformers 5.23's own resume
+    # silently skips them for ViT)
+    trainer = resumable_trainer_class()(
+        model=setup["model"],
+        args=training_arguments_from_args(args, setup["learning_rate"], **training_overrides),
+        train_dataset=setup["train_dataset"],
+        eval_dataset=setup["eval_dataset"],
+        data_collator=data_collator,
+        compute_metrics=accuracy_from_logits(setup["metric"]),
+        processing_class=processing_class,
+        callbacks=stability_callbacks(args),
+    )
+    train_result = trainer.train(resume_from_checkpoint=setup["resume"])
+    dataset = dataset_record(args, setup["eval_split"], len(setup["train_dataset"]), len(setup["eval_dataset"]))
+    return finish_trainer_run(trainer, args, train_result,
+                              {"model_name": Path(args.output_dir).name, "dataset": dataset, **run_config})
 
 
 def _checkpoint_weight_names(checkpoint: Path) -> set[str] | None:
