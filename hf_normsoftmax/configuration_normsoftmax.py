@@ -18,6 +18,7 @@ computes; each flag switches one method on.
 | ``sigma_reparam`` | bool | ``False`` | sigmaReparam on the selected layers |
 | ``sigma_reparam_include`` | ``None`` or list of patterns | ``None`` | layers to convert (``None``: all) |
 | ``sigma_reparam_exclude`` | ``None`` or list of patterns | ``None`` | layers never converted |
+| ``qk_norm`` | ``None``, ``"rms"``, ``"layer"`` | ``None`` | QK-norm: RMSNorm / LayerNorm of each head's q and k |
 
 The numeric ranges are ``GAMMA_RANGE``, ``INVERSE_TEMPERATURE_RANGE``, ``MAX_TEMPERATURE_RANGE`` and ``EPS_RANGE`` of
 ``hf_normsoftmax.normsoftmax`` (where the measurements behind them are written down); the math functions refuse
@@ -42,7 +43,13 @@ Every check runs at construction and again at every later assignment (``config.f
 that would make a refused combination raises and leaves the config as it was. ``config.update({...})`` sets its
 keys together and checks the combination once, after all of them (and restores every key if that fails).
 
-The structural flags ``sigma_reparam``, ``sigma_reparam_include``, ``sigma_reparam_exclude`` and
+QK-norm (``qk_norm``) normalises each head's queries and keys over the head dimension before the logits (the
+weight, and the LayerNorm bias, are learned, shared by the heads of a layer, and start at 1 and 0). It combines with
+either attention softmax. Unlike ``sigma_reparam`` it changes what a pretrained checkpoint computes: converted
+weights need fine-tuning. The decoder variants refuse it: their queries and keys reach the attention after the
+rotary embedding, where a norm with a learned per-feature scale is not QK-norm as Qwen3 or Gemma 3 define it.
+
+The structural flags ``sigma_reparam``, ``sigma_reparam_include``, ``sigma_reparam_exclude``, ``qk_norm`` and
 ``normsoftmax_learnable_gamma`` decide which modules and parameters a model has, when the model is built. On the
 config of a built model they can no longer change (the model would not follow, while the saved config and card
 would claim the change): such an assignment raises and names the ways to get a model with the new flags
@@ -91,10 +98,12 @@ from typing import Any
 from transformers import BertConfig, GPT2Config, ViTConfig
 
 from .normsoftmax import EPS_RANGE, GAMMA_RANGE, INVERSE_TEMPERATURE_RANGE, MAX_TEMPERATURE_RANGE
+from .qk_norm import QK_NORM_KINDS
 
 ATTENTION_SOFTMAX_CHOICES = ("softmax", "normsoftmax")
 LOSS_SOFTMAX_CHOICES = ("softmax", "normsoftmax")
 NORMSOFTMAX_STATISTIC_CHOICES = ("std", "var")
+QK_NORM_CHOICES = (None, *QK_NORM_KINDS)
 
 # Defaults of the two gammas, from the sweep of benchmarks/sweep_gamma.py (see "Default gammas" in
 # docs/results.md): 2.0 is the only attention gamma in the top two on both tasks; 2.0 is the best head gamma on both.
@@ -129,9 +138,12 @@ NORMSOFTMAX_FLAGS = (
     "sigma_reparam",
     "sigma_reparam_include",
     "sigma_reparam_exclude",
+    "qk_norm",
 )
 # Flags that decide the modules / parameters of a model when it is built (see "structural flags" above).
-STRUCTURAL_FLAGS = ("sigma_reparam", "sigma_reparam_include", "sigma_reparam_exclude", "normsoftmax_learnable_gamma")
+STRUCTURAL_FLAGS = (
+    "sigma_reparam", "sigma_reparam_include", "sigma_reparam_exclude", "normsoftmax_learnable_gamma", "qk_norm",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,11 +155,11 @@ def _invalid(flag: str, value: Any, allowed: str, error: type[Exception] = Value
     return error(f"Invalid value for `{flag}`: {value!r}. Allowed: {allowed}.")
 
 
-def _choice(choices: tuple[str, ...]):
+def _choice(choices: tuple[str | None, ...]):
     allowed = " or ".join(repr(c) for c in choices)
 
-    def check(flag: str, value: Any) -> str:
-        if not isinstance(value, str) or value not in choices:
+    def check(flag: str, value: Any) -> str | None:
+        if not (value is None or isinstance(value, str)) or value not in choices:
             raise _invalid(flag, value, allowed)
         return value
 
@@ -199,6 +211,7 @@ _FLAG_CHECKS = {
     "sigma_reparam": _boolean,
     "sigma_reparam_include": _pattern_list,
     "sigma_reparam_exclude": _pattern_list,
+    "qk_norm": _choice(QK_NORM_CHOICES),
 }
 
 
@@ -219,6 +232,14 @@ def check_flag_combination(config: Any) -> None:
             f"`attention_softmax`={attention_softmax!r}. The per-head gammas only exist for NormSoftmax attention. "
             "Allowed: `normsoftmax_learnable_gamma`=True with `attention_softmax`='normsoftmax', or "
             "`normsoftmax_learnable_gamma`=False."
+        )
+    qk_norm = getattr(config, "qk_norm", None)
+    if qk_norm is not None and not getattr(config, "supports_qk_norm", True):
+        raise ValueError(
+            f"Invalid value for `qk_norm`: {qk_norm!r} on a decoder variant. In the decoder variants the "
+            "queries and keys reach the attention after the rotary embedding, where a norm with a learned per-feature "
+            "scale is not the QK-norm of Qwen3 / Gemma 3 (those families apply their own before it). Allowed: None; "
+            "`qk_norm` is a flag of the ViT, BERT and GPT-2 variants."
         )
 
 
@@ -382,6 +403,10 @@ class NormSoftmaxConfigMixin:
         fnmatch patterns over qualified module names; `None` selects every linear / Conv1D / Conv2d layer.
     sigma_reparam_exclude (`list[str]`, *optional*):
         fnmatch patterns of layers never converted.
+    qk_norm (`str`, *optional*):
+        `"rms"` (RMSNorm) or `"layer"` (LayerNorm) of every head's queries and keys over the head dimension before
+        the attention logits, with a learned weight (and bias) shared by the heads of a layer, stored as modules
+        `normsoftmax_q_norm` / `normsoftmax_k_norm` on every attention module; `None`: off.
     """
 
     attention_softmax: str = "softmax"
@@ -396,6 +421,10 @@ class NormSoftmaxConfigMixin:
     sigma_reparam: bool = False
     sigma_reparam_include: list[str] | None = None
     sigma_reparam_exclude: list[str] | None = None
+    qk_norm: str | None = None
+
+    #: Whether the architecture takes `qk_norm` (the decoder variants do not: see the module docstring).
+    supports_qk_norm = True
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Validate our flags on every assignment (construction, from_pretrained kwargs, later edits) with a plain
@@ -417,7 +446,9 @@ class NormSoftmaxConfigMixin:
     def _check_combination_with(self, name: str, value: Any) -> None:
         flags = {flag: getattr(self, flag, None) for flag in NORMSOFTMAX_FLAGS}
         try:
-            check_flag_combination(types.SimpleNamespace(**{**flags, name: value}))
+            check_flag_combination(
+                types.SimpleNamespace(**{**flags, name: value}, supports_qk_norm=self.supports_qk_norm)
+            )
         except ValueError as err:
             raise ValueError(
                 f"{err} (Refused at the assignment `{name}`={value!r}; the config is unchanged. To change several "
@@ -611,6 +642,7 @@ __all__ = [
     "LOSS_SOFTMAX_CHOICES",
     "NORMSOFTMAX_FLAGS",
     "NORMSOFTMAX_STATISTIC_CHOICES",
+    "QK_NORM_CHOICES",
     "STRUCTURAL_FLAGS",
     "NormSoftmaxBertConfig",
     "NormSoftmaxConfigMixin",

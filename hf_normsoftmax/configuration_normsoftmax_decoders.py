@@ -40,12 +40,16 @@ class NormSoftmaxLlamaConfig(NormSoftmaxConfigMixin, LlamaConfig):
 
     model_type = "normsoftmax_llama"
 
+    supports_qk_norm = False
+
 
 class NormSoftmaxQwen2Config(NormSoftmaxConfigMixin, Qwen2Config):
     r"""Configuration of the NormSoftmax Qwen2 variant (`model_type="normsoftmax_qwen2"`): every [`Qwen2Config`]
     field plus the flags of [`NormSoftmaxConfigMixin`]."""
 
     model_type = "normsoftmax_qwen2"
+
+    supports_qk_norm = False
 
 
 class NormSoftmaxQwen3Config(NormSoftmaxConfigMixin, Qwen3Config):
@@ -54,12 +58,16 @@ class NormSoftmaxQwen3Config(NormSoftmaxConfigMixin, Qwen3Config):
 
     model_type = "normsoftmax_qwen3"
 
+    supports_qk_norm = False
+
 
 class NormSoftmaxMistralConfig(NormSoftmaxConfigMixin, MistralConfig):
     r"""Configuration of the NormSoftmax Mistral variant (`model_type="normsoftmax_mistral"`): every
     [`MistralConfig`] field plus the flags of [`NormSoftmaxConfigMixin`]."""
 
     model_type = "normsoftmax_mistral"
+
+    supports_qk_norm = False
 
 
 def check_attention_softcapping(attention_softmax, softcap) -> None:
@@ -81,6 +89,8 @@ class NormSoftmaxGemma2Config(NormSoftmaxConfigMixin, Gemma2Config):
 
     model_type = "normsoftmax_gemma2"
 
+    supports_qk_norm = False
+
     def validate(self) -> None:
         super().validate()
         check_attention_softcapping(self.attention_softmax, self.attn_logit_softcapping)
@@ -99,6 +109,8 @@ class NormSoftmaxPhi3Config(NormSoftmaxConfigMixin, Phi3Config):
     field plus the flags of [`NormSoftmaxConfigMixin`]."""
 
     model_type = "normsoftmax_phi3"
+
+    supports_qk_norm = False
 
 
 DECODER_CONFIG_CLASSES = (

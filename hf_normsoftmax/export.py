@@ -93,6 +93,12 @@ def _check_foldable(config: Any) -> None:
             "Cannot export to a stock model: `normsoftmax_learnable_gamma`=True learns per-head gammas that scale "
             "NormSoftmax-normalised attention logits (a data-dependent normalisation) with no stock counterpart."
         )
+    qk_norm = getattr(config, "qk_norm", None)
+    if qk_norm is not None:
+        raise ValueError(
+            f"Cannot export to a stock model: `qk_norm`={qk_norm!r} normalises every head's queries and keys by their "
+            "own norm (a data-dependent normalisation), which no weight of stock attention computes."
+        )
     cap = getattr(config, "final_logit_softcapping", None)
     beta = getattr(config, "logit_inverse_temperature", 1.0)
     if cap is not None and beta != 1.0:

@@ -20,6 +20,9 @@ Using NormSoftmax attention in any stock model that goes through transformers' a
 Such a stock model has no flags: it uses ``normsoftmax_gamma`` etc. from its config when present, else the
 package defaults.
 
+With the `qk_norm` flag, an attention module holds ``normsoftmax_q_norm`` / ``normsoftmax_k_norm``: the queries and
+keys are normalised first, whatever runs next.
+
 Diagnostics hook: if an attention module has a non-None attribute ``_normsoftmax_recorder``, it is called as
 ``recorder(module=..., query=..., key=..., attention_mask=<4D bool (True = attend) or None>, is_causal=...,
 scaling=..., softmax="normsoftmax" | "softmax", gamma=..., max_temperature=..., eps=...)`` before every attention
@@ -56,6 +59,8 @@ ATTENTION_IMPLEMENTATION = "normsoftmax"
 REFERENCE_ATTENTION_IMPLEMENTATION = "normsoftmax_reference"
 # Name of the learnable per-head gamma on attention modules (the loader renames keys containing "gamma"/"beta").
 LEARNABLE_GAMMA_PARAMETER = "normsoftmax_scale"
+# Names of the QK-norm modules (:class:`~hf_normsoftmax.qk_norm.HeadNorm`) on attention modules (`qk_norm` flag).
+QUERY_NORM_MODULE, KEY_NORM_MODULE = "normsoftmax_q_norm", "normsoftmax_k_norm"
 # Learned gammas are clamped into GAMMA_RANGE where the attention uses them (the parameter keeps its value): a
 # gamma <= 0 would invert or flatten the attention, and the math is only finite for gammas inside the range.
 MIN_LEARNED_GAMMA, MAX_LEARNED_GAMMA = GAMMA_RANGE
@@ -110,6 +115,9 @@ def _normsoftmax_attention_forward(
         )
     config = getattr(module, "config", None)
     softmax_kind = getattr(config, "attention_softmax", "normsoftmax")
+    query_norm = getattr(module, QUERY_NORM_MODULE, None)
+    if query_norm is not None:  # QK-norm: the logits, the statistics and the diagnostics see the normalised q, k
+        query, key = query_norm(query), getattr(module, KEY_NORM_MODULE)(key)
     B, H, L, D = query.shape
     scaling = D**-0.5 if scaling is None else float(scaling)
     is_causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)

@@ -24,8 +24,10 @@ from .hf_attention import (
 from .hf_state import (
     NEW_KEY,
     NEW_KEY_PATTERNS,
+    QK_NORM_KEY,
     REPARAM_STATE_NAMES,
     add_learnable_gamma,
+    add_qk_norm,
     apply_sigma_reparam,
     check_loaded_weights,
     checkpoint_config_dict,
@@ -103,6 +105,8 @@ class NormSoftmaxPreTrainedMixin:
             apply_sigma_reparam(self, config.sigma_reparam_include, config.sigma_reparam_exclude)
         if config.normsoftmax_learnable_gamma:
             add_learnable_gamma(self, self._normsoftmax_attention_classes, config)
+        if config.qk_norm is not None:
+            add_qk_norm(self, self._normsoftmax_attention_classes, config)
         use_variant_attention_config(self, self._normsoftmax_attention_classes)
         super().post_init()
         self._keys_to_ignore_on_load_missing = set(self._keys_to_ignore_on_load_missing) | set(NEW_KEY_PATTERNS)
@@ -170,6 +174,7 @@ class NormSoftmaxPreTrainedMixin:
                 self,
                 sigma_reparam=any(key.rpartition(".")[2] in REPARAM_STATE_NAMES for key in keys),
                 learnable_gamma=any(key.rpartition(".")[2] == LEARNABLE_GAMMA_PARAMETER for key in keys),
+                qk_norm=any(QK_NORM_KEY.search(key) for key in keys),
                 converted=lambda name: True,
                 loaded=keys.__contains__,
                 same_class=True,  # a state dict given to a model is taken for one of its own

@@ -3,7 +3,7 @@
 * sigmaReparam: ``SigmaReparamConv1D`` (GPT-2's transposed ``Conv1D``) next to the ``nn.Linear`` / ``nn.Conv2d``
   versions of :mod:`hf_normsoftmax.sigma_reparam`, and :func:`apply_sigma_reparam`, which converts the layers a
   config selects;
-* learnable per-head gammas (:func:`add_learnable_gamma`);
+* learnable per-head gammas (:func:`add_learnable_gamma`) and QK-norm modules (:func:`add_qk_norm`);
 * initialisation from the weights actually loaded (:func:`finish_normsoftmax_init`: a converted stock checkpoint
   computes exactly the stock function) and the checks that a variant checkpoint holds the trained entries it was
   saved with (:func:`missing_trained_state`, :func:`check_loaded_weights`).
@@ -25,14 +25,19 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .configuration_normsoftmax import DEFAULT_NORMSOFTMAX_GAMMA
-from .hf_attention import LEARNABLE_GAMMA_PARAMETER
+from .hf_attention import KEY_NORM_MODULE, LEARNABLE_GAMMA_PARAMETER, QUERY_NORM_MODULE
+from .qk_norm import HeadNorm
 from .sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin, sigma_reparam_
 
 logger = logging.get_logger(__name__)
 
 # State-dict entries a stock checkpoint does not have; initialised after loading (see finish_normsoftmax_init).
-NEW_KEY_PATTERNS = (r"\.reparam_scale$", r"\.reparam_u$", r"\.reparam_v$", rf"\.{LEARNABLE_GAMMA_PARAMETER}$")
+NEW_KEY_PATTERNS = (
+    r"\.reparam_scale$", r"\.reparam_u$", r"\.reparam_v$", rf"\.{LEARNABLE_GAMMA_PARAMETER}$",
+    rf"\.(?:{QUERY_NORM_MODULE}|{KEY_NORM_MODULE})\.(?:weight|bias)$",
+)
 NEW_KEY = re.compile("|".join(NEW_KEY_PATTERNS))
+QK_NORM_KEY = re.compile(NEW_KEY_PATTERNS[-1])
 REPARAM_STATE_NAMES = ("reparam_scale", "reparam_u", "reparam_v")
 
 
@@ -101,6 +106,26 @@ def add_learnable_gamma(model: nn.Module, attention_classes: tuple[type, ...], c
     return count
 
 
+def add_qk_norm(model: nn.Module, attention_classes: tuple[type, ...], config: Any) -> int:
+    """Give every attention module the QK-norm modules ``normsoftmax_q_norm`` / ``normsoftmax_k_norm``
+    (:class:`~hf_normsoftmax.qk_norm.HeadNorm` of kind ``config.qk_norm`` over the head dimension)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, attention_classes) and getattr(module, QUERY_NORM_MODULE, None) is None:
+            head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
+            head_dim = head_dim or config.hidden_size // config.num_attention_heads
+            device = next(module.parameters()).device
+            for name in (QUERY_NORM_MODULE, KEY_NORM_MODULE):
+                module.add_module(name, HeadNorm(int(head_dim), kind=config.qk_norm, device=device))
+            count += 1
+    return count
+
+
+def _qk_norms(module: nn.Module) -> list[HeadNorm]:
+    return [norm for norm in (getattr(module, QUERY_NORM_MODULE, None), getattr(module, KEY_NORM_MODULE, None))
+            if isinstance(norm, HeadNorm)]
+
+
 def _reparam_shape_changed(module: SigmaReparamMixin) -> bool:
     out_features, in_features = _weight_matrix_shape(module)
     return tuple(module.reparam_v.shape) != (out_features,) or tuple(module.reparam_u.shape) != (in_features,)
@@ -148,7 +173,8 @@ def finish_normsoftmax_init(model: nn.Module) -> None:
       (the loaded one, or the tied embedding for a tied head), so a converted stock checkpoint computes exactly
       the stock function; likewise layers whose weight was not loaded (a head re-initialised by
       ``ignore_mismatched_sizes``): a loaded scale belongs to the checkpoint's weight, not to the new one;
-    * learnable gammas that were not loaded: ``normsoftmax_gamma``;
+    * learnable gammas that were not loaded: ``normsoftmax_gamma``; QK-norms that were not loaded: weight 1, bias 0
+      (a warning says that this changes the function of loaded attention weights);
     * sigmaReparam weights and u/v buffers mapped from the checkpoint file off the 64-byte boundary are moved to a
       fresh allocation (the layer would otherwise make an aligned copy in every forward, for bit-exact results).
 
@@ -156,6 +182,7 @@ def finish_normsoftmax_init(model: nn.Module) -> None:
     trained values. Layers still on the meta device are left for the call at the end of ``from_pretrained``.
     """
     config = getattr(model, "config", None)
+    new_norms_on_loaded_attention = []
     for module in model.modules():
         if isinstance(module, SigmaReparamMixin) and not _is_meta(module.weight):
             module._align_storage()  # mapped from the checkpoint file: no aligned copy in every forward
@@ -182,10 +209,25 @@ def finish_normsoftmax_init(model: nn.Module) -> None:
                 with torch.no_grad():
                     learned_gamma.fill_(float(getattr(config, "normsoftmax_gamma", DEFAULT_NORMSOFTMAX_GAMMA)))
             module._normsoftmax_gamma_init_done = True
+        for norm in _qk_norms(module):
+            if getattr(norm, "_normsoftmax_init_done", False) or _is_meta(norm.weight):
+                continue
+            if not _loaded(norm.weight):  # a stock checkpoint: the norms start at scale 1 (not function-preserving)
+                norm.reset_parameters()
+                if any(_loaded(p) for n, p in module.named_parameters() if not n.startswith("normsoftmax_")):
+                    new_norms_on_loaded_attention.append(norm.kind)
+            norm._normsoftmax_init_done = True
+    if new_norms_on_loaded_attention:
+        logger.warning(
+            f"`qk_norm`={new_norms_on_loaded_attention[0]!r} on attention weights loaded from a checkpoint without "
+            f"it ({len(new_norms_on_loaded_attention)} norms): they start at weight 1, so the model computes another "
+            "function than the checkpoint (unlike `sigma_reparam`, QK-norm is not function-preserving); fine-tune it."
+        )
 
 
 def reset_normsoftmax_state(model: nn.Module) -> None:
-    """Re-initialise every sigmaReparam layer from its current weight and every learnable gamma to the config value.
+    """Re-initialise every sigmaReparam layer from its current weight, every learnable gamma to the config value and
+    every QK-norm to weight 1 (bias 0).
 
     Unlike :func:`finish_normsoftmax_init` this always resets (it is for weights copied in after construction,
     e.g. by ``load_state_dict`` of a stock state dict). Trained scales and gammas are lost.
@@ -200,6 +242,9 @@ def reset_normsoftmax_state(model: nn.Module) -> None:
             with torch.no_grad():
                 learned_gamma.fill_(gamma)
             module._normsoftmax_gamma_init_done = True
+        for norm in _qk_norms(module):
+            norm.reset_parameters()
+            norm._normsoftmax_init_done = True
 
 
 def checkpoint_config_dict(path, kwargs: dict) -> dict | None:
@@ -223,6 +268,7 @@ def missing_state(
     converted: Callable[[str], bool],
     loaded: Callable[[str], bool],
     same_class: bool,
+    qk_norm: bool = False,
 ) -> list[str]:
     """The new entries of ``model`` a source with these features should have held, but did not.
 
@@ -232,7 +278,7 @@ def missing_state(
     its weight from the embedding: its entries are required only when the source had the head, that is when it
     comes from the same class or holds another entry of the head (a base model's checkpoint has no head).
     """
-    if not (sigma_reparam or learnable_gamma):
+    if not (sigma_reparam or learnable_gamma or qk_norm):
         return []
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
 
@@ -255,6 +301,12 @@ def missing_state(
             key = f"{dot_name}{LEARNABLE_GAMMA_PARAMETER}"
             if not loaded(key) and any(loaded(k) for k in weight_keys if k.startswith(dot_name)):
                 missing.append(key)
+        for norm_name in (QUERY_NORM_MODULE, KEY_NORM_MODULE) if qk_norm else ():
+            norm = getattr(module, norm_name, None)
+            if not isinstance(norm, HeadNorm) or not any(loaded(k) for k in weight_keys if k.startswith(dot_name)):
+                continue
+            missing += [key for key in (f"{dot_name}{norm_name}.{n}" for n, _ in norm.named_parameters())
+                        if not loaded(key)]
     return sorted(missing)
 
 
@@ -315,6 +367,7 @@ def missing_trained_state(model: nn.Module, checkpoint_config: dict | None, load
         converted=converted,
         loaded=loaded,
         same_class=_saved_by_class_of(model, checkpoint_config),
+        qk_norm=checkpoint_config.get("qk_norm") is not None,
     )
 
 
@@ -350,9 +403,10 @@ def check_loaded_weights(model: PreTrainedModel, loading_info: dict, source: Any
     if dropped:
         config = model.config
         raise ValueError(
-            f"The checkpoint {source!r} has sigmaReparam / learnable-gamma weights the model would ignore "
-            f"({dropped[:3]}...): with `sigma_reparam`={config.sigma_reparam!r} and `normsoftmax_learnable_gamma`="
-            f"{config.normsoftmax_learnable_gamma!r} it would compute with the raw weights, not the trained ones. "
+            f"The checkpoint {source!r} has sigmaReparam / learnable-gamma / QK-norm weights the model would ignore "
+            f"({dropped[:3]}...): with `sigma_reparam`={config.sigma_reparam!r}, `normsoftmax_learnable_gamma`="
+            f"{config.normsoftmax_learnable_gamma!r} and `qk_norm`={getattr(config, 'qk_norm', None)!r} it would "
+            "compute with the raw weights, not the trained ones. "
             "Allowed: load it with the flags it was saved with (the defaults of its config.json)."
         )
 
@@ -361,7 +415,7 @@ def missing_trained_state_error(
     source: Any,
     missing: list[str],
     action: str,
-    what: str = "sigmaReparam / learnable-gamma entries of layers whose weights it holds",
+    what: str = "sigmaReparam / learnable-gamma / QK-norm entries of layers whose weights it holds",
     allowed: str = "Allowed: a complete state dict; a stock one (none of these entries) loads with strict=False, "
     "then call hf_normsoftmax.reset_normsoftmax_state(model).",
 ) -> ValueError:

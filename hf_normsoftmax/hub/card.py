@@ -118,6 +118,29 @@ METHODS = {
             "}"
         ),
     },
+    "qk_norm": {
+        "title": "QK-norm",
+        "paper": "Dehghani et al., \"Scaling Vision Transformers to 22 Billion Parameters\", ICML 2023 "
+                 "(arXiv:2302.05442); Wortsman et al., \"Small-scale proxies for large-scale Transformer training "
+                 "instabilities\", ICLR 2024 (arXiv:2309.14322).",
+        "summary": (
+            "Each head's queries and keys are normalised over the head dimension (RMSNorm or LayerNorm, with a "
+            "learned per-feature scale shared by the heads of a layer) before the dot product. This bounds the "
+            "attention logits by the learned scales and keeps them from growing with the weights, the attention "
+            "logit growth that Wortsman et al. reproduce at small scale; Qwen3, Gemma 3 and OLMo 2 ship it. It is "
+            "not function-preserving: weights converted from a checkpoint without it need fine-tuning."
+        ),
+        "bibtex": (
+            "@inproceedings{wortsman2024smallscale,\n"
+            "  title     = {Small-scale proxies for large-scale Transformer training instabilities},\n"
+            "  author    = {Wortsman, Mitchell and others},\n"
+            "  booktitle = {International Conference on Learning Representations (ICLR)},\n"
+            "  year      = {2024},\n"
+            "  eprint    = {2309.14322},\n"
+            "  archivePrefix = {arXiv}\n"
+            "}"
+        ),
+    },
     "sigma_reparam": {
         "title": "sigmaReparam",
         "paper": "Zhai et al., \"Stabilizing Transformer Training by Preventing Attention Entropy Collapse\", "
@@ -158,9 +181,10 @@ _FLAG_MEANINGS = {
     "sigma_reparam": "sigmaReparam on the selected linear / Conv1D / Conv2d layers",
     "sigma_reparam_include": "layers converted by sigmaReparam (fnmatch patterns; none = all)",
     "sigma_reparam_exclude": "layers never converted by sigmaReparam (fnmatch patterns)",
+    "qk_norm": "QK-norm of every head's queries and keys (`rms`, `layer`; none = off)",
 }
 _FLAG_PREFIXES = ("attention_softmax", "normsoftmax_", "loss_softmax", "loss_normsoftmax", "logit_inverse",
-                  "sigma_reparam")
+                  "sigma_reparam", "qk_norm")
 
 # The decoder families: (name shown in the card, prefix of transformers' class names).
 _DECODER_NAMES = {"llama": ("Llama", "Llama"), "qwen2": ("Qwen2", "Qwen2"), "qwen3": ("Qwen3", "Qwen3"),
@@ -243,7 +267,8 @@ def variant_flags(config: Mapping[str, Any]) -> dict:
 
 
 def active_methods(flags: Mapping[str, Any]) -> list:
-    """Which of the three methods a set of flags enables, as ``(method_key, where)`` pairs."""
+    """Which methods a set of flags enables (the three of the package, and QK-norm), as ``(method_key, where)``
+    pairs."""
     out = []
     if str(flags.get("attention_softmax", "softmax")).lower() == "normsoftmax":
         out.append(("normsoftmax", "attention"))
@@ -256,6 +281,8 @@ def active_methods(flags: Mapping[str, Any]) -> list:
     sigma = flags.get("sigma_reparam")
     if sigma not in (None, False, "", "none", "off", [], ()):
         out.append(("sigma_reparam", "linear layers"))
+    if flags.get("qk_norm") in ("rms", "layer"):
+        out.append(("qk_norm", "attention"))
     return out
 
 

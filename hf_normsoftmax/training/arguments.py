@@ -182,6 +182,7 @@ VARIANT_FLAG_OPTIONS = {
     "sigma_reparam": "--sigma-reparam",
     "sigma_reparam_include": "--sigma-reparam-include",
     "sigma_reparam_exclude": "--sigma-reparam-exclude",
+    "qk_norm": "--qk-norm",
 }
 # Flags that only act when another flag has a given value: flag -> (governing flag, required value).
 _FLAG_REQUIRES = {
@@ -237,6 +238,7 @@ def add_variant_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str
         "sigma_reparam": False,
         "sigma_reparam_include": None,
         "sigma_reparam_exclude": None,
+        "qk_norm": None,
     }
     shown = {**config_defaults, **(defaults or {})}
 
@@ -280,6 +282,17 @@ def add_variant_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str
                        help="fnmatch patterns of the module names sigmaReparam converts (default: all)")
     group.add_argument("--sigma-reparam-exclude", nargs="+", default=None, metavar="PATTERN",
                        help="fnmatch patterns of module names sigmaReparam never converts")
+    group.add_argument("--qk-norm", type=_qk_norm_choice, default=None, metavar="{none,rms,layer}",
+                       help="QK-norm: RMSNorm or LayerNorm of every head's queries and keys (learned scale), "
+                            "not function-preserving on pretrained weights " + default("qk_norm"))
+
+
+def _qk_norm_choice(text: str) -> str | None:
+    if text == "none":
+        return None
+    if text in ("rms", "layer"):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from 'none', 'rms', 'layer')")
 
 
 def _cli_spelling(message: str) -> str:
