@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_loading import _remove_entries, transformers_warnings
 from test_models_common import TINY_BERT, TINY_GPT2, TINY_VIT
-from transformers import AutoModelForSequenceClassification, BertForSequenceClassification, BertConfig
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 import hf_normsoftmax as H
 from hf_normsoftmax.qk_norm import HeadNorm
@@ -67,7 +67,7 @@ def test_head_norm_refuses_bad_arguments():
 
 
 def _attention64(q, k, v, softmax, gamma, mask=None):
-    """Float64 attention of (B, H, N, D) tensors: softmax or NormSoftmax (std over the valid keys) of q k^T / sqrt(d)."""
+    """Float64 attention of (B, H, N, D) tensors: softmax or NormSoftmax (std over valid keys) of q k^T / sqrt(d)."""
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     valid = torch.ones_like(s, dtype=torch.bool) if mask is None else mask[:, None, None, :].expand_as(s)
     if softmax == "normsoftmax":
