@@ -20,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -81,9 +82,10 @@ def gamma_summary(runs) -> dict:
     for layer in range(layers):
         values = [g for final in finals for g in final[layer]]
         mean, std, count = R.mean_std(values)
-        finite = [v for v in values if v is not None]
+        finite = [v for v in values if v is not None and math.isfinite(v)]  # None: NaN after a divergence
         per_layer.append({"layer": layer, "mean": mean, "std": std, "n": count,
-                          "min": min(finite) if finite else None, "max": max(finite) if finite else None})
+                          "min": min(finite) if finite else float("nan"),
+                          "max": max(finite) if finite else float("nan")})
     return {"init": runs[0]["spec"]["normsoftmax_gamma"], "per_layer": per_layer,
             "final_by_seed": {str(r["spec"]["seed"]): r["learned_gamma"][-1]["gamma"] for r in runs},
             "trajectory_steps": [point["step"] for point in runs[0]["learned_gamma"]]}
@@ -187,7 +189,8 @@ def plot_gammas(args, gamma_rows, dataset):
                     marker="o", capsize=3, color=COLORS["normsoftmax_learnable"])
         for final in g["final_by_seed"].values():
             for layer, values in enumerate(final):
-                ax.scatter([layer] * len(values), values, s=6, color="black", alpha=0.3)
+                ax.scatter([layer] * len(values), [float("nan") if v is None else v for v in values], s=6,
+                           color="black", alpha=0.3)
         ax.axhline(g["init"], color="gray", linestyle="--", linewidth=0.8)
         ax.set_xticks(layers)
         ax.set_xlabel("layer")
