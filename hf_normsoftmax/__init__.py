@@ -58,6 +58,15 @@ from transformers import (
     PreTrainedModel,
 )
 
+from . import (
+    configuration_normsoftmax_decoders,
+    modeling_normsoftmax_bert,
+    modeling_normsoftmax_decoders,
+    modeling_normsoftmax_gpt2,
+    modeling_normsoftmax_vit,
+)
+from . import normsoftmax as _normsoftmax_module
+from . import sigma_reparam_tools as _sigma_reparam_tools
 from .attention import normsoftmax_attention, normsoftmax_attention_reference
 from .configuration_normsoftmax import (
     DEFAULT_LOSS_NORMSOFTMAX_GAMMA,
@@ -70,14 +79,7 @@ from .configuration_normsoftmax import (
     NormSoftmaxGPT2Config,
     NormSoftmaxViTConfig,
 )
-from .configuration_normsoftmax_decoders import (
-    NormSoftmaxGemma2Config,
-    NormSoftmaxLlamaConfig,
-    NormSoftmaxMistralConfig,
-    NormSoftmaxPhi3Config,
-    NormSoftmaxQwen2Config,
-    NormSoftmaxQwen3Config,
-)
+from .configuration_normsoftmax_decoders import *  # noqa: F403 (the six decoder configs, exported)
 from .entropy import attention_entropy
 from .hf_attention import (
     ATTENTION_IMPLEMENTATION,
@@ -89,6 +91,7 @@ from .hf_heads import training_logits
 from .hf_pretrained import NormSoftmaxPreTrainedMixin
 from .hf_state import SigmaReparamConv1D, apply_sigma_reparam, reset_normsoftmax_state
 from .hub import save as _package_save
+from .layers import NormSoftmax
 from .losses import (
     InverseTemperatureCrossEntropyLoss,
     NormSoftmaxCrossEntropyLoss,
@@ -105,26 +108,7 @@ from .modeling_normsoftmax_bert import (
     NormSoftmaxBertLMHeadModel,
     NormSoftmaxBertModel,
 )
-from .modeling_normsoftmax_decoders import (
-    NormSoftmaxGemma2ForCausalLM,
-    NormSoftmaxGemma2ForSequenceClassification,
-    NormSoftmaxGemma2Model,
-    NormSoftmaxLlamaForCausalLM,
-    NormSoftmaxLlamaForSequenceClassification,
-    NormSoftmaxLlamaModel,
-    NormSoftmaxMistralForCausalLM,
-    NormSoftmaxMistralForSequenceClassification,
-    NormSoftmaxMistralModel,
-    NormSoftmaxPhi3ForCausalLM,
-    NormSoftmaxPhi3ForSequenceClassification,
-    NormSoftmaxPhi3Model,
-    NormSoftmaxQwen2ForCausalLM,
-    NormSoftmaxQwen2ForSequenceClassification,
-    NormSoftmaxQwen2Model,
-    NormSoftmaxQwen3ForCausalLM,
-    NormSoftmaxQwen3ForSequenceClassification,
-    NormSoftmaxQwen3Model,
-)
+from .modeling_normsoftmax_decoders import *  # noqa: F403 (the decoder model classes, exported)
 from .modeling_normsoftmax_gpt2 import (
     NormSoftmaxGPT2ForQuestionAnswering,
     NormSoftmaxGPT2ForSequenceClassification,
@@ -137,10 +121,16 @@ from .modeling_normsoftmax_vit import (
     NormSoftmaxViTForMaskedImageModeling,
     NormSoftmaxViTModel,
 )
-from .normsoftmax import NormSoftmax, norm_softmax, normalize_logits
+from .normsoftmax import norm_softmax, normalize_logits
 from .sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin, sigma_reparam_
 
 __version__ = "0.1.0"
+
+# Package-only features at the places users know them from; checkpoints carry neither (their remote code holds
+# the math modules alone): the NormSoftmax module at hf_normsoftmax.normsoftmax.NormSoftmax, and the sigmaReparam
+# layers' effective_weight() / to_plain() / power_iteration_() methods.
+_normsoftmax_module.NormSoftmax = NormSoftmax
+_sigma_reparam_tools.install()
 
 # Auto class -> variant class, per config class.
 _AUTO_REGISTRY: dict[type, dict[Any, type]] = {
@@ -165,23 +155,15 @@ _AUTO_REGISTRY: dict[type, dict[Any, type]] = {
         AutoModelForTokenClassification: NormSoftmaxGPT2ForTokenClassification,
         AutoModelForQuestionAnswering: NormSoftmaxGPT2ForQuestionAnswering,
     },
-    # decoder families (modeling_normsoftmax_decoders.py)
+    # decoder families: NormSoftmax<Family>Config -> NormSoftmax<Family>Model, ...ForCausalLM,
+    # ...ForSequenceClassification (modeling_normsoftmax_decoders.py)
     **{
-        config_class: {AutoModel: base, AutoModelForCausalLM: causal_lm, AutoModelForSequenceClassification: classifier}
-        for config_class, base, causal_lm, classifier in (
-            (NormSoftmaxLlamaConfig, NormSoftmaxLlamaModel, NormSoftmaxLlamaForCausalLM,
-             NormSoftmaxLlamaForSequenceClassification),
-            (NormSoftmaxQwen2Config, NormSoftmaxQwen2Model, NormSoftmaxQwen2ForCausalLM,
-             NormSoftmaxQwen2ForSequenceClassification),
-            (NormSoftmaxQwen3Config, NormSoftmaxQwen3Model, NormSoftmaxQwen3ForCausalLM,
-             NormSoftmaxQwen3ForSequenceClassification),
-            (NormSoftmaxMistralConfig, NormSoftmaxMistralModel, NormSoftmaxMistralForCausalLM,
-             NormSoftmaxMistralForSequenceClassification),
-            (NormSoftmaxGemma2Config, NormSoftmaxGemma2Model, NormSoftmaxGemma2ForCausalLM,
-             NormSoftmaxGemma2ForSequenceClassification),
-            (NormSoftmaxPhi3Config, NormSoftmaxPhi3Model, NormSoftmaxPhi3ForCausalLM,
-             NormSoftmaxPhi3ForSequenceClassification),
-        )
+        config_class: {
+            auto_class: getattr(modeling_normsoftmax_decoders, config_class.__name__.removesuffix("Config") + suffix)
+            for auto_class, suffix in ((AutoModel, "Model"), (AutoModelForCausalLM, "ForCausalLM"),
+                                       (AutoModelForSequenceClassification, "ForSequenceClassification"))
+        }
+        for config_class in configuration_normsoftmax_decoders.DECODER_CONFIG_CLASSES
     },
 }
 
@@ -412,52 +394,13 @@ __all__ = [
     "NORMSOFTMAX_FLAGS",
     "NormSoftmax",
     "NormSoftmaxBertConfig",
-    "NormSoftmaxBertForMaskedLM",
-    "NormSoftmaxBertForMultipleChoice",
-    "NormSoftmaxBertForQuestionAnswering",
-    "NormSoftmaxBertForSequenceClassification",
-    "NormSoftmaxBertForTokenClassification",
-    "NormSoftmaxBertLMHeadModel",
-    "NormSoftmaxBertModel",
     "NormSoftmaxConfigMixin",
     "NormSoftmaxCrossEntropyLoss",
     "NormSoftmaxGPT2Config",
-    "NormSoftmaxGPT2ForQuestionAnswering",
-    "NormSoftmaxGPT2ForSequenceClassification",
-    "NormSoftmaxGPT2ForTokenClassification",
-    "NormSoftmaxGPT2LMHeadModel",
-    "NormSoftmaxGPT2Model",
-    "NormSoftmaxGemma2Config",
-    "NormSoftmaxGemma2ForCausalLM",
-    "NormSoftmaxGemma2ForSequenceClassification",
-    "NormSoftmaxGemma2Model",
-    "NormSoftmaxLlamaConfig",
-    "NormSoftmaxLlamaForCausalLM",
-    "NormSoftmaxLlamaForSequenceClassification",
-    "NormSoftmaxLlamaModel",
-    "NormSoftmaxMistralConfig",
-    "NormSoftmaxMistralForCausalLM",
-    "NormSoftmaxMistralForSequenceClassification",
-    "NormSoftmaxMistralModel",
-    "NormSoftmaxPhi3Config",
-    "NormSoftmaxPhi3ForCausalLM",
-    "NormSoftmaxPhi3ForSequenceClassification",
-    "NormSoftmaxPhi3Model",
-    "NormSoftmaxQwen2Config",
-    "NormSoftmaxQwen2ForCausalLM",
-    "NormSoftmaxQwen2ForSequenceClassification",
-    "NormSoftmaxQwen2Model",
-    "NormSoftmaxQwen3Config",
-    "NormSoftmaxQwen3ForCausalLM",
-    "NormSoftmaxQwen3ForSequenceClassification",
-    "NormSoftmaxQwen3Model",
     "NormSoftmaxViTConfig",
-    "NormSoftmaxViTForImageClassification",
-    "NormSoftmaxViTForMaskedImageModeling",
-    "NormSoftmaxViTModel",
     "REFERENCE_ATTENTION_IMPLEMENTATION",
     "SigmaReparamConv1D",
-    "StabilityCallback",
+    "StabilityCallback",  # noqa: F405 (lazy, see __getattr__)
     "SigmaReparamConv2d",
     "SigmaReparamLinear",
     "SigmaReparamMixin",
@@ -468,7 +411,7 @@ __all__ = [
     "from_stock",
     "inverse_temperature_cross_entropy",
     "logits_and_cross_entropy",
-    "merge_and_unload",
+    "merge_and_unload",  # noqa: F405 (lazy, see __getattr__)
     "norm_softmax",
     "normalize_logits",
     "normsoftmax_attention",
@@ -478,6 +421,11 @@ __all__ = [
     "save_pretrained_with_code",
     "sigma_reparam_",
     "training_logits",
+    *modeling_normsoftmax_bert.__all__,
+    *modeling_normsoftmax_gpt2.__all__,
+    *modeling_normsoftmax_vit.__all__,
+    *(name for name in modeling_normsoftmax_decoders.__all__ if name.startswith("NormSoftmax")),
+    *(name for name in configuration_normsoftmax_decoders.__all__ if name.startswith("NormSoftmax")),
 ]
 
 

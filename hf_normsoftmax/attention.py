@@ -53,15 +53,7 @@ from .attention_fast import (
     make_plan,
 )
 from .attention_statistics import _INTERVAL_BLOCK, _INTERVAL_MAX_TILES, Intervals, interval_blocks
-from .normsoftmax import (
-    GAMMA_RANGE,
-    _check_in_range,
-    _check_options,
-    _check_positive_finite,
-    _check_tensor_in_range,
-    _is_number,
-    norm_softmax,
-)
+from .normsoftmax import _check_gamma, _check_options, _check_positive_finite, _is_number, norm_softmax
 
 __all__ = [
     "MaskStructure",
@@ -124,25 +116,6 @@ def _check_inputs(query, key, value, scale, max_temperature, eps, statistic, dro
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
 
-def _check_gamma(gamma, query):
-    """gamma: positive float, or a positive tensor broadcastable to the row statistics (B, H, L, 1)."""
-    if isinstance(gamma, torch.Tensor):
-        row_shape = (*query.shape[:-1], 1)
-        try:
-            torch.broadcast_shapes(gamma.shape, row_shape)
-        except RuntimeError:
-            raise ValueError(
-                f"gamma of shape {tuple(gamma.shape)} does not broadcast to the attention rows {row_shape}; "
-                "use a float, shape (heads, 1, 1) for one value per head, or a shape broadcastable to "
-                "(batch, heads, query_len, 1)"
-            ) from None
-        if torch.broadcast_shapes(gamma.shape, row_shape) != row_shape:
-            raise ValueError(f"gamma of shape {tuple(gamma.shape)} would enlarge the attention rows {row_shape}")
-        _check_tensor_in_range("gamma", gamma, GAMMA_RANGE)
-    else:
-        _check_in_range("gamma", gamma, GAMMA_RANGE)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # masks
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,6 +170,23 @@ def _check_mask_shape(attn_mask: torch.Tensor, B: int, H: int, L: int, S: int):
         )
 
 
+def _one_head_mask(attn_mask: torch.Tensor) -> torch.Tensor | str:
+    """A bool or additive mask as a 4-dim bool mask with one head, (B', 1, L', S'), or a string naming why the
+    fast path cannot take it: additive biases, or per-head masks that differ (the same mask on every head is fine)."""
+    if attn_mask.dtype != torch.bool:
+        attn_mask, bias = _split_float_mask(attn_mask)
+        if bias is not None:
+            return "an additive mask with biases (entries between -1e4 and 0, such as ALiBi slopes)"
+    mask = attn_mask
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[1] != 1:
+        if not bool((mask == mask[:, :1]).all()):
+            return "a per-head mask that differs between heads"
+        mask = mask[:, :1]
+    return mask
+
+
 def decompose_mask(attn_mask: torch.Tensor | None, is_causal: bool, batch_size: int, L: int, S: int):
     """Express ``attn_mask`` (combined with ``is_causal``) as key padding + causality, if it is of that form.
 
@@ -206,18 +196,9 @@ def decompose_mask(attn_mask: torch.Tensor | None, is_causal: bool, batch_size: 
     """
     if attn_mask is None:
         return MaskStructure(None, bool(is_causal))
-    if attn_mask.dtype != torch.bool:
-        valid, bias = _split_float_mask(attn_mask)
-        if bias is not None:
-            return None
-        attn_mask = valid
-    mask = attn_mask
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    if mask.shape[1] != 1:  # per-head masks: fine if every head has the same one
-        if not bool((mask == mask[:, :1]).all()):
-            return None
-        mask = mask[:, :1]
+    mask = _one_head_mask(attn_mask)
+    if isinstance(mask, str):
+        return None
     if mask.shape[-2] == 1 and not is_causal:  # one row for every query: a key-padding mask as it stands
         return _padding_structure(mask[:, 0, 0, :].expand(mask.shape[0], S), False, batch_size)
     mask = mask[:, 0].expand(mask.shape[0], L, S)  # (B', L, S), a view
@@ -244,23 +225,14 @@ def key_intervals(attn_mask: torch.Tensor | None, is_causal: bool, batch_size: i
     Sliding windows, packed documents (block-diagonal, causal or not), their left padding and KV-cache offsets are
     of this form. For any other mask, a string naming what it is (the fast path's fallback warning quotes it).
     The check is exact: every row's count of valid keys equals the length of its interval."""
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        valid, bias = _split_float_mask(attn_mask)
-        if bias is not None:
-            return "an additive mask with biases (entries between -1e4 and 0, such as ALiBi slopes)"
-        attn_mask = valid
     if attn_mask is None:
         positions = torch.arange(L, dtype=torch.long, device=device)
         hi = positions + (S - L + 1) if is_causal else torch.full((L,), S, dtype=torch.long, device=device)
         lo = torch.zeros(L, dtype=torch.long, device=device)
         return lo.expand(batch_size, L), hi.expand(batch_size, L)
-    mask = attn_mask
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    if mask.shape[1] != 1:
-        if not bool((mask == mask[:, :1]).all()):
-            return "a per-head mask that differs between heads"
-        mask = mask[:, :1]
+    mask = _one_head_mask(attn_mask)
+    if isinstance(mask, str):
+        return mask
     mask = mask[:, 0].expand(mask.shape[0], L, S)
     rows = max(1, _INTERVAL_CHECK_ELEMENTS // (mask.shape[0] * S))
     los, his, oks = [], [], []
@@ -301,27 +273,21 @@ def _expand_kv(query, key, value):
 
 
 def normsoftmax_attention_reference(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    gamma: float | torch.Tensor = 1.0,
-    max_temperature: float | None = None,
-    eps: float = 1e-6,
-    statistic: str = "std",
-    dropout_p: float = 0.0,
-    return_weights: bool = False,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Plain NormSoftmax attention: materialise ``scale * q k^T`` (+ additive mask) and apply NormSoftmax per row.
 
-    Returns ``(out, weights)`` with ``out`` of shape ``(B, H, L, D)`` and ``weights`` ``(B, H, L, S)`` (the
-    probabilities before dropout) when ``return_weights`` else ``None``. Logits and statistics are computed in
+    :func:`normsoftmax_attention` with ``path="reference"``: the same arguments (``attn_mask``, ``is_causal``,
+    ``scale``, ``gamma``, ``max_temperature``, ``eps``, ``statistic``, ``dropout_p``, ``return_weights``, by position
+    or by name). Returns ``(out, weights)`` with ``out`` of shape ``(B, H, L, D)`` and ``weights`` ``(B, H, L, S)``
+    (the probabilities before dropout) when ``return_weights`` else ``None``. Logits and statistics are computed in
     float32 for half-precision inputs.
     """
-    _check_inputs(query, key, value, scale, max_temperature, eps, statistic, dropout_p)
-    _check_gamma(gamma, query)
+    return normsoftmax_attention(query, key, value, *args, path="reference", **kwargs)
+
+
+def _materialised_normsoftmax(query, key, value, attn_mask, is_causal, scale, gamma, max_temperature, eps, statistic,
+                              dropout_p, return_weights):
     logits, valid, value = _materialised_logits(query, key, value, attn_mask, is_causal, scale)
     weights = norm_softmax(
         logits, dim=-1, mask=valid, gamma=gamma, max_temperature=max_temperature, eps=eps, statistic=statistic
@@ -405,9 +371,13 @@ def normsoftmax_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """NormSoftmax attention, fast and exact: rescaled queries + one attention kernel call, no ``L x S`` tensor.
 
-    Same arguments and result as :func:`normsoftmax_attention_reference`. ``attn_mask``: bool (True = attend) or
-    additive; an additive entry ``<= -1e4`` (``-inf``, ``finfo.min``, ``(1 - mask) * -10000.0``) masks the key out
-    of the softmax and of the statistics, larger values are biases (see :data:`MASKED_AT_OR_BELOW`).
+    Shapes and masks as in the module docstring; ``scale`` defaults to ``1/sqrt(head_dim)``; ``gamma``,
+    ``max_temperature``, ``eps`` and ``statistic`` as in :func:`~hf_normsoftmax.normsoftmax.normalize_logits`
+    (``gamma`` a float or a tensor broadcastable to ``(B, H, L, 1)``, e.g. ``(H, 1, 1)`` per head). Returns
+    ``(out (B, H, L, D), weights (B, H, L, S) or None)``, the weights (probabilities before dropout) only with
+    ``return_weights``, which the reference path computes. ``attn_mask``: bool (True = attend) or additive; an
+    additive entry ``<= -1e4`` (``-inf``, ``finfo.min``, ``(1 - mask) * -10000.0``) masks the key out of the softmax
+    and of the statistics, larger values are biases (see :data:`MASKED_AT_OR_BELOW`).
 
     Guarantees (measured by ``benchmarks/attention_accuracy.py``, tested in ``tests/test_attention_exactness.py``):
 
@@ -441,9 +411,9 @@ def normsoftmax_attention(
     if path not in ("auto", "fast", "reference"):
         raise ValueError(f"path must be 'auto', 'fast' or 'reference', got {path!r}")
     _check_inputs(query, key, value, scale, max_temperature, eps, statistic, dropout_p)
-    _check_gamma(gamma, query)
     B, H, L, D = query.shape
     S = key.shape[-2]
+    _check_gamma(gamma, (B, H, L, S), 3)
     if attn_mask is not None:
         _check_mask_shape(attn_mask, B, H, L, S)
     if L > S and is_causal:
@@ -459,36 +429,15 @@ def normsoftmax_attention(
             _warn_fallback(masks, B, H, L, S)
             masks = None
     if masks is None:
-        return normsoftmax_attention_reference(
-            query,
-            key,
-            value,
-            attn_mask,
-            is_causal,
-            scale,
-            gamma,
-            max_temperature,
-            eps,
-            statistic,
-            dropout_p,
-            return_weights,
-        )
+        return _materialised_normsoftmax(query, key, value, attn_mask, is_causal, scale, gamma, max_temperature, eps,
+                                         statistic, dropout_p, return_weights)
     if masks.expand_kv:
         key, value = _expand_kv(query, key, value)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     inv_cap, eps_value, power = _check_options(max_temperature, eps, statistic)
     settings = FastSettings(
-        scale=scale,
-        inv_cap=inv_cap,
-        eps=eps_value,
-        power=power,
-        dropout_p=dropout_p,
-        causal=masks.causal,
-        cpu_flash=cpu_flash,
-        sdpa_mask=masks.sdpa_mask,
-        sdpa_is_causal=masks.sdpa_is_causal,
-        rows_without_keys=masks.rows_without_keys,
-        intervals=masks.intervals,
+        scale=scale, inv_cap=inv_cap, eps=eps_value, power=power, dropout_p=dropout_p, cpu_flash=cpu_flash,
+        **{field: getattr(masks, field) for field in _KERNEL_FIELDS},
     )
     key_valid, key_weight = masks.key_valid, masks.key_weight
     plan = make_plan(query, key, key_weight, gamma, settings)
@@ -502,6 +451,10 @@ def normsoftmax_attention(
                           statistic)
         out = out.scatter(2, plan.exact_index[..., None].expand(*plan.exact_index.shape, D), rows)
     return out, None
+
+
+# The fields of a MaskPlan that FastSettings takes over as they are (same names).
+_KERNEL_FIELDS = ("causal", "intervals", "sdpa_mask", "rows_without_keys", "sdpa_is_causal")
 
 
 class MaskPlan(NamedTuple):

@@ -24,10 +24,12 @@ Pure PyTorch (never imports transformers).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
-from .fused_cross_entropy import _loss_logits, cross_entropy, logits_and_cross_entropy
+from .fused_cross_entropy import cross_entropy, logits_and_cross_entropy
 from .normsoftmax import (
     GAMMA_RANGE,
     INVERSE_TEMPERATURE_RANGE,
@@ -51,6 +53,33 @@ __all__ = [
 _REDUCTIONS = ("mean", "sum", "none")
 
 
+class _CrossEntropyOptions(NamedTuple):
+    """F.cross_entropy's arguments after ``input`` and ``target``, with its defaults: both loss functions take them
+    by position or by name."""
+
+    weight: torch.Tensor | None = None
+    size_average: bool | None = None
+    ignore_index: int = -100
+    reduce: bool | None = None
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+
+
+def _cross_entropy_options(function: str, args: tuple, kwargs: dict) -> _CrossEntropyOptions:
+    try:
+        return _CrossEntropyOptions(*args, **kwargs)
+    except TypeError:
+        raise TypeError(
+            f"{function}() takes input, target, then F.cross_entropy's {list(_CrossEntropyOptions._fields)} by "
+            f"position or by name, and its own keyword-only arguments; got {len(args)} more positional arguments "
+            f"and the keywords {sorted(kwargs)}"
+        ) from None
+
+
+def _loss_logits(input: torch.Tensor) -> torch.Tensor:
+    return input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+
+
 def _check_reduction(reduction) -> str:
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -65,11 +94,11 @@ def _check_loss_options(ignore_index, reduction, label_smoothing) -> None:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
 
 
-def _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_batch) -> None:
+def _check_common(input, options: _CrossEntropyOptions, num_items_in_batch) -> None:
     _check_float_tensor("input", input)
     if input.ndim == 0:
         raise ValueError("input must have shape (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
-    _check_loss_options(ignore_index, reduction, label_smoothing)
+    _check_loss_options(options.ignore_index, options.reduction, options.label_smoothing)
     if num_items_in_batch is None:
         return
     if isinstance(num_items_in_batch, torch.Tensor):
@@ -86,56 +115,42 @@ def _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_
         raise ValueError(f"num_items_in_batch must be positive, got {num_items_in_batch}")
 
 
-def _fused_op_applies(input, target, weight, size_average, reduce, reduction, label_smoothing, scale) -> bool:
+def _fused_op_applies(input, target, options: _CrossEntropyOptions, scale) -> bool:
     """Whether :func:`logits_and_cross_entropy` computes what the F.cross_entropy-style call asks for."""
     return (
         input.ndim == 2
         and target.ndim == 1
         and not target.is_floating_point()
-        and weight is None
-        and size_average is None
-        and reduce is None
-        and reduction in ("mean", "sum")
-        and label_smoothing == 0.0
+        and options.weight is None
+        and options.size_average is None
+        and options.reduce is None
+        and options.reduction in ("mean", "sum")
+        and options.label_smoothing == 0.0
         and not isinstance(scale, torch.Tensor)
         and not torch.compiler.is_compiling()  # Inductor fuses the separate ops itself
     )
 
 
-def _fused_loss(input, target, reduction, ignore_index, num_items_in_batch, **transform) -> torch.Tensor:
-    if reduction == "sum" and num_items_in_batch is None:
+def _fused_loss(input, target, options: _CrossEntropyOptions, num_items_in_batch, **transform) -> torch.Tensor:
+    if options.reduction == "sum" and num_items_in_batch is None:
         num_items_in_batch = 1
     _, loss = logits_and_cross_entropy(
-        _loss_logits(input), target, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, **transform
+        _loss_logits(input), target, ignore_index=options.ignore_index, num_items_in_batch=num_items_in_batch,
+        **transform,
     )
     return loss
-
-
-def _f_cross_entropy(
-    logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, num_items_in_batch
-):
-    """The F.cross_entropy arguments of the functions below, by name."""
-    return cross_entropy(
-        logits, target, weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce,
-        reduction=reduction, label_smoothing=label_smoothing, num_items_in_batch=num_items_in_batch,
-    )
 
 
 def normsoftmax_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    size_average: bool | None = None,
-    ignore_index: int = -100,
-    reduce: bool | None = None,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
+    *args,
     gamma: float | torch.Tensor = 1.0,
     max_temperature: float | None = None,
     eps: float = 1e-6,
     statistic: str = "std",
     num_items_in_batch: int | torch.Tensor | None = None,
+    **kwargs,
 ) -> torch.Tensor:
     """``F.cross_entropy(normalize_logits(input, dim=class_dim, ...), target, ...)``.
 
@@ -149,13 +164,11 @@ def normsoftmax_cross_entropy(
 
         loss = normsoftmax_cross_entropy(torch.randn(4, 10), torch.tensor([1, 2, -100, 3]), gamma=2.0)
     """
-    _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_batch)
-    if max_temperature is None and _fused_op_applies(
-        input, target, weight, size_average, reduce, reduction, label_smoothing, gamma
-    ):
+    options = _cross_entropy_options("normsoftmax_cross_entropy", args, kwargs)
+    _check_common(input, options, num_items_in_batch)
+    if max_temperature is None and _fused_op_applies(input, target, options, gamma):
         return _fused_loss(
-            input, target, reduction, ignore_index, num_items_in_batch,
-            normsoftmax=True, factor=gamma, eps=eps, statistic=statistic,
+            input, target, options, num_items_in_batch, normsoftmax=True, factor=gamma, eps=eps, statistic=statistic
         )
     class_dim = 0 if input.ndim == 1 else 1
     logits = normalize_logits(
@@ -166,9 +179,7 @@ def normsoftmax_cross_entropy(
         eps=eps,
         statistic=statistic,
     )
-    return _f_cross_entropy(
-        logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, num_items_in_batch
-    )
+    return cross_entropy(logits, target, **options._asdict(), num_items_in_batch=num_items_in_batch)
 
 
 def _check_beta(beta, input: torch.Tensor):
@@ -187,15 +198,10 @@ def _check_beta(beta, input: torch.Tensor):
 def inverse_temperature_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    size_average: bool | None = None,
-    ignore_index: int = -100,
-    reduce: bool | None = None,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
+    *args,
     beta: float | torch.Tensor = 1.0,
     num_items_in_batch: int | torch.Tensor | None = None,
+    **kwargs,
 ) -> torch.Tensor:
     """``F.cross_entropy(beta * input, target, ...)``: softmax at inverse temperature ``beta``.
 
@@ -207,21 +213,27 @@ def inverse_temperature_cross_entropy(
 
         loss = inverse_temperature_cross_entropy(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]), beta=0.1)
     """
-    _check_common(input, ignore_index, reduction, label_smoothing, num_items_in_batch)
+    options = _cross_entropy_options("inverse_temperature_cross_entropy", args, kwargs)
+    _check_common(input, options, num_items_in_batch)
     beta = _check_beta(beta, input)
-    fused = _fused_op_applies(input, target, weight, size_average, reduce, reduction, label_smoothing, beta)
-    if fused and beta != 1.0:  # (a tensor beta is never fused)
-        return _fused_loss(input, target, reduction, ignore_index, num_items_in_batch, normsoftmax=False, factor=beta)
+    if _fused_op_applies(input, target, options, beta) and beta != 1.0:  # (a tensor beta is never fused)
+        return _fused_loss(input, target, options, num_items_in_batch, normsoftmax=False, factor=beta)
     logits = _loss_logits(input)
     if not (isinstance(beta, float) and beta == 1.0):
         logits = logits * beta
-    return _f_cross_entropy(
-        logits, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, num_items_in_batch
-    )
+    return cross_entropy(logits, target, **options._asdict(), num_items_in_batch=num_items_in_batch)
 
 
 class _CrossEntropyBase(nn.Module):
-    def __init__(self, weight, ignore_index, reduction, label_smoothing) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        """nn.CrossEntropyLoss's settings (without the deprecated size_average / reduce), shared by the subclasses,
+        which add their method's keyword-only settings."""
         super().__init__()
         if weight is not None:
             _check_float_tensor("weight", weight)
@@ -266,18 +278,12 @@ class NormSoftmaxCrossEntropyLoss(_CrossEntropyBase):
     _loss_function = staticmethod(normsoftmax_cross_entropy)
 
     def __init__(
-        self,
-        weight: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        *,
-        gamma: float = 1.0,
-        max_temperature: float | None = None,
-        eps: float = 1e-6,
-        statistic: str = "std",
+        self, *args, gamma: float = 1.0, max_temperature: float | None = None, eps: float = 1e-6,
+        statistic: str = "std", **kwargs,
     ) -> None:
-        super().__init__(weight, ignore_index, reduction, label_smoothing)
+        """``weight``, ``ignore_index``, ``reduction``, ``label_smoothing`` (by position or by name) as in
+        nn.CrossEntropyLoss; ``gamma``, ``max_temperature``, ``eps``, ``statistic`` as in the function."""
+        super().__init__(*args, **kwargs)
         self.gamma = _check_in_range("gamma", gamma, GAMMA_RANGE)
         _check_options(max_temperature, eps, statistic)
         self.max_temperature = max_temperature
@@ -300,16 +306,10 @@ class InverseTemperatureCrossEntropyLoss(_CrossEntropyBase):
 
     _loss_function = staticmethod(inverse_temperature_cross_entropy)
 
-    def __init__(
-        self,
-        weight: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
-        *,
-        beta: float = 1.0,
-    ) -> None:
-        super().__init__(weight, ignore_index, reduction, label_smoothing)
+    def __init__(self, *args, beta: float = 1.0, **kwargs) -> None:
+        """``weight``, ``ignore_index``, ``reduction``, ``label_smoothing`` (by position or by name) as in
+        nn.CrossEntropyLoss; ``beta`` as in the function."""
+        super().__init__(*args, **kwargs)
         self.beta = _check_in_range("beta", beta, INVERSE_TEMPERATURE_RANGE)
 
     def _method_options(self) -> dict:

@@ -8,14 +8,16 @@ The variance is the population variance (divided by the number of valid entries)
 Usage::
 
     import torch
-    from hf_normsoftmax.normsoftmax import NormSoftmax, norm_softmax, normalize_logits
+    from hf_normsoftmax.normsoftmax import norm_softmax, normalize_logits
 
     logits = torch.randn(4, 10)
     probs = norm_softmax(logits, dim=-1, gamma=2.0)               # rows sum to 1
     z = normalize_logits(logits, dim=-1, gamma=2.0)               # what the softmax sees (mean 0, std ~2)
     keep = torch.rand(4, 10) > 0.3
     probs = norm_softmax(logits, dim=-1, mask=keep)               # masked entries exactly 0
-    layer = NormSoftmax(dim=-1, gamma=1.0, learnable_gamma=True)  # gamma stored as the parameter ``scale``
+
+The module form :class:`~hf_normsoftmax.layers.NormSoftmax` (no model uses it) lives in the package-only
+``layers.py``; ``hf_normsoftmax.normsoftmax.NormSoftmax`` names the same class once the package is imported.
 
 Degenerate rows are defined by their limits: one valid entry gets probability 1, a constant row is exactly uniform
 over its valid entries, and a row with no valid entry gives exact zeros from :func:`norm_softmax` (``-inf`` from
@@ -27,17 +29,14 @@ Pure PyTorch (never imports transformers): checkpoints saved with remote code co
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 __all__ = [
     "EPS_RANGE",
     "GAMMA_RANGE",
     "INVERSE_TEMPERATURE_RANGE",
     "MAX_TEMPERATURE_RANGE",
-    "NormSoftmax",
     "norm_softmax",
     "normalize_logits",
 ]
@@ -163,16 +162,18 @@ def _check_mask(mask, input: torch.Tensor):
     return mask
 
 
-def _check_gamma(gamma, input: torch.Tensor, dim: int):
-    """Returns (gamma as float or None, gamma as tensor or None)."""
+def _check_gamma(gamma, shape: tuple[int, ...], dim: int):
+    """gamma for logits of ``shape`` normalised over ``dim`` (non-negative): a float in ``GAMMA_RANGE``, or a float
+    tensor of such values broadcastable to ``shape`` with size 1 (or absent) at ``dim``. Returns (gamma as float or
+    None, gamma as tensor or None); shared by normalize_logits and the attention functions."""
     if isinstance(gamma, torch.Tensor):
         _check_float_tensor("gamma", gamma)
-        ndim = input.ndim
-        offset = ndim - gamma.ndim  # gamma's dims align with the input's trailing dims
-        if not _broadcasts_to(gamma, input.shape) or (dim >= offset and gamma.shape[dim - offset] != 1):
+        offset = len(shape) - gamma.ndim  # gamma's dims align with the logits' trailing dims
+        if not _broadcasts_to(gamma, shape) or (dim >= offset and gamma.shape[dim - offset] != 1):
             raise ValueError(
-                f"gamma tensor of shape {tuple(gamma.shape)} must be broadcastable to the input shape "
-                f"{tuple(input.shape)} with size 1 (or absent) at the normalised dim {dim}"
+                f"gamma tensor of shape {tuple(gamma.shape)} must be broadcastable to the logits' shape "
+                f"{tuple(shape)} with size 1 (or absent) at the normalised dim {dim} (e.g. shape (heads, 1, 1) for "
+                "one value per attention head)"
             )
         _check_tensor_in_range("gamma", gamma, GAMMA_RANGE)
         return None, gamma
@@ -309,7 +310,12 @@ class _NormalizeLogits(torch.autograd.Function):
         buf.sub_(buf.sum(dim, keepdim=True) / count)
         if mask is not None:
             buf.masked_fill_(~mask, 0.0)
-        grad_x = buf.to(x.dtype) if ctx.needs_input_grad[0] else None
+        return _NormalizeLogits._gradients(ctx, x, buf, gamma_tensor, gamma, grad_inv_temperature, inv_temperature)
+
+    @staticmethod
+    def _gradients(ctx, x, grad_x, gamma_tensor, gamma, grad_inv_temperature, inv_temperature):
+        """backward's result from dL/dx (compute dtype) and dL/d(1/T) per row."""
+        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_gamma = None
         if gamma_tensor is not None and ctx.needs_input_grad[2]:
             # s = gamma * spread_inv, so ds/dgamma = s / gamma (0 where capped).
@@ -338,19 +344,17 @@ class _NormalizeLogits(torch.autograd.Function):
         grad_x = grad_centred - grad_centred.sum(dim, keepdim=True) / count
         if mask is not None:
             grad_x = torch.where(mask, grad_x, 0.0)
-        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_gamma = None
-        if gamma_tensor is not None and ctx.needs_input_grad[2]:
-            grad_gamma = (grad_inv_temperature * inv_temperature / gamma).sum_to_size(gamma_tensor.shape)
-            grad_gamma = grad_gamma.to(gamma_tensor.dtype)
-        return grad_x, None, grad_gamma, None, None, None, None, None, None, None
+        return _NormalizeLogits._gradients(ctx, x, grad_x, gamma_tensor, gamma, grad_inv_temperature, inv_temperature)
 
 
-def _normalize(input, dim, mask, gamma, max_temperature, eps, statistic, out_dtype, fill_value):
+def _normalize(input, dim, mask, gamma=1.0, max_temperature=None, eps=1e-6, statistic="std", *, out_dtype=None,
+               fill_value=float("-inf")):
+    """normalize_logits (the defaults of both public functions), returned in ``out_dtype`` (default: the input's)
+    with ``fill_value`` at masked entries."""
     _check_float_tensor("input", input)
     dim = _check_dim(dim, input.ndim)
     mask = _check_mask(mask, input)
-    gamma_float, gamma_tensor = _check_gamma(gamma, input, dim)
+    gamma_float, gamma_tensor = _check_gamma(gamma, input.shape, dim)
     inv_cap, eps, power = _check_options(max_temperature, eps, statistic)
     if out_dtype is None:
         out_dtype = input.dtype
@@ -390,22 +394,15 @@ def normalize_logits(
         z = normalize_logits(torch.randn(2, 5), gamma=3.0)
         z.std(-1, unbiased=False)  # ~3
     """
-    return _normalize(input, dim, mask, gamma, max_temperature, eps, statistic, None, float("-inf"))
+    return _normalize(input, dim, mask, gamma, max_temperature, eps, statistic)
 
 
-def norm_softmax(
-    input: torch.Tensor,
-    dim: int = -1,
-    mask: torch.Tensor | None = None,
-    gamma: float | torch.Tensor = 1.0,
-    max_temperature: float | None = None,
-    eps: float = 1e-6,
-    statistic: str = "std",
-) -> torch.Tensor:
+def norm_softmax(input: torch.Tensor, dim: int = -1, mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
     """``softmax(normalize_logits(input, ...))`` over ``dim``, in the input dtype (computed in float32 for halves).
 
     Masked entries get probability exactly 0; rows with no valid entry are all zeros (never NaN) and pass zero
-    gradient; a constant row is exactly uniform over its valid entries. Arguments as in :func:`normalize_logits`.
+    gradient; a constant row is exactly uniform over its valid entries. Arguments as in :func:`normalize_logits`
+    (``gamma``, ``max_temperature``, ``eps``, ``statistic`` after ``mask``, by position or by name).
 
     Example::
 
@@ -416,87 +413,8 @@ def norm_softmax(
     # Masked slots get the most negative finite value, not -inf: an all-masked row then has a finite
     # softmax (uniform) that the final fill turns into zeros, and its backward stays NaN-free.
     fill = torch.finfo(compute_dtype).min if compute_dtype is not None and compute_dtype.is_floating_point else 0.0
-    z = _normalize(input, dim, mask, gamma, max_temperature, eps, statistic, compute_dtype, fill)
+    z = _normalize(input, dim, mask, *args, out_dtype=compute_dtype, fill_value=fill, **kwargs)
     probs = torch.softmax(z, dim=dim)
     if mask is not None:
         probs = probs.masked_fill(~mask, 0.0)
     return probs.to(input.dtype)
-
-
-class NormSoftmax(nn.Module):
-    """Module form of :func:`norm_softmax`.
-
-    Args:
-        dim: dimension to normalise over.
-        gamma: initial / fixed gamma (a float in ``GAMMA_RANGE``).
-        learnable_gamma: learn gamma; it is stored as the parameter ``scale`` (never a name containing
-            "gamma": transformers renames such state-dict keys), of shape ``gamma_shape``. A learned value that
-            drifts outside ``GAMMA_RANGE`` is clamped into it where it is used (the stored parameter keeps its
-            value; clamped entries get no gradient); a non-finite value makes the forward raise ValueError.
-        gamma_shape: shape of the learnable gamma, broadcastable to the input with size 1 at ``dim``
-            (``()`` for one shared value, ``(num_heads, 1, 1)`` per head for ``(B, H, L, S)`` logits).
-        max_temperature, eps, statistic: as in :func:`normalize_logits`.
-
-    Example::
-
-        layer = NormSoftmax(dim=-1, gamma=2.0, learnable_gamma=True, gamma_shape=(12, 1, 1))
-        probs = layer(torch.randn(2, 12, 16, 16), mask=torch.ones(16, 16, dtype=torch.bool).tril())
-    """
-
-    def __init__(
-        self,
-        dim: int = -1,
-        gamma: float = 1.0,
-        learnable_gamma: bool = False,
-        gamma_shape: Sequence[int] = (),
-        max_temperature: float | None = None,
-        eps: float = 1e-6,
-        statistic: str = "std",
-    ) -> None:
-        super().__init__()
-        if not isinstance(dim, int) or isinstance(dim, bool):
-            raise TypeError(f"dim must be an int, got {dim!r}")
-        if not isinstance(learnable_gamma, bool):
-            raise TypeError(f"learnable_gamma must be a bool, got {learnable_gamma!r}")
-        gamma = _check_in_range("gamma", gamma, GAMMA_RANGE)
-        _check_options(max_temperature, eps, statistic)
-        try:
-            gamma_shape = tuple(int(s) for s in gamma_shape)
-        except TypeError:
-            raise TypeError(f"gamma_shape must be a sequence of ints, got {gamma_shape!r}") from None
-        if any(s < 1 for s in gamma_shape):
-            raise ValueError(f"gamma_shape must contain positive sizes, got {gamma_shape}")
-        if gamma_shape and not learnable_gamma:
-            raise ValueError(f"gamma_shape={gamma_shape} only applies with learnable_gamma=True")
-        self.dim = dim
-        self.max_temperature = max_temperature
-        self.eps = eps
-        self.statistic = statistic
-        self.gamma_value = gamma
-        if learnable_gamma:
-            self.scale = nn.Parameter(torch.full(gamma_shape, gamma))
-        else:
-            self.register_parameter("scale", None)
-
-    @property
-    def gamma(self) -> float | torch.Tensor:
-        """The gamma in use: the learnable ``scale`` parameter clamped to ``GAMMA_RANGE``, or the fixed float."""
-        return self.scale.clamp(*GAMMA_RANGE) if self.scale is not None else self.gamma_value
-
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return norm_softmax(
-            input,
-            dim=self.dim,
-            mask=mask,
-            gamma=self.gamma,
-            max_temperature=self.max_temperature,
-            eps=self.eps,
-            statistic=self.statistic,
-        )
-
-    def extra_repr(self) -> str:
-        learn = f", learnable_gamma=True, gamma_shape={tuple(self.scale.shape)}" if self.scale is not None else ""
-        return (
-            f"dim={self.dim}, gamma={self.gamma_value}{learn}, max_temperature={self.max_temperature}, "
-            f"eps={self.eps}, statistic={self.statistic!r}"
-        )

@@ -37,8 +37,12 @@ Usage::
     names = sigma_reparam_(model)                 # ['0', '2']: converted in place, outputs unchanged
     layer = model[0]
     layer.sigma, layer.reparam_scale              # spectral-norm estimate and learned scalar, for logging
-    exported = layer.to_plain()                   # nn.Linear holding W_hat, same outputs
+    exported = layer.to_plain()                   # nn.Linear holding W_hat, same outputs (package feature)
     fresh = SigmaReparamLinear(16, 32)            # or build converted layers directly
+
+What no model runs lives in :mod:`hf_normsoftmax.sigma_reparam_tools` (package only, not carried by checkpoints):
+the cached ``effective_weight()``, ``to_plain()`` and ``power_iteration_()``, methods of these layers once
+``hf_normsoftmax`` is imported.
 
 Pure PyTorch (never imports transformers). transformers' GPT-2 ``Conv1D`` (weight stored (in, out)) is supported
 by mixing in: ``class SigmaReparamConv1D(SigmaReparamMixin, Conv1D): weight_layout = "in_out"``.
@@ -46,7 +50,6 @@ by mixing in: ``class SigmaReparamConv1D(SigmaReparamMixin, Conv1D): weight_layo
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -61,13 +64,11 @@ from .sigma_reparam_ops import (  # the numerics of this module's layers
     Selector,
     _aligned,
     _compute_dtype,
-    _ensure_optimizer_step_hook,
     _full_precision,
     _in_range,
     _matches,
     _matrix,
     _normalize,
-    _optimizer_step_count,
     _power_step,
     _read,
     _ReparamMatmul,
@@ -87,7 +88,7 @@ _HOST_DECIDED_DEVICES = ("cpu",)
 class _PowerIterationState:
     """The sigmaReparam state of a layer (scale, power-iteration vectors) and its updates: construction and
     conversion, the power-iteration step, resets and the plain-layer rule. :class:`SigmaReparamMixin` adds the
-    effective weight and the forwards."""
+    forwards."""
 
     # -- construction / conversion ------------------------------------------------------------------------------
 
@@ -208,28 +209,6 @@ class _PowerIterationState:
         sigma_now = torch.where(changed, sigma_new, sigma_now)
         return u_now, v_now, sigma_now, sigma_now == 0
 
-    @_full_precision
-    @torch.no_grad()
-    def power_iteration_(self, steps: int = 1) -> torch.Tensor:
-        """Runs ``steps`` unconditional power-iteration steps on the buffers; returns the new sigma estimate.
-
-        Training forwards already take one step per weight change; this is for refining a poor ``u``/``v``
-        (for instance random buffers) without touching ``reparam_scale``.
-        """
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-        self._check_materialised("power_iteration_")
-        weight = _aligned(self.weight.detach())
-        compute_dtype = _compute_dtype(weight.dtype)
-        matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
-        for _ in range(steps):
-            u_now = _read(self.reparam_u, compute_dtype)
-            self.reparam_v.copy_(F.normalize(torch.mv(matrix, u_now), dim=0))
-            v_now = _read(self.reparam_v, compute_dtype)
-            self.reparam_u.copy_(F.normalize(torch.mv(matrix.t(), v_now), dim=0))
-        self._reparam_cache = None
-        return self.sigma
-
     def _check_materialised(self, what: str) -> None:
         if self.weight.is_meta:
             raise RuntimeError(
@@ -313,8 +292,9 @@ class SigmaReparamMixin(_PowerIterationState):
     (torch ConvNd; kernel flattened to (out, in * prod(kernel))).
 
     Adds parameter ``reparam_scale`` and buffers ``reparam_u`` / ``reparam_v``; see the module docstring for the
-    power-iteration and plain-layer rules. ``cache_effective_weight`` (default True) lets
-    :meth:`effective_weight` keep its result (one weight copy) for repeated calls; forwards never use it.
+    power-iteration and plain-layer rules. ``cache_effective_weight`` (default True) lets ``effective_weight()``
+    (:mod:`hf_normsoftmax.sigma_reparam_tools`) keep its result (one weight copy) in ``_reparam_cache`` for repeated
+    calls; forwards never use it.
     ``fused_cpu_matmul`` (default True) lets Linear / Conv1D forwards on CPU fold ``scale / sigma`` into the
     matmul instead of materialising ``W_hat`` (same math).
 
@@ -371,76 +351,6 @@ class SigmaReparamMixin(_PowerIterationState):
         if v is None:
             v = self.reparam_v
         return weight, bias, scale, u, v
-
-    def _cache_key(self, weight: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple:
-        # _version counts in-place writes (optimizer steps, load_state_dict, copy_); the ids and data pointers
-        # catch replaced tensors; the optimizer step count catches fused optimizers, which bump no versions.
-        # Written out flat: it is evaluated on every cached call.
-        return (
-            _optimizer_step_count(),
-            id(weight),
-            weight.data_ptr(),
-            weight._version,
-            id(scale),
-            scale.data_ptr(),
-            scale._version,
-            id(u),
-            u.data_ptr(),
-            u._version,
-            id(v),
-            v.data_ptr(),
-            v._version,
-            weight.dtype,
-            weight.device,
-        )
-
-    def effective_weight(self) -> torch.Tensor:
-        """``W_hat = reparam_scale / sigma * weight`` in the weight's layout, as the next forward computes it.
-
-        Uses the power-iteration vectors of the current weight (the pending step if the weight changed, not
-        stored: this never changes the buffers); ``W`` itself for a plain layer. Differentiable w.r.t.
-        ``weight`` and ``reparam_scale`` when grad mode is on. When no gradient is needed (grad mode off, or
-        neither tensor requires grad) the result is cached; the cache is used only while the weight, scale and
-        buffers are the same tensors at the same versions, no torch optimizer has stepped (fused ones included)
-        and the weight's image ``normalize(W^T v)`` and estimate are bitwise the ones it was made with (that
-        catches writes through ``.data``, which bypass the version counter). Forwards never use this cache.
-        """
-        weight, _, scale, u, v = self._tensors()
-        return self._effective_weight(weight, scale, u, v)
-
-    def _effective_weight(self, weight: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, v: torch.Tensor):
-        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or scale.requires_grad)
-        use_cache = (
-            self.cache_effective_weight and not needs_grad and not weight.is_meta and not torch.compiler.is_compiling()
-        )
-        u_now, v_now, sigma, plain = self._reparam_vectors(store=False)
-        key = None
-        if use_cache:
-            _ensure_optimizer_step_hook()
-            try:
-                key = self._cache_key(weight, scale, u, v)
-            except RuntimeError:  # inference tensors have no version counter: just don't cache
-                key = None
-            cached = self._reparam_cache
-            if (
-                key is not None
-                and cached is not None
-                and cached[0] == key
-                and torch.equal(cached[1], u_now)
-                and torch.equal(cached[2], sigma)
-            ):
-                hit = cached[3]
-                # A tensor made under inference_mode cannot be saved for backward outside it.
-                if not hit.is_inference() or torch.is_inference_mode_enabled():
-                    return hit
-        if plain is True:
-            weight_hat = weight if key is None else weight.detach().clone()
-        else:
-            weight_hat = _ScaledWeight.apply(weight, scale, u_now, v_now, sigma, self.weight_layout)
-        if key is not None:
-            weight_hat = weight_hat.detach()
-            self._reparam_cache = (key, u_now, sigma, weight_hat)
-        return weight_hat
 
     def _cpu_training_vectors(
         self, weight: torch.Tensor, u_stored: torch.Tensor, v_stored: torch.Tensor, store: bool = True
@@ -579,27 +489,6 @@ class SigmaReparamMixin(_PowerIterationState):
         self._reparam_cache = None
         self._maybe_plain = True
         return super()._load_from_state_dict(*args, **kwargs)
-
-    def to_plain(self) -> nn.Module:
-        """A new instance of the base layer class whose ``weight`` is ``W_hat`` (bias copied): same outputs.
-
-        Uses the current u, v (no power-iteration step), like an eval forward. The result shares nothing with
-        this module.
-        """
-        self._check_materialised("to_plain")
-        with torch.no_grad():
-            weight_hat = self.effective_weight().detach().clone()
-        new_weight = nn.Parameter(weight_hat, requires_grad=self.weight.requires_grad)
-        # deepcopy keeps every other attribute and hook of the layer; the memo swaps in W_hat and skips the cache.
-        memo = {id(self.weight): new_weight, id(self._reparam_cache): None}
-        plain = copy.deepcopy(self, memo)
-        del plain._parameters["reparam_scale"]
-        del plain._buffers["reparam_u"]
-        del plain._buffers["reparam_v"]
-        del plain.__dict__["_reparam_cache"]
-        plain.__dict__.pop("_maybe_plain", None)
-        plain.__class__ = type(self)._reparam_base_class()
-        return plain
 
     def extra_repr(self) -> str:
         base = super().extra_repr() if hasattr(super(), "extra_repr") else ""

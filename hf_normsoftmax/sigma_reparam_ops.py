@@ -31,29 +31,6 @@ _LAYOUTS = ("out_in", "in_out", "conv")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FAST_DTYPES = (torch.float32, torch.float64)  # power iteration in the weight's own dtype: the CPU fast path
 
-# Counts optimizer steps process-wide (a global torch.optim hook, registered on first use). Part of the eval
-# cache key: fused optimizers change weights without bumping their version counters.
-_optimizer_steps = 0
-_optimizer_hook_handle = None
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-def _optimizer_step_count() -> int:
-    return _optimizer_steps
-
-
-def _ensure_optimizer_step_hook() -> None:
-    global _optimizer_hook_handle
-    if _optimizer_hook_handle is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        _optimizer_hook_handle = register_optimizer_step_post_hook(_count_optimizer_step)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Power iteration and sigma in float32 for half weights; float64 weights stay exact.
     return torch.float32 if dtype in _HALF_DTYPES else dtype

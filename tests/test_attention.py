@@ -544,13 +544,13 @@ def test_fully_padded_sequence_gets_zero_output_and_gradient(causal):
 def test_short_sequences_take_the_reference_path(monkeypatch):
     """path="auto" materialises up to 96 x 96 logits per head (cheaper there) and takes the fast path above;
     path="fast" never hands over by size; path="reference" always materialises. Checked by which implementation
-    runs (the reference is wrapped to record its calls)."""
+    runs (the materialising implementation is wrapped to record its calls)."""
     import hf_normsoftmax.attention as attention
 
     calls = []
-    reference = attention.normsoftmax_attention_reference
+    reference = attention._materialised_normsoftmax
     monkeypatch.setattr(
-        attention, "normsoftmax_attention_reference", lambda *a, **k: calls.append(a[0].shape[-2]) or reference(*a, **k)
+        attention, "_materialised_normsoftmax", lambda *a, **k: calls.append(a[0].shape[-2]) or reference(*a, **k)
     )
     for L, path in ((96, "auto"), (97, "auto"), (20, "fast"), (97, "reference")):
         q, k, v = make_qkv(1, 2, L, L, 8)
@@ -569,7 +569,8 @@ def test_math_modules_import_only_torch_and_each_other():
     from pathlib import Path
 
     math_modules = {"normsoftmax", "losses", "fused_cross_entropy", "attention", "attention_fast",
-                    "attention_statistics", "sigma_reparam", "sigma_reparam_ops", "entropy"}
+                    "attention_statistics", "sigma_reparam", "sigma_reparam_ops", "entropy", "layers",
+                    "sigma_reparam_tools"}
     package = Path(__file__).resolve().parents[1] / "hf_normsoftmax"
     for name in sorted(math_modules):
         tree = ast.parse((package / f"{name}.py").read_text())

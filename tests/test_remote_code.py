@@ -362,6 +362,84 @@ def test_remote_code_files_import_nothing_transformers_would_refuse():
                     assert not any(a.name.startswith("hf_normsoftmax") for a in node.names), path
 
 
+def code_lines(source: str) -> int:
+    """The lines of ``source`` that hold code: blank lines, comment-only lines and docstring lines (string
+    expression statements) do not count."""
+    import ast
+    import io
+    import tokenize
+
+    layout = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    lines = set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type not in layout:
+            lines.update(range(token.start[0], token.end[0] + 1))
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            lines.difference_update(range(node.lineno, node.end_lineno + 1))
+    return len(lines)
+
+
+def test_code_lines_counts_only_code():
+    source = textwrap.dedent('''\
+    """Module docstring,
+    two lines."""
+
+    # a comment
+    import os  # a trailing comment
+
+
+    def f(x):
+        """Docstring."""
+        text = """a string
+    that is code"""
+        return x, text
+    ''')
+    assert code_lines(source) == 5  # import, def, the two lines of the assigned string, return
+
+
+CHECKPOINT_CODE_LINES = 3_000
+# Names of the Hub client's upload API: a checkpoint's code must not reach them (pushing is a package feature).
+UPLOAD_NAMES = {"HfApi", "create_commit", "create_repo", "upload_file", "upload_folder", "CommitOperationAdd"}
+
+
+def _saved_code(name, tmp_path) -> dict[str, str]:
+    model_class, config_class, tiny, _ = CASES[name]
+    model_class(config_class(**tiny)).save_pretrained(tmp_path / name)
+    return {path.name: path.read_text() for path in sorted((tmp_path / name).glob("*.py"))}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_checkpoint_carries_no_upload_code(name, tmp_path):
+    import ast
+
+    for file_name, source in _saved_code(name, tmp_path).items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(m.split(".")[0] == "huggingface_hub" for m in modules), (file_name, modules)
+            if isinstance(node, ast.Name | ast.Attribute | ast.alias):
+                assert (getattr(node, "id", None) or getattr(node, "attr", None) or node.name) not in UPLOAD_NAMES
+            if isinstance(node, ast.Call):  # no import by a string, which transformers' import check cannot see
+                called = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                assert called not in ("import_module", "__import__"), file_name
+
+
+@pytest.mark.xfail(strict=True, reason="a checkpoint carries about 3,140 lines of code (issue 17 item 2): the rest of "
+                   "the cut is in files of other owners")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_checkpoint_carries_at_most_3000_lines_of_code(name, tmp_path):
+    """The code a saved variant carries (its modeling and configuration files and every same-folder module they
+    import): at most 3,000 lines of code, blank, comment and docstring lines not counted."""
+    saved = _saved_code(name, tmp_path)
+    per_file = {file_name: code_lines(source) for file_name, source in saved.items()}
+    raw = sum(len(source.splitlines()) for source in saved.values())
+    assert sum(per_file.values()) <= CHECKPOINT_CODE_LINES, (
+        f"a saved {name} checkpoint carries {sum(per_file.values())} lines of code ({raw} raw lines) in "
+        f"{len(saved)} files, over {CHECKPOINT_CODE_LINES}: {per_file}"
+    )
+
+
 AUTO_MODEL_LOADER = textwrap.dedent(
     """
     import transformers
