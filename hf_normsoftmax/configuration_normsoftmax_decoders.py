@@ -34,40 +34,39 @@ from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Q
 from .configuration_normsoftmax import NormSoftmaxConfigMixin
 
 
-class NormSoftmaxLlamaConfig(NormSoftmaxConfigMixin, LlamaConfig):
+class NormSoftmaxDecoderConfigMixin(NormSoftmaxConfigMixin):
+    """The flags of [`NormSoftmaxConfigMixin`] for the decoder families, without `qk_norm`: their queries and keys
+    reach the attention after the rotary embedding (see `configuration_normsoftmax`)."""
+
+    supports_qk_norm = False
+
+
+class NormSoftmaxLlamaConfig(NormSoftmaxDecoderConfigMixin, LlamaConfig):
     r"""Configuration of the NormSoftmax Llama variant (`model_type="normsoftmax_llama"`): every [`LlamaConfig`]
     field plus the flags of [`NormSoftmaxConfigMixin`]."""
 
     model_type = "normsoftmax_llama"
 
-    supports_qk_norm = False
 
-
-class NormSoftmaxQwen2Config(NormSoftmaxConfigMixin, Qwen2Config):
+class NormSoftmaxQwen2Config(NormSoftmaxDecoderConfigMixin, Qwen2Config):
     r"""Configuration of the NormSoftmax Qwen2 variant (`model_type="normsoftmax_qwen2"`): every [`Qwen2Config`]
     field plus the flags of [`NormSoftmaxConfigMixin`]."""
 
     model_type = "normsoftmax_qwen2"
 
-    supports_qk_norm = False
 
-
-class NormSoftmaxQwen3Config(NormSoftmaxConfigMixin, Qwen3Config):
+class NormSoftmaxQwen3Config(NormSoftmaxDecoderConfigMixin, Qwen3Config):
     r"""Configuration of the NormSoftmax Qwen3 variant (`model_type="normsoftmax_qwen3"`): every [`Qwen3Config`]
     field plus the flags of [`NormSoftmaxConfigMixin`]."""
 
     model_type = "normsoftmax_qwen3"
 
-    supports_qk_norm = False
 
-
-class NormSoftmaxMistralConfig(NormSoftmaxConfigMixin, MistralConfig):
+class NormSoftmaxMistralConfig(NormSoftmaxDecoderConfigMixin, MistralConfig):
     r"""Configuration of the NormSoftmax Mistral variant (`model_type="normsoftmax_mistral"`): every
     [`MistralConfig`] field plus the flags of [`NormSoftmaxConfigMixin`]."""
 
     model_type = "normsoftmax_mistral"
-
-    supports_qk_norm = False
 
 
 def check_attention_softcapping(attention_softmax, softcap) -> None:
@@ -82,14 +81,12 @@ def check_attention_softcapping(attention_softmax, softcap) -> None:
         )
 
 
-class NormSoftmaxGemma2Config(NormSoftmaxConfigMixin, Gemma2Config):
+class NormSoftmaxGemma2Config(NormSoftmaxDecoderConfigMixin, Gemma2Config):
     r"""Configuration of the NormSoftmax Gemma 2 variant (`model_type="normsoftmax_gemma2"`): every
     [`Gemma2Config`] field plus the flags of [`NormSoftmaxConfigMixin`]. `attention_softmax="normsoftmax"` needs
     `attn_logit_softcapping=None` (see the module docstring)."""
 
     model_type = "normsoftmax_gemma2"
-
-    supports_qk_norm = False
 
     def validate(self) -> None:
         super().validate()
@@ -104,13 +101,11 @@ class NormSoftmaxGemma2Config(NormSoftmaxConfigMixin, Gemma2Config):
         return super().from_dict(config_dict, **kwargs)
 
 
-class NormSoftmaxPhi3Config(NormSoftmaxConfigMixin, Phi3Config):
+class NormSoftmaxPhi3Config(NormSoftmaxDecoderConfigMixin, Phi3Config):
     r"""Configuration of the NormSoftmax Phi-3 variant (`model_type="normsoftmax_phi3"`): every [`Phi3Config`]
     field plus the flags of [`NormSoftmaxConfigMixin`]."""
 
     model_type = "normsoftmax_phi3"
-
-    supports_qk_norm = False
 
 
 DECODER_CONFIG_CLASSES = (

@@ -514,6 +514,8 @@ FLAG_CASES = [
       "loss_softmax": "normsoftmax", "loss_normsoftmax_gamma": 3.0}),
     (["--sigma-reparam", "--sigma-reparam-include", "*attn*", "*attention*", "--attention-softmax", "softmax"],
      {"sigma_reparam": True, "sigma_reparam_include": ["*attn*", "*attention*"], "attention_softmax": "softmax"}),
+    (["--qk-norm", "layer", "--attention-softmax", "normsoftmax"],
+     {"qk_norm": "layer", "attention_softmax": "normsoftmax"}),
 ]
 
 
