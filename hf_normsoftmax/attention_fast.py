@@ -119,6 +119,7 @@ class Plan(NamedTuple):
     kernel_key: torch.Tensor  # the same in the input dtype (the kernel's keys)
     count: torch.Tensor  # (B, 1, 1) valid keys (bidirectional statistics)
     cov: torch.Tensor | None  # bidirectional key covariance (B, H, D, D)
+    causal_projected: torch.Tensor | None  # causal rows: q @ (second moment before the block), for the backward
     factor: torch.Tensor  # (B, H, L, 1) scale / T_i, 0 on exact rows and rows with at most one key
     inv_temperature: torch.Tensor  # (B, H, L, 1) gamma / spread (capped)
     spread_base: torch.Tensor  # (B, H, L, 1) scale^2 var + eps
@@ -140,7 +141,10 @@ def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
         kernel_key = kc if key.dtype == cd else kc.to(key.dtype)
         if kernel_key is not kc:  # statistics of the keys the kernel sees (the rounded centred keys)
             kc = _as(kernel_key, cd)
-        var, bound, n, cov = row_variance(q, kc, count, key_weight, settings.causal, settings.intervals)
+        var, bound, n, reused = row_variance(q, kc, count, key_weight, settings.causal, settings.intervals)
+        cov, causal_projected = (None, reused) if settings.causal else (reused, None)
+        if not (query.requires_grad or key.requires_grad):
+            causal_projected = None  # only the backward reads it
         var, bound = var[..., None], bound[..., None]
         n = n[..., None]  # (B, 1, L, 1)
         gamma = gamma.detach() if isinstance(gamma, torch.Tensor) else gamma
@@ -169,8 +173,8 @@ def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
             fast = fast & ~taken
         live = fast if uncapped is None else fast & uncapped
         factor = torch.where(fast, factor, 0.0)
-        return Plan(kc, kernel_key, count, cov, factor, inv_temperature, var_scaled.add_(settings.eps), live,
-                    exact_index)
+        return Plan(kc, kernel_key, count, cov, causal_projected, factor, inv_temperature,
+                    var_scaled.add_(settings.eps), live, exact_index)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,7 +359,7 @@ class FastAttention(torch.autograd.Function):
                 grad_q = grad_q.view(q.shape)
         else:
             grad_q, grad_k = causal_variance_backward(q, plan.kc, key_weight, _causal_block(q.shape[-2]),
-                                                      grad_var[..., 0])
+                                                      grad_var[..., 0], plan.causal_projected)
             grad_q.addcmul_(grad_qs, plan.factor)
             grad_k.add_(grad_kc)
         if key_weight is not None:  # padded keys get no gradient (kc is zero there)

@@ -101,7 +101,8 @@ class _CausalTerms(NamedTuple):
     kb: torch.Tensor  # (B, H, nb, c, D) the block's own centred keys
     prefix: torch.Tensor  # (B, H, offset, D) centred keys of a KV-cache prefix
     sum_before: torch.Tensor  # (B, H, nb, D)
-    outer_before: torch.Tensor  # (B, H, nb, D, D)
+    outer_before: torch.Tensor | None  # (B, H, nb, D, D); None when `projected` came from the forward
+    projected: torch.Tensor  # (B, H, nb, c, D) the query rows times outer_before
     n_before: torch.Tensor  # (B, 1, nb, 1)
     weight: torch.Tensor  # (B, 1, nb, c, c) the block's causal (and padding) weights
     n_inner: torch.Tensor  # (B, 1, nb, c)
@@ -112,7 +113,9 @@ class _CausalTerms(NamedTuple):
     n: torch.Tensor  # (B, 1, nb, c) valid keys per row
 
 
-def _causal_terms(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, block: int) -> _CausalTerms:
+def _causal_terms(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, block: int,
+                  projected: torch.Tensor | None = None) -> _CausalTerms:
+    """The block quantities; ``projected`` (the forward's ``qb @ outer_before``) spares the backward the moments."""
     B, H, L, D = q.shape
     S = kc.shape[-2]
     offset = S - L
@@ -123,11 +126,15 @@ def _causal_terms(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, blo
     prefix = kc[:, :, :offset]
     # exclusive prefix moments per block (+ the KV-cache prefix, seen by every row)
     sum_before = _exclusive_cumsum(kb.sum(dim=-2), 2)
-    outer_before = _exclusive_cumsum(torch.matmul(kb.transpose(-1, -2), kb), 2)
     n_before = _exclusive_cumsum(wb.sum(dim=-1), 2)[..., None]
+    outer_before = None
+    if projected is None:
+        outer_before = _exclusive_cumsum(torch.matmul(kb.transpose(-1, -2), kb), 2)
+        if offset:
+            outer_before = outer_before + torch.matmul(prefix.transpose(-1, -2), prefix)[:, :, None]
+        projected = torch.matmul(qb, outer_before)
     if offset:
         sum_before = sum_before + prefix.sum(dim=-2)[:, :, None]
-        outer_before = outer_before + torch.matmul(prefix.transpose(-1, -2), prefix)[:, :, None]
         n_before = n_before + ones[..., :offset].sum(dim=-1)[..., None, None]
     # the block's own keys, causal within the block
     weight = wb[..., None, :] * torch.ones(block, block, dtype=q.dtype, device=q.device).tril_()
@@ -137,10 +144,9 @@ def _causal_terms(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, blo
     deviation = inner.sub_(mean_inner[..., None]).mul_(weight)
     # before the block, from moments
     mean_before = torch.matmul(qb, sum_before[..., None]).squeeze(-1) / n_before.clamp(min=1.0)
-    dot_outer = torch.linalg.vecdot(torch.matmul(qb, outer_before), qb)
-    m2_before_raw = dot_outer - n_before * mean_before.square()
-    return _CausalTerms(blocks, qb, kb, prefix, sum_before, outer_before, n_before, weight, n_inner, deviation,
-                        mean_before, m2_before_raw, mean_inner - mean_before, n_before + n_inner)
+    m2_before_raw = torch.linalg.vecdot(projected, qb) - n_before * mean_before.square()
+    return _CausalTerms(blocks, qb, kb, prefix, sum_before, outer_before, projected, n_before, weight, n_inner,
+                        deviation, mean_before, m2_before_raw, mean_inner - mean_before, n_before + n_inner)
 
 
 def causal_variance(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, block: int):
@@ -151,7 +157,10 @@ def causal_variance(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, b
     Row i's keys split into those before its block ("before": count n_b, mean logit, sum of squared deviations
     from prefix moments) and those of its block up to i ("inner": two passes over the c x c tile); Chan's merge
     m2 = m2_b + m2_in + delta^2 n_b n_in / n joins them. Only m2_b comes from moments (m2_b = q^T O q - n_b mean^2,
-    O the second moment of the centred keys before the block): its rounding bound is u |q|^T |O| |q|."""
+    O the second moment of the centred keys before the block): its rounding bound is u |q|^T |O| |q|.
+
+    Also returns ``q @ O`` per block (B, H, nb, c, D), which :func:`causal_variance_backward` takes instead of
+    recomputing the moments (one query-sized tensor kept for a third less work in the statistics' backward)."""
     t = _causal_terms(q, kc, w, block)
     L = q.shape[-2]
     m2_inner = torch.linalg.vector_norm(t.deviation, dim=-1).square()
@@ -159,7 +168,7 @@ def causal_variance(q: torch.Tensor, kc: torch.Tensor, w: torch.Tensor | None, b
     m2 = t.m2_before_raw.clamp(min=0.0) + m2_inner + t.delta.square() * n_before * n_inner / t.n.clamp(min=1.0)
     var = (m2 / t.n.clamp(min=1.0)).flatten(-2)[..., :L]
     bound = _abs_bound(t.qb, t.outer_before.diagonal(dim1=-2, dim2=-1)) / t.n.clamp(min=1.0)
-    return var, bound.flatten(-2)[..., :L], t.n.flatten(-2)[..., :L]
+    return var, bound.flatten(-2)[..., :L], t.n.flatten(-2)[..., :L], t.projected
 
 
 def _reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -167,9 +176,10 @@ def _reverse_exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return _exclusive_cumsum(x.flip(dim), dim).flip(dim)
 
 
-def causal_variance_backward(q, kc, w, block: int, grad_var: torch.Tensor):
-    """(dL/dq, dL/dkc) of :func:`causal_variance`'s variance for dL/dvar (B, H, L), in closed form."""
-    t = _causal_terms(q, kc, w, block)
+def causal_variance_backward(q, kc, w, block: int, grad_var: torch.Tensor, projected: torch.Tensor | None = None):
+    """(dL/dq, dL/dkc) of :func:`causal_variance`'s variance for dL/dvar (B, H, L), in closed form; ``projected``:
+    the ``q @ O`` that :func:`causal_variance` returned for the same inputs (None: recomputed)."""
+    t = _causal_terms(q, kc, w, block, projected)
     L = q.shape[-2]
     n = t.n.clamp(min=1.0)
     grad_m2 = t.blocks.values(grad_var) / n  # (B, H, nb, c)
@@ -184,7 +194,7 @@ def causal_variance_backward(q, kc, w, block: int, grad_var: torch.Tensor):
     # queries: in-block logits, q . sum_before, q^T O q
     grad_qb = torch.matmul(grad_inner, t.kb)
     grad_qb.addcmul_(grad_sum_coef[..., None], t.sum_before[:, :, :, None, :])
-    grad_qb.add_(torch.matmul(t.qb * (2.0 * grad_m2_before)[..., None], t.outer_before))
+    grad_qb.addcmul_(t.projected, (2.0 * grad_m2_before)[..., None])  # (q * g) @ O = g * (q @ O), g per row
     # block moments: d sum_before_b, d outer_before_b reach every earlier block's keys and the prefix
     grad_sum_before = torch.matmul(grad_sum_coef[..., None, :], t.qb).squeeze(-2)  # (B, H, nb, D)
     grad_outer_before = torch.matmul((t.qb * grad_m2_before[..., None]).transpose(-1, -2), t.qb)  # (B, H, nb, D, D)
@@ -413,7 +423,8 @@ def _grouped(x: torch.Tensor, key_heads: int) -> torch.Tensor:
 
 
 def row_variance(q, kc, count, key_weight, causal: bool, intervals: Intervals | None = None):
-    """(var (B, H, L), rounding bound (B, H, L), valid keys per row (B, 1, L), bidirectional covariance or None)."""
+    """(var (B, H, L), rounding bound (B, H, L), valid keys per row (B, 1, L), what the backward reuses: the
+    bidirectional covariance (B, H, D, D), the causal ``q @ O`` per block (see :func:`causal_variance`), or None)."""
     if intervals is not None:
         var, bound, n = interval_variance(q, kc, intervals)
         return var, bound, n, None
@@ -422,5 +433,4 @@ def row_variance(q, kc, count, key_weight, causal: bool, intervals: Intervals | 
         if kc.shape[1] != q.shape[1]:
             var, bound = var.view(q.shape[:-1]), bound.view(q.shape[:-1])
         return var, bound, count.expand(q.shape[0], 1, q.shape[-2]), cov
-    var, bound, n = causal_variance(q, kc, key_weight, _causal_block(q.shape[-2]))
-    return var, bound, n, None
+    return causal_variance(q, kc, key_weight, _causal_block(q.shape[-2]))
