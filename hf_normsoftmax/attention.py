@@ -53,7 +53,7 @@ from .attention_fast import (
     make_plan,
 )
 from .attention_statistics import _INTERVAL_BLOCK, _INTERVAL_MAX_TILES, Intervals, interval_blocks
-from .normsoftmax import _check_gamma, _check_options, _check_positive_finite, _is_number, norm_softmax
+from .normsoftmax import _broadcasts_to, _check_gamma, _check_options, _check_positive_finite, _is_number, norm_softmax
 
 __all__ = [
     "MaskStructure",
@@ -159,11 +159,7 @@ def _check_mask_shape(attn_mask: torch.Tensor, B: int, H: int, L: int, S: int):
         raise TypeError(f"attn_mask must be None or a tensor, got {type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise TypeError(f"attn_mask must be bool (True = attend) or an additive float mask, got {attn_mask.dtype}")
-    try:
-        ok = torch.broadcast_shapes(attn_mask.shape, (B, H, L, S)) == (B, H, L, S)
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not _broadcasts_to(attn_mask, (B, H, L, S)):
         raise ValueError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, query_len, key_len) "
             f"= {(B, H, L, S)}"
