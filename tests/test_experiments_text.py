@@ -186,3 +186,23 @@ def test_bad_specs_are_refused():
         text_runner.full_spec({"task": "sentiment", "qk_norm": "l2"})
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
         text_runner.full_spec({"task": "sentiment", "schedule": "cosine"})
+
+
+def test_mean_pooler_averages_the_valid_tokens_only():
+    """exp5's classifier reads the checkpoint's sentence embedding: padding positions must not move it."""
+    import text_runner
+    import torch
+
+    import hf_normsoftmax
+    from hf_normsoftmax.training.builtin_data import minilm_path
+
+    model = hf_normsoftmax.from_stock(minilm_path(), task="text-classification", num_labels=2).eval()
+    pooler = text_runner.MeanPooler.install(model.bert)
+    short = text_runner.pad_batch([[101, 2307, 3185, 102]], 0)
+    padded = text_runner.pad_batch([[101, 2307, 3185, 102], [101] + [2307] * 10 + [102]], 0)
+    with torch.no_grad():
+        alone, hidden = model(**short).logits[0], model.bert(**short).last_hidden_state
+        together = model(**padded).logits[0]
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooler(hidden), hidden.mean(dim=1))
+    assert model.bert.pooler is pooler

@@ -7,8 +7,12 @@ training (sigmaReparam is exact, NormSoftmax attention and QK-norm are not funct
 
 Model and data: the real all-MiniLM-L6-v2 checkpoint (6 layers, 384 wide, 12 heads; a ``BertModel``) loaded with
 ``hf_normsoftmax.from_stock(minilm_path(), task="text-classification", num_labels=2, **flags)`` (a new, seeded
-classifier head on the pooler) and fine-tuned for sentiment on the Rotten Tomatoes snippets (fresh / rotten) with
-its own tokenizer and dynamic padding (texts cut at 32 tokens). Variants (the ``flags``):
+classifier head) and fine-tuned for sentiment on the Rotten Tomatoes snippets (fresh / rotten) with its own tokenizer
+and dynamic padding (texts cut at 32 tokens). The classifier reads the checkpoint's own sentence embedding, the mean
+of the last hidden states over the valid tokens, instead of BERT's [CLS] pooler: the pooler's features are nearly
+constant in this checkpoint (a logistic regression fitted on 400 training texts scores 59.8% on 256 test texts from
+them, 72.7% from the mean-pooled ones), and fine-tunes through it stayed at the majority class within the step budget
+(1e-4, 1e-3 and 3e-3 for 30 steps of 8 texts, 3e-4 for 60 steps of 4). Variants (the ``flags``):
 
 * ``stock``: no flags (``attention_softmax="softmax"``, the package default: a plain copy of the checkpoint);
 * ``normsoftmax``: ``attention_softmax="normsoftmax"`` (the package's default gamma);
@@ -16,25 +20,28 @@ its own tokenizer and dynamic padding (texts cut at 32 tokens). Variants (the ``
 * ``normsoftmax_sigmareparam``: both;
 * ``qknorm``: ``qk_norm="rms"`` (per-head RMSNorm of q and k over the head dimension, learnable scale set to 1).
 
-Training: AdamW (weight decay 0.01 on weight matrices), no warmup, learning rate decaying linearly to 0, batch 16,
-20 steps (320 texts, 3% of the training split: the CPU budget, see the README), the token-embedding matrix frozen
-(11.7 M of the 22.7 M weights; its update costs a fifth of a step and does not touch attention). Learning rates
-1e-4, 1e-3 and 3e-3, chosen from a probe of the stock model (20 steps, seed 0): at 1e-4 and 3e-4 it trains
-normally; at 1e-3 the head and top layers move fast; at 3e-3 it is unstable (the loss climbs back above its
-initial value and the test accuracy falls to the majority class, 54.7% of the 256 test texts). 3 seeds; the seed sets
-the classifier head, the batch order and the dropout masks.
+Training: AdamW (weight decay 0.01 on weight matrices), no warmup, learning rate decaying linearly to 0, 20 steps of
+8 texts (160 texts, 1.6% of the training split: what 30 CPU-minutes for the 45 runs allow at about 1.1 CPU-s per
+step plus about 15 CPU-s of loading, conversion check, entropy probes and test evaluation per run, see the README),
+the token-embedding matrix frozen (11.7 M of the 22.7 M weights; its update costs a fifth of a step and does not
+touch attention). Learning rates 1e-4, 3e-4 and 1e-3, from probes of the stock model (seed 0): at 1e-4 it learns,
+slowly (30 steps: 59.8% on the 256 test texts, majority class 57.4%); at 3e-4 (24 steps) it ends at the majority
+class; at 1e-3 (30 steps) it becomes unstable (its loss ends above the first step's, majority class; through the
+[CLS] pooler it did so at 3e-3 too). 3 seeds; the seed sets the classifier head, the batch order and the dropout
+masks. At this budget the fine-tune is short: the experiment is about stability and the cost of conversion, not about
+the accuracy a full fine-tune reaches.
 
-Measured per run: test accuracy (first 256 texts of the fixed test split); minimum attention entropy over
-training (``collect_stability_stats`` on 16 fixed test texts, at step 0 and every 5 steps; the lowest head of the
-lowest layer); loss spikes (steps whose training loss is above 2x the median of the 10 previous steps); divergence
-(non-finite loss, or the mean loss of the last 5 steps above the first step's); CPU time per step
+Measured per run: test accuracy (first 256 texts of the fixed test split); minimum attention entropy over training
+(``collect_stability_stats`` on 16 fixed test texts, at step 0 and every 6 steps; the lowest layer, mean over its
+heads, and the lowest single head); loss spikes (steps whose training loss is above 2x the median of the 10 previous
+steps); divergence (non-finite loss, or the mean loss of the last 5 steps above the first step's); CPU time per step
 (``time.process_time`` of forward + backward + optimizer step). Before training, each run also measures the cost of
 its conversion on the 16 probe texts: the relative change of the last hidden states, of the [CLS] vectors and of
 the mean-pooled sentence embeddings against transformers' stock ``BertModel`` of the same checkpoint.
 
 Usage::
 
-    python benchmarks/experiments/exp5_pretrained_finetune.py --output-dir runs/exp5_pretrained \
+    python benchmarks/experiments/exp5_pretrained_finetune.py --output-dir runs/exp5_pretrained \\
         --figures-dir docs/figures
     python benchmarks/experiments/exp5_pretrained_finetune.py --quick --output-dir /tmp/exp5
 """
@@ -61,7 +68,7 @@ LABELS = {"stock": "stock", "normsoftmax": "NormSoftmax", "sigmareparam": "σRep
           "normsoftmax_sigmareparam": "NormSoftmax + σReparam", "qknorm": "QK-norm (RMS)"}
 COLORS = {"stock": "tab:blue", "normsoftmax": "tab:orange", "sigmareparam": "tab:red",
           "normsoftmax_sigmareparam": "tab:purple", "qknorm": "tab:green"}
-LRS = [1e-4, 1e-3, 3e-3]
+LRS = [1e-4, 3e-4, 1e-3]
 QUICK_VARIANTS = ["stock", "normsoftmax_sigmareparam", "qknorm"]
 
 

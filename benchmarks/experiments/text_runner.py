@@ -5,7 +5,8 @@ but not its ViT-bound training loop and grid (``exp_runner.train_run`` and ``run
 ``exp_runner.BASE_SPEC``). Two tasks share one training loop here:
 
 * ``sentiment``: the real all-MiniLM-L6-v2 checkpoint (a 6-layer, 384-wide ``BertModel``) loaded with
-  ``hf_normsoftmax.from_stock(minilm_path(), task="text-classification", num_labels=2, **flags)`` and fine-tuned on
+  ``hf_normsoftmax.from_stock(minilm_path(), task="text-classification", num_labels=2, **flags)``, its [CLS]
+  pooler replaced by the checkpoint's own mean pooling (``pooling="mean"``, see :class:`MeanPooler`), fine-tuned on
   the Rotten Tomatoes snippets (``load_rotten_tomatoes``: 10,201 train / 2,551 test, stratified split, seed 0) with
   its own WordPiece tokenizer, dynamic padding (each batch padded to its longest text, texts cut at ``max_length``
   tokens). The token-embedding matrix is frozen (see ``freeze_word_embeddings``): on CPU its 11.7 M-entry AdamW
@@ -56,13 +57,14 @@ BASE_SPECS: dict[str, dict[str, Any]] = {
         **FLAG_DEFAULTS,
         "max_length": 32,  # tokens per text, [CLS] and [SEP] included (median text: 26 tokens, 95th percentile: 47)
         "freeze_word_embeddings": True,
+        "pooling": "mean",  # "mean": all-MiniLM-L6-v2's own mean pooling feeds the classifier; "cls": BERT's pooler
         "n_test": 256,  # first N test texts of the fixed split (the final accuracy)
         "probe_examples": 16,  # first N test texts: attention-statistics probe and conversion-cost batch
         "optimizer": "adamw",
         "lr": 3e-5,
         "weight_decay": 0.01,
         "schedule": "linear",  # no warmup; linear decay to 0 at the last step
-        "steps": 30,
+        "steps": 20,
         "batch_size": 8,
         "stability_every": 6,
         "seed": 0,
@@ -80,8 +82,8 @@ BASE_SPECS: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "weight_decay": 0.0,
         "schedule": "constant",  # no warmup
-        "steps": 200,
-        "batch_size": 16,
+        "steps": 100,
+        "batch_size": 8,
         "stability_every": 10,
         "seed": 0,
     },
@@ -134,6 +136,8 @@ def full_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown optimizer {full['optimizer']!r}; allowed: adamw")
     if full["qk_norm"] not in QK_NORM_VALUES:
         raise ValueError(f"unknown qk_norm {full['qk_norm']!r}; allowed: {list(QK_NORM_VALUES)}")
+    if full["task"] == "sentiment" and full["pooling"] not in ("mean", "cls"):
+        raise ValueError(f"unknown pooling {full['pooling']!r}; allowed: ['mean', 'cls']")
     for key in ("steps", "batch_size", "probe_examples"):
         if not isinstance(full[key], int) or isinstance(full[key], bool) or full[key] < 1:
             raise ValueError(f"{key} must be a positive int, got {full[key]!r}")
@@ -270,6 +274,8 @@ class _Sentiment(_Task):
                                                **variant_flags(spec))
         if spec["freeze_word_embeddings"]:
             self.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        if spec["pooling"] == "mean":
+            MeanPooler.install(self.model.bert)
         self.model.train()
         probe_ids = self.data["test_ids"][:spec["probe_examples"]]
         self.probe = pad_batch(probe_ids, self.data["pad_id"])
@@ -305,6 +311,33 @@ class _Sentiment(_Task):
         finally:
             self.model.train()
         return {"loss": total_loss / len(ids), "accuracy": correct / len(ids)}
+
+
+class MeanPooler(torch.nn.Module):
+    """Replaces a ``BertModel``'s pooler (dense + tanh on [CLS]) by the masked mean of the last hidden states, the
+    pooling all-MiniLM-L6-v2 was trained with; the mask comes from a forward pre-hook on the ``BertModel``."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    @classmethod
+    def install(cls, bert) -> MeanPooler:
+        pooler = cls()
+
+        def remember_mask(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            pooler.mask = mask if mask is not None and mask.dim() == 2 else None
+
+        bert.register_forward_pre_hook(remember_mask, with_kwargs=True)
+        bert.pooler = pooler
+        return pooler
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.mask is None or self.mask.shape != hidden_states.shape[:2]:
+            return hidden_states.mean(dim=1)
+        weights = self.mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 def _relative(changed: torch.Tensor, reference: torch.Tensor) -> float:
