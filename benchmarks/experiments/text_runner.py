@@ -82,7 +82,7 @@ BASE_SPECS: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "weight_decay": 0.0,
         "schedule": "constant",  # no warmup
-        "steps": 100,
+        "steps": 80,
         "batch_size": 8,
         "stability_every": 10,
         "seed": 0,
