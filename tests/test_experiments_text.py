@@ -169,6 +169,7 @@ def test_help(name, capsys):
     (["--lrs", "1e-3,-1"], "expected positive numbers"),
     (["--seeds", "0,0"], "distinct non-negative integers"),
     (["--steps", "0"], "--steps"),
+    (["--lrs", "1e-3,0.001"], "expected distinct learning rates"),
 ])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_arguments_are_refused(name, argv, message, capsys):

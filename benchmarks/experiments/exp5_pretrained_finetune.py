@@ -91,6 +91,7 @@ def build_parser():
 
 
 def check_args(args, parser) -> None:
+    T.check_distinct_lrs(args.lrs, parser)
     available = T.qk_norm_available()
     if args.variants is None:
         args.variants = [v for v in (QUICK_VARIANTS if args.quick else VARIANTS) if v != "qknorm" or available]

@@ -78,6 +78,7 @@ def build_parser():
 
 
 def check_args(args, parser) -> None:
+    T.check_distinct_lrs(args.lrs, parser)
     available = T.qk_norm_available()
     if args.variants is None:
         args.variants = [v for v in VARIANTS if v != "qknorm" or available]

@@ -120,6 +120,13 @@ def text_parser(description: str, default_output_dir: str, default_seeds: str) -
     return parser
 
 
+def check_distinct_lrs(lrs: Sequence[float], parser: argparse.ArgumentParser) -> None:
+    """Run names carry the learning rate as ``f"{lr:g}"``: two values that print alike would share result files."""
+    names = [f"{lr:g}" for lr in lrs]
+    if len(set(names)) != len(names):
+        parser.error(f"--lrs: expected distinct learning rates (as printed with 6 significant digits), got {names}")
+
+
 def full_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """``spec`` over its task's defaults; unknown tasks, keys and values are refused by name."""
     task = spec.get("task")
