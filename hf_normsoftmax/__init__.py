@@ -89,7 +89,7 @@ from .hf_attention import (
 )
 from .hf_heads import training_logits
 from .hf_pretrained import NormSoftmaxPreTrainedMixin
-from .hf_state import SigmaReparamConv1D, apply_sigma_reparam, reset_normsoftmax_state
+from .hf_state import NEW_KEY, SigmaReparamConv1D, apply_sigma_reparam, logger, reset_normsoftmax_state
 from .hub import save as _package_save
 from .layers import NormSoftmax
 from .losses import (
@@ -338,8 +338,7 @@ def convert_stock_model(model: PreTrainedModel, **flags) -> PreTrainedModel:
     first_param = next(model.parameters())
     variant = variant_class(config).to(device=first_param.device, dtype=first_param.dtype)
     result = variant.load_state_dict(model.state_dict(), strict=False)
-    new_keys = {k for k in variant.state_dict() if k.rsplit(".", 1)[-1] in ("reparam_scale", "reparam_u", "reparam_v",
-                                                                            LEARNABLE_GAMMA_PARAMETER)}
+    new_keys = {k for k in variant.state_dict() if NEW_KEY.search(k)}  # sigmaReparam, gammas, QK-norms
     if result.unexpected_keys or set(result.missing_keys) - new_keys:
         raise ValueError(
             f"convert_stock_model: the state dict of {type(model).__name__} does not map onto "
@@ -348,6 +347,12 @@ def convert_stock_model(model: PreTrainedModel, **flags) -> PreTrainedModel:
         )
     variant.tie_weights()
     reset_normsoftmax_state(variant)
+    if config.qk_norm is not None:
+        logger.warning(
+            f"convert_stock_model: `qk_norm`={config.qk_norm!r} starts its norms at weight 1 on the copied attention "
+            "weights, so the variant computes another function than the stock model (QK-norm is not "
+            "function-preserving); fine-tune it."
+        )
     variant.train(model.training)
     return variant
 

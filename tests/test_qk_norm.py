@@ -220,3 +220,20 @@ def test_cli_option():
     assert "qk_norm" not in variant_flags_from_args(parser.parse_args([]), "normsoftmax_gpt2")
     with pytest.raises(BadInputError, match="--qk-norm"):  # error messages use the option's name
         variant_flags_from_args(argparse.Namespace(qk_norm="bogus"), "normsoftmax_vit")
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_convert_stock_model_adds_qk_norm_at_weight_one_and_says_so(kind, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    stock = GPT2LMHeadModel(GPT2Config(**TINY_GPT2)).eval()
+    with caplog.at_level(logging.WARNING, logger="hf_normsoftmax"):
+        variant = H.convert_stock_model(stock, qk_norm=kind)
+    assert any("not function-preserving" in r.getMessage() for r in caplog.records)
+    norms = dict(variant.transformer.h[1].attn.normsoftmax_k_norm.named_parameters())
+    assert sorted(norms) == (["bias", "weight"] if kind == "layer" else ["weight"])
+    assert torch.equal(norms["weight"], torch.ones(TINY_GPT2["n_embd"] // TINY_GPT2["n_head"]))
+    # every stock weight was copied
+    for name, tensor in stock.state_dict().items():
+        assert torch.equal(variant.state_dict()[name], tensor), name
