@@ -92,14 +92,8 @@ def build_parser():
 
 def check_args(args, parser) -> None:
     T.check_distinct_lrs(args.lrs, parser)
-    available = T.qk_norm_available()
     if args.variants is None:
-        args.variants = [v for v in (QUICK_VARIANTS if args.quick else VARIANTS) if v != "qknorm" or available]
-        if not available:
-            print("note: the installed hf_normsoftmax has no qk_norm flag: the qknorm variant is left out")
-    elif "qknorm" in args.variants and not available:
-        parser.error("--variants: qknorm needs the qk_norm config flag, which the installed hf_normsoftmax does not "
-                     "have; allowed here: " + ", ".join(v for v in VARIANTS if v != "qknorm"))
+        args.variants = list(QUICK_VARIANTS if args.quick else VARIANTS)
 
 
 def make_specs(args) -> list[dict]:
@@ -107,14 +101,8 @@ def make_specs(args) -> list[dict]:
         args.batch_size, T.BASE_SPECS["sentiment"]["n_test"]
     if args.quick:
         lrs, seeds, steps, every, batch, n_test = lrs[-1:], seeds[:1], 2, 1, 4, 16
-    specs = []
-    for lr in lrs:
-        for variant in args.variants:
-            for seed in seeds:
-                specs.append({"name": f"lr{lr:g}_{variant}_s{seed}", "task": "sentiment", "variant": variant,
-                              **T.FLAG_DEFAULTS, **VARIANTS[variant], "lr": lr, "steps": steps,
-                              "batch_size": batch, "stability_every": every, "n_test": n_test, "seed": seed})
-    return specs
+    return T.grid_specs("sentiment", VARIANTS, args.variants, lrs, seeds, steps=steps, batch_size=batch,
+                        stability_every=every, n_test=n_test)
 
 
 def run_metrics(result) -> dict:

@@ -79,14 +79,8 @@ def build_parser():
 
 def check_args(args, parser) -> None:
     T.check_distinct_lrs(args.lrs, parser)
-    available = T.qk_norm_available()
     if args.variants is None:
-        args.variants = [v for v in VARIANTS if v != "qknorm" or available]
-        if not available:
-            print("note: the installed hf_normsoftmax has no qk_norm flag: the qknorm variant is left out")
-    elif "qknorm" in args.variants and not available:
-        parser.error("--variants: qknorm needs the qk_norm config flag, which the installed hf_normsoftmax does not "
-                     "have; allowed here: " + ", ".join(v for v in VARIANTS if v != "qknorm"))
+        args.variants = list(VARIANTS)
 
 
 def make_specs(args) -> list[dict]:
@@ -94,14 +88,8 @@ def make_specs(args) -> list[dict]:
         args.batch_size, T.BASE_SPECS["char_lm"]["n_val_windows"]
     if args.quick:
         lrs, seeds, steps, every, batch, n_val = lrs[-1:], seeds[:1], 3, 1, 2, 8
-    specs = []
-    for lr in lrs:
-        for variant in args.variants:
-            for seed in seeds:
-                specs.append({"name": f"lr{lr:g}_{variant}_s{seed}", "task": "char_lm", "variant": variant,
-                              **T.FLAG_DEFAULTS, **VARIANTS[variant], "lr": lr, "steps": steps,
-                              "batch_size": batch, "stability_every": every, "n_val_windows": n_val, "seed": seed})
-    return specs
+    return T.grid_specs("char_lm", VARIANTS, args.variants, lrs, seeds, steps=steps, batch_size=batch,
+                        stability_every=every, n_val_windows=n_val)
 
 
 def _finite(values):

@@ -652,6 +652,7 @@ def _worker_init(threads: int) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _run_and_save(spec: Mapping[str, Any], path: str, progress: bool) -> tuple[str, float, bool]:

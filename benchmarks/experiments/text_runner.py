@@ -161,11 +161,12 @@ def variant_flags(spec: Mapping[str, Any]) -> dict[str, Any]:
     return flags
 
 
-def qk_norm_available() -> bool:
-    """Whether the installed package has the ``qk_norm`` flag."""
-    from hf_normsoftmax.configuration_normsoftmax import NormSoftmaxBertConfig
-
-    return "qk_norm" in NormSoftmaxBertConfig().normsoftmax_flags()
+def grid_specs(task: str, variants: Mapping[str, Mapping[str, Any]], chosen, lrs, seeds, **settings) -> list[dict]:
+    """One spec per (lr, variant, seed), named ``lr<lr>_<variant>_s<seed>``: the flags at their defaults, then the
+    variant's, then ``settings`` (steps, batch size, ...)."""
+    return [{"name": f"lr{lr:g}_{variant}_s{seed}", "task": task, "variant": variant, **FLAG_DEFAULTS,
+             **variants[variant], "lr": lr, **settings, "seed": seed}
+            for lr in lrs for variant in chosen for seed in seeds]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -563,15 +564,6 @@ def existing_result(path: Path, spec: Mapping[str, Any]) -> dict | None:
     return result
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def _run_and_save(spec: Mapping[str, Any], path: str, progress: bool) -> tuple[str, float, bool]:
     result = train_text_run(spec, progress=progress)
     R.write_json(Path(path), result)
@@ -608,7 +600,7 @@ def run_grid(specs: Sequence[Mapping[str, Any]], output_dir: Path, jobs: int = 2
 
         previous_threads, previous_verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
         with warnings.catch_warnings():
-            _worker_init(threads)
+            R._worker_init(threads)
             try:
                 for spec in todo:
                     done(*_run_and_save(spec, str(run_path(output_dir, spec)), progress))
@@ -620,7 +612,7 @@ def run_grid(specs: Sequence[Mapping[str, Any]], output_dir: Path, jobs: int = 2
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=R._worker_init,
                                  initargs=(threads,)) as pool:
             futures = [pool.submit(_run_and_save, dict(spec), str(run_path(output_dir, spec)), False)
                        for spec in todo]
