@@ -73,6 +73,12 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, contiguous: models hand over (B, H, L, D) views of (B, L, H, D) projections, and every
+    statistics matmul on such a view would copy it again."""
+    return x.contiguous() if x.dtype == dtype else x.to(dtype, memory_format=torch.contiguous_format)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics dtype: float64 stays float64, everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -136,8 +142,8 @@ def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
     """Statistics, row factors and the exact rows of one call (no autograd)."""
     cd = compute_dtype(query.dtype)
     with torch.no_grad():
-        q = _as(query.detach(), cd)
-        kc, count = _centred_keys(_as(key.detach(), cd), key_weight)
+        q = _dense(query.detach(), cd)
+        kc, count = _centred_keys(_dense(key.detach(), cd), key_weight)
         kernel_key = kc if key.dtype == cd else kc.to(key.dtype)
         if kernel_key is not kc:  # statistics of the keys the kernel sees (the rounded centred keys)
             kc = _as(kernel_key, cd)
@@ -334,7 +340,7 @@ class FastAttention(torch.autograd.Function):
                     out = _sdpa(q_leaf, k_leaf, v_leaf, settings)
             grad_qs, grad_kc, grad_v = torch.autograd.grad(out, (q_leaf, k_leaf, v_leaf), grad_out)
         cd = plan.factor.dtype
-        q = _as(query, cd)
+        q = _dense(query, cd)
         grad_qs, grad_kc = _as(grad_qs, cd), _as(grad_kc, cd)
         # dL/dfactor_i = g_i . q_i -> dL/d(1/T_i) -> dL/dvar_i (and dL/dgamma)
         grad_inv = q.new_empty(*q.shape[:-1], 1)
