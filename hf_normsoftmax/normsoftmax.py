@@ -325,26 +325,16 @@ class _NormalizeLogits(torch.autograd.Function):
 
     @staticmethod
     def _differentiable_backward(ctx, x, mask, gamma_tensor, gamma, grad_z):
-        """The same gradient from differentiable ops on the saved input (used under create_graph)."""
+        """The same gradients by autograd through the forward's formula (:func:`_row_terms`) recomputed from the
+        saved input (used under create_graph). Masked outputs are constants: their ``centred`` is 0."""
         _, dim, inv_cap, eps, power, _ = ctx.options
-        compute_dtype = _compute_dtype(x.dtype)
-        centred, inv_temperature, var, count, uncapped = _row_terms(
-            x.to(compute_dtype), mask, dim, gamma, inv_cap, eps, power
-        )
-        g = grad_z.to(compute_dtype)
-        if mask is not None:
-            g = torch.where(mask, g, 0.0)
-        grad_inv_temperature = (g * centred).sum(dim, keepdim=True)
-        if uncapped is not None:
-            grad_inv_temperature = torch.where(uncapped, grad_inv_temperature, 0.0)
-        grad_var = grad_inv_temperature * inv_temperature * (-power) / (var + eps)
-        grad_centred = g * inv_temperature + centred * (grad_var * 2.0 / count)
-        if mask is not None:
-            grad_centred = torch.where(mask, grad_centred, 0.0)
-        grad_x = grad_centred - grad_centred.sum(dim, keepdim=True) / count
-        if mask is not None:
-            grad_x = torch.where(mask, grad_x, 0.0)
-        return _NormalizeLogits._gradients(ctx, x, grad_x, gamma_tensor, gamma, grad_inv_temperature, inv_temperature)
+        centred, inv_temperature, *_ = _row_terms(x.to(_compute_dtype(x.dtype)), mask, dim, gamma, inv_cap, eps, power)
+        z = centred * inv_temperature
+        needs = (ctx.needs_input_grad[0], gamma_tensor is not None and ctx.needs_input_grad[2])
+        wanted = [tensor for tensor, need in zip((x, gamma_tensor), needs, strict=True) if need]
+        grads = iter(torch.autograd.grad(z, wanted, grad_z.to(z.dtype), create_graph=True))
+        grad_x, grad_gamma = (next(grads) if need else None for need in needs)
+        return grad_x, None, grad_gamma, None, None, None, None, None, None, None
 
 
 def _normalize(input, dim, mask, gamma=1.0, max_temperature=None, eps=1e-6, statistic="std", *, out_dtype=None,

@@ -57,7 +57,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .sigma_reparam_ops import (  # the numerics of this module's layers
-    _FAST_DTYPES,
     _LAYOUTS,
     _MISSING,
     _WAKE_ABOVE,
@@ -83,6 +82,10 @@ __all__ = ["SigmaReparamConv2d", "SigmaReparamLinear", "SigmaReparamMixin", "sig
 # Devices where "did the weight change?" is read on the host to skip work (free on CPU). Elsewhere, and under
 # torch.compile, the step is computed and selected with torch.where: no device sync, no graph break.
 _HOST_DECIDED_DEVICES = ("cpu",)
+
+
+def _decided_on_host(weight: torch.Tensor) -> bool:
+    return weight.device.type in _HOST_DECIDED_DEVICES and not torch.compiler.is_compiling()
 
 
 class _PowerIterationState:
@@ -160,10 +163,14 @@ class _PowerIterationState:
         ``plain`` (a bool, or a 0-dim bool tensor off the host) says the layer computes ``W_hat = W``: its
         estimate is 0 (a zero weight). With ``store``, a plain layer whose weight has become nonzero wakes:
         through :meth:`reset_reparam` (exact, ``scale = sigma``, so ``W_hat = W`` still). On CPU the decisions
-        are read directly; on accelerators and under torch.compile they are computed and selected branch-free (no
-        host sync, one graph), except the plain check, read on the host only while the layer may be plain
-        (``_maybe_plain``: after a plain reset or a state-dict load, until a training forward sees it is not).
+        are read directly (:meth:`_host_vectors`); on accelerators and under torch.compile they are computed and
+        selected branch-free (no host sync, one graph), except the plain check, read on the host only while the
+        layer may be plain (``_maybe_plain``: after a plain reset or a state-dict load, until a training forward
+        sees it is not).
         """
+        if _decided_on_host(self.weight):
+            u_now, v_now, sigma_now, _ = self._host_vectors(self.weight, self.reparam_u, self.reparam_v, store)
+            return u_now, v_now, sigma_now, sigma_now.item() == 0.0
         weight = _aligned(self.weight.detach())
         compute_dtype = _compute_dtype(weight.dtype)
         matrix = _matrix(weight, self.weight_layout).to(compute_dtype)
@@ -174,21 +181,6 @@ class _PowerIterationState:
         # without one compute it with the very same operations (bitwise equal under checkpoint recomputation).
         sigma_now = torch.dot(wt_v, u_now)
         changed = (F.normalize(wt_v, dim=0).to(u_stored.dtype) != u_stored).any()
-        # Where reading the flag costs no device sync, skip the step's work when nothing changed.
-        decide_on_host = weight.device.type in _HOST_DECIDED_DEVICES and not torch.compiler.is_compiling()
-        if decide_on_host:
-            if bool(changed):
-                u_new_stored, v_new_stored, u_now, v_now, sigma_now = _power_step(
-                    matrix, u_now, u_stored.dtype, v_stored.dtype, compute_dtype
-                )
-                if store:
-                    u_stored.copy_(u_new_stored)
-                    v_stored.copy_(v_new_stored)
-            plain = float(sigma_now) == 0.0
-            if plain and store and not _woken and _wakes(weight):
-                self.reset_reparam()
-                return self._reparam_vectors(store, _woken=True)
-            return u_now, v_now, sigma_now, plain
         if store and not _woken and getattr(self, "_maybe_plain", True) and not torch.compiler.is_compiling():
             # One host read while the layer may be plain (after a plain reset or a load): wake it exactly.
             # (Compiled graphs cannot branch on data: there a plain layer stays plain, W_hat = W.)
@@ -208,6 +200,36 @@ class _PowerIterationState:
         v_now = torch.where(changed, v_new, v_now)
         sigma_now = torch.where(changed, sigma_new, sigma_now)
         return u_now, v_now, sigma_now, sigma_now == 0
+
+    @_full_precision
+    def _host_vectors(
+        self, weight: torch.Tensor, u_stored: torch.Tensor, v_stored: torch.Tensor, store: bool, _woken: bool = False
+    ):
+        """:meth:`_reparam_vectors` with its decisions read on the host (CPU): ``(u, v, sigma, W_mm)``.
+
+        The same operations in the same order as the branch-free path (the same bits: a run may switch between
+        the two), the step skipped when the weight did not change. ``W_mm`` is the (in, out) view of the detached
+        weight, the fused matmul's operand for Linear and Conv1D layouts, when the power iteration runs in the
+        weight's dtype (else None). With ``store`` a plain layer whose weight became nonzero wakes. No no-grad
+        context: no graph is recorded (the weight is detached, the buffers need no grad). The returned u, v are
+        fresh tensors (autograd keeps them while later forwards may overwrite the buffers).
+        """
+        compute_dtype = _compute_dtype(weight.dtype)
+        # Aligned operands: the same bits whether the weight was allocated here or mapped from a checkpoint.
+        matrix = _matrix(_aligned(weight.detach()), self.weight_layout).to(compute_dtype)
+        u_now, v_now = _read(u_stored, compute_dtype), _read(v_stored, compute_dtype)
+        wt_v = torch.mv(matrix.t(), v_now)
+        if torch.equal(_normalize(wt_v).to(u_stored.dtype), u_stored):  # u is still the image of v: no change
+            sigma = torch.dot(wt_v, u_now)
+        else:
+            u_new, v_new, u_now, v_now, sigma = _power_step(matrix, u_now, u_stored.dtype, v_stored.dtype, compute_dtype)
+            if store:
+                u_stored.copy_(u_new)
+                v_stored.copy_(v_new)
+        if store and not _woken and sigma.item() == 0.0 and _wakes(weight):
+            self.reset_reparam()  # wake: the weight of a plain layer became nonzero
+            return self._host_vectors(weight, u_stored, v_stored, store, _woken=True)
+        return u_now, v_now, sigma, matrix.t() if compute_dtype is weight.dtype else None
 
     def _check_materialised(self, what: str) -> None:
         if self.weight.is_meta:
@@ -352,57 +374,6 @@ class SigmaReparamMixin(_PowerIterationState):
             v = self.reparam_v
         return weight, bias, scale, u, v
 
-    def _cpu_training_vectors(
-        self, weight: torch.Tensor, u_stored: torch.Tensor, v_stored: torch.Tensor, store: bool = True
-    ):
-        """The CPU fast path of ``_reparam_vectors``: ``(u, v, sigma, W_mm)`` or None.
-
-        ``sigma`` is not clamped (0 for a plain layer; the caller wakes it); ``W_mm`` is the (in, out) view of
-        the detached weight, the fused matmul's operand for Linear and Conv1D layouts. ``store`` as in
-        ``_reparam_vectors`` (False: eval forwards, which never change the buffers).
-
-        Taken for a plain float32 / float64 CPU weight with buffers of its dtype, outside autocast and
-        torch.compile. The same operations in the same order as the general path (so the same bits: a run may
-        switch between the two), minus its dtype round trips, buffer copies and no-grad context. No graph is
-        recorded with grad mode on: the weight is detached and the buffers need no grad. The returned u, v are
-        fresh tensors (autograd keeps them while later forwards may overwrite the buffers).
-        """
-        if not (
-            weight.is_cpu
-            and weight.dtype in _FAST_DTYPES
-            and u_stored.dtype is weight.dtype
-            and v_stored.dtype is weight.dtype
-            and "cpu" in _HOST_DECIDED_DEVICES
-            and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            return None
-        detached = weight.detach()
-        if type(detached) is not torch.Tensor:  # tensor subclasses (DTensor, fake / functional tensors)
-            return None
-        # Aligned operands: the same bits whether the weight was allocated here or mapped from a checkpoint.
-        detached = _aligned(detached)
-        u_stored_in, v_stored_in = _aligned(u_stored), _aligned(v_stored)
-        layout = self.weight_layout
-        if layout == "out_in":
-            matrix, matrix_t = detached, detached.t()
-        elif layout == "in_out":
-            matrix, matrix_t = detached.t(), detached
-        else:
-            matrix = detached.reshape(detached.shape[0], -1)
-            matrix_t = matrix.t()
-        wt_v = torch.mv(matrix_t, v_stored_in)
-        u_now = _normalize(wt_v)
-        if torch.equal(u_now, u_stored):  # u is still the image of v: the weight has not changed
-            return u_now, v_stored.clone(), torch.dot(wt_v, u_now), matrix_t
-        v_now = _normalize(torch.mv(matrix, u_stored_in))
-        wt_v = torch.mv(matrix_t, v_now)
-        u_now = _normalize(wt_v)
-        if store:
-            u_stored.copy_(u_now)
-            v_stored.copy_(v_now)
-        return u_now, v_now, torch.dot(wt_v, u_now), matrix_t
-
     def _can_fuse(self, input: torch.Tensor, weight: torch.Tensor, bias) -> bool:
         return (
             self.fused_cpu_matmul
@@ -424,21 +395,12 @@ class SigmaReparamMixin(_PowerIterationState):
         layout = self.weight_layout
         weight, bias, scale, u, v = self._tensors()
         store = self.training
-        vectors = self._cpu_training_vectors(weight, u, v, store)
-        if vectors is None:
-            u, v, sigma, plain = self._reparam_vectors(store)
-            w_mm = None
-            if plain is False:  # decided on the host: the fused matmul may take it
-                sigma_value = sigma.item()
-        else:
-            u, v, sigma, w_mm = vectors
+        if _decided_on_host(weight):
+            u, v, sigma, w_mm = self._host_vectors(weight, u, v, store)
             sigma_value = sigma.item()
-            if sigma_value == 0.0 and store and _wakes(weight):
-                self.reset_reparam()  # wake: the weight of a plain layer became nonzero
-                weight, bias, scale, u, v = self._tensors()
-                u, v, sigma, w_mm = self._cpu_training_vectors(weight, u, v, store)
-                sigma_value = sigma.item()
             plain = sigma_value == 0.0
+        else:
+            u, v, sigma, plain = self._reparam_vectors(store)  # plain: a tensor, decided on the device
         if plain is True:
             return self._forward_with(input, weight, bias)
         if plain is False and self._can_fuse(input, weight, bias):

@@ -3,7 +3,7 @@ matmul, the helpers they share (layouts, aligned copies, dtype rules) and the se
 
 Used by :mod:`hf_normsoftmax.sigma_reparam` (the layers); see its docstring for the rules these implement.
 
-Divergence: the per-step scalars ``s / sigma`` stay Python numbers on the CPU fast path; one beyond the weight
+Divergence: the per-step scalars ``s / sigma`` stay Python numbers on the CPU fused path; one beyond the weight
 dtype's range (a diverged layer) sends the forward through tensor arithmetic, so a diverged layer gives inf / nan
 outputs and loss as its stock twin does, never an error.
 
@@ -29,7 +29,6 @@ from torch import nn
 
 _LAYOUTS = ("out_in", "in_out", "conv")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_FAST_DTYPES = (torch.float32, torch.float64)  # power iteration in the weight's own dtype: the CPU fast path
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Power iteration and sigma in float32 for half weights; float64 weights stay exact.
@@ -167,26 +166,38 @@ class _ScaledWeight(torch.autograd.Function):
     def backward(ctx, grad_output):
         weight, scale, u, v, sigma, plain = ctx.saved_tensors
         layout = ctx.layout
+        if torch.is_grad_enabled():  # create_graph
+            grads = _recomputed_grads(lambda w_hat: w_hat, grad_output, (weight, scale), ctx.needs_input_grad[:2],
+                                      weight, scale, u, v, layout, plain)
+            return (*grads, None, None, None, None)
         compute_dtype = _compute_dtype(weight.dtype)
-        create_graph = torch.is_grad_enabled()
         w = _aligned(weight).to(compute_dtype)
         g = grad_output.to(compute_dtype)
-        if create_graph:
-            sigma = torch.dot(torch.mv(_matrix(w, layout).t(), v), u).clamp(min=_sigma_floor(compute_dtype))
         s = torch.where(plain, torch.zeros_like(sigma), scale.to(compute_dtype))
-        inner = (g * w).sum() if create_graph else torch.dot(g.reshape(-1), w.reshape(-1))
+        inner = torch.dot(g.reshape(-1), w.reshape(-1))
         grad_weight = grad_scale = None
         if ctx.needs_input_grad[0]:
             alpha = torch.where(plain, torch.ones_like(sigma), s / sigma)
             coef_v = v * (-(s / sigma.square()) * inner)
-            if create_graph:
-                grad_weight = g * alpha + _outer_in_layout(coef_v, u, layout, w.shape)
-            else:
-                grad_weight = _scaled_plus_outer(g, alpha, coef_v, u, layout)
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = _scaled_plus_outer(g, alpha, coef_v, u, layout).to(weight.dtype)
         if ctx.needs_input_grad[1]:
             grad_scale = torch.where(plain, torch.zeros_like(sigma), inner / sigma).to(scale.dtype)
         return grad_weight, grad_scale, None, None, None, None
+
+
+def _recomputed_grads(function, grad_output, inputs, needs, weight, scale, u, v, layout, plain=None) -> tuple:
+    """The gradients of ``function(W_hat)`` for the ``inputs`` that ``needs`` says, by autograd through a
+    differentiable recomputation of ``W_hat`` (u, v held constant): the backward under create_graph, so double
+    backward is exact."""
+    compute_dtype = _compute_dtype(weight.dtype)
+    matrix_t = _matrix(weight, layout).t().to(compute_dtype)
+    sigma = torch.dot(torch.mv(matrix_t, v.to(compute_dtype)), u.to(compute_dtype))
+    alpha = scale.to(compute_dtype) / sigma.clamp(min=_sigma_floor(compute_dtype))
+    if plain is not None:
+        alpha = torch.where(plain, torch.ones_like(alpha), alpha)
+    wanted = [tensor for tensor, need in zip(inputs, needs, strict=True) if need]
+    grads = iter(torch.autograd.grad(function(weight * alpha), wanted, grad_output, create_graph=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _scaled_addmm(x, weight, bias, alpha: float, layout: str, w_mm=None) -> torch.Tensor:
@@ -232,25 +243,10 @@ class _ReparamMatmul(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_s = None
         if need_b:
             grad_b = grad_out.sum(0)
-        if torch.is_grad_enabled():  # create_graph: differentiable recomputation for double backward
-            compute_dtype = _compute_dtype(weight.dtype)
-            u, v = u.to(compute_dtype), v.to(compute_dtype)
-            sigma_d = torch.dot(torch.mv(_matrix(weight, layout).t().to(compute_dtype), v), u)
-            alpha_d = scale.to(compute_dtype) / sigma_d.clamp(min=_sigma_floor(compute_dtype))
-            w_hat = weight * alpha_d
-            w_mm = w_hat.t() if layout == "out_in" else w_hat
-            if need_x:
-                grad_x = grad_out.mm(w_mm.t())
-            if need_w or need_s:
-                grad_w_hat = grad_out.t().mm(x) if layout == "out_in" else x.t().mm(grad_out)
-                inner = (grad_w_hat * weight).sum().to(compute_dtype)
-                if need_s:
-                    grad_s = (inner / sigma_d).to(scale.dtype)
-                if need_w:
-                    coef_v = v * (-(scale.to(compute_dtype) / sigma_d.square()) * inner)
-                    correction = _outer_in_layout(coef_v, u, layout, weight.shape).to(weight.dtype)
-                    grad_w = grad_w_hat * alpha_d.to(weight.dtype) + correction
-            return grad_x, grad_w, grad_b, grad_s, None
+        if torch.is_grad_enabled():  # create_graph
+            grads = _recomputed_grads(lambda w_hat: x.mm(w_hat.t() if layout == "out_in" else w_hat), grad_out,
+                                      (x, weight, scale), (need_x, need_w, need_s), weight, scale, u, v, layout)
+            return grads[0], grads[1], grad_b, grads[2], None
         # First-order backward on CPU: the scalars are Python numbers, which saves a dozen tiny tensor ops.
         zero = _cpu_zero(grad_out.dtype)
         weight = _aligned(weight.detach())
@@ -293,12 +289,6 @@ def _matrix(weight: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "in_out":
         return weight.t()
     return weight.reshape(weight.shape[0], -1)
-
-
-def _outer_in_layout(v_part: torch.Tensor, u: torch.Tensor, layout: str, shape) -> torch.Tensor:
-    if layout == "in_out":
-        return torch.outer(u, v_part)
-    return torch.outer(v_part, u).reshape(shape)
 
 
 def _scaled_plus_outer(
