@@ -66,6 +66,7 @@ from . import (
     modeling_normsoftmax_vit,
 )
 from . import normsoftmax as _normsoftmax_module
+from . import pretrained_features as _pretrained_features
 from . import sigma_reparam_tools as _sigma_reparam_tools
 from .attention import normsoftmax_attention, normsoftmax_attention_reference
 from .configuration_normsoftmax import (
@@ -89,7 +90,7 @@ from .hf_attention import (
 )
 from .hf_heads import training_logits
 from .hf_pretrained import NormSoftmaxPreTrainedMixin
-from .hf_state import NEW_KEY, SigmaReparamConv1D, apply_sigma_reparam, logger, reset_normsoftmax_state
+from .hf_state import NEW_KEY, SigmaReparamConv1D, apply_sigma_reparam, logger
 from .hub import save as _package_save
 from .layers import NormSoftmax
 from .losses import (
@@ -122,7 +123,9 @@ from .modeling_normsoftmax_vit import (
     NormSoftmaxViTModel,
 )
 from .normsoftmax import norm_softmax, normalize_logits
-from .sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin, sigma_reparam_
+from .sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin
+from .sigma_reparam_tools import sigma_reparam_
+from .state_reset import reset_normsoftmax_state
 
 __version__ = "0.1.0"
 
@@ -208,7 +211,7 @@ def register() -> None:
     """
     register_normsoftmax_attention()
     # the variant classes save with their code, push with the hf_normsoftmax card and export through the package
-    NormSoftmaxPreTrainedMixin._package_features = _package_save
+    _pretrained_features.install()
     for config_class, auto_classes in _AUTO_REGISTRY.items():
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         for auto_class, model_class in auto_classes.items():

@@ -125,21 +125,6 @@ STOCK_MODEL_TYPE = {
 }
 VARIANT_MODEL_TYPE = {stock: variant for variant, stock in STOCK_MODEL_TYPE.items()}
 
-NORMSOFTMAX_FLAGS = (
-    "attention_softmax",
-    "normsoftmax_gamma",
-    "normsoftmax_learnable_gamma",
-    "normsoftmax_max_temperature",
-    "normsoftmax_statistic",
-    "normsoftmax_eps",
-    "loss_softmax",
-    "loss_normsoftmax_gamma",
-    "logit_inverse_temperature",
-    "sigma_reparam",
-    "sigma_reparam_include",
-    "sigma_reparam_exclude",
-    "qk_norm",
-)
 # Flags that decide the modules / parameters of a model when it is built (see "structural flags" above).
 STRUCTURAL_FLAGS = (
     "sigma_reparam", "sigma_reparam_include", "sigma_reparam_exclude", "normsoftmax_learnable_gamma", "qk_norm",
@@ -213,6 +198,8 @@ _FLAG_CHECKS = {
     "sigma_reparam_exclude": _pattern_list,
     "qk_norm": _choice(QK_NORM_CHOICES),
 }
+# The flags, in the order of the docstring's table.
+NORMSOFTMAX_FLAGS = tuple(_FLAG_CHECKS)
 
 
 def check_flag_combination(config: Any) -> None:

@@ -53,15 +53,13 @@ def training_logits(logits: torch.Tensor, config: Any, dim: int = -1) -> torch.T
     Half-precision logits are transformed in float32 and returned in their dtype, or in float32 where that dtype
     would overflow (e.g. ``beta * z`` beyond 65504 in float16).
     """
-    normalize = getattr(config, "loss_softmax", "softmax") == "normsoftmax"
-    beta = getattr(config, "logit_inverse_temperature", 1.0)
-    if not normalize and beta == 1.0:
+    if _uses_default_head_softmax(config):
         return logits
     wide = logits.float() if logits.dtype in _HALF_DTYPES else logits
-    if normalize:
+    if getattr(config, "loss_softmax", "softmax") == "normsoftmax":
         computed = normalize_logits(wide, dim=dim, gamma=config.loss_normsoftmax_gamma, **_spread_settings(config))
     else:
-        computed = wide * beta
+        computed = wide * getattr(config, "logit_inverse_temperature", 1.0)
     return _in_dtype_if_finite(computed, logits.dtype)
 
 
@@ -121,7 +119,7 @@ def head_cross_entropy(
     (transformers' gradient-accumulation semantics).
     """
     num_classes = logits.shape[-1]
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    logits = logits.float() if logits.dtype in _HALF_DTYPES else logits
     return cross_entropy(
         logits.reshape(-1, num_classes),
         labels.reshape(-1).to(logits.device),
@@ -194,9 +192,7 @@ def sequence_classification_head(
                 "Multi-label heads use one sigmoid per label, there is no softmax over the labels to normalise. "
                 "Allowed: `loss_softmax`='softmax' (optionally with `logit_inverse_temperature`) for multi-label heads."
             )
-        beta = getattr(config, "logit_inverse_temperature", 1.0)
-        wide = raw_logits.float() if raw_logits.dtype in _HALF_DTYPES else raw_logits
-        logits = raw_logits if beta == 1.0 else _in_dtype_if_finite(wide * beta, raw_logits.dtype)
+        logits = training_logits(raw_logits, config)  # beta * z (loss_softmax is "softmax" here)
     elif problem_type == "single_label_classification":
         if labels is None:
             return training_logits(raw_logits, config), None
@@ -211,17 +207,12 @@ def sequence_classification_head(
     if labels is None:
         return logits, None
     labels = labels.to(logits.device)
-    float_logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    if problem_type == "regression":
-        if num_labels == 1:
-            squared = F.mse_loss(float_logits.squeeze(), labels.squeeze().to(float_logits.dtype), reduction="sum")
-            count = max(labels.squeeze().numel(), 1)
-        else:
-            squared = F.mse_loss(float_logits, labels.to(float_logits.dtype), reduction="sum")
-            count = max(labels.numel(), 1)
-        return logits, _reduce(squared, count, num_items_in_batch)
-    bce = F.binary_cross_entropy_with_logits(float_logits, labels.to(float_logits.dtype), reduction="sum")
-    return logits, _reduce(bce, max(labels.numel(), 1), num_items_in_batch)
+    float_logits = logits.float() if logits.dtype in _HALF_DTYPES else logits
+    if problem_type == "regression" and num_labels == 1:
+        float_logits, labels = float_logits.squeeze(), labels.squeeze()
+    loss_function = F.mse_loss if problem_type == "regression" else F.binary_cross_entropy_with_logits
+    summed = loss_function(float_logits, labels.to(float_logits.dtype), reduction="sum")
+    return logits, _reduce(summed, max(labels.numel(), 1), num_items_in_batch)
 
 
 def question_answering_head(

@@ -165,9 +165,10 @@ class NormSoftmaxPreTrainedMixin:
         """``nn.Module.load_state_dict`` that, with ``strict=False`` (how ``Trainer`` loads the checkpoint it resumes
         from), refuses a state dict of a sigmaReparam / learnable-gamma variant that holds every weight of the model
         but lacks some of these entries: the model would keep its own values for them, not the trained ones. A state
-        dict with none of these entries (a stock model's) loads as before (call :func:`reset_normsoftmax_state`
-        after), and so does one that lacks weights too (a shard of a sharded checkpoint, loaded one by one by
-        transformers' ``load_sharded_checkpoint``: it cannot be judged alone)."""
+        dict with none of these entries (a stock model's) loads as before (call
+        :func:`hf_normsoftmax.reset_normsoftmax_state` after), and so does one that lacks weights too (a shard of a
+        sharded checkpoint, loaded one by one by transformers' ``load_sharded_checkpoint``: it cannot be judged
+        alone)."""
         if not strict and self._holds_every_weight(state_dict):
             keys = set(state_dict)
             lacking = missing_state(
@@ -197,34 +198,12 @@ class NormSoftmaxPreTrainedMixin:
             if not NEW_KEY.search(key) and key not in tied and not (unsaved and unsaved.search(key))
         )
 
-    # -- what the installed package adds: saving with the code, the Hub push, export ---------------------------------
-    #: Default of ``save_pretrained(save_remote_code=...)`` with the package installed. Set
-    #: ``model.save_remote_code = False`` to keep the code out of saves you do not call yourself (``Trainer``
-    #: checkpoints, ``trainer.push_to_hub()``).
-    save_remote_code: bool = True
+    # -- what the installed package adds: saving with the code and the Hub push (installed on this class by
+    # hf_normsoftmax.pretrained_features: a remote-code copy of this file saves and pushes with transformers' own
+    # methods, which copy the code of classes loaded with trust_remote_code), and export.
     #: The package's implementations (the module :mod:`hf_normsoftmax.hub.save`), set by ``import hf_normsoftmax``.
-    #: Remote-code copies of this file run without the package: None there, and transformers' own
-    #: ``save_pretrained`` / ``push_to_hub`` run (they copy the code of classes loaded with trust_remote_code).
+    #: Remote-code copies of this file run without the package: None there.
     _package_features = None
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained`` that also writes the model's code and ``auto_map`` (so the folder
-        loads with ``trust_remote_code=True`` where the package is missing) and replaces a checkpoint already in
-        ``save_directory`` all-or-nothing; ``save_remote_code=False`` opts out of the code, ``auto_class=`` names
-        the Auto class mapped. See :func:`hf_normsoftmax.hub.save.save_pretrained`."""
-        features = NormSoftmaxPreTrainedMixin._package_features
-        if features is None:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        return features.save_pretrained(self, super().save_pretrained, save_directory, *args, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload the model with the hf_normsoftmax model card, its code + ``auto_map``, the weights, the config and
-        the tokenizer / processor (``processing_class=``) in ONE commit; ``card_fields=`` adds card fields. See
-        :func:`hf_normsoftmax.hub.save.push_to_hub`."""
-        features = NormSoftmaxPreTrainedMixin._package_features
-        if features is None:
-            return super().push_to_hub(repo_id, **kwargs)
-        return features.push_to_hub(self, repo_id, **kwargs)
 
     def merge_and_unload(self):
         """The stock transformers model (e.g. ``GPT2LMHeadModel``) with sigmaReparam and beta folded into its

@@ -5,8 +5,9 @@
   config selects;
 * learnable per-head gammas (:func:`add_learnable_gamma`) and QK-norm modules (:func:`add_qk_norm`);
 * initialisation from the weights actually loaded (:func:`finish_normsoftmax_init`: a converted stock checkpoint
-  computes exactly the stock function) and the checks that a variant checkpoint holds the trained entries it was
-  saved with (:func:`missing_trained_state`, :func:`check_loaded_weights`).
+  computes exactly the stock function; the unconditional reset for weights copied in later is
+  :func:`hf_normsoftmax.state_reset.reset_normsoftmax_state`, package only) and the checks that a variant
+  checkpoint holds the trained entries it was saved with (:func:`missing_trained_state`, :func:`check_loaded_weights`).
 
 Copied into remote-code checkpoints: imports only torch, transformers and same-folder modules.
 """
@@ -27,7 +28,8 @@ from transformers.utils import logging
 from .configuration_normsoftmax import DEFAULT_NORMSOFTMAX_GAMMA
 from .hf_attention import KEY_NORM_MODULE, LEARNABLE_GAMMA_PARAMETER, QUERY_NORM_MODULE
 from .qk_norm import HeadNorm
-from .sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin, sigma_reparam_
+from .sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin
+from .sigma_reparam_ops import _matrix
 
 logger = logging.get_logger(__name__)
 
@@ -72,16 +74,27 @@ def apply_sigma_reparam(
 ) -> list[str]:
     """Convert the selected ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv2d`` layers of ``model`` in place.
 
-    ``include``/``exclude``: fnmatch patterns over qualified module names (``None`` includes every layer).
-    Modules stay the same objects (tied weights stay tied, state-dict keys stay stock). Returns the converted
-    names; warns about include patterns that select nothing.
+    ``include``/``exclude``: fnmatch patterns over qualified module names (``None`` includes every layer); a layer
+    is converted when its type is exactly one of those stock classes (see ``hf_normsoftmax.sigma_reparam_``, the
+    general form). Modules stay the same objects (tied weights stay tied, state-dict keys stay stock). Returns the
+    converted names; warns about include patterns that select nothing.
     """
-    names = sigma_reparam_(model, include=include, exclude=exclude, layer_types=SIGMA_REPARAM_LAYER_TYPES)
+    by_base = {layer_type._reparam_base_class(): layer_type for layer_type in SIGMA_REPARAM_LAYER_TYPES}
+    names = []
+    for name, module in list(model.named_modules()):  # shared modules are listed (and converted) once
+        target = by_base.get(type(module))
+        if target is not None and _matches(include, name, True) and not _matches(exclude, name, False):
+            target.from_module(module)
+            names.append(name)
     if include is not None:
         unused = [p for p in include if not any(fnmatch.fnmatchcase(name, p) for name in names)]
         if unused:
             logger.warning(f"`sigma_reparam_include` patterns {unused} select no layer of {type(model).__name__}.")
     return names
+
+
+def _matches(patterns: list[str] | None, name: str, if_none: bool) -> bool:
+    return if_none if patterns is None else any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def _is_meta(tensor: torch.Tensor | None) -> bool:
@@ -127,15 +140,8 @@ def _qk_norms(module: nn.Module) -> list[HeadNorm]:
 
 
 def _reparam_shape_changed(module: SigmaReparamMixin) -> bool:
-    out_features, in_features = _weight_matrix_shape(module)
+    out_features, in_features = _matrix(module.weight, module.weight_layout).shape
     return tuple(module.reparam_v.shape) != (out_features,) or tuple(module.reparam_u.shape) != (in_features,)
-
-
-def _weight_matrix_shape(module: SigmaReparamMixin) -> tuple[int, int]:
-    weight = module.weight
-    if module.weight_layout == "in_out":
-        return weight.shape[1], weight.shape[0]
-    return weight.shape[0], weight[0].numel()
 
 
 @torch.no_grad()
@@ -149,7 +155,7 @@ def _refit_resized_reparam(module: SigmaReparamMixin) -> None:
     """
     factor = None
     old_u, old_v, old_scale = module.reparam_u, module.reparam_v, module.reparam_scale.detach().clone()
-    out_features, in_features = _weight_matrix_shape(module)
+    out_features, in_features = _matrix(module.weight, module.weight_layout).shape
     if module.weight_layout == "out_in" and old_u.shape[0] == in_features and old_v.shape[0] <= out_features:
         old_rows = module.weight.detach()[: old_v.shape[0]].to(old_u.dtype)
         old_sigma = torch.dot(old_v, torch.mv(old_rows, old_u))
@@ -186,8 +192,8 @@ def finish_normsoftmax_init(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, SigmaReparamMixin) and not _is_meta(module.weight):
             module._align_storage()  # mapped from the checkpoint file: no aligned copy in every forward
-        if isinstance(module, SigmaReparamMixin) and not _is_meta(module.weight) and _reparam_shape_changed(module):
-            _refit_resized_reparam(module)
+            if _reparam_shape_changed(module):
+                _refit_resized_reparam(module)
         if isinstance(module, SigmaReparamMixin) and not getattr(module, "_normsoftmax_init_done", False):
             if _is_meta(module.weight) or _is_meta(module.reparam_scale):
                 continue
@@ -223,28 +229,6 @@ def finish_normsoftmax_init(model: nn.Module) -> None:
             f"it ({len(new_norms_on_loaded_attention)} norms): they start at weight 1, so the model computes another "
             "function than the checkpoint (unlike `sigma_reparam`, QK-norm is not function-preserving); fine-tune it."
         )
-
-
-def reset_normsoftmax_state(model: nn.Module) -> None:
-    """Re-initialise every sigmaReparam layer from its current weight, every learnable gamma to the config value and
-    every QK-norm to weight 1 (bias 0).
-
-    Unlike :func:`finish_normsoftmax_init` this always resets (it is for weights copied in after construction,
-    e.g. by ``load_state_dict`` of a stock state dict). Trained scales and gammas are lost.
-    """
-    gamma = float(getattr(getattr(model, "config", None), "normsoftmax_gamma", DEFAULT_NORMSOFTMAX_GAMMA))
-    for module in model.modules():
-        if isinstance(module, SigmaReparamMixin):
-            module.reset_reparam()
-            module._normsoftmax_init_done = True
-        learned_gamma = getattr(module, LEARNABLE_GAMMA_PARAMETER, None)
-        if isinstance(learned_gamma, nn.Parameter):
-            with torch.no_grad():
-                learned_gamma.fill_(gamma)
-            module._normsoftmax_gamma_init_done = True
-        for norm in _qk_norms(module):
-            norm.reset_parameters()
-            norm._normsoftmax_init_done = True
 
 
 def checkpoint_config_dict(path, kwargs: dict) -> dict | None:

@@ -310,12 +310,7 @@ class _NormalizeLogits(torch.autograd.Function):
         buf.sub_(buf.sum(dim, keepdim=True) / count)
         if mask is not None:
             buf.masked_fill_(~mask, 0.0)
-        return _NormalizeLogits._gradients(ctx, x, buf, gamma_tensor, gamma, grad_inv_temperature, inv_temperature)
-
-    @staticmethod
-    def _gradients(ctx, x, grad_x, gamma_tensor, gamma, grad_inv_temperature, inv_temperature):
-        """backward's result from dL/dx (compute dtype) and dL/d(1/T) per row."""
-        grad_x = grad_x.to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = buf.to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_gamma = None
         if gamma_tensor is not None and ctx.needs_input_grad[2]:
             # s = gamma * spread_inv, so ds/dgamma = s / gamma (0 where capped).

@@ -31,7 +31,7 @@ Usage::
 
     import torch
     from torch import nn
-    from hf_normsoftmax.sigma_reparam import SigmaReparamLinear, sigma_reparam_
+    from hf_normsoftmax import SigmaReparamLinear, sigma_reparam_
 
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
     names = sigma_reparam_(model)                 # ['0', '2']: converted in place, outputs unchanged
@@ -41,8 +41,9 @@ Usage::
     fresh = SigmaReparamLinear(16, 32)            # or build converted layers directly
 
 What no model runs lives in :mod:`hf_normsoftmax.sigma_reparam_tools` (package only, not carried by checkpoints):
-the cached ``effective_weight()``, ``to_plain()`` and ``power_iteration_()``, methods of these layers once
-``hf_normsoftmax`` is imported.
+the conversion of any model's layers ``sigma_reparam_`` (``hf_normsoftmax.sigma_reparam_``, and an attribute of this
+module too once ``hf_normsoftmax`` is imported), and the cached ``effective_weight()``, ``to_plain()`` and
+``power_iteration_()``, methods of these layers once ``hf_normsoftmax`` is imported.
 
 Pure PyTorch (never imports transformers). transformers' GPT-2 ``Conv1D`` (weight stored (in, out)) is supported
 by mixing in: ``class SigmaReparamConv1D(SigmaReparamMixin, Conv1D): weight_layout = "in_out"``.
@@ -50,22 +51,17 @@ by mixing in: ``class SigmaReparamConv1D(SigmaReparamMixin, Conv1D): weight_layo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .sigma_reparam_ops import (  # the numerics of this module's layers
     _LAYOUTS,
-    _MISSING,
     _WAKE_ABOVE,
-    Selector,
     _aligned,
     _compute_dtype,
     _full_precision,
     _in_range,
-    _matches,
     _matrix,
     _normalize,
     _power_step,
@@ -77,11 +73,16 @@ from .sigma_reparam_ops import (  # the numerics of this module's layers
     _wakes,
 )
 
-__all__ = ["SigmaReparamConv2d", "SigmaReparamLinear", "SigmaReparamMixin", "sigma_reparam_"]
+__all__ = ["SigmaReparamConv2d", "SigmaReparamLinear", "SigmaReparamMixin"]
 
 # Devices where "did the weight change?" is read on the host to skip work (free on CPU). Elsewhere, and under
 # torch.compile, the step is computed and selected with torch.where: no device sync, no graph break.
 _HOST_DECIDED_DEVICES = ("cpu",)
+
+
+def _registered(module: nn.Module, registry: dict, name: str) -> torch.Tensor:
+    value = registry.get(name)
+    return value if value is not None else getattr(module, name)
 
 
 def _decided_on_host(weight: torch.Tensor) -> bool:
@@ -222,7 +223,9 @@ class _PowerIterationState:
         if torch.equal(_normalize(wt_v).to(u_stored.dtype), u_stored):  # u is still the image of v: no change
             sigma = torch.dot(wt_v, u_now)
         else:
-            u_new, v_new, u_now, v_now, sigma = _power_step(matrix, u_now, u_stored.dtype, v_stored.dtype, compute_dtype)
+            u_new, v_new, u_now, v_now, sigma = _power_step(
+                matrix, u_now, u_stored.dtype, v_stored.dtype, compute_dtype
+            )
             if store:
                 u_stored.copy_(u_new)
                 v_stored.copy_(v_new)
@@ -357,22 +360,9 @@ class SigmaReparamMixin(_PowerIterationState):
         registered under its usual name (e.g. a weight turned into a plain attribute by a hook).
         """
         params, buffers = self._parameters, self._buffers
-        weight = params.get("weight")
-        if weight is None:
-            weight = self.weight
-        bias = params.get("bias", _MISSING)
-        if bias is _MISSING:
-            bias = getattr(self, "bias", None)
-        scale = params.get("reparam_scale")
-        if scale is None:
-            scale = self.reparam_scale
-        u = buffers.get("reparam_u")
-        if u is None:
-            u = self.reparam_u
-        v = buffers.get("reparam_v")
-        if v is None:
-            v = self.reparam_v
-        return weight, bias, scale, u, v
+        bias = params["bias"] if "bias" in params else getattr(self, "bias", None)
+        return (_registered(self, params, "weight"), bias, _registered(self, params, "reparam_scale"),
+                _registered(self, buffers, "reparam_u"), _registered(self, buffers, "reparam_v"))
 
     def _can_fuse(self, input: torch.Tensor, weight: torch.Tensor, bias) -> bool:
         return (
@@ -416,11 +406,7 @@ class SigmaReparamMixin(_PowerIterationState):
                     out = _scaled_addmm(flat, weight, bias, alpha, layout, w_mm)
                 else:
                     out = _ReparamMatmul.apply(flat, weight, bias, scale, (u, v, alpha, sigma_value, layout, w_mm))
-                if input.dim() == 2:
-                    return out
-                if input.dim() == 3:
-                    return out.view(input.shape[0], input.shape[1], out.shape[1])
-                return out.view(input.shape[:-1] + (out.shape[1],))
+                return out if input.dim() == 2 else out.view(input.shape[:-1] + (out.shape[1],))
         weight_hat = _ScaledWeight.apply(weight, scale, u, v, sigma, layout)
         return self._forward_with(input, weight_hat, bias)
 
@@ -490,55 +476,3 @@ class SigmaReparamConv2d(SigmaReparamMixin, nn.Conv2d):
         super().reset_parameters()
         if "reparam_u" in self._buffers and not self.weight.is_meta:
             self.reset_reparam()
-
-
-def sigma_reparam_(
-    model: nn.Module,
-    include: Selector = None,
-    exclude: Selector = None,
-    layer_types: Sequence[type] = (SigmaReparamLinear, SigmaReparamConv2d),
-) -> list[str]:
-    """Converts matching layers of ``model`` in place; returns the qualified names converted (``""`` = model).
-
-    A layer is converted when its type is exactly the base class of one of ``layer_types`` (subclasses, whose
-    forward may differ or bypass the weight, are left alone), it is not converted already, its name matches
-    ``include`` (default: all) and does not match ``exclude``. ``include`` / ``exclude``: an fnmatch pattern,
-    a sequence of them (matched against the qualified name, e.g. ``"encoder.*.query"``), or a callable
-    ``(name, module) -> bool``. Shared modules are converted once. Create the optimizer afterwards: each
-    converted layer gains the parameter ``reparam_scale``.
-
-    Example::
-
-        names = sigma_reparam_(model, exclude=["classifier"])
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(layer_types, type):
-        layer_types = (layer_types,)
-    by_base: dict[type, type] = {}
-    for layer_type in layer_types:
-        if not (
-            isinstance(layer_type, type)
-            and issubclass(layer_type, SigmaReparamMixin)
-            and layer_type.weight_layout in _LAYOUTS
-        ):
-            raise TypeError(
-                f"layer_types must hold SigmaReparamMixin subclasses with a weight_layout in {_LAYOUTS}, "
-                f"got {layer_type!r}"
-            )
-        base = layer_type._reparam_base_class()
-        if base in by_base and by_base[base] is not layer_type:
-            raise ValueError(f"layer_types has two classes for {base.__qualname__}: {by_base[base]} and {layer_type}")
-        by_base[base] = layer_type
-    converted = []
-    for name, module in list(model.named_modules()):
-        target = by_base.get(type(module))
-        if target is None:
-            continue
-        if include is not None and not _matches(include, name, module, "include"):
-            continue
-        if exclude is not None and _matches(exclude, name, module, "exclude"):
-            continue
-        target.from_module(module)
-        converted.append(name)
-    return converted

@@ -1,5 +1,5 @@
 """sigmaReparam internals: the power-iteration step, the autograd functions of the reparametrised weight and
-matmul, the helpers they share (layouts, aligned copies, dtype rules) and the selection of layers by name.
+matmul and the helpers they share (layouts, aligned copies, dtype rules).
 
 Used by :mod:`hf_normsoftmax.sigma_reparam` (the layers); see its docstring for the rules these implement.
 
@@ -19,9 +19,6 @@ Pure PyTorch (never imports transformers).
 """
 
 from __future__ import annotations
-
-import fnmatch
-from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +98,6 @@ def _full_precision(method):
     return wrapper
 
 
-_MISSING = object()
 _SIGMA_FLOORS: dict[torch.dtype, float] = {}
 
 
@@ -260,10 +256,8 @@ class _ReparamMatmul(torch.autograd.Function):
             else:
                 grad_w = torch.addmm(zero, x.t(), grad_out, beta=0, alpha=scale_by)
             flat_w = weight.view(-1) if weight.is_contiguous() else weight.reshape(-1)
-            if grad_w.dtype in _HALF_DTYPES:
-                inner = torch.dot(grad_w.view(-1).float(), flat_w.float()).item() / scale_by
-            else:
-                inner = torch.dot(grad_w.view(-1), flat_w).item() / scale_by
+            wide = torch.float32 if grad_w.dtype in _HALF_DTYPES else grad_w.dtype
+            inner = torch.dot(grad_w.view(-1).to(wide), flat_w.to(wide)).item() / scale_by
             if need_s:
                 grad_s = torch.full_like(scale, _in_range(inner / sigma, scale.dtype))
             if need_w:
@@ -295,17 +289,13 @@ def _scaled_plus_outer(
     g: torch.Tensor, alpha: torch.Tensor, v_part: torch.Tensor, u: torch.Tensor, layout: str
 ) -> torch.Tensor:
     """``alpha * g + v_part u^T`` in the weight's storage layout, in one pass over g where possible."""
+    first, second = (u, v_part) if layout == "in_out" else (v_part, u)
     if g.device.type == "cpu" and not torch.compiler.is_compiling():
         # addr's beta must be a Python number: free to read on CPU (elsewhere it would sync the device).
         matrix = g if layout != "conv" else g.reshape(g.shape[0], -1)
-        first, second = (u, v_part) if layout == "in_out" else (v_part, u)
         return torch.addr(matrix, first, second, beta=_in_range(alpha.item(), g.dtype)).reshape(g.shape)
     out = g * alpha
-    target = out if layout != "conv" else out.view(out.shape[0], -1)
-    if layout == "in_out":
-        target.addr_(u, v_part)
-    else:
-        target.addr_(v_part, u)
+    (out if layout != "conv" else out.view(out.shape[0], -1)).addr_(first, second)
     return out
 
 
@@ -317,23 +307,3 @@ def _power_step(matrix, u_now, u_dtype, v_dtype, compute_dtype):
     u_new_stored = F.normalize(wt_v, dim=0).to(u_dtype)
     u_new = _read(u_new_stored, compute_dtype)
     return u_new_stored, v_new_stored, u_new, v_new, torch.dot(wt_v, u_new)
-
-
-Selector = Sequence[str] | str | Callable[[str, nn.Module], bool] | None
-
-
-def _matches(selector: Selector, name: str, module: nn.Module, argument: str) -> bool:
-    if callable(selector):
-        return bool(selector(name, module))
-    patterns = [selector] if isinstance(selector, str) else selector
-    try:
-        patterns = list(patterns)
-    except TypeError:
-        raise TypeError(
-            f"{argument} must be None, an fnmatch pattern, a sequence of patterns or a callable(name, module), "
-            f"got {selector!r}"
-        ) from None
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TypeError(f"{argument} patterns must be strings, got {pattern!r}")
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)

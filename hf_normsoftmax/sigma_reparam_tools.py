@@ -1,11 +1,13 @@
-"""sigmaReparam layer features that no model runs: the cached effective weight, the export of a layer to its plain
-twin and extra power-iteration steps (logging, export and analysis use them).
+"""sigmaReparam features that no model runs: the conversion of any model's layers (:func:`sigma_reparam_`), the
+cached effective weight, the export of a layer to its plain twin and extra power-iteration steps (logging, export
+and analysis use them).
 
 Package only: checkpoints carry the layers' runtime (:mod:`hf_normsoftmax.sigma_reparam`,
 :mod:`hf_normsoftmax.sigma_reparam_ops`), not this file. ``import hf_normsoftmax`` makes the three functions the
 methods ``effective_weight()``, ``to_plain()`` and ``power_iteration_()`` of
 :class:`~hf_normsoftmax.sigma_reparam.SigmaReparamMixin` (:func:`install`), so ``layer.effective_weight()`` works on
-every layer of the package; a layer of a model loaded with ``trust_remote_code=True`` where the package is not
+every layer of the package, and puts :func:`sigma_reparam_` on :mod:`hf_normsoftmax.sigma_reparam` too (where it
+was defined before); a layer of a model loaded with ``trust_remote_code=True`` where the package is not
 installed has ``sigma`` and the forward, not these.
 
 Pure PyTorch (never imports transformers).
@@ -14,15 +16,18 @@ Pure PyTorch (never imports transformers).
 from __future__ import annotations
 
 import copy
+import fnmatch
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sigma_reparam import SigmaReparamMixin
-from .sigma_reparam_ops import _aligned, _compute_dtype, _full_precision, _matrix, _read, _ScaledWeight
+from . import sigma_reparam as _sigma_reparam_module
+from .sigma_reparam import SigmaReparamConv2d, SigmaReparamLinear, SigmaReparamMixin
+from .sigma_reparam_ops import _LAYOUTS, _aligned, _compute_dtype, _full_precision, _matrix, _read, _ScaledWeight
 
-__all__ = ["effective_weight", "install", "power_iteration_", "to_plain"]
+__all__ = ["effective_weight", "install", "power_iteration_", "sigma_reparam_", "to_plain"]
 
 # Counts optimizer steps process-wide (a global torch.optim hook, registered on first use). Part of the cache key:
 # fused optimizers change weights without bumping their version counters.
@@ -157,8 +162,81 @@ def power_iteration_(layer: SigmaReparamMixin, steps: int = 1) -> torch.Tensor:
     return layer.sigma
 
 
+Selector = Sequence[str] | str | Callable[[str, nn.Module], bool] | None
+
+
+def _matches(selector: Selector, name: str, module: nn.Module, argument: str) -> bool:
+    if callable(selector):
+        return bool(selector(name, module))
+    patterns = [selector] if isinstance(selector, str) else selector
+    try:
+        patterns = list(patterns)
+    except TypeError:
+        raise TypeError(
+            f"{argument} must be None, an fnmatch pattern, a sequence of patterns or a callable(name, module), "
+            f"got {selector!r}"
+        ) from None
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{argument} patterns must be strings, got {pattern!r}")
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def sigma_reparam_(
+    model: nn.Module,
+    include: Selector = None,
+    exclude: Selector = None,
+    layer_types: Sequence[type] = (SigmaReparamLinear, SigmaReparamConv2d),
+) -> list[str]:
+    """Converts matching layers of ``model`` in place; returns the qualified names converted (``""`` = model).
+
+    A layer is converted when its type is exactly the base class of one of ``layer_types`` (subclasses, whose
+    forward may differ or bypass the weight, are left alone), it is not converted already, its name matches
+    ``include`` (default: all) and does not match ``exclude``. ``include`` / ``exclude``: an fnmatch pattern,
+    a sequence of them (matched against the qualified name, e.g. ``"encoder.*.query"``), or a callable
+    ``(name, module) -> bool``. Shared modules are converted once. Create the optimizer afterwards: each
+    converted layer gains the parameter ``reparam_scale``.
+
+    Example::
+
+        names = sigma_reparam_(model, exclude=["classifier"])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(layer_types, type):
+        layer_types = (layer_types,)
+    by_base: dict[type, type] = {}
+    for layer_type in layer_types:
+        if not (
+            isinstance(layer_type, type)
+            and issubclass(layer_type, SigmaReparamMixin)
+            and layer_type.weight_layout in _LAYOUTS
+        ):
+            raise TypeError(
+                f"layer_types must hold SigmaReparamMixin subclasses with a weight_layout in {_LAYOUTS}, "
+                f"got {layer_type!r}"
+            )
+        base = layer_type._reparam_base_class()
+        if base in by_base and by_base[base] is not layer_type:
+            raise ValueError(f"layer_types has two classes for {base.__qualname__}: {by_base[base]} and {layer_type}")
+        by_base[base] = layer_type
+    converted = []
+    for name, module in list(model.named_modules()):
+        target = by_base.get(type(module))
+        if target is None:
+            continue
+        if include is not None and not _matches(include, name, module, "include"):
+            continue
+        if exclude is not None and _matches(exclude, name, module, "exclude"):
+            continue
+        target.from_module(module)
+        converted.append(name)
+    return converted
+
+
 def install() -> None:
     """Makes the functions above methods of :class:`SigmaReparamMixin` (``import hf_normsoftmax`` calls this)."""
     SigmaReparamMixin.effective_weight = effective_weight
     SigmaReparamMixin.to_plain = to_plain
     SigmaReparamMixin.power_iteration_ = power_iteration_
+    _sigma_reparam_module.sigma_reparam_ = sigma_reparam_  # where the layers are, as before it moved here

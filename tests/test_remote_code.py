@@ -425,12 +425,12 @@ def test_a_checkpoint_carries_no_upload_code(name, tmp_path):
                 assert called not in ("import_module", "__import__"), file_name
 
 
-@pytest.mark.xfail(strict=True, reason="target not reached: a checkpoint carries about 3,150 lines of code (the "
-                   "failure message lists them per file); remove this mark when the bound holds")
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_a_checkpoint_carries_at_most_3000_lines_of_code(name, tmp_path):
     """The code a saved variant carries (its modeling and configuration files and every same-folder module they
-    import): at most 3,000 lines of code, blank, comment and docstring lines not counted."""
+    import): at most 3,000 lines of code, blank, comment and docstring lines not counted. What only the package
+    uses (conversion of any model, cards, export, saving with the code, state resets) lives in modules the
+    checkpoint does not import (``*_tools.py``, ``state_reset.py``, ``pretrained_features.py``, ``hub/``)."""
     saved = _saved_code(name, tmp_path)
     per_file = {file_name: code_lines(source) for file_name, source in saved.items()}
     raw = sum(len(source.splitlines()) for source in saved.values())
