@@ -218,13 +218,17 @@ class _PowerIterationState:
         compute_dtype = _compute_dtype(weight.dtype)
         # Aligned operands: the same bits whether the weight was allocated here or mapped from a checkpoint.
         matrix = _matrix(_aligned(weight.detach()), self.weight_layout).to(compute_dtype)
-        u_now, v_now = _read(u_stored, compute_dtype), _read(v_stored, compute_dtype)
-        wt_v = torch.mv(matrix.t(), v_now)
-        if torch.equal(_normalize(wt_v).to(u_stored.dtype), u_stored):  # u is still the image of v: no change
+        v_now = _read(v_stored, compute_dtype)
+        matrix_t = matrix.t()
+        wt_v = torch.mv(matrix_t, v_now)
+        u_now = _normalize(wt_v)
+        if torch.equal(u_now.to(u_stored.dtype), u_stored):  # u is still the image of v: the weight did not change
+            if u_stored.dtype is not compute_dtype:  # sigma from the stored (rounded) u, as the branch-free path
+                u_now = _read(u_stored, compute_dtype)
             sigma = torch.dot(wt_v, u_now)
         else:
             u_new, v_new, u_now, v_now, sigma = _power_step(
-                matrix, u_now, u_stored.dtype, v_stored.dtype, compute_dtype
+                matrix, _read(u_stored, compute_dtype), u_stored.dtype, v_stored.dtype, compute_dtype
             )
             if store:
                 u_stored.copy_(u_new)
@@ -232,7 +236,7 @@ class _PowerIterationState:
         if store and not _woken and sigma.item() == 0.0 and _wakes(weight):
             self.reset_reparam()  # wake: the weight of a plain layer became nonzero
             return self._host_vectors(weight, u_stored, v_stored, store, _woken=True)
-        return u_now, v_now, sigma, matrix.t() if compute_dtype is weight.dtype else None
+        return u_now, v_now, sigma, matrix_t if compute_dtype is weight.dtype else None
 
     def _check_materialised(self, what: str) -> None:
         if self.weight.is_meta:
