@@ -447,7 +447,17 @@ class SigmaReparamMixin(_PowerIterationState):
         return f"{base}, sigma_reparam" if base else "sigma_reparam"
 
 
-class SigmaReparamLinear(SigmaReparamMixin, nn.Linear):
+class _ResetsWithBaseLayer:
+    """For base layers with a ``reset_parameters()`` (torch's Linear and ConvNd; GPT-2's ``Conv1D`` has none): the
+    base layer's reset, then :meth:`~SigmaReparamMixin.reset_reparam` from the new weight (once the buffers exist)."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if "reparam_u" in self._buffers and not self.weight.is_meta:
+            self.reset_reparam()
+
+
+class SigmaReparamLinear(SigmaReparamMixin, _ResetsWithBaseLayer, nn.Linear):
     """``nn.Linear`` with sigmaReparam. Same constructor as ``nn.Linear``.
 
     Example::
@@ -459,13 +469,8 @@ class SigmaReparamLinear(SigmaReparamMixin, nn.Linear):
 
     weight_layout = "out_in"
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if "reparam_u" in self._buffers and not self.weight.is_meta:
-            self.reset_reparam()
 
-
-class SigmaReparamConv2d(SigmaReparamMixin, nn.Conv2d):
+class SigmaReparamConv2d(SigmaReparamMixin, _ResetsWithBaseLayer, nn.Conv2d):
     """``nn.Conv2d`` with sigmaReparam, the kernel flattened to (out, in / groups * kh * kw) for sigma.
 
     Example::
@@ -475,8 +480,3 @@ class SigmaReparamConv2d(SigmaReparamMixin, nn.Conv2d):
     """
 
     weight_layout = "conv"
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if "reparam_u" in self._buffers and not self.weight.is_meta:
-            self.reset_reparam()
