@@ -55,7 +55,7 @@ def build_parser():
                         help="learning rates of the adamw setting (default: 1e-3,3e-3,1e-2,3e-2,0.1)")
     parser.add_argument("--sgd-lrs", type=R.float_list, default=SETTINGS["noln_sgd"]["lrs"],
                         help="learning rates of the noln_sgd setting (default: 0.01,0.03,0.1,0.3,1)")
-    parser.add_argument("--steps", type=R.positive_int, default=300, help="training steps per run (default: 300)")
+    parser.add_argument("--steps", type=R.positive_int, default=250, help="training steps per run (default: 250)")
     parser.add_argument("--stability-every", type=R.positive_int, default=10,
                         help="measure attention entropy every N steps (default: 10)")
     return parser
