@@ -1,4 +1,4 @@
-"""The fast exact path of NormSoftmax attention: rescaled queries + one attention kernel call, no L x S tensor.
+"""The fast exact path of NormSoftmax attention: rescaled queries + one attention kernel call, no full L x S tensor.
 
 For query ``i`` over its valid key set ``S_i`` the logits ``s_ij = q_i . k_j`` have variance
 ``var_i = q_i^T Cov_{S_i}(k) q_i``, so NormSoftmax attention is ordinary attention on the rescaled queries
@@ -7,7 +7,9 @@ no correction). This module computes ``var_i`` from key moments in ``O(L d^2)`` 
 rows, exclusive prefix moments of the earlier blocks plus the block's own ``c x c`` logits, merged exactly; masks
 where each row sees one run of keys (windows, packed documents): per block of query rows, the moments of the whole
 key blocks all its rows see, summed block by block (no differences of prefix sums, which cancel), plus a few
-``c x c`` logit tiles, see :class:`Intervals`), and hands the rescaled queries to torch's attention kernel.
+``c x c`` logit tiles, see :class:`Intervals`; bidirectional rows over short key sets, ``L S <= (L + S) d``, from
+their logits, a bounded row slice at a time: no more work, fewer operations), and hands the rescaled queries to
+torch's attention kernel.
 Grouped-query heads share their key head's statistics; keys and values are never expanded.
 
 What makes it exact, not just fast:
@@ -15,7 +17,7 @@ What makes it exact, not just fast:
 * **Centred keys.** Moments and the kernel both use ``k - mean(k)`` (a shift every row's softmax ignores): key
   sets with a large common component (massive activations) keep their precision.
 * **Exact rows.** Moment formulas lose the variance when it is small next to ``|q|^2 |Cov(k)|`` (keys spread along a
-  direction the query is orthogonal to). Every row gets a rounding bound of its moment variance
+  direction the query is orthogonal to; variances from logits cannot). Every moment row gets a rounding bound
   (``u * kappa * (sum_c |q_c| sqrt(C_cc))^2``, ``C`` the second moment the formula used); rows whose variance is
   not at least ``1 / _EXACT_ROW_TOLERANCE`` times that bound, rows whose rescaled query would overflow the kernel's
   dtype, and in half precision rows with at most ``_HALF_FEW_KEYS`` valid keys (their gradient is a difference of
@@ -44,6 +46,7 @@ from .attention_statistics import (
     _grouped,
     causal_variance_backward,
     interval_variance_backward,
+    logit_variance_backward,
     row_slices,
     row_variance,
 )
@@ -124,7 +127,7 @@ class Plan(NamedTuple):
     kc: torch.Tensor  # centred keys, zero at padding, in the statistics dtype
     kernel_key: torch.Tensor  # the same in the input dtype (the kernel's keys)
     count: torch.Tensor  # (B, 1, 1) valid keys (bidirectional statistics)
-    cov: torch.Tensor | None  # bidirectional key covariance (B, H, D, D)
+    cov: torch.Tensor | None  # bidirectional key covariance (B, H, D, D); None: variances from logits, or causal
     causal_projected: torch.Tensor | None  # causal rows: q @ (second moment before the block), for the backward
     factor: torch.Tensor  # (B, H, L, 1) scale / T_i, 0 on exact rows and rows with at most one key
     inv_temperature: torch.Tensor  # (B, H, L, 1) gamma / spread (capped)
@@ -143,7 +146,7 @@ def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
     cd = compute_dtype(query.dtype)
     with torch.no_grad():
         q = _dense(query.detach(), cd)
-        kc, count = _centred_keys(_dense(key.detach(), cd), key_weight)
+        kc, count = _centred_keys(key.detach(), key_weight, cd)
         kernel_key = kc if key.dtype == cd else kc.to(key.dtype)
         if kernel_key is not kc:  # statistics of the keys the kernel sees (the rounded centred keys)
             kc = _as(kernel_key, cd)
@@ -151,15 +154,16 @@ def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
         cov, causal_projected = (None, reused) if settings.causal else (reused, None)
         if not (query.requires_grad or key.requires_grad):
             causal_projected = None  # only the backward reads it
-        var, bound = var[..., None], bound[..., None]
+        var = var[..., None]
         n = n[..., None]  # (B, 1, L, 1)
         gamma = gamma.detach() if isinstance(gamma, torch.Tensor) else gamma
         var_scaled = var * settings.scale**2
         inv_temperature, uncapped = _inverse_temperature(var_scaled, gamma, settings.inv_cap, settings.eps,
                                                          settings.power)
         factor = inv_temperature * settings.scale
-        exact = var < bound * (_moment_error_unit(cd, q.shape[-1], kc.shape[-2]) * _EXACT_ROW_TOLERANCE)
-        exact |= ~torch.isfinite(factor)
+        exact = ~torch.isfinite(factor)
+        if bound is not None:  # variances from moments: rows they may have lost to cancellation
+            exact |= var < bound[..., None] * (_moment_error_unit(cd, q.shape[-1], kc.shape[-2]) * _EXACT_ROW_TOLERANCE)
         if query.dtype in _HALF_DTYPES:
             exact |= n <= _HALF_FEW_KEYS
             # the kernel's half-precision query gradient is rounded at |factor_i * g_i|: rows amplified far beyond
@@ -255,10 +259,14 @@ def _rescaled(q, factor, dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _covariance_backward(plan: Plan, q, grad_qs, grad_var, grad_kc, factor):
-    """Bidirectional rows, var_i = q_i^T C q_i with C = kc^T kc / n, row slice by row slice: writes factor_i g_i +
-    2 dL/dvar_i C q_i over the kernel's query gradient ``grad_qs`` and adds the keys' term to ``grad_kc``. Grouped
-    query heads come as (B, Hk, g L, ...) rows (see :func:`_grouped`)."""
+def _bidirectional_backward(plan: Plan, q, grad_qs, grad_var, grad_kc, factor):
+    """Bidirectional rows: writes factor_i g_i + dL/dvar_i dvar_i/dq_i over the kernel's query gradient ``grad_qs``
+    and adds the keys' term to ``grad_kc``; from logits (:func:`logit_variance_backward`) or, for var_i = q_i^T C
+    q_i with C = kc^T kc / n, row slice by row slice. Grouped query heads come as (B, Hk, g L, ...) rows (see
+    :func:`_grouped`)."""
+    if plan.cov is None:
+        logit_variance_backward(q, plan.kc, plan.count, grad_var, grad_qs.mul_(factor), grad_kc)
+        return grad_qs, grad_kc
     grad_cov = torch.zeros_like(plan.cov)
     for rows in row_slices(q):
         weighted = q[..., rows, :] * grad_var[..., rows, :]
@@ -357,9 +365,9 @@ class FastAttention(torch.autograd.Function):
             grad_q, grad_k = interval_variance_backward(q, plan.kc, settings.intervals, grad_var[..., 0])
             grad_q.addcmul_(grad_qs, plan.factor)
             grad_k.add_(grad_kc)
-        elif plan.cov is not None:
+        elif not settings.causal:
             Hk = plan.kc.shape[1]
-            grad_q, grad_k = _covariance_backward(plan, _grouped(q, Hk), _grouped(grad_qs, Hk),
+            grad_q, grad_k = _bidirectional_backward(plan, _grouped(q, Hk), _grouped(grad_qs, Hk),
                                                   _grouped(grad_var, Hk), grad_kc, _grouped(plan.factor, Hk))
             if Hk != q.shape[1]:
                 grad_q = grad_q.view(q.shape)

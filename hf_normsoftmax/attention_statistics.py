@@ -2,7 +2,8 @@
 
 For query ``i`` over its valid key set ``S_i``, ``var_i = q_i^T Cov_{S_i}(k) q_i``, computed from centred keys:
 
-* bidirectional / key padding: one covariance per head (:func:`covariance_variance`);
+* bidirectional / key padding: one covariance per head (:func:`covariance_variance`), or for short key sets the
+  logits themselves, row slice by row slice (:func:`logit_variance`, where that is no more work);
 * causal: per block of query rows, exclusive prefix moments of the earlier blocks plus the block's own ``c x c``
   logits, merged exactly (:func:`causal_variance`, and its closed-form backward);
 * one run of keys per row (sliding windows, packed documents): per block of query rows, the moments of the whole
@@ -29,15 +30,23 @@ _CAUSAL_BLOCK, _CAUSAL_BLOCK_LONG, _CAUSAL_LONG_FROM = 64, 128, 1024
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _centred_keys(k: torch.Tensor, key_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys minus the mean of the valid keys, zero at padded keys (B, H, S, D), and the valid-key count (B, 1, 1)."""
+def _centred_keys(k: torch.Tensor, key_weight: torch.Tensor | None, dtype: torch.dtype):
+    """Keys minus the mean of the valid keys, zero at padded keys, contiguous (B, H, S, D) in ``dtype``, and the
+    valid-key count (B, 1, 1). ``k`` may be a (B, H, S, D) view of (B, S, H, D) projections: it is read as it lies
+    (the subtraction writes the contiguous result; no separate copy)."""
+    k, (B, H, S, D) = k.to(dtype), k.shape
+    kc = torch.empty(k.shape, dtype=dtype, device=k.device)
     if key_weight is None:
-        return k - k.mean(dim=-2, keepdim=True), torch.full((k.shape[0], 1, 1), float(k.shape[-2]), dtype=k.dtype,
-                                                             device=k.device)
-    w = key_weight[:, None, None, :]  # (B, 1, 1, S)
+        torch.sub(k, k.mean(dim=-2, keepdim=True), out=kc)
+        return kc, torch.full((B, 1, 1), float(S), dtype=dtype, device=k.device)
     count = key_weight.sum(dim=-1)[:, None, None]
-    mean = torch.matmul(w, k) / count[..., None].clamp(min=1.0)
-    return (k - mean).mul_(w.transpose(-1, -2)), count
+    natural = k.transpose(1, 2)
+    if natural.stride(2) == D * natural.stride(3):  # the weighted key sum straight from (B, S, H * D) projections
+        total = torch.matmul(key_weight[:, None, :], natural.reshape(B, S, H * D)).view(B, H, 1, D)
+    else:
+        total = torch.matmul(key_weight[:, None, None, :], k)
+    torch.sub(k, total.div_(count[..., None].clamp(min=1.0)), out=kc)
+    return kc.mul_(key_weight[:, None, :, None]), count
 
 
 def _abs_bound(q: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
@@ -51,11 +60,38 @@ def _abs_bound(q: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
 _ROW_SLICE_ELEMENTS = 2**22
 
 
-def row_slices(x: torch.Tensor) -> list[slice]:
-    """Slices of the rows (dim -2) of a (B, H, L, D) tensor, each about _ROW_SLICE_ELEMENTS elements."""
+def row_slices(x: torch.Tensor, width: int | None = None) -> list[slice]:
+    """Slices of the rows (dim -2) of a (B, H, L, D) tensor such that (B, H, rows, width) temporaries (default width
+    D) hold about _ROW_SLICE_ELEMENTS elements each."""
     B, H, L, D = x.shape
-    rows = max(1, _ROW_SLICE_ELEMENTS // max(1, B * H * D))
+    rows = max(1, _ROW_SLICE_ELEMENTS // max(1, B * H * (width or D)))
     return [slice(start, start + rows) for start in range(0, L, rows)]
+
+
+def logits_cheaper(rows: int, S: int, D: int) -> bool:
+    """Whether bidirectional rows take their variance from logits (rows x S x D multiply-adds) rather than from the
+    key covariance ((rows + S) x D^2): short key sets, e.g. 128 keys at D = 64. Logits are also fewer operations
+    and need no rounding bound (they are computed as the reference computes them; moments may cancel)."""
+    return rows * S <= (rows + S) * D
+
+
+def logit_variance(q: torch.Tensor, kc: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Bidirectional rows from their logits, row slice by row slice: var_i = |kc q_i|^2 / n (B, H, L) (kc centred,
+    zero at padding, so this is the variance over the valid keys)."""
+    var = q.new_empty(q.shape[:-1])
+    for rows in row_slices(q, kc.shape[-2]):
+        logits = torch.matmul(q[..., rows, :], kc.transpose(-1, -2))
+        torch.linalg.vector_norm(logits, dim=-1, out=var[..., rows])
+    return var.square_().div_(count.clamp(min=1.0))
+
+
+def logit_variance_backward(q, kc, count, grad_var, grad_q, grad_kc) -> None:
+    """Adds the gradients of :func:`logit_variance` for dL/dvar (B, H, L, 1) to ``grad_q`` and ``grad_kc``."""
+    coef = grad_var * (2.0 / count[..., None].clamp(min=1.0))
+    for rows in row_slices(q, kc.shape[-2]):
+        logits = torch.matmul(q[..., rows, :], kc.transpose(-1, -2)).mul_(coef[..., rows, :])
+        grad_q[..., rows, :].add_(torch.matmul(logits, kc))
+        grad_kc.add_(torch.matmul(logits.transpose(-1, -2), q[..., rows, :]))
 
 
 def covariance_variance(q: torch.Tensor, kc: torch.Tensor, count: torch.Tensor):
@@ -423,14 +459,19 @@ def _grouped(x: torch.Tensor, key_heads: int) -> torch.Tensor:
 
 
 def row_variance(q, kc, count, key_weight, causal: bool, intervals: Intervals | None = None):
-    """(var (B, H, L), rounding bound (B, H, L), valid keys per row (B, 1, L), what the backward reuses: the
-    bidirectional covariance (B, H, D, D), the causal ``q @ O`` per block (see :func:`causal_variance`), or None)."""
+    """(var (B, H, L), rounding bound (B, H, L) or None (variances from logits), valid keys per row (B, 1, L), what
+    the backward reuses: the bidirectional covariance (B, H, D, D), the causal ``q @ O`` per block (see
+    :func:`causal_variance`), or None)."""
     if intervals is not None:
         var, bound, n = interval_variance(q, kc, intervals)
         return var, bound, n, None
     if not causal:
-        var, bound, cov = covariance_variance(_grouped(q, kc.shape[1]), kc, count)
+        grouped = _grouped(q, kc.shape[1])
+        if logits_cheaper(grouped.shape[-2], kc.shape[-2], q.shape[-1]):
+            var, bound, cov = logit_variance(grouped, kc, count), None, None
+        else:
+            var, bound, cov = covariance_variance(grouped, kc, count)
         if kc.shape[1] != q.shape[1]:
-            var, bound = var.view(q.shape[:-1]), bound.view(q.shape[:-1])
+            var, bound = var.view(q.shape[:-1]), None if bound is None else bound.view(q.shape[:-1])
         return var, bound, count.expand(q.shape[0], 1, q.shape[-2]), cov
     return causal_variance(q, kc, key_weight, _causal_block(q.shape[-2]))

@@ -43,3 +43,13 @@ def _fixed_seeds():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["moments", "logits"])
+def bidirectional_statistics(request, monkeypatch):
+    """The test runs once per way the fast path can take bidirectional row variances (key covariance, logits),
+    whichever the shape would choose."""
+    from hf_normsoftmax import attention_statistics
+
+    monkeypatch.setattr(attention_statistics, "logits_cheaper", lambda rows, S, D: request.param == "logits")
+    return request.param

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_normsoftmax.attention import (
     decompose_mask,
@@ -90,6 +91,7 @@ CASES = [
 ]
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("name,L,S,causal,lengths,left", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("gamma", [1.0, 2.5])
 def test_fast_and_reference_match_naive(name, L, S, causal, lengths, left, gamma):
@@ -225,6 +227,7 @@ def test_constant_logits_give_uniform_attention():
 GRAD_CASES = [c for c in CASES if c[0] in ("padded", "causal_left_pad", "cache_prefill", "fully_padded_row")]
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("name,L,S,causal,lengths,left", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_fast_path_gradcheck(name, L, S, causal, lengths, left):
     B, H, D = 2, 1, 4
@@ -240,6 +243,7 @@ def test_fast_path_gradcheck(name, L, S, causal, lengths, left):
     assert torch.autograd.gradcheck(fn, (q, k, v, gamma), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("causal", [False, True])
 def test_float32_gradients_close_to_float64_truth(causal):
     """Both paths in float32 against float64 gradients. The fast path is allowed a little more: in rows with very
@@ -260,6 +264,7 @@ def test_float32_gradients_close_to_float64_truth(causal):
             assert (a.double() - b).abs().max().item() < (2e-6 if name == "out" else atol), (fn.__name__, name)
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_half_precision_close_to_float64(dtype):
     B, H, L, D = 2, 2, 24, 16
@@ -274,6 +279,7 @@ def test_half_precision_close_to_float64(dtype):
         torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_gradients_with_rows_without_keys(dtype):
     """Causal + left padding on the CPU kernel path (its causal flag plus a key-padding mask whose padded keys get
@@ -324,6 +330,7 @@ def test_decode_steps_match_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=2), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 def test_grouped_query_attention_expands_kv():
     B, H, Hk, L, D = 1, 4, 2, 10, 8
     q, _, _ = make_qkv(B, H, L, L, D)
@@ -427,6 +434,7 @@ def test_blocked_statistics_match_naive_and_gradcheck(
     assert torch.autograd.gradcheck(fn, (q, k, v, gamma), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("causal", [False, True])
 def test_fast_path_gradients_equal_reference_in_float64(causal):
     """Sizes where the default blocks matter (several causal blocks of 64 rows and a partial one)."""
@@ -443,6 +451,7 @@ def test_fast_path_gradients_equal_reference_in_float64(causal):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=name)
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 def test_second_backward_through_retained_graph_and_no_grad_path():
     """retain_graph=True: a second backward rebuilds SDPA's graph and gives the same gradients; without
     gradients the fast path gives the same output; non-contiguous (transposed) inputs as in transformers."""
@@ -464,6 +473,7 @@ def test_second_backward_through_retained_graph_and_no_grad_path():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_second_backward_after_gradients_overwrote_kept_buffers(causal, layout):
@@ -516,6 +526,7 @@ def generic_sdpa_backend(monkeypatch):
     monkeypatch.setattr(attention_fast, "_CPU_FLASH", None)
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("name,L,S,causal,lengths,left", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_generic_backend_gradcheck_and_retained_graph(
     generic_sdpa_backend, name, L, S, causal, lengths, left
@@ -524,6 +535,7 @@ def test_generic_backend_gradcheck_and_retained_graph(
     test_second_backward_through_retained_graph_and_no_grad_path()
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("causal", [False, True])
 def test_fully_padded_sequence_gets_zero_output_and_gradient(causal):
     """A sequence whose keys are all padding: exact zeros out, zero gradients, and no NaN reaching the others."""
@@ -560,6 +572,47 @@ def test_short_sequences_take_the_reference_path(monkeypatch):
     assert calls == [96, 97]
     with pytest.raises(ValueError, match="path must be"):
         attention.normsoftmax_attention(q, k, v, path="flash")
+
+
+class _LargeOperatorCalls(TorchDispatchMode):
+    """Counts operator calls that read or write a tensor of at least ``size`` elements (views and allocations
+    excluded): on CPU each is a parallel region, on a GPU a kernel launch."""
+
+    FREE = ("aten.view", "aten._unsafe_view", "aten.transpose", "aten.t.", "aten.expand", "aten.detach", "aten.alias",
+            "aten.slice", "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.permute", "aten.as_strided",
+            "aten.empty", "aten.new_empty")
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.calls = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in (*args, *(out if isinstance(out, (tuple, list)) else (out,)))
+                   if isinstance(t, torch.Tensor)]
+        if not str(func).startswith(self.FREE) and max((t.numel() for t in tensors), default=0) >= self.size:
+            self.calls.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("S,moments", [(128, False), (512, True)])
+def test_bidirectional_calls_are_a_few_large_operations(S, moments):
+    """A padded BERT-sized inference call (keys and queries as transformers hands them over: (B, H, S, D) views of
+    (B, S, H, D) projections, here one fused qkv) makes 8 query-sized operator calls at 128 keys (a copy of q; key
+    mean, centring, masking; the logits and their norms; the rescaled queries; the kernel; stock SDPA makes 1),
+    and takes its variances from the key covariance at 512 keys, where that is less work (the logits would be
+    4x the multiply-adds)."""
+    B, H, D = 2, 6, 64
+    projections = torch.randn(B, S, 3, H, D)
+    q, k, v = (projections[:, :, i].transpose(1, 2) for i in range(3))
+    valid = torch.rand(B, S) > 0.3
+    valid[:, 0] = True
+    counter = _LargeOperatorCalls(B * H * S * D // 2)
+    with torch.no_grad(), counter:
+        normsoftmax_attention(q, k, v, attn_mask=valid[:, None, None, :], gamma=2.0)
+    assert ("aten.linalg_vector_norm.out" in counter.calls) != moments, counter.calls
+    if not moments:
+        assert len(counter.calls) <= 8, counter.calls
 
 
 def test_math_modules_import_only_torch_and_each_other():

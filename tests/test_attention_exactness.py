@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -30,6 +30,10 @@ from attention_accuracy import (  # noqa: E402
 
 from hf_normsoftmax.attention import normsoftmax_attention as _normsoftmax_attention  # noqa: E402
 from hf_normsoftmax.attention import normsoftmax_attention_reference  # noqa: E402
+
+
+# every test here runs with each way of taking bidirectional row variances (key covariance, logits)
+pytestmark = pytest.mark.usefixtures("bidirectional_statistics")
 
 
 def normsoftmax_attention(*args, **kwargs):
@@ -195,7 +199,7 @@ def test_tiny_and_huge_inputs_match_the_oracle(magnitude):
         assert max(errors) < 1e-3, errors
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     B=st.integers(1, 2),
     H=st.integers(1, 3),

@@ -134,6 +134,7 @@ GQA_CASES = {
 }
 
 
+@pytest.mark.usefixtures("bidirectional_statistics")
 @pytest.mark.parametrize("kv_heads", [1, 2])
 @pytest.mark.parametrize("name", list(GQA_CASES))
 def test_grouped_query_attention_matches_the_oracle_with_expanded_keys(name, kv_heads):
