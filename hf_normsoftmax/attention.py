@@ -377,10 +377,11 @@ def normsoftmax_attention(
 
     Guarantees (measured by ``benchmarks/attention_accuracy.py``, tested in ``tests/test_attention_exactness.py``):
 
-    * float32 / float64: every row's variance is either computed from key moments with a rounding bound at most
-      ``1e-3`` of the variance (the bound is pessimistic: observed errors are 1e-5 relative and below), or the row
-      is computed by materialising its logits, as the reference does: the error stays within a small factor of the
-      materialising path's, also for keys with outlier directions.
+    * float32 / float64: every row's variance is computed from its logits (bidirectional rows over short key
+      sets, as the reference does), or from key moments with a rounding bound at most ``1e-3`` of the variance
+      (the bound is pessimistic: observed errors are 1e-5 relative and below), or the row is computed by
+      materialising its logits: the error stays within a small factor of the materialising path's, also for keys
+      with outlier directions.
     * float16 / bfloat16: statistics in float32; rows the half-precision kernel cannot resolve (at most 3 valid
       keys, a factor ``scale / T`` above 2x the median of the head, a rescaled query near the dtype's range) are
       computed in float32. Output and gradients stay within 5x of the error stock SDPA makes in the same dtype.

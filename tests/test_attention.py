@@ -595,20 +595,20 @@ class _LargeOperatorCalls(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("S,moments", [(128, False), (512, True)])
-def test_bidirectional_calls_are_a_few_large_operations(S, moments):
+@pytest.mark.parametrize("S,gradients,moments", [(128, False, False), (128, True, True), (512, False, True)])
+def test_bidirectional_calls_are_a_few_large_operations(S, gradients, moments):
     """A padded BERT-sized inference call (keys and queries as transformers hands them over: (B, H, S, D) views of
     (B, S, H, D) projections, here one fused qkv) makes 8 query-sized operator calls at 128 keys (a copy of q; key
-    mean, centring, masking; the logits and their norms; the rescaled queries; the kernel; stock SDPA makes 1),
-    and takes its variances from the key covariance at 512 keys, where that is less work (the logits would be
-    4x the multiply-adds)."""
+    mean, centring, masking; the logits and their norms; the rescaled queries; the kernel; stock SDPA makes 1).
+    The key covariance gives the variances where it is less work: with gradients at 128 keys (the logits' backward
+    is 3 L S D multiply-adds), and at 512 keys (the logits would be 4x the multiply-adds of the forward)."""
     B, H, D = 2, 6, 64
-    projections = torch.randn(B, S, 3, H, D)
+    projections = torch.randn(B, S, 3, H, D, requires_grad=gradients)
     q, k, v = (projections[:, :, i].transpose(1, 2) for i in range(3))
     valid = torch.rand(B, S) > 0.3
     valid[:, 0] = True
     counter = _LargeOperatorCalls(B * H * S * D // 2)
-    with torch.no_grad(), counter:
+    with torch.set_grad_enabled(gradients), counter:
         normsoftmax_attention(q, k, v, attn_mask=valid[:, None, None, :], gamma=2.0)
     assert ("aten.linalg_vector_norm.out" in counter.calls) != moments, counter.calls
     if not moments:
