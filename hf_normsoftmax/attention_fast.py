@@ -144,17 +144,15 @@ def _moment_error_unit(dtype: torch.dtype, D: int, S: int) -> float:
 def make_plan(query, key, key_weight, gamma, settings: FastSettings) -> Plan:
     """Statistics, row factors and the exact rows of one call (no autograd)."""
     cd = compute_dtype(query.dtype)
-    backward = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     with torch.no_grad():
         q = _dense(query.detach(), cd)
         kc, count = _centred_keys(key.detach(), key_weight, cd)
         kernel_key = kc if key.dtype == cd else kc.to(key.dtype)
         if kernel_key is not kc:  # statistics of the keys the kernel sees (the rounded centred keys)
             kc = _as(kernel_key, cd)
-        var, bound, n, reused = row_variance(q, kc, count, key_weight, settings.causal, settings.intervals,
-                                             backward)
+        var, bound, n, reused = row_variance(q, kc, count, key_weight, settings.causal, settings.intervals)
         cov, causal_projected = (None, reused) if settings.causal else (reused, None)
-        if not backward:
+        if not (query.requires_grad or key.requires_grad):
             causal_projected = None  # only the backward reads it
         var = var[..., None]
         n = n[..., None]  # (B, 1, L, 1)

@@ -68,12 +68,13 @@ def row_slices(x: torch.Tensor, width: int | None = None) -> list[slice]:
     return [slice(start, start + rows) for start in range(0, L, rows)]
 
 
-def logits_cheaper(rows: int, S: int, D: int, backward: bool) -> bool:
-    """Whether bidirectional rows take their variance from logits rather than from the key covariance: where that
-    is no more multiply-adds (forward: rows S D vs (rows + S) D^2, e.g. 128 keys at D = 64; with the backward:
-    4 rows S D vs (3 rows + 2 S) D^2). Logits are also fewer operations and need no rounding bound (computed as
-    the reference computes them; moments may cancel)."""
-    return (4 * rows * S <= (3 * rows + 2 * S) * D) if backward else rows * S <= (rows + S) * D
+def logits_cheaper(rows: int, S: int, D: int) -> bool:
+    """Whether bidirectional rows take their variance from logits rather than from the key covariance: where the
+    forward is no more multiply-adds (rows S D vs (rows + S) D^2, e.g. 128 keys at D = 64). Logits are fewer
+    operations (forward and backward: what counts on a busy CPU or for kernel launches) and need no rounding bound
+    (computed as the reference computes them; moments may cancel); their backward is 3 rows S D multiply-adds
+    against the covariance's (2 rows + S) D^2."""
+    return rows * S <= (rows + S) * D
 
 
 def logit_variance(q: torch.Tensor, kc: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -459,7 +460,7 @@ def _grouped(x: torch.Tensor, key_heads: int) -> torch.Tensor:
     return x if x.shape[1] == key_heads else x.reshape(x.shape[0], key_heads, -1, *x.shape[3:])
 
 
-def row_variance(q, kc, count, key_weight, causal: bool, intervals: Intervals | None, backward: bool):
+def row_variance(q, kc, count, key_weight, causal: bool, intervals: Intervals | None = None):
     """(var (B, H, L), rounding bound (B, H, L) or None (variances from logits), valid keys per row (B, 1, L), what
     the backward reuses: the bidirectional covariance (B, H, D, D), the causal ``q @ O`` per block (see
     :func:`causal_variance`), or None)."""
@@ -468,7 +469,7 @@ def row_variance(q, kc, count, key_weight, causal: bool, intervals: Intervals | 
         return var, bound, n, None
     if not causal:
         grouped = _grouped(q, kc.shape[1])
-        if logits_cheaper(grouped.shape[-2], kc.shape[-2], q.shape[-1], backward):
+        if logits_cheaper(grouped.shape[-2], kc.shape[-2], q.shape[-1]):
             var, bound, cov = logit_variance(grouped, kc, count), None, None
         else:
             var, bound, cov = covariance_variance(grouped, kc, count)
