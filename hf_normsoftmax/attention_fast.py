@@ -368,7 +368,7 @@ class FastAttention(torch.autograd.Function):
         elif not settings.causal:
             Hk = plan.kc.shape[1]
             grad_q, grad_k = _bidirectional_backward(plan, _grouped(q, Hk), _grouped(grad_qs, Hk),
-                                                  _grouped(grad_var, Hk), grad_kc, _grouped(plan.factor, Hk))
+                                                     _grouped(grad_var, Hk), grad_kc, _grouped(plan.factor, Hk))
             if Hk != q.shape[1]:
                 grad_q = grad_q.view(q.shape)
         else:

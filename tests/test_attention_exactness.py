@@ -31,7 +31,6 @@ from attention_accuracy import (  # noqa: E402
 from hf_normsoftmax.attention import normsoftmax_attention as _normsoftmax_attention  # noqa: E402
 from hf_normsoftmax.attention import normsoftmax_attention_reference  # noqa: E402
 
-
 # every test here runs with each way of taking bidirectional row variances (key covariance, logits)
 pytestmark = pytest.mark.usefixtures("bidirectional_statistics")
 
