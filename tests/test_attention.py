@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from operator_calls import OperatorCalls
 
 from hf_normsoftmax.attention import (
     decompose_mask,
@@ -574,27 +574,6 @@ def test_short_sequences_take_the_reference_path(monkeypatch):
         attention.normsoftmax_attention(q, k, v, path="flash")
 
 
-class _LargeOperatorCalls(TorchDispatchMode):
-    """Counts operator calls that read or write a tensor of at least ``size`` elements (views and allocations
-    excluded): on CPU each is a parallel region, on a GPU a kernel launch."""
-
-    FREE = ("aten.view", "aten._unsafe_view", "aten.transpose", "aten.t.", "aten.expand", "aten.detach", "aten.alias",
-            "aten.slice", "aten.select", "aten.unsqueeze", "aten.squeeze", "aten.permute", "aten.as_strided",
-            "aten.empty", "aten.new_empty")
-
-    def __init__(self, size):
-        super().__init__()
-        self.size, self.calls = size, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tensors = [t for t in (*args, *(out if isinstance(out, (tuple, list)) else (out,)))
-                   if isinstance(t, torch.Tensor)]
-        if not str(func).startswith(self.FREE) and max((t.numel() for t in tensors), default=0) >= self.size:
-            self.calls.append(str(func))
-        return out
-
-
 @pytest.mark.parametrize("S,gradients,moments", [(128, False, False), (128, True, False), (512, False, True)])
 def test_bidirectional_calls_are_a_few_large_operations(S, gradients, moments):
     """A padded BERT-sized call (keys and queries as transformers hands them over: (B, H, S, D) views of
@@ -606,12 +585,12 @@ def test_bidirectional_calls_are_a_few_large_operations(S, gradients, moments):
     q, k, v = (projections[:, :, i].transpose(1, 2) for i in range(3))
     valid = torch.rand(B, S) > 0.3
     valid[:, 0] = True
-    counter = _LargeOperatorCalls(B * H * S * D // 2)
-    with torch.set_grad_enabled(gradients), counter:
+    with torch.set_grad_enabled(gradients), OperatorCalls() as recorder:
         normsoftmax_attention(q, k, v, attn_mask=valid[:, None, None, :], gamma=2.0)
-    assert ("aten.linalg_vector_norm.out" in counter.calls) != moments, counter.calls
+    large = recorder.large(B * H * S * D // 2)
+    assert ("aten.linalg_vector_norm.out" in large) != moments, large
     if not moments:
-        assert len(counter.calls) <= 8, counter.calls
+        assert len(large) <= 8, large
 
 
 def test_math_modules_import_only_torch_and_each_other():

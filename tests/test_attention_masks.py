@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import masking_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from attention_accuracy import oracle, relative_errors, sdpa_oracle  # noqa: E402
+from operator_calls import OperatorCalls  # noqa: E402
 
 import hf_normsoftmax.attention as attention  # noqa: E402
 
@@ -157,23 +157,9 @@ def test_generic_kernel_backend_with_grouped_heads(monkeypatch, name):
     test_grouped_query_attention_matches_the_oracle_with_expanded_keys(name, kv_heads=2)
 
 
-class _Recorder(TorchDispatchMode):
-    """Every operator call with the shapes and dtypes of its outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        results = out if isinstance(out, (tuple, list)) else (out,)
-        self.calls.append((str(func), [(tuple(t.shape), t.dtype) for t in results if isinstance(t, torch.Tensor)]))
-        return out
-
-
 def _record(q, k, v, mask, is_causal=False):
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    with _Recorder() as recorder:
+    with OperatorCalls() as recorder:
         out = fast(*inputs, attn_mask=mask, is_causal=is_causal, gamma=2.0)
         out.sum().backward()
     return recorder.calls
@@ -195,7 +181,7 @@ def test_interval_masks_take_the_fast_path(name):
     as stock SDPA does."""
     B, H, L = 2, 4, 512
     calls = _record(*qkv(B, H, L, 8), STRUCTURE_MASKS[name]())
-    logits_sized = [(op, shape) for op, outs in calls for shape, dtype in outs
+    logits_sized = [(op, shape) for op, outs, _ in calls for shape, dtype in outs
                     if dtype.is_floating_point and torch.Size(shape).numel() >= B * H * L * L // 2]
     assert not logits_sized, logits_sized[:5]
 
@@ -207,8 +193,8 @@ def test_grouped_query_keys_are_never_expanded():
     for mask, is_causal in ((None, True), (padding(B, S, (0, 41))[:, None, None, :], True), (None, False),
                             (window_mask(B, L, 70, S=S), False)):
         calls = _record(*qkv(B, H, L, D, kv_heads=kv_heads, S=S), mask, is_causal)
-        assert not [op for op, _ in calls if "repeat_interleave" in op]
-        expanded_keys = [(op, shape) for op, outs in calls for shape, dtype in outs
+        assert not [call.name for call in calls if "repeat_interleave" in call.name]
+        expanded_keys = [(op, shape) for op, outs, _ in calls for shape, dtype in outs
                          if dtype.is_floating_point and shape[:2] == (B, H) and shape[-2:] == (S, D)]
         assert not expanded_keys, expanded_keys[:5]
 
